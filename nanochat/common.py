@@ -1,0 +1,179 @@
+"""
+Shared plumbing for every stage: where artifacts live, which device/dtype to use,
+distributed init from torchrun's environment, and rank-0 printing/logging.
+"""
+import os
+import sys
+import time
+import random
+import logging
+
+import torch
+import torch.distributed as dist
+
+
+# -----------------------------------------------------------------------------
+# Logging and printing
+
+def setup_logging(level=logging.INFO):
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+logger = logging.getLogger("nanochat")
+
+
+def get_rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs):
+    """print() only on rank 0, so multi-process runs do not repeat every line N times."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def format_eta(seconds):
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# Where artifacts live
+
+def get_base_dir():
+    """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; created on first use."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+# -----------------------------------------------------------------------------
+# Device and dtype policy (the one place that decides)
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_compute_dtype(device_type):
+    """bf16 autocast on CUDA SM80+ (A100/H100), fp32 everywhere else (CPU, MPS, older GPUs)."""
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_ctx(device_type):
+    """Autocast context for forward passes: bf16 on capable GPUs, a no-op otherwise."""
+    import contextlib
+    dtype = get_compute_dtype(device_type)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device_type, dtype=dtype)
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def get_peak_flops(device_type):
+    """Peak dense bf16 FLOP/s of one device, for MFU. None when unknown (CPU/MPS)."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0).lower()
+    for key, flops in [("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
+                       ("4090", 165e12), ("a10", 125e12), ("3090", 71e12)]:
+        if key in name:
+            return flops
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Distributed init
+
+def is_ddp():
+    return int(os.environ.get("RANK", -1)) != -1 and "WORLD_SIZE" in os.environ
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from torchrun's environment."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=None, seed=42):
+    """
+    Set up the process: device (cuda -> mps -> cpu unless `device_type` says otherwise),
+    the process group (nccl on CUDA, gloo elsewhere) when launched by torchrun, seeds and
+    matmul precision. Returns (ddp, rank, local_rank, world_size, device).
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but CUDA is not available")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device mps was requested but MPS is not available")
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # tf32 for the fp32 matmuls that remain
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        device = torch.device(device_type)
+        if ddp and not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        logger.info("device=%s world_size=%d", device, world_size)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Optional remote logging
+
+class DummyWandb:
+    """Stands in for wandb when --run=dummy (the default): logs nothing remote."""
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run_name, project, config, master_process):
+    if run_name == "dummy" or not master_process:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError as e:
+        raise SystemExit(f"--run={run_name} needs wandb: `uv sync --extra wandb` (or use --run=dummy)") from e
+    return wandb.init(project=project, name=run_name, config=config)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.time()
+
+    def elapsed(self):
+        return time.time() - self.t0
