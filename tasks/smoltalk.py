@@ -1,0 +1,25 @@
+"""
+SmolTalk: general chat conversations for SFT/midtraining, Apache-2.0.
+Hugging Face: HuggingFaceTB/smol-smoltalk (the smaller mix made for small models, ~460k train /
+~24k test conversations), files data/train-0000{0..3}-of-00004.parquet and
+data/test-00000-of-00001.parquet, a "messages" column. Offline: data_path= any conversation file
+in the DESIGN.md format (e.g. shared/data/chat/selfinstruct_seed_tasks_chat.jsonl).
+"""
+from tasks.common import RecordTask, data_paths_or_download, chat_record_to_conversation
+
+HF_REPO = "HuggingFaceTB/smol-smoltalk"
+HF_FILES = {
+    "train": [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)],
+    "test": ["data/test-00000-of-00001.parquet"],
+}
+
+
+class SmolTalk(RecordTask):
+    def __init__(self, split="train", data_path=None, **slice_kwargs):
+        if split not in HF_FILES:
+            raise ValueError(f"SmolTalk split must be one of {tuple(HF_FILES)}, got {split!r}")
+        paths, strict = data_paths_or_download(data_path, HF_REPO, HF_FILES[split])
+        # of the downloaded parquet only the messages column is needed (keeps memory down)
+        columns = None if data_path is not None else ["messages"]
+        super().__init__(paths, chat_record_to_conversation, strict=strict, columns=columns, **slice_kwargs)
+        self.split = split
