@@ -1,0 +1,214 @@
+"""Tests for nanochat/gpt.py: shapes, init, GQA, KV cache vs full recompute, meta init,
+overfitting with the real optimizers, FLOPs count, soft-capping, the naive sampler."""
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig, KVCache
+
+
+def tiny_config(**overrides):
+    cfg = dict(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    cfg.update(overrides)
+    return GPTConfig(**cfg)
+
+
+def make_model(seed=0, randomize_outputs=True, **overrides):
+    """A tiny model. randomize_outputs: give the zero-initialised projections and the tiny
+    lm_head real values, so comparisons exercise every path instead of a block-free identity."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**overrides))
+    if randomize_outputs:
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.normal_(0, 0.1)
+                block.mlp.c_proj.weight.normal_(0, 0.05)
+            model.lm_head.weight.normal_(0, 0.3)
+    model.eval()
+    return model
+
+
+def test_shapes_and_dtypes():
+    model = make_model()
+    idx = torch.randint(0, 64, (3, 20))
+    logits = model(idx)
+    assert logits.shape == (3, 20, 64) and logits.dtype == torch.float32
+    loss = model(idx, idx)
+    assert loss.shape == () and torch.isfinite(loss)
+    per_token = model(idx, idx, loss_reduction="none")
+    assert per_token.shape == (3, 20)
+    torch.testing.assert_close(per_token.mean(), loss)
+
+
+def test_ignore_index():
+    model = make_model()
+    idx = torch.randint(0, 64, (2, 16))
+    targets = idx.clone()
+    targets[:, :5] = -1
+    per_token = model(idx, targets, loss_reduction="none")
+    assert (per_token[:, :5] == 0).all()
+    torch.testing.assert_close(model(idx, targets), per_token[:, 5:].mean())
+
+
+def test_initial_loss_is_ln_vocab():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=512))
+    idx = torch.randint(0, 512, (4, 32))
+    loss = model(idx, idx).item()
+    assert abs(loss - math.log(512)) < 0.02, loss
+
+
+def test_causality():
+    model = make_model()
+    idx = torch.randint(0, 64, (1, 24))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 64
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_gqa_matches_mha_with_repeated_kv(n_kv_head):
+    """A GQA model equals the MHA model whose k/v projections repeat each kv head for its
+    group of query heads (the reference semantics of grouped-query attention)."""
+    gqa = make_model(n_kv_head=n_kv_head)
+    mha = GPT(tiny_config(n_kv_head=4))
+    state = gqa.state_dict()
+    head_dim, group = 64 // 4, 4 // n_kv_head
+    for key in list(state):
+        if key.endswith("attn.c_k.weight") or key.endswith("attn.c_v.weight"):
+            w = state[key].view(n_kv_head, head_dim, 64)
+            state[key] = w.repeat_interleave(group, dim=0).reshape(4 * head_dim, 64)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 64, (2, 16))
+    assert gqa.transformer.h[0].attn.c_k.weight.shape == (n_kv_head * head_dim, 64)
+    torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_matches_full_recompute():
+    """prefill into an empty cache, a multi-token chunk onto a non-empty cache, then single-token
+    decode steps, crossing the initial cache size (growth) and the training sequence_len."""
+    model = make_model(sequence_len=16)  # rotary tables cover 160 positions
+    cfg = model.config
+    idx = torch.randint(0, 64, (2, 40))
+    full = model(idx)
+    cache = KVCache(batch_size=2, num_heads=cfg.n_kv_head, seq_len=12, head_dim=cfg.n_embd // cfg.n_head,
+                    num_layers=cfg.n_layer, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        out = [model(idx[:, :10], kv_cache=cache)]        # prefill, empty cache
+        assert cache.get_pos() == 10 and cache.kv.size(4) == 12
+        out.append(model(idx[:, 10:17], kv_cache=cache))  # chunk on a non-empty cache, grows past 12
+        assert cache.get_pos() == 17 and cache.kv.size(4) > 17
+        for t in range(17, 40):                            # decode one token at a time
+            out.append(model(idx[:, t:t + 1], kv_cache=cache))
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.get_pos() == 0
+    torch.testing.assert_close(model(idx[:, :5], kv_cache=cache), full[:, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_lazy_allocation_and_growth_past_capacity():
+    model = make_model()
+    cfg = model.config
+    cache = KVCache(1, cfg.n_kv_head, 4, cfg.n_embd // cfg.n_head, cfg.n_layer)  # device/dtype from first insert
+    idx = torch.randint(0, 64, (1, 30))
+    full = model(idx)
+    with torch.no_grad():
+        out = [model(idx[:, :6], kv_cache=cache)]
+        out += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(6, 30)]
+    assert cache.kv.dtype == torch.float32
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_prefill_broadcasts_batch_one():
+    """Prefill a prompt once (batch 1), copy into a batch-3 cache, continue each row differently."""
+    model = make_model()
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    prompt = torch.randint(0, 64, (1, 9))
+    one = KVCache(1, cfg.n_kv_head, 9, head_dim, cfg.n_layer)
+    many = KVCache(3, cfg.n_kv_head, 4, head_dim, cfg.n_layer, device="cpu", dtype=torch.float32)
+    nxt = torch.tensor([[5], [17], [42]])
+    with torch.no_grad():
+        model(prompt, kv_cache=one)
+        many.prefill(one)
+        assert many.get_pos() == 9
+        got = model(nxt, kv_cache=many)
+    want = model(torch.cat([prompt.expand(3, -1), nxt], dim=1))[:, -1:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    bad = KVCache(3, cfg.n_kv_head + 1, 4, head_dim, cfg.n_layer)
+    with pytest.raises(ValueError, match="incompatible"):
+        bad.prefill(one)
+
+
+def test_meta_device_init():
+    cfg = tiny_config(vocab_size=256)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.lm_head.weight.is_meta
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    reference = GPT(cfg)
+    torch.testing.assert_close(model.cos, reference.cos)
+    torch.testing.assert_close(model.sin, reference.sin)
+    assert model.cos.size(1) == 10 * cfg.sequence_len
+    assert "cos" not in model.state_dict() and "sin" not in model.state_dict()
+    assert (model.transformer.h[0].attn.c_proj.weight == 0).all()
+    idx = torch.randint(0, 256, (2, 32))
+    assert abs(model(idx, idx).item() - math.log(256)) < 0.05
+
+
+def test_overfits_one_batch_with_its_optimizers():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    optimizers = model.setup_optimizers()
+    assert len(optimizers) == 2
+    for opt in optimizers:
+        assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
+    idx = torch.randint(0, 64, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    first = None
+    for _ in range(80):
+        loss = model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        first = first if first is not None else loss.item()
+    assert first > 4.0
+    assert model(x, y).item() < 0.05
+
+
+def test_estimate_flops_matches_hand_count():
+    cfg = GPTConfig(sequence_len=128, vocab_size=1000, n_layer=3, n_head=4, n_kv_head=2, n_embd=96)
+    model = GPT(cfg)
+    C, D, L, V = 96, 24, 3, 1000
+    per_layer = C * C + 2 * C * (2 * D) + C * C + 2 * (4 * C * C)  # q, k+v (2 kv heads), proj, mlp
+    assert model.num_params() == L * per_layer + 2 * V * C
+    expected = 6 * (L * per_layer + V * C) + 12 * L * 4 * D * 128
+    assert model.estimate_flops() == expected
+
+
+def test_softcap_bounds_logits():
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 100.0)
+    logits = model(torch.randint(0, 64, (2, 16)))
+    assert logits.abs().max() <= 15.0
+    assert logits.abs().max() > 14.0  # the cap is actually reached, not just never approached
+
+
+def test_generate_greedy_and_seeded():
+    model = make_model()
+    prompt = [1, 2, 3, 4]
+    greedy = list(model.generate(prompt, max_tokens=6, temperature=0.0))
+    ids = list(prompt)
+    for _ in range(6):
+        ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    assert greedy == ids[len(prompt):]
+    a = list(model.generate(prompt, max_tokens=8, temperature=1.0, top_k=5, seed=7))
+    b = list(model.generate(prompt, max_tokens=8, temperature=1.0, top_k=5, seed=7))
+    assert a == b and all(0 <= t < 64 for t in a)
