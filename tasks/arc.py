@@ -28,11 +28,11 @@ def arc_conversation(record):
 
 
 class ARC(MultipleChoiceTask):
-    def __init__(self, variant="easy", split="test", data_path=None, **slice_kwargs):
+    def __init__(self, variant="easy", split="test", data_path=None, skip_bad=None, **slice_kwargs):
         if variant not in ARC_VARIANTS or split not in ARC_SPLITS:
             raise ValueError(f"ARC needs variant in {tuple(ARC_VARIANTS)} and split in {ARC_SPLITS}, "
                              f"got {variant!r}, {split!r}")
-        paths, strict = data_paths_or_download(data_path, HF_REPO,
-                                               [f"{ARC_VARIANTS[variant]}/{split}-00000-of-00001.parquet"])
-        super().__init__(paths, arc_conversation, strict=strict, **slice_kwargs)
+        hf_files = [f"{ARC_VARIANTS[variant]}/{split}-00000-of-00001.parquet"]
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, hf_files, skip_bad)
+        super().__init__(paths, arc_conversation, skip_bad=skip_bad, **slice_kwargs)
         self.variant, self.split = variant, split

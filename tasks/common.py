@@ -297,12 +297,13 @@ def _read_jsonl(path):
     return rows
 
 
-def check_all(records, convert, keep=None, strict=True, max_listed=10):
+def check_all(records, convert, keep=None, skip_bad=False, max_listed=10):
     """
     Run `convert` (record -> example, raising RecordError) over every record and return the
     indices of the records to use (those passing `keep`, if given). Any bad record -> ValueError
-    naming the first one (file:line: field: problem) and how many are bad. strict=False (used only
-    for downloaded default datasets we do not control) leaves bad records out, saying how many.
+    naming the first one (file:line: field: problem) and how many are bad. skip_bad=True (the
+    default only for downloaded datasets, which we cannot fix; an explicit choice for your own
+    files) leaves the bad records out instead, printing the same report.
     """
     bad, indices = [], []
     for index, record in enumerate(records):
@@ -323,20 +324,21 @@ def check_all(records, convert, keep=None, strict=True, max_listed=10):
                    f"{len(bad)} of {len(records)} records are bad (first ones: "
                    + ", ".join(records.where(i) for i, _ in bad[:max_listed])
                    + (", ..." if len(bad) > max_listed else "") + ")")
-        if strict:
-            raise ValueError(summary + "\nNothing was loaded: fix or remove those records.")
-        print0(f"WARNING: leaving out bad records of a downloaded dataset: {summary}")
+        if not skip_bad:
+            raise ValueError(summary + "\nNothing was loaded: fix or remove those records "
+                             "(or, knowingly, pass skip_bad=True / add ':skip_bad' to the task spec).")
+        print0(f"WARNING: leaving out {len(bad)} bad records (skip_bad): {summary}")
     return indices
 
 
 class RecordTask(Task):
     """A Task over records in files: every record is checked when loading, converted on access."""
 
-    def __init__(self, paths, convert, keep=None, strict=True, columns=None, **slice_kwargs):
+    def __init__(self, paths, convert, keep=None, skip_bad=False, columns=None, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.records = Records(paths, columns=columns)
         self.convert = convert
-        self.indices = check_all(self.records, convert, keep=keep, strict=strict)
+        self.indices = check_all(self.records, convert, keep=keep, skip_bad=skip_bad)
 
     def num_examples(self):
         return len(self.indices)
@@ -345,11 +347,16 @@ class RecordTask(Task):
         return self.convert(self.records[self.indices[index]])
 
 
-def data_paths_or_download(data_path, repo_id, filenames, revision="main"):
-    """(paths, strict): the user's local file(s) (checked strictly), else the downloaded defaults."""
+def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None, revision="main"):
+    """
+    (paths, skip_bad): the user's local file(s), else the default files downloaded from Hugging
+    Face. skip_bad=None means: bad records are an error in your files, and are left out (with a
+    warning) of downloaded datasets, which you cannot fix.
+    """
     if data_path is not None:
-        return data_path, True
-    return [hf_file(repo_id, name, revision) for name in filenames], False
+        return data_path, bool(skip_bad)
+    paths = [hf_file(repo_id, name, revision) for name in filenames]
+    return paths, True if skip_bad is None else skip_bad
 
 
 # -----------------------------------------------------------------------------
@@ -499,6 +506,8 @@ or a local data file (anything with a '/' or ending in .jsonl/.json/.parquet):
   identity:PERSONA.json[:N]                 who-am-I conversations for your persona
   preferences[:train|test][:FILE]           DPO pairs (default HuggingFaceH4/ultrafeedback_binarized)
   identity_pairs:PERSONA.json[:N]           DPO pairs: persona answer vs a generic one
+Add the word skip_bad to leave out (and report) bad records of a file instead of failing,
+e.g. "preferences:skip_bad:/data/hh.jsonl".
 Examples: "smoltalk", "mmlu:auxiliary_train", "gsm8k[:2000]", "arc:challenge:test",
   "custom:/data/mine.jsonl", "identity:persona.json:500". A spec listed twice is oversampled."""
 
@@ -528,14 +537,13 @@ def build_task(spec, default_split="train"):
     body, start, stop, step = match.groups()
     sliced = {"start": int(start or 0), "stop": int(stop) if stop else None, "step": int(step or 1)}
     name, *args = body.split(":")
-    # Windows-style or odd paths could contain ':'; a path is always the last ARG, so re-join it
-    for i, arg in enumerate(args):
-        if _is_path(arg):
-            args = args[:i] + [":".join(args[i:])]
-            break
+    for i in range(len(args) - 1, 0, -1):  # re-join Windows drive letters: C:\data\x.jsonl
+        if len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
+            args[i - 1:i + 1] = [args[i - 1] + ":" + args[i]]
     name = name.strip().lower()
     paths = [a for a in args if _is_path(a)]
-    words = [a for a in args if not _is_path(a) and not a.isdigit()]
+    words = [a for a in args if not _is_path(a) and not a.isdigit() and a != "skip_bad"]
+    skip_bad = True if "skip_bad" in args else None  # None: each task's default (see data_paths_or_download)
     numbers = [int(a) for a in args if a.isdigit()]
     path = paths[0] if paths else None
 
@@ -551,25 +559,25 @@ def build_task(spec, default_split="train"):
     if name == "smoltalk":
         split = pick(("train", "test"), default_split)
         leftover(split)
-        return SmolTalk(split, data_path=path, **sliced)
+        return SmolTalk(split, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "mmlu":
         split = pick(MMLU_SPLITS, "auxiliary_train" if default_split == "train" else "test")
         subjects = [w for w in words if w != split]
         subset = subjects[0] if subjects else "all"
         leftover(split, subset)
-        return MMLU(split, subset=subset, data_path=path, **sliced)
+        return MMLU(split, subset=subset, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "arc":
         variant = pick(("easy", "challenge"), "easy")
         split = pick(ARC_SPLITS, default_split)
         leftover(variant, split)
-        return ARC(variant, split, data_path=path, **sliced)
+        return ARC(variant, split, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "gsm8k":
         split = pick(("train", "test"), default_split)
         leftover(split)
-        return GSM8K(split, data_path=path, **sliced)
+        return GSM8K(split, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "humaneval":
         leftover()
-        return HumanEval(data_path=path, **sliced)
+        return HumanEval(data_path=path, skip_bad=skip_bad, **sliced)
     if name in ("spelling", "spellingbee", "simplespelling"):
         split = pick(("train", "test"), default_split)
         leftover(split)
@@ -579,7 +587,7 @@ def build_task(spec, default_split="train"):
         leftover()
         if path is None:
             raise ValueError(f"task spec {spec!r}: custom needs a file, e.g. custom:/data/mine.jsonl")
-        return CustomJSON(path, **sliced)
+        return CustomJSON(path, skip_bad=bool(skip_bad), **sliced)
     if name in ("identity", "identity_pairs"):
         leftover()
         if path is None:
@@ -589,7 +597,7 @@ def build_task(spec, default_split="train"):
     if name in ("preferences", "prefs"):
         split = pick(("train", "test"), default_split)
         leftover(split)
-        return Preferences(path, split=split, **sliced)
+        return Preferences(path, split=split, skip_bad=skip_bad, **sliced)
     raise bad
 
 

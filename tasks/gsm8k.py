@@ -76,11 +76,11 @@ def gsm8k_conversation(record):
 
 
 class GSM8K(RecordTask):
-    def __init__(self, split="train", data_path=None, **slice_kwargs):
+    def __init__(self, split="train", data_path=None, skip_bad=None, **slice_kwargs):
         if split not in HF_FILES:
             raise ValueError(f"GSM8K split must be one of {tuple(HF_FILES)}, got {split!r}")
-        paths, strict = data_paths_or_download(data_path, HF_REPO, [HF_FILES[split]])
-        super().__init__(paths, gsm8k_conversation, strict=strict, **slice_kwargs)
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, [HF_FILES[split]], skip_bad)
+        super().__init__(paths, gsm8k_conversation, skip_bad=skip_bad, **slice_kwargs)
         self.split = split
 
     @property

@@ -21,12 +21,13 @@ def mmlu_conversation(record):
 
 
 class MMLU(MultipleChoiceTask):
-    def __init__(self, split="test", subset="all", data_path=None, **slice_kwargs):
+    def __init__(self, split="test", subset="all", data_path=None, skip_bad=None, **slice_kwargs):
         if split not in MMLU_SPLITS:
             raise ValueError(f"MMLU split must be one of {MMLU_SPLITS}, got {split!r}")
-        paths, strict = data_paths_or_download(data_path, HF_REPO, [f"all/{split}-00000-of-00001.parquet"])
+        hf_files = [f"all/{split}-00000-of-00001.parquet"]
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, hf_files, skip_bad)
         keep = None if subset == "all" else (lambda record, example: example["subject"] == subset)
-        super().__init__(paths, mmlu_conversation, keep=keep, strict=strict, **slice_kwargs)
+        super().__init__(paths, mmlu_conversation, keep=keep, skip_bad=skip_bad, **slice_kwargs)
         if len(self.indices) == 0:
             raise ValueError(f"MMLU: no questions with subject {subset!r} in {paths} "
                              "(subset is 'all' or a subject name like 'college_biology')")

@@ -15,11 +15,11 @@ HF_FILES = {
 
 
 class SmolTalk(RecordTask):
-    def __init__(self, split="train", data_path=None, **slice_kwargs):
+    def __init__(self, split="train", data_path=None, skip_bad=None, **slice_kwargs):
         if split not in HF_FILES:
             raise ValueError(f"SmolTalk split must be one of {tuple(HF_FILES)}, got {split!r}")
-        paths, strict = data_paths_or_download(data_path, HF_REPO, HF_FILES[split])
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES[split], skip_bad)
         # of the downloaded parquet only the messages column is needed (keeps memory down)
         columns = None if data_path is not None else ["messages"]
-        super().__init__(paths, chat_record_to_conversation, strict=strict, columns=columns, **slice_kwargs)
+        super().__init__(paths, chat_record_to_conversation, skip_bad=skip_bad, columns=columns, **slice_kwargs)
         self.split = split
