@@ -1,0 +1,106 @@
+"""
+How well does our tokenizer compress? Bytes per token on varied texts (prose, code, math,
+non-English, and optionally the user's own files), side by side with GPT-2's and GPT-4's
+encodings. Those two come from tiktoken, which downloads them once; offline, their columns are
+skipped with a note.
+
+    python -m scripts.tok_eval [--text-file my_domain.txt ...]
+"""
+import argparse
+import os
+
+from nanochat.tokenizer import Tokenizer, get_tokenizer
+
+SAMPLES = {
+    "prose": (
+        "It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt "
+        "of boiled cabbage and old rag mats. At one end of it a coloured poster, too large for indoor "
+        "display, had been tacked to the wall. It depicted simply an enormous face, more than a metre "
+        "wide: the face of a man of about forty-five, with a heavy black moustache and ruggedly "
+        "handsome features. Winston made for the stairs. It was no use trying the lift."
+    ),
+    "code": (
+        "class KVCache:\n"
+        "    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):\n"
+        "        self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)\n"
+        "        self.cache = None\n"
+        "        self.pos = 0\n\n"
+        "    def insert_kv(self, layer_idx, k, v):\n"
+        "        if self.cache is None:\n"
+        "            self.cache = torch.empty(self.shape, dtype=k.dtype, device=k.device)\n"
+        "        t0, t1 = self.pos, self.pos + k.size(2)\n"
+        "        self.cache[layer_idx, 0, :, :, t0:t1] = k\n"
+        "        return self.cache[layer_idx, 0, :, :, :t1]\n"
+    ),
+    "math": (
+        "Let f(x) = 3x^2 - 12x + 7. Then f'(x) = 6x - 12, so the minimum is at x = 2 with "
+        "f(2) = 12 - 24 + 7 = -5. The integral of f from 0 to 3 is [x^3 - 6x^2 + 7x]_0^3 = 27 - 54 + 21 = -6. "
+        "If 48 apples are split among 6 children, each gets 48/6 = 8; 1234 * 5678 = 7006652; 3.14159 * 2.71828 = 8.5397."
+    ),
+    "french": (
+        "Longtemps, je me suis couché de bonne heure. Parfois, à peine ma bougie éteinte, mes yeux se "
+        "fermaient si vite que je n'avais pas le temps de me dire : « Je m'endors. » Et, une demi-heure "
+        "après, la pensée qu'il était temps de chercher le sommeil m'éveillait."
+    ),
+    "korean": "대한민국은 동아시아의 한반도 남부에 위치한 민주공화국이다. 수도는 서울특별시이며, 공용어는 한국어이다.",
+    "chinese": "北京是中华人民共和国的首都，也是全国的政治中心、文化中心、国际交往中心和科技创新中心。",
+}
+
+
+def load_stock(name):
+    """A stock tiktoken encoding, or None (with the reason) when it cannot be fetched."""
+    try:
+        return Tokenizer.from_pretrained(name), None
+    except Exception as e:  # offline: tiktoken's first use downloads the ranks
+        return None, f"{type(e).__name__}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer-dir", default=None, help="tokenizer to evaluate (default: $NANOCHAT_BASE_DIR/tokenizer)")
+    parser.add_argument("--text-file", action="append", default=[], help="extra text file(s) to measure (e.g. your own domain text)")
+    parser.add_argument("--max-chars", type=int, default=1_000_000, help="read at most this many chars of each --text-file")
+    parser.add_argument("--no-stock", action="store_true", help="skip the GPT-2 / GPT-4 comparison columns")
+    args = parser.parse_args()
+
+    ours = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
+    samples = dict(SAMPLES)
+    for path in args.text_file:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            samples[os.path.basename(path)] = f.read(args.max_chars)
+
+    contenders = [("ours", ours)]
+    if not args.no_stock:
+        for label, name in [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
+            enc, err = load_stock(name)
+            if enc is None:
+                print(f"note: {label} ({name}) column skipped: could not load it ({err}); "
+                      f"tiktoken downloads it on first use — offline?")
+            else:
+                contenders.append((label, enc))
+
+    header = f"{'text':<12} {'bytes':>8}" + "".join(f" {label + ' tok':>10} {label + ' B/tok':>10}" for label, _ in contenders)
+    print(f"vocab: " + ", ".join(f"{label}={enc.get_vocab_size()}" for label, enc in contenders))
+    print(header)
+    print("-" * len(header))
+    totals = {label: [0, 0] for label, _ in contenders}
+    for name, text in samples.items():
+        nbytes = len(text.encode("utf-8"))
+        row = f"{name[:12]:<12} {nbytes:>8}"
+        for label, enc in contenders:
+            ntok = len(enc.encode(text))
+            totals[label][0] += nbytes
+            totals[label][1] += ntok
+            row += f" {ntok:>10} {nbytes / max(ntok, 1):>10.2f}"
+        print(row)
+    print("-" * len(header))
+    row = f"{'all':<12} {totals['ours'][0]:>8}"
+    for label, _ in contenders:
+        nbytes, ntok = totals[label]
+        row += f" {ntok:>10} {nbytes / max(ntok, 1):>10.2f}"
+    print(row)
+    return {label: nbytes / max(ntok, 1) for label, (nbytes, ntok) in totals.items()}
+
+
+if __name__ == "__main__":
+    main()
