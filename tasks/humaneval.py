@@ -17,7 +17,7 @@ HF_REPO = "openai/openai_humaneval"
 HF_FILE = "openai_humaneval/test-00000-of-00001.parquet"
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
-CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL | re.IGNORECASE)
+CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 
 def extract_code(completion):
