@@ -1,0 +1,397 @@
+"""
+nanochat.dataset: shard downloads against a loopback server that misbehaves on purpose, user
+corpora in every format with every kind of bad input, the train/val split, resumable iteration.
+"""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat import dataset
+from nanochat.dataset import (Corpus, DataError, DownloadError, OfflineError, download_shard, list_parquet_files,
+                              read_documents, resolve_data_files, split_txt_documents)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_shard(path, texts, row_group_size=4):
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
+
+
+def shard_texts(index, n=10):
+    return [f"shard {index} document {i}: " + "some text " * (i + 1) for i in range(n)]
+
+
+@pytest.fixture
+def shards(file_server, base_dir, monkeypatch):
+    """Shards 0, 1, 2 and the validation shard, served on loopback; NANOCHAT_DATA_URL points there."""
+    for index in (0, 1, 2, dataset.VAL_SHARD):
+        write_shard(file_server.root / dataset.shard_filename(index), shard_texts(index))
+    monkeypatch.setenv("NANOCHAT_DATA_URL", file_server.url)
+    return file_server
+
+
+def shard_path(index):
+    return Path(dataset.get_data_dir()) / dataset.shard_filename(index)
+
+
+# -----------------------------------------------------------------------------
+# Downloads
+
+def test_download_cli_happy_path_and_skip(shards):
+    assert dataset.main(["-n", "2", "-w", "2"]) == 0
+    data_dir = Path(dataset.get_data_dir())
+    assert sorted(os.listdir(data_dir)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
+    for index in (0, 1, dataset.VAL_SHARD):
+        assert shard_path(index).read_bytes() == (shards.root / dataset.shard_filename(index)).read_bytes()
+    # the last shard is the validation split
+    corpus = Corpus()
+    assert [texts for texts, _ in corpus.iter_documents("val", num_epochs=1)] == shard_texts(dataset.VAL_SHARD)
+    assert len(list(corpus.iter_documents("train", num_epochs=1))) == 20
+    # shards already present are not fetched again
+    seen = len(shards.requests)
+    assert dataset.main(["-n", "2"]) == 0
+    assert len(shards.requests) == seen
+
+
+def test_data_url_env_forms(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATA_URL", "http://mirror/x/")
+    assert dataset.get_data_url().format(index=7) == "http://mirror/x/shard_00007.parquet"
+    monkeypatch.setenv("NANOCHAT_DATA_URL", "http://mirror/s{index}.pq")
+    assert dataset.get_data_url().format(index=7) == "http://mirror/s7.pq"
+    monkeypatch.delenv("NANOCHAT_DATA_URL")
+    assert dataset.get_data_url().format(index=1822).endswith("/resolve/main/shard_01822.parquet")
+
+
+def test_server_errors_are_retried(shards):
+    shards.faults.extend(["500", "500"])
+    path = download_shard(0, backoff=0)
+    assert [status for _, _, status in shards.requests] == [500, 500, 200]
+    assert pq.read_table(path).column("text").to_pylist() == shard_texts(0)
+
+
+def test_permanent_http_error_is_not_retried(shards):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_shard(5, backoff=0)
+    assert len(shards.requests) == 1
+    assert not list(Path(dataset.get_data_dir()).iterdir())
+
+
+def test_partial_tmp_is_resumed_with_range(shards):
+    full = (shards.root / "shard_00000.parquet").read_bytes()
+    tmp = Path(str(shard_path(0)) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(full[:1000])  # what a killed download leaves behind
+    download_shard(0, backoff=0)
+    assert shards.requests == [("/shard_00000.parquet", "bytes=1000-", 206)]
+    assert shard_path(0).read_bytes() == full
+    assert not tmp.exists()
+
+
+def test_partial_tmp_restarts_when_server_ignores_range(shards):
+    shards.support_range = False
+    full = (shards.root / "shard_00000.parquet").read_bytes()
+    tmp = Path(str(shard_path(0)) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(b"x" * 1000)
+    download_shard(0, backoff=0)
+    assert [status for _, _, status in shards.requests] == [200]
+    assert shard_path(0).read_bytes() == full
+
+
+def test_stale_tmp_that_does_not_match_is_replaced(shards):
+    """A .tmp from some other file: resuming it gives a corrupt file, which is thrown away
+    and fetched whole."""
+    full = (shards.root / "shard_00000.parquet").read_bytes()
+    tmp = Path(str(shard_path(0)) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(b"\0" * 1000)
+    download_shard(0, backoff=0)
+    assert [(rng, status) for _, rng, status in shards.requests] == [("bytes=1000-", 206), (None, 200)]
+    assert shard_path(0).read_bytes() == full
+
+
+def test_connection_dropped_midway_resumes(shards):
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefghij ") for _ in range(20_000)) for _ in range(20)]  # ~ incompressible
+    write_shard(shards.root / "shard_00001.parquet", texts)
+    shards.faults.append("truncate")
+    download_shard(1, backoff=0)
+    (_, first_range, first_status), (_, second_range, second_status) = shards.requests
+    assert (first_range, first_status) == (None, 200)
+    assert second_range.startswith("bytes=") and second_status == 206
+    assert pq.read_table(shard_path(1)).column("text").to_pylist() == texts
+
+
+def test_corrupt_body_leaves_nothing_behind(shards):
+    shards.faults.extend(["garbage"] * 3)
+    with pytest.raises(DownloadError, match="corrupt"):
+        download_shard(2, max_attempts=3, backoff=0)
+    assert list(Path(dataset.get_data_dir()).iterdir()) == []  # no shard, no .tmp
+    assert list_parquet_files() == []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_says_offline(base_dir, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_DATA_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(OfflineError, match=r"cannot reach 127\.0\.0\.1 — offline\? Use --data PATH"):
+        download_shard(0, max_attempts=2, backoff=0)
+    assert dataset.main(["-n", "1", "--max-attempts", "1"]) == 1
+    assert "offline? Use --data PATH for local text" in capsys.readouterr().err
+
+
+def test_offline_cli_exits_nonzero_without_traceback(base_dir):
+    env = dict(os.environ, NANOCHAT_DATA_URL=f"http://127.0.0.1:{free_port()}")
+    proc = subprocess.run([sys.executable, "-m", "nanochat.dataset", "-n", "1", "--max-attempts", "1"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot reach 127.0.0.1 — offline? Use --data PATH for local text" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_shards_error(base_dir):
+    with pytest.raises(DataError, match="python -m nanochat.dataset"):
+        Corpus()
+    Path(dataset.get_data_dir()).mkdir(parents=True)
+    write_shard(shard_path(dataset.VAL_SHARD), ["x"])
+    with pytest.raises(DataError, match="only one shard"):
+        Corpus()
+
+
+# -----------------------------------------------------------------------------
+# .txt splitting
+
+def test_txt_blocks_are_joined_into_passages():
+    paragraphs = [f"Paragraph {i} " + "word " * 20 for i in range(30)]  # ~130 chars each
+    text = "\n\n".join(paragraphs)
+    docs = list(split_txt_documents(text.splitlines(keepends=True), max_chars=500))
+    assert all(len(d) <= 500 for d in docs)
+    assert all(len(d) > 500 - 140 for d in docs[:-1])  # greedy: nothing else would have fit
+    assert "\n\n".join(docs) == "\n\n".join(p.rstrip() for p in paragraphs)  # nothing lost or reordered
+
+
+def test_txt_long_blocks_and_lines_are_cut_without_losing_words():
+    poem = "\n".join(f"    line {i} of a long stanza" for i in range(100))  # one block, indented lines
+    prose = " ".join(f"w{i}" for i in range(2000))                           # one huge line
+    text = f"Title\n\n{poem}\n\n\n{prose}\n"
+    docs = list(split_txt_documents(text.splitlines(keepends=True), max_chars=300))
+    assert all(0 < len(d) <= 300 for d in docs)
+    assert " ".join(docs).split() == text.split()
+    assert any(d.startswith("    line") for d in docs)  # indentation survives
+
+
+def test_txt_whole_file_mode_and_blank_files(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n\nthree\n")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    assert list(read_documents(str(tmp_path / "a.txt"), txt_doc_chars=0)) == [(0, "one\n\ntwo\n\nthree")]
+    assert list(read_documents(str(tmp_path / "a.txt"), txt_doc_chars=8)) == [(0, "one\n\ntwo"), (1, "three")]
+    assert list(read_documents(str(tmp_path / "blank.txt"))) == []
+
+
+def test_real_books_split_into_passages(shared_data):
+    book = shared_data / "pretrain" / "train" / "gutenberg" / "pg84_frankenstein.txt"
+    text = book.read_text(encoding="utf-8")
+    docs = [d for _, d in read_documents(str(book), txt_doc_chars=4000)]
+    assert all(len(d) <= 4000 for d in docs)
+    assert sum(len(d) for d in docs) / len(docs) > 3000  # long passages, not paragraphs
+    assert " ".join(docs).split() == text.split()
+
+
+# -----------------------------------------------------------------------------
+# User corpora: formats, specs and errors
+
+def make_corpus(root):
+    """One file of each format in a folder tree, plus files that must be ignored."""
+    (root / "books").mkdir(parents=True)
+    (root / "books" / "a.txt").write_text("Alpha one.\n\nAlpha two.\n", encoding="utf-8")
+    (root / "books" / "b.txt").write_text("Beta.\n", encoding="utf-8")
+    (root / "web.jsonl").write_text('{"text": "Gamma."}\n\n{"text": "Delta.", "url": "x"}\n{"text": ""}\n', encoding="utf-8")
+    write_shard(root / "table.parquet", ["Epsilon.", None, "Zeta."])
+    (root / "README.md").write_text("not data")
+    (root / ".hidden.txt").write_text("hidden")
+    return root
+
+
+def all_texts(corpus, split=None):
+    splits = [split] if split else ["train", "val"]
+    return sorted(text for s in splits for text, _ in corpus.iter_documents(s, num_epochs=1))
+
+
+def test_folder_is_read_recursively_in_every_format(tmp_path):
+    root = make_corpus(tmp_path / "corpus")
+    corpus = Corpus(str(root), txt_doc_chars=0)
+    assert [f.key for f in corpus.files] == ["books/a.txt", "books/b.txt", "table.parquet", "web.jsonl"]
+    assert all_texts(corpus) == sorted(["Alpha one.\n\nAlpha two.", "Beta.", "Gamma.", "Delta.", "Epsilon.", "Zeta."])
+
+
+def test_file_and_glob_specs(tmp_path):
+    root = make_corpus(tmp_path / "corpus")
+    assert [k for _, k in resolve_data_files(str(root / "web.jsonl"))] == ["web.jsonl"]
+    assert [k for _, k in resolve_data_files(str(root / "books" / "*.txt"))] == ["a.txt", "b.txt"]
+    assert [k for _, k in resolve_data_files(str(root / "**" / "*.txt"))] == ["books/a.txt", "books/b.txt"]
+    assert len(resolve_data_files([str(root / "web.jsonl"), str(root / "books")])) == 3
+    assert all_texts(Corpus(str(root / "books" / "*.txt"), txt_doc_chars=0)) == ["Alpha one.\n\nAlpha two.", "Beta."]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nowhere", "no such file or folder"),
+    ("*.nothing", "no .txt/.jsonl/.parquet files found"),
+    ("README.md", "unsupported file type .md"),
+])
+def test_specs_that_match_nothing(tmp_path, monkeypatch, spec, message):
+    make_corpus(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=message):
+        Corpus(spec)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "ok"}', '{"text": "fine"}', '{"text": "broken'], r"bad\.jsonl:3: malformed JSON"),
+    (['{"text": "ok"}', '', '{"body": "no text"}'], r"bad\.jsonl:3: field 'text' is missing \(fields: body\)"),
+    (['{"text": 42}'], r"bad\.jsonl:1: field 'text' must be a string, got int"),
+    (['["text"]'], r"bad\.jsonl:1: expected an object"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, lines, message):
+    (tmp_path / "good.txt").write_text("fine text\n")
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        Corpus(str(tmp_path))
+
+
+def test_parquet_without_text_column(tmp_path):
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match=r"x\.parquet: no 'text' column \(columns: content\)"):
+        Corpus(str(tmp_path))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="column 'text' must hold strings"):
+        Corpus(str(tmp_path))
+
+
+def test_not_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("first line\n\nsecond line\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt:4: not valid UTF-8"):
+        Corpus(str(tmp_path))
+
+
+def test_unreadable_file_is_named(tmp_path):
+    (tmp_path / "ok.txt").write_text("text\n")
+    os.symlink(tmp_path / "gone.txt", tmp_path / "dangling.txt")
+    with pytest.raises(DataError, match=r"dangling\.txt: cannot read"):
+        Corpus(str(tmp_path))
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("\n\n   \n")
+    (tmp_path / "c.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(DataError, match="the corpus is empty"):
+        Corpus(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# The train/val split
+
+def numbered_corpus(root, num_files=4, docs_per_file=100):
+    root.mkdir(parents=True, exist_ok=True)
+    for f in range(num_files):
+        lines = [json.dumps({"text": f"file {f} doc {d}"}) for d in range(docs_per_file)]
+        (root / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_hash_split_is_stable_disjoint_and_sized(tmp_path):
+    corpus = Corpus(str(numbered_corpus(tmp_path / "a")), val_fraction=0.1)
+    train, val = all_texts(corpus, "train"), all_texts(corpus, "val")
+    assert not set(train) & set(val) and len(train) + len(val) == 400
+    assert 20 <= len(val) <= 60
+    # the same split after the corpus moved (keys are relative paths)
+    assert all_texts(Corpus(str(numbered_corpus(tmp_path / "b")), val_fraction=0.1), "val") == val
+
+
+def test_split_hash_never_changes():
+    """Golden values: a new hash function would silently move documents between train and val
+    of every existing corpus (and unlike hash(), blake2b does not depend on PYTHONHASHSEED)."""
+    assert dataset._hash_fraction("part0.jsonl", 0) == 0.41686543153849914
+    assert dataset._hash_fraction("books/a.txt", 17) == 0.10329722296100714
+    assert dataset._hash_fraction("shard_00000.parquet", 123456) == 0.24075421730230548
+
+
+def test_tiny_corpus_still_gets_one_val_document(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    corpus = Corpus(str(tmp_path), val_fraction=0.01)
+    assert len(all_texts(corpus, "val")) == 1 and len(all_texts(corpus, "train")) == 2
+    (tmp_path / "a.jsonl").write_text('{"text": "alone"}\n')
+    with pytest.raises(DataError, match="every document is held out"):
+        Corpus(str(tmp_path))
+
+
+def test_explicit_val_data_is_removed_from_train(tmp_path):
+    root = numbered_corpus(tmp_path / "corpus", num_files=3, docs_per_file=5)
+    corpus = Corpus(str(root), val_data=str(root / "part2.jsonl"))
+    assert all_texts(corpus, "val") == sorted(f"file 2 doc {d}" for d in range(5))
+    assert all_texts(corpus, "train") == sorted(f"file {f} doc {d}" for f in range(2) for d in range(5))
+
+
+def test_real_corpus_with_held_out_val(shared_data):
+    pretrain = shared_data / "pretrain"
+    corpus = Corpus(str(pretrain), val_data=str(pretrain / "val"))
+    assert [f.key for f in corpus.files if f.split == "val"] == ["wikitext2_valid.txt"]
+    assert len(corpus.files) == 11  # 10 training files + the validation file, which is not trained on
+    val_docs = list(corpus.iter_documents("val", num_epochs=1))
+    assert len(val_docs) > 100 and all(corpus.files[p.file].split == "val" for _, p in val_docs)
+
+
+# -----------------------------------------------------------------------------
+# Iteration: ranks, epochs, exact resume
+
+def test_ranks_get_disjoint_balanced_slices(tmp_path):
+    corpus = Corpus(str(numbered_corpus(tmp_path)), val_fraction=0.1)
+    everything = all_texts(corpus, "train")
+    slices = [[t for t, _ in corpus.iter_documents("train", rank=r, world_size=3, num_epochs=1)] for r in range(3)]
+    assert sorted(sum(slices, [])) == everything
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_resume_from_any_position_is_exact(tmp_path):
+    corpus = Corpus(str(numbered_corpus(tmp_path)), val_fraction=0.1)
+    reference = list(corpus.iter_documents("train", rank=1, world_size=2, num_epochs=3))
+    for k in (0, 1, 57, 179, len(reference) // 3, len(reference) - 1):
+        resumed = corpus.iter_documents("train", rank=1, world_size=2, num_epochs=3,
+                                        start=json.loads(json.dumps(reference[k][1].resume_point())))
+        assert list(resumed) == reference[k + 1:]
+
+
+def test_epochs_reshuffle_user_files_but_not_shards(tmp_path):
+    corpus = Corpus(str(numbered_corpus(tmp_path, num_files=8, docs_per_file=3)))
+    orders = {tuple(corpus.file_order("train", e)) for e in range(5)}
+    assert len(orders) > 1 and all(sorted(o) == list(range(8)) for o in orders)
+    docs = [t for t, _ in corpus.iter_documents("train", num_epochs=2)]
+    assert sorted(docs[:len(docs) // 2]) == sorted(docs[len(docs) // 2:])
+    assert Corpus(str(tmp_path), shuffle=False).file_order("train", 3) == list(range(8))
+
+
+def test_fetch_documents_by_reference(tmp_path):
+    root = make_corpus(tmp_path / "corpus")
+    corpus = Corpus(str(root), txt_doc_chars=0, val_fraction=0)
+    docs = list(corpus.iter_documents("train", num_epochs=1))
+    refs = [(p.file, p.doc) for _, p in reversed(docs)]
+    assert corpus.fetch_documents(refs) == [t for t, _ in reversed(docs)]
+
+
+def test_rank_without_documents_is_an_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    corpus = Corpus(str(tmp_path / "a.jsonl"), val_fraction=0)
+    with pytest.raises(DataError, match="none for rank 2 of 3"):
+        next(corpus.iter_documents("train", rank=2, world_size=3))
