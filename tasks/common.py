@@ -33,6 +33,7 @@ import os
 import re
 import json
 import time
+import operator
 import bisect
 import random
 import argparse
@@ -89,9 +90,8 @@ class Task:
         return len(self._range())
 
     def __getitem__(self, index):
-        if not isinstance(index, int):
-            raise TypeError(f"{type(self).__name__} indices must be int, got {type(index).__name__}")
-        return self.get_example(self._range()[index])  # range indexing: bounds check, negatives
+        # operator.index accepts numpy integers too; range indexing checks bounds, handles negatives
+        return self.get_example(self._range()[operator.index(index)])
 
     def __iter__(self):
         for physical_index in self._range():
@@ -393,7 +393,7 @@ def check_messages(messages, field="messages", final_role="assistant"):
         raise RecordError(field, "only a system message, no conversation")
     if final_role is not None and clean[-1]["role"] != final_role:
         raise RecordError(f"{field}[{len(clean) - 1}].role",
-                          f"the conversation must end with a {final_role} message, got {clean[-1]['role']!r}")
+                          f"the conversation must end with the {final_role}, got {clean[-1]['role']!r}")
     return clean
 
 
@@ -496,12 +496,12 @@ SPEC_HELP = """\
 A task spec is NAME[:ARG...][[START:STOP[:STEP]]]. ARGs are a split/variant word, a number (size),
 or a local data file (anything with a '/' or ending in .jsonl/.json/.parquet):
   smoltalk[:train|test][:FILE]              general chat (HuggingFaceTB/smol-smoltalk)
-  mmlu[:auxiliary_train|dev|validation|test][:SUBJECT][:FILE]   train default: auxiliary_train
+  mmlu[:auxiliary_train|dev|validation|test][:SUBJECT][:FILE]   (train = auxiliary_train)
   arc[:easy|challenge][:train|validation|test][:FILE]          default easy
   gsm8k[:train|test][:FILE]                 math with calculator tool calls
-  humaneval[:FILE]                          code (eval only)
-  spelling[:N] (= spellingbee)              count letters with a python tool call, N examples
-  simplespelling[:N]                        spell words letter by letter
+  humaneval[:test][:FILE]                   code (eval only)
+  spelling[:train|test][:N] (= spellingbee) count letters with a python tool call, N examples
+  simplespelling[:train|test][:N]           spell words letter by letter
   custom:FILE                               your conversations (messages or Alpaca jsonl/parquet)
   identity:PERSONA.json[:N]                 who-am-I conversations for your persona
   preferences[:train|test][:FILE]           DPO pairs (default HuggingFaceH4/ultrafeedback_binarized)
@@ -537,8 +537,8 @@ def build_task(spec, default_split="train"):
     body, start, stop, step = match.groups()
     sliced = {"start": int(start or 0), "stop": int(stop) if stop else None, "step": int(step or 1)}
     name, *args = body.split(":")
-    for i in range(len(args) - 1, 0, -1):  # re-join Windows drive letters: C:\data\x.jsonl
-        if len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
+    for i in range(len(args) - 1, 0, -1):  # on Windows, re-join drive letters: C:\data\x.jsonl
+        if os.name == "nt" and len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
             args[i - 1:i + 1] = [args[i - 1] + ":" + args[i]]
     name = name.strip().lower()
     paths = [a for a in args if _is_path(a)]
@@ -551,8 +551,8 @@ def build_task(spec, default_split="train"):
         chosen = [w for w in words if w in allowed]
         return chosen[0] if chosen else default
 
-    def leftover(*used):
-        extra = [w for w in words if w not in used]
+    def leftover(*used, sized=False):
+        extra = [w for w in words if w not in used] + ([] if sized else numbers)
         if extra:
             raise ValueError(f"task spec {spec!r}: unknown argument(s) {extra}.\n{SPEC_HELP}")
 
@@ -561,6 +561,7 @@ def build_task(spec, default_split="train"):
         leftover(split)
         return SmolTalk(split, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "mmlu":
+        words = ["auxiliary_train" if w == "train" else w for w in words]  # MMLU's training split
         split = pick(MMLU_SPLITS, "auxiliary_train" if default_split == "train" else "test")
         subjects = [w for w in words if w != split]
         subset = subjects[0] if subjects else "all"
@@ -576,11 +577,11 @@ def build_task(spec, default_split="train"):
         leftover(split)
         return GSM8K(split, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "humaneval":
-        leftover()
+        leftover("test")
         return HumanEval(data_path=path, skip_bad=skip_bad, **sliced)
     if name in ("spelling", "spellingbee", "simplespelling"):
         split = pick(("train", "test"), default_split)
-        leftover(split)
+        leftover(split, sized=True)
         cls = SimpleSpelling if name == "simplespelling" else SpellingBee
         return cls(size=numbers[0] if numbers else 1000, split=split, **sliced)
     if name == "custom":
@@ -589,7 +590,7 @@ def build_task(spec, default_split="train"):
             raise ValueError(f"task spec {spec!r}: custom needs a file, e.g. custom:/data/mine.jsonl")
         return CustomJSON(path, skip_bad=bool(skip_bad), **sliced)
     if name in ("identity", "identity_pairs"):
-        leftover()
+        leftover(sized=True)
         if path is None:
             raise ValueError(f"task spec {spec!r}: {name} needs a persona file, e.g. {name}:persona.json")
         cls = IdentityConversations if name == "identity" else IdentityPreferences

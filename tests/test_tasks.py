@@ -270,7 +270,7 @@ GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "sql", "text": "x"}]}]}',
      "messages[1].content[0]", "expected {'type'"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
-     "messages[2].role", "must end with a assistant"),
+     "messages[2].role", "must end with the assistant"),
     ('{"messages": [{"role": "system", "content": "be nice"}]}', "messages", "only a system message"),
     ('{"instruction": "Do it", "input": "", "output": ""}', "output", "empty"),
     ('{"instruction": 3, "output": "x"}', "instruction", "expected a string"),
@@ -335,7 +335,7 @@ def test_preferences_formats():
     ({"prompt": "p", "chosen": "same answer", "rejected": "same answer "}, "rejected", "identical to chosen"),
     ({"prompt": "p", "chosen": 1, "rejected": "r"}, "chosen", "expected a string or a list"),
     ({"prompt_messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "x"}],
-      "chosen": "c", "rejected": "r"}, "prompt_messages[1].role", "must end with a user"),
+      "chosen": "c", "rejected": "r"}, "prompt_messages[1].role", "must end with the user"),
     ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}],
       "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "r"}]},
      "rejected", "earlier turns differ"),
@@ -542,9 +542,11 @@ def test_build_task_specs():
     assert build_task(f"arc:challenge:{FIXTURES}/mc.jsonl").variant == "challenge"
     assert build_task(f"mmlu:{FIXTURES}/mc.jsonl").split == "auxiliary_train"
     assert build_task(f"mmlu:{FIXTURES}/mc.jsonl", default_split="test").split == "test"
+    assert build_task(f"mmlu:train:{FIXTURES}/mc.jsonl", default_split="test").split == "auxiliary_train"
     mixture = build_mixture(f"spelling:30,spelling:30,identity:{persona}:40")
     assert len(mixture) == 100
-    for spec in ["nonsense", "custom", "arc:medium:" + str(FIXTURES / "mc.jsonl"), "spelling[1:x]"]:
+    for spec in ["nonsense", "custom", "arc:medium:" + str(FIXTURES / "mc.jsonl"), "spelling[1:x]",
+                 f"gsm8k:5:{FIXTURES}/gsm8k_chat.jsonl", f"mmlu:test:a:b:{FIXTURES}/mc.jsonl"]:
         with pytest.raises(ValueError):
             build_task(spec)
 
