@@ -47,7 +47,6 @@ def apply_rotary_emb(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + d/2]) of x (B, T, H, D) by position-dependent angles."""
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-op in fp32; matches bf16 activations under autocast
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
@@ -137,6 +136,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k = q.to(v.dtype), k.to(v.dtype)  # no-op unless an autocast policy ran rms_norm in fp32
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -286,7 +286,13 @@ class GPT(nn.Module):
         if t0 + T > self.cos.size(1):
             raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.cos.size(1)} = "
                              f"{ROTARY_LENGTH_FACTOR} x sequence_len)")
-        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        device_type = idx.device.type
+        if torch.is_autocast_enabled(device_type):
+            # tables stay fp32 (precise angles at long positions); the activations they rotate are not
+            dtype = torch.get_autocast_dtype(device_type)
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        cos_sin = cos, sin
 
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:

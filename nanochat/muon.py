@@ -144,7 +144,8 @@ class DistMuon(Muon):
                     grads = [p.grad for p in chunk]
                     grads += [torch.zeros_like(grads[0])] * (ws - len(chunk))  # pad the last chunk
                     g = torch.empty_like(grads[0])
-                    works.append(dist.reduce_scatter_tensor(g, torch.stack(grads), op=dist.ReduceOp.SUM, async_op=True))
+                    stacked = torch.cat(grads)  # (ws * rows, cols): rank r receives rows block r
+                    works.append(dist.reduce_scatter_tensor(g, stacked, op=dist.ReduceOp.SUM, async_op=True))
                 else:
                     works += [dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True) for p in chunk]
                     g = params[i].grad if i < len(params) else None
