@@ -15,6 +15,7 @@ from collections import deque
 from itertools import islice
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import get_dist_info, print0
 from nanochat.dataset import Corpus, DataError
@@ -156,6 +157,16 @@ def _state_for_rank(state, rank, world_size):
     if not isinstance(state, dict) or "cursor" not in state or "buffer" not in state:
         raise DataError("resume_state_dict is not a dataloader state (expected the dict yielded with a batch)")
     return state
+
+
+def gather_state_dicts(state_dict):
+    """Every rank's loader state, in rank order, so rank 0 can store them all in the checkpoint
+    meta (resume_state_dict accepts the list and each rank picks its own). Call on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state_dict]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state_dict)
+    return states
 
 
 def tokenizing_distributed_data_loader(*args, **kwargs):

@@ -126,7 +126,7 @@ def _download_attempt(url, tmp, timeout):
             raise requests.exceptions.ChunkedEncodingError(f"got {written} of {expected} bytes")
 
 
-def download_shard(index, data_dir=None, url_template=None, max_attempts=5, backoff=1.0, timeout=60):
+def download_shard(index, data_dir=None, url_template=None, max_attempts=5, backoff=1.0, timeout=(10, 60)):
     """
     Download shard `index` into data_dir (default $NANOCHAT_BASE_DIR/base_data) and return its
     path. Skips a shard already present. Streams into `<name>.tmp`, validates that pyarrow can
@@ -645,8 +645,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted (partial downloads are kept as .tmp and resumed next time)", file=sys.stderr)
-        return 130
+        print("interrupted (partial downloads are kept as .tmp and resumed next time)", file=sys.stderr, flush=True)
+        os._exit(130)  # do not wait for the download threads still running
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ def test_unreachable_server_says_offline(base_dir, monkeypatch, capsys):
     assert "offline? Use --data PATH for local text" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: a few seconds
 def test_offline_cli_exits_nonzero_without_traceback(base_dir):
     env = dict(os.environ, NANOCHAT_DATA_URL=f"http://127.0.0.1:{free_port()}")
     proc = subprocess.run([sys.executable, "-m", "nanochat.dataset", "-n", "1", "--max-attempts", "1"],
