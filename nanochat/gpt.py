@@ -50,6 +50,22 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def attention(q, k, v, is_causal=False, attn_mask=None):
+    """
+    Scaled dot-product attention over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D), Hkv dividing Hq;
+    query head h reads kv head h // (Hq // Hkv). SDPA's enable_gqa only reaches a fused kernel
+    (flash) on CUDA in half precision without a mask; anywhere else it silently takes the slow
+    math path, so there we expand the kv heads ourselves and keep the fused kernels.
+    """
+    n_rep = q.size(1) // k.size(1)
+    if n_rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
 class KVCache:
     """
     Keys and values of every layer for incremental decoding, stored as one tensor
@@ -141,18 +157,17 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_kv_head != self.n_head
         if Tq == Tk:
             # training, or prefill into an empty cache: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = attention(q, k, v, is_causal=True)
         elif Tq == 1:
             # one decode token attends to the whole prefix (and itself)
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            y = attention(q, k, v)
         else:
             # a chunk of Tq tokens after a cached prefix: all of the prefix, causal within the chunk
             prefix = Tk - Tq
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 

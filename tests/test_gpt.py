@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, KVCache
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig, KVCache, attention
 
 
 def tiny_config(**overrides):
@@ -85,6 +87,20 @@ def test_gqa_matches_mha_with_repeated_kv(n_kv_head):
     idx = torch.randint(0, 64, (2, 16))
     assert gqa.transformer.h[0].attn.c_k.weight.shape == (n_kv_head * head_dim, 64)
     torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_kv_expansion_matches_sdpa_gqa():
+    """Our kv-head expansion (used off-GPU and with masks) has the same head mapping as SDPA's
+    enable_gqa (used by the fused CUDA kernels)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 10, 16)
+    k, v = torch.randn(2, 2, 14, 16), torch.randn(2, 2, 14, 16)
+    mask = torch.ones(10, 14, dtype=torch.bool).tril(diagonal=4)
+    for kwargs in [dict(), dict(attn_mask=mask)]:
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+        torch.testing.assert_close(attention(q, k, v, **kwargs), want, atol=1e-6, rtol=1e-5)
+    want = F.scaled_dot_product_attention(q, k[:, :, :10], v[:, :, :10], is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(attention(q, k[:, :, :10], v[:, :, :10], is_causal=True), want, atol=1e-6, rtol=1e-5)
 
 
 def test_kv_cache_matches_full_recompute():
