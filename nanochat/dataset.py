@@ -476,6 +476,7 @@ class Corpus:
         if len(paths) < 2:
             raise DataError(f"only one shard in {where}, and the last shard is the validation split: "
                             f"download more with `python -m nanochat.dataset -n 8`")
+        # the last shard is val: shard_01822 is always downloaded (first), so the split never moves
         self.files = [SourceFile(p, os.path.basename(p), "train", -1) for p in paths[:-1]]
         self.files.append(SourceFile(paths[-1], os.path.basename(paths[-1]), "val", -1))
 
@@ -636,7 +637,7 @@ def main(argv=None):
             print(corpus.summary())
             return 0
         n = NUM_SHARDS - 1 if args.num_files < 0 else min(args.num_files, NUM_SHARDS - 1)
-        indices = list(range(n)) + [VAL_SHARD]
+        indices = [VAL_SHARD] + list(range(n))  # val first: a training run can start before the rest arrive
         print(f"downloading {len(indices)} shard(s) ({n} train + the validation shard) to {get_data_dir()}")
         download_shards(indices, num_workers=args.num_workers, max_attempts=args.max_attempts)
         print(f"done: {len(list_parquet_files())} shard(s) in {get_data_dir()}")
