@@ -5,7 +5,10 @@ The pretraining dataloader: documents in, (inputs, targets) batches of B x T tok
 - Every document starts with <|bos|>, and every row starts at a document boundary: a row is
   packed best-fit from a buffer of tokenized documents (the largest one that still fits, again
   and again); when none fits the remaining space, the shortest one is cropped to fill it. No
-  padding, and little is cropped when documents are shorter than the row (see README numbers).
+  padding, and little is cropped when documents are shorter than the row. Measured on public
+  domain books with a 4096-token vocabulary: 9% of tokens cropped at T=2048 with the default
+  4000-char .txt passages, 7-14% for T=256..2048 with passages of ~2*T chars, but 74% at T=256
+  with 4000-char passages (the loader warns when it crops that much).
 - Resumable exactly: the state_dict yielded with each batch names the next document to read
   and the documents sitting in the buffer (by reference, not text). Restarting from it gives
   the very same batches as a run that never stopped. It is JSON-serialisable and per rank.
@@ -60,9 +63,10 @@ class BestFitBuffer:
         return [list(ref) for _, ref in self.docs.values()]
 
 
-def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device="cpu", data=None, val_data=None,
+def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device="cpu", data=None,
                                                   resume_state_dict=None, tokenizer_threads=4,
-                                                  tokenizer_batch_size=128, buffer_size=1000, num_epochs=None):
+                                                  tokenizer_batch_size=128, buffer_size=1000,
+                                                  val_data=None, num_epochs=None):
     """
     Yield (inputs, targets, state_dict) forever (or for num_epochs passes over the data):
     inputs/targets are int64 (B, T) on `device`, targets = inputs shifted by one (each row is
@@ -71,6 +75,7 @@ def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device
 
     data: None (the downloaded FineWeb-Edu shards), a path/glob spec (see nanochat.dataset), or
           a Corpus (build one and share it between the train and val loaders: it is read once).
+    val_data: explicit validation files when data is a path spec.
     resume_state_dict: a state_dict yielded by an earlier run, or a list of them indexed by rank.
     tokenizer_batch_size documents are tokenized at a time on tokenizer_threads threads; the
     buffer holds buffer_size documents to choose from (bigger: better packing, more memory).
