@@ -10,6 +10,16 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig, KVCache, attention
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box spinning
+    OpenMP workers make these tests ~25x slower. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_config(**overrides):
     cfg = dict(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     cfg.update(overrides)

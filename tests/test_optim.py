@@ -18,6 +18,16 @@ import dist_optim_worker as worker
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box spinning
+    OpenMP workers make these tests ~25x slower. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("shape", [(128, 32), (32, 256)])
 def test_newton_schulz_orthogonalises_rectangular(shape):
     torch.manual_seed(0)
