@@ -145,7 +145,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache):
+    def forward(self, x, cos_sin, kv_cache, positions=None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -157,7 +157,12 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
-        if Tq == Tk:
+        if positions is not None:
+            # ragged batch, every row at its own position: row b's query i sees keys 0..positions[b, i]
+            # (keys past a short row's end are padding up to the longest row)
+            mask = torch.arange(Tk, device=q.device) <= positions[:, None, :, None]  # (B, 1, Tq, Tk)
+            y = attention(q, k, v, attn_mask=mask)
+        elif Tq == Tk:
             # training, or prefill into an empty cache: plain causal attention
             y = attention(q, k, v, is_causal=True)
         elif Tq == 1:
@@ -188,8 +193,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x, cos_sin, kv_cache, positions=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, positions)
         x = x + self.mlp(norm(x))
         return x
 
@@ -295,13 +300,22 @@ class GPT(nn.Module):
         idx (B, T) token ids. With targets (B, T) (-1 = ignore): the cross-entropy loss in fp32,
         a scalar, or per token (B, T) when loss_reduction="none". Otherwise fp32 logits (B, T, V).
         With kv_cache: positions continue from kv_cache.get_pos() and keys/values are appended.
+        get_pos() may also be a (B,) tensor (a ragged batch, row b at its own position): then
+        insert_kv must return keys up to the longest row, and each row masks the keys past its own.
         """
         B, T = idx.size()
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if t0 + T > self.cos.size(1):
-            raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.cos.size(1)} = "
-                             f"{ROTARY_LENGTH_FACTOR} x sequence_len)")
-        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        positions = None
+        if isinstance(t0, torch.Tensor):
+            # a ragged cache (engine.RaggedKVCache) reports one position per row: row b's tokens sit at
+            # t0[b], t0[b]+1, ... (the caller keeps them inside the rotary table; checking would sync)
+            positions = t0.view(B, 1) + torch.arange(T, device=idx.device)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+        else:
+            if t0 + T > self.cos.size(1):
+                raise ValueError(f"sequence of {t0 + T} tokens exceeds the rotary table ({self.cos.size(1)} = "
+                                 f"{ROTARY_LENGTH_FACTOR} x sequence_len)")
+            cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         device_type = idx.device.type
         if torch.is_autocast_enabled(device_type):
             # tables stay fp32 (precise angles at long positions); the activations they rotate are not
@@ -311,7 +325,7 @@ class GPT(nn.Module):
 
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+            x = block(x, cos_sin, kv_cache, positions)
         x = norm(x)
 
         logits = self.lm_head(x).float()

@@ -169,6 +169,54 @@ def test_kv_cache_prefill_broadcasts_batch_one():
         bad.prefill(one)
 
 
+class PerRowCache:
+    """The ragged-cache protocol GPT.forward accepts (engine.RaggedKVCache is the production one),
+    written as plainly as possible: get_pos() is a (B,) tensor of per-row lengths; insert_kv writes
+    each row at its own position and returns keys/values up to the longest row."""
+
+    def __init__(self, num_layers, rows, heads, head_dim, capacity):
+        self.kv = torch.zeros(num_layers, 2, rows, heads, capacity, head_dim)
+        self.pos = torch.zeros(rows, dtype=torch.long)
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        T = k.size(2)
+        for b, p in enumerate(self.pos.tolist()):
+            self.kv[layer_idx, 0, b, :, p:p + T] = k[b]
+            self.kv[layer_idx, 1, b, :, p:p + T] = v[b]
+        n = int(self.pos.max()) + T
+        if layer_idx == self.kv.size(0) - 1:
+            self.pos = self.pos + T
+        return self.kv[layer_idx, 0, :, :, :n], self.kv[layer_idx, 1, :, :, :n]
+
+
+def test_ragged_batch_rows_at_their_own_positions():
+    """Three prompts of different lengths, each prefilled alone, then decoded together (single
+    tokens and a 2-token chunk): every row's logits equal recomputing that row alone."""
+    model = make_model()
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 64, (1, n)) for n in (5, 9, 2)]
+    ragged = PerRowCache(cfg.n_layer, 3, cfg.n_kv_head, head_dim, capacity=32)
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            single = KVCache(1, cfg.n_kv_head, prompt.size(1), head_dim, cfg.n_layer)
+            model(prompt, kv_cache=single)
+            ragged.kv[:, :, b, :, :single.get_pos()] = single.kv[:, :, 0, :, :single.get_pos()]
+            ragged.pos[b] = single.get_pos()
+        seqs = [p[0].tolist() for p in prompts]
+        for step_len in (1, 1, 2, 1):
+            new = torch.randint(0, 64, (3, step_len))
+            got = model(new, kv_cache=ragged)
+            for b in range(3):
+                seqs[b] += new[b].tolist()
+                want = model(torch.tensor([seqs[b]]))[0, -step_len:]
+                torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
 def test_meta_device_init():
     cfg = tiny_config(vocab_size=256)
     with torch.device("meta"):
