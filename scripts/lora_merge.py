@@ -1,0 +1,64 @@
+"""
+Merge a LoRA adapter into its base model and save the result as a normal checkpoint, which
+every other script (chat_cli, chat_web, chat_eval, export) then loads like any other.
+
+    python -m scripts.lora_merge --lora-dir $NANOCHAT_BASE_DIR/chatsft_checkpoints/d12_lora \
+        --out-source sft --model-tag d12_merged
+    python -m scripts.lora_merge --lora-dir DIR --out-dir /some/checkpoint_dir
+
+The adapter's json names its base model ({"base": {"source", "model_tag", "step"}}); the merged
+weights are W + (alpha / rank) * B @ A, checked against the adapter model's logits before saving.
+"""
+import argparse
+import os
+
+import torch
+
+from nanochat.checkpoint_manager import SOURCES, save_checkpoint
+from nanochat.common import get_base_dir
+from nanochat.lora import lora_state_dict, load_model_with_lora, merge_lora
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model (writes a normal checkpoint).")
+    parser.add_argument("--lora-dir", required=True, help="folder holding lora_<step>.pt + lora_<step>.json")
+    parser.add_argument("--step", type=int, default=None, help="adapter step to merge (default: the latest)")
+    parser.add_argument("--out-dir", default=None, help="checkpoint folder to write (overrides --out-source/--model-tag)")
+    parser.add_argument("--out-source", default=None, choices=list(SOURCES),
+                        help="write under this stage's checkpoint folder (default: the adapter's 'stage', else its base source)")
+    parser.add_argument("--model-tag", default=None, help="model tag of the merged checkpoint (default: <base tag>_merged)")
+    parser.add_argument("--device", default="cpu", help="device to merge on")
+    args = parser.parse_args(argv)
+
+    # the adapter model, unmerged, as the reference for the check below
+    model, _, meta = load_model_with_lora(args.lora_dir, args.device, phase="eval", step=args.step, merge=False)
+    base = meta["base"]
+    if args.out_dir is None:
+        source = args.out_source or (meta.get("stage") if meta.get("stage") in SOURCES else base["source"])
+        tag = args.model_tag or f"{base.get('model_tag') or 'model'}_merged"
+        args.out_dir = os.path.join(get_base_dir(), SOURCES[source][0], tag)
+
+    probe = torch.randint(0, model.config.vocab_size, (2, min(64, model.config.sequence_len)),
+                          generator=torch.Generator().manual_seed(0)).to(args.device)
+    with torch.no_grad():
+        before = model(probe)
+        n_adapter = sum(t.numel() for t in lora_state_dict(model).values())
+        merge_lora(model)
+        after = model(probe)
+    diff = (before - after).abs().max().item()
+    if diff > 1e-3:
+        raise SystemExit(f"merged logits differ from the adapter model's by {diff:.2e}: not saving")
+
+    step = meta["step"]
+    out_meta = {k: v for k, v in meta.items() if k not in ("lora",)}
+    out_meta["model_config"] = dict(vars(model.config))
+    out_meta["merged_lora"] = {"lora_dir": os.path.abspath(args.lora_dir), "step": step, **meta["lora"]}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    save_checkpoint(args.out_dir, step, state, None, out_meta)
+    print(f"merged {n_adapter:,} adapter parameters into {base} (max logit change check {diff:.1e}); "
+          f"wrote {args.out_dir} step {step}")
+    return args.out_dir
+
+
+if __name__ == "__main__":
+    main()
