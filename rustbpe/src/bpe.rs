@@ -7,8 +7,8 @@
 //! lowest pair `(left_id, right_id)`, so the result depends only on the multiset of chunks.
 
 use ahash::AHashMap;
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use rayon::prelude::*;
+use dary_heap::QuaternaryHeap as BinaryHeap;
 
 /// A pair of adjacent token ids packed as `left << 32 | right`; its integer order is the
 /// lexicographic order of `(left, right)`, which is the tie-break order.
@@ -24,192 +24,286 @@ pub fn unpack(key: PairKey) -> (u32, u32) {
     ((key >> 32) as u32, key as u32)
 }
 
-/// All unique chunks as token-id sequences in one flat buffer (words only ever shrink, so each
-/// keeps its slot; this avoids one heap allocation per unique chunk).
+/// All unique chunks ("words") in one flat buffer of u32: for each word its length, its count
+/// (as two u32), then its token ids. A word is named by the offset of its header, so reaching
+/// a word touches one place in memory. Words only ever shrink, so each keeps its slot.
 pub struct Words {
-    symbols: Vec<u32>,
-    starts: Vec<usize>,
-    lens: Vec<u32>,
-    counts: Vec<i64>,
+    data: Vec<u32>,
+    offsets: Vec<u32>,
 }
+
+const HEADER: usize = 3;
 
 impl Words {
-    pub fn from_chunks<'a>(chunks: impl IntoIterator<Item = (&'a [u8], i64)>) -> Self {
-        let mut words = Words { symbols: Vec::new(), starts: Vec::new(), lens: Vec::new(), counts: Vec::new() };
+    pub fn from_chunks<'a>(chunks: impl IntoIterator<Item = (&'a [u8], i64)>) -> Result<Self, String> {
+        let mut words = Words { data: Vec::new(), offsets: Vec::new() };
         for (bytes, count) in chunks {
-            words.starts.push(words.symbols.len());
-            words.lens.push(bytes.len() as u32);
-            words.counts.push(count);
-            words.symbols.extend(bytes.iter().map(|&b| b as u32));
+            let offset = u32::try_from(words.data.len())
+                .map_err(|_| "too many unique chunks: their bytes exceed 4 G token slots".to_string())?;
+            words.offsets.push(offset);
+            words.data.extend([bytes.len() as u32, count as u32, (count >> 32) as u32]);
+            words.data.extend(bytes.iter().map(|&b| b as u32));
         }
-        words
+        Ok(words)
     }
 
-    pub fn len(&self) -> usize {
-        self.counts.len()
+    /// The handles (offsets) of all words, in order.
+    pub fn handles(&self) -> &[u32] {
+        &self.offsets
     }
 
-    pub fn word(&self, i: usize) -> &[u32] {
-        &self.symbols[self.starts[i]..self.starts[i] + self.lens[i] as usize]
-    }
-
-    pub fn count(&self, i: usize) -> i64 {
-        self.counts[i]
-    }
-
-    /// Replace every non-overlapping occurrence (left to right) of `(a, b)` in word `i` by
-    /// `new_id`, reporting each pair-count change as `(pair, delta)` to `on_delta`.
-    /// Pairs that include `new_id` are the only ones that can get a positive delta.
     #[inline]
-    fn merge_pair(&mut self, i: usize, a: u32, b: u32, new_id: u32, mut on_delta: impl FnMut(PairKey, i64)) {
-        let start = self.starts[i];
-        let len = self.lens[i] as usize;
-        let count = self.counts[i];
-        let sym = &mut self.symbols[start..start + len];
-        let (mut read, mut write) = (0usize, 0usize);
-        while read < len {
-            if read + 1 < len && sym[read] == a && sym[read + 1] == b {
-                // the left neighbour is what we already wrote (it may itself be new_id)
-                if write > 0 {
-                    let left = sym[write - 1];
-                    on_delta(pack(left, a), -count);
-                    on_delta(pack(left, new_id), count);
-                }
-                if read + 2 < len {
-                    let right = sym[read + 2];
-                    on_delta(pack(b, right), -count);
-                    on_delta(pack(new_id, right), count);
-                }
-                on_delta(pack(a, b), -count);
-                sym[write] = new_id;
-                read += 2;
-            } else {
-                sym[write] = sym[read];
-                read += 1;
-            }
-            write += 1;
-        }
-        self.lens[i] = write as u32;
+    pub fn word(&self, w: u32) -> &[u32] {
+        let w = w as usize;
+        &self.data[w + HEADER..w + HEADER + self.data[w] as usize]
+    }
+
+    #[inline]
+    pub fn count(&self, w: u32) -> i64 {
+        let w = w as usize;
+        (self.data[w + 1] as u64 | (self.data[w + 2] as u64) << 32) as i64
     }
 }
 
-/// A heap entry: a pair, its count when pushed, and every word that may contain it.
-/// Counts of existing pairs only ever go down (a merge creates pairs only with the brand-new
-/// id), so an entry's count is an upper bound; a stale entry is re-pushed with its true count
-/// when it reaches the top ("lazy invalidation").
-struct Candidate {
+/// In the word whose header is at `data[w]`, replace every non-overlapping occurrence (left to
+/// right) of `(a, b)` by `new_id`. For each occurrence, `on_merge(left, right)` gets its
+/// neighbours in the new sequence: the left one may itself be `new_id` (merged just before),
+/// the right one not yet.
+#[inline]
+fn merge_in_word(data: &mut [u32], w: usize, a: u32, b: u32, new_id: u32, mut on_merge: impl FnMut(Option<u32>, Option<u32>)) {
+    let len = data[w] as usize;
+    let sym = &mut data[w + HEADER..w + HEADER + len];
+    let (mut read, mut write) = (0usize, 0usize);
+    while read < len {
+        if read + 1 < len && sym[read] == a && sym[read + 1] == b {
+            let left = (write > 0).then(|| sym[write - 1]);
+            let right = (read + 2 < len).then(|| sym[read + 2]);
+            on_merge(left, right);
+            sym[write] = new_id;
+            read += 2;
+        } else {
+            sym[write] = sym[read];
+            read += 1;
+        }
+        write += 1;
+    }
+    data[w] = write as u32;
+}
+
+/// What we know about a pair: its total count, and every word that may contain it (sorted).
+struct PairInfo {
     count: i64,
-    pair: PairKey,
     words: Vec<u32>,
 }
 
-impl Ord for Candidate {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // max-heap: highest count first, then the lowest pair
-        self.count.cmp(&other.count).then_with(|| other.pair.cmp(&self.pair))
+/// A heap entry packs `count << 64 | !pair`, so the max-heap pops the highest count first and,
+/// among equal counts, the lowest pair. Counts of existing pairs only ever go down (a merge only
+/// creates pairs with the brand-new id), so an entry's count is an upper bound; a stale entry
+/// is re-pushed with the true count when it reaches the top ("lazy invalidation").
+#[inline]
+fn heap_entry(count: i64, pair: PairKey) -> u128 {
+    ((count as u128) << 64) | !pair as u128
+}
+
+/// Per-step scratch, indexed by token id: for merging (a, b) into z, what the occurrences'
+/// left neighbours x and right neighbours y add up to. Each occurrence with neighbour x turns
+/// one (x, a) into (x, z), and with neighbour y one (b, y) into (z, y), so one counter per
+/// neighbour id replaces four hash-map updates per occurrence.
+#[derive(Default)]
+struct Neighbours {
+    count: Vec<i64>,
+    words: Vec<Vec<u32>>,
+    touched: Vec<u32>,
+}
+
+impl Neighbours {
+    /// Add `other`'s sums to ours; `other` holds later words, so word lists stay sorted.
+    fn absorb(&mut self, other: &mut Neighbours) {
+        for &id in &other.touched {
+            let n = std::mem::take(&mut other.count[id as usize]);
+            let mut words = std::mem::take(&mut other.words[id as usize]);
+            self.add_many(id, n, &mut words);
+        }
+        other.touched.clear();
+    }
+
+    fn grow(&mut self, id: usize) {
+        if id >= self.count.len() {
+            self.count.resize(id + 1, 0);
+            self.words.resize_with(id + 1, Vec::new);
+        }
+    }
+
+    fn add_many(&mut self, id: u32, count: i64, words: &mut Vec<u32>) {
+        let id = id as usize;
+        self.grow(id);
+        if self.count[id] == 0 {
+            self.touched.push(id as u32);
+        }
+        self.count[id] += count;
+        self.words[id].append(words);
+    }
+
+    #[inline]
+    fn add(&mut self, id: u32, count: i64, word: u32) {
+        let id = id as usize;
+        self.grow(id);
+        if self.count[id] == 0 {
+            self.touched.push(id as u32);
+        }
+        self.count[id] += count;
+        if self.words[id].last() != Some(&word) {
+            self.words[id].push(word);
+        }
     }
 }
-impl PartialOrd for Candidate {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
+
+/// The left and right neighbour sums of one merge step (or of one thread's share of it).
+#[derive(Default)]
+struct Scratch {
+    lefts: Neighbours,
+    rights: Neighbours,
+}
+
+impl Scratch {
+    /// Merge (a, b) -> z in `words` (handles into `data`, which starts at handle `base`).
+    fn visit(&mut self, data: &mut [u32], base: u32, words: &[u32], a: u32, b: u32, z: u32) {
+        let (lefts, rights) = (&mut self.lefts, &mut self.rights);
+        for &w in words {
+            let at = (w - base) as usize;
+            let count = (data[at + 1] as u64 | (data[at + 2] as u64) << 32) as i64;
+            merge_in_word(data, at, a, b, z, |left, right| {
+                if let Some(x) = left {
+                    lefts.add(x, count, w);
+                }
+                if let Some(y) = right {
+                    rights.add(y, count, w);
+                }
+            });
+        }
     }
 }
-impl PartialEq for Candidate {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Candidate {}
+
+/// Merges touching at least this many words are split across threads.
+const PARALLEL_MIN_WORDS: usize = 2048;
 
 /// The merge loop's state; `next_merge` performs one merge.
 pub struct Merger {
     pub words: Words,
-    pair_counts: AHashMap<PairKey, i64>,
-    heap: BinaryHeap<Candidate>,
+    pairs: AHashMap<PairKey, PairInfo>,
+    heap: BinaryHeap<u128>,
     next_id: u32,
-    // scratch for one step, kept to reuse its allocation
-    new_pair_words: AHashMap<PairKey, Vec<u32>>,
+    scratch: Vec<Scratch>, // one per thread
 }
 
 impl Merger {
     pub fn new(words: Words) -> Self {
-        let mut pair_counts: AHashMap<PairKey, i64> = AHashMap::new();
-        let mut pair_words: AHashMap<PairKey, Vec<u32>> = AHashMap::new();
-        for i in 0..words.len() {
-            let w = words.word(i);
-            let c = words.count(i);
-            for win in w.windows(2) {
-                let key = pack(win[0], win[1]);
-                *pair_counts.entry(key).or_insert(0) += c;
-                let list = pair_words.entry(key).or_default();
-                if list.last() != Some(&(i as u32)) {
-                    list.push(i as u32);
+        let mut pairs: AHashMap<PairKey, PairInfo> = AHashMap::new();
+        for &w in words.handles() {
+            let c = words.count(w);
+            for win in words.word(w).windows(2) {
+                let info = pairs.entry(pack(win[0], win[1])).or_insert(PairInfo { count: 0, words: Vec::new() });
+                info.count += c;
+                if info.words.last() != Some(&w) {
+                    info.words.push(w);
                 }
             }
         }
-        let heap = pair_words
-            .into_iter()
-            .map(|(pair, words)| Candidate { count: pair_counts[&pair], pair, words })
-            .collect();
-        Merger { words, pair_counts, heap, next_id: 256, new_pair_words: AHashMap::new() }
+        let heap = pairs.iter().map(|(&pair, info)| heap_entry(info.count, pair)).collect();
+        let scratch = (0..rayon::current_num_threads().max(1)).map(|_| Scratch::default()).collect();
+        Merger { words, pairs, heap, next_id: 256, scratch }
     }
 
     /// Merge the most frequent pair (ties: lowest pair) and return it with its count,
     /// or None when no pair is left (every word is a single token).
     pub fn next_merge(&mut self) -> Option<((u32, u32), i64)> {
-        loop {
-            let mut top = self.heap.pop()?;
-            let current = self.pair_counts.get(&top.pair).copied().unwrap_or(0);
-            if current <= 0 {
-                self.pair_counts.remove(&top.pair);
-                continue;
+        let (pair, info) = loop {
+            let top = self.heap.pop()?;
+            let (count, pair) = ((top >> 64) as i64, !(top as u64));
+            let Some(info) = self.pairs.get(&pair) else { continue };
+            if info.count == count {
+                break (pair, self.pairs.remove(&pair).unwrap());
             }
-            if current != top.count {
-                top.count = current;
-                self.heap.push(top);
-                continue;
+            if info.count > 0 {
+                self.heap.push(heap_entry(info.count, pair));
+            } else {
+                self.pairs.remove(&pair);
             }
-            let (a, b) = unpack(top.pair);
-            let new_id = self.next_id;
-            self.next_id += 1;
-            let pair_counts = &mut self.pair_counts;
-            let new_pair_words = &mut self.new_pair_words;
-            for &wi in &top.words {
-                self.words.merge_pair(wi as usize, a, b, new_id, |key, delta| {
-                    *pair_counts.entry(key).or_insert(0) += delta;
-                    if delta > 0 {
-                        let list = new_pair_words.entry(key).or_default();
-                        if list.last() != Some(&wi) {
-                            list.push(wi);
-                        }
-                    }
-                });
-            }
-            debug_assert_eq!(self.pair_counts.get(&top.pair).copied().unwrap_or(0), 0);
-            self.pair_counts.remove(&top.pair);
-            for (pair, words) in self.new_pair_words.drain() {
-                let count = self.pair_counts.get(&pair).copied().unwrap_or(0);
-                if count > 0 {
-                    self.heap.push(Candidate { count, pair, words });
-                } else {
-                    self.pair_counts.remove(&pair);
+        };
+        let (a, b) = unpack(pair);
+        let z = self.next_id;
+        self.next_id += 1;
+
+        self.visit_words(&info.words, a, b, z);
+        let Scratch { lefts, rights } = &mut self.scratch[0];
+
+        // (b, y) -> (z, y) first: (z, a) is created here and may lose counts to (z, a) -> (z, z) below
+        let mut new_pairs = Vec::with_capacity(rights.touched.len() + lefts.touched.len());
+        for (side, neighbours) in [(0, &mut *rights), (1, &mut *lefts)] {
+            for &id in &neighbours.touched {
+                let n = std::mem::take(&mut neighbours.count[id as usize]);
+                let words = std::mem::take(&mut neighbours.words[id as usize]);
+                let (old, new) = if side == 0 { (pack(b, id), pack(z, id)) } else { (pack(id, a), pack(id, z)) };
+                // `old` is gone only if it is the merged pair itself (a == b runs)
+                if let Some(old_info) = self.pairs.get_mut(&old) {
+                    old_info.count -= n;
                 }
+                self.pairs.insert(new, PairInfo { count: n, words });
+                new_pairs.push(new);
             }
-            return Some(((a, b), top.count));
+            neighbours.touched.clear();
+        }
+        for new in new_pairs {
+            let count = self.pairs[&new].count;
+            if count > 0 {
+                self.heap.push(heap_entry(count, new));
+            } else {
+                self.pairs.remove(&new);
+            }
+        }
+        Some(((a, b), info.count))
+    }
+
+    /// Merge (a, b) -> z in every word listed, summing the neighbours into `scratch[0]`. A big
+    /// list is cut into one contiguous share per thread: the words of a share sit in their own
+    /// region of `data`, so the threads never touch the same memory.
+    fn visit_words(&mut self, words: &[u32], a: u32, b: u32, z: u32) {
+        let shares = self.scratch.len().min(words.len() / PARALLEL_MIN_WORDS * 2).max(1);
+        if shares == 1 {
+            self.scratch[0].visit(&mut self.words.data, 0, words, a, b, z);
+            return;
+        }
+        let per_share = words.len().div_ceil(shares);
+        let mut jobs = Vec::with_capacity(shares);
+        let mut rest: &mut [u32] = &mut self.words.data;
+        let mut base = 0u32;
+        for (i, (share, scratch)) in words.chunks(per_share).zip(self.scratch.iter_mut()).enumerate() {
+            // this share's region ends where the next share's first word starts
+            let end = words.get((i + 1) * per_share).copied().unwrap_or(base + rest.len() as u32);
+            let (region, tail) = std::mem::take(&mut rest).split_at_mut((end - base) as usize);
+            jobs.push((region, base, share, scratch));
+            rest = tail;
+            base = end;
+        }
+        jobs.into_par_iter().for_each(|(region, base, share, scratch)| scratch.visit(region, base, share, a, b, z));
+        let (first, others) = self.scratch.split_first_mut().unwrap();
+        for other in others {
+            first.lefts.absorb(&mut other.lefts);
+            first.rights.absorb(&mut other.rights);
         }
     }
 
     /// Current non-zero pair counts (for tests: compare against a full recount).
     pub fn pair_counts(&self) -> AHashMap<PairKey, i64> {
-        self.pair_counts.iter().filter(|(_, &c)| c != 0).map(|(&k, &c)| (k, c)).collect()
+        self.pairs.iter().filter(|(_, info)| info.count != 0).map(|(&k, info)| (k, info.count)).collect()
     }
 
     /// Count all pairs from scratch (for tests).
     pub fn recount(&self) -> AHashMap<PairKey, i64> {
         let mut counts = AHashMap::new();
-        for i in 0..self.words.len() {
-            for win in self.words.word(i).windows(2) {
-                *counts.entry(pack(win[0], win[1])).or_insert(0) += self.words.count(i);
+        for &w in self.words.handles() {
+            for win in self.words.word(w).windows(2) {
+                *counts.entry(pack(win[0], win[1])).or_insert(0) += self.words.count(w);
             }
         }
         counts
@@ -297,7 +391,7 @@ mod tests {
     use super::*;
 
     fn words_of(corpus: &[(&str, i64)]) -> Words {
-        Words::from_chunks(corpus.iter().map(|(s, c)| (s.as_bytes(), *c)))
+        Words::from_chunks(corpus.iter().map(|(s, c)| (s.as_bytes(), *c))).unwrap()
     }
 
     fn learn(corpus: &[(&str, i64)], n: usize) -> Vec<(u32, u32)> {
@@ -408,7 +502,7 @@ mod tests {
         for round in 0..20 {
             let alphabet: &[u8] = if round % 2 == 0 { b"ab" } else { b"abcde \x00\xff" };
             let corpus = random_corpus(&mut rng, 200, alphabet);
-            let mut m = Merger::new(Words::from_chunks(corpus.iter().map(|(w, c)| (w.as_slice(), *c))));
+            let mut m = Merger::new(Words::from_chunks(corpus.iter().map(|(w, c)| (w.as_slice(), *c))).unwrap());
             let mut steps = 0;
             while m.next_merge().is_some() {
                 let recount: AHashMap<_, _> = m.recount().into_iter().filter(|(_, c)| *c != 0).collect();
@@ -425,9 +519,27 @@ mod tests {
         for round in 0..10 {
             let alphabet: &[u8] = if round % 2 == 0 { b"abc" } else { b"abcdefgh  " };
             let corpus = random_corpus(&mut rng, 300, alphabet);
-            let fast = learn_merges(Words::from_chunks(corpus.iter().map(|(w, c)| (w.as_slice(), *c))), 150, |_, _, _, _| {});
+            let fast = learn_merges(Words::from_chunks(corpus.iter().map(|(w, c)| (w.as_slice(), *c))).unwrap(), 150, |_, _, _, _| {});
             assert_eq!(fast, naive_learn(&corpus, 150), "round {round}");
         }
+    }
+
+    #[test]
+    fn big_merges_split_across_threads_match_naive_trainer() {
+        // enough words that the first merges take the multi-threaded path, with 4 threads
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let mut rng = Rng(777);
+        let corpus = random_corpus(&mut rng, 30_000, b"abcab a");
+        let to_words = || Words::from_chunks(corpus.iter().map(|(w, c)| (w.as_slice(), *c))).unwrap();
+        let fast = pool.install(|| learn_merges(to_words(), 60, |_, _, _, _| {}));
+        assert_eq!(fast, naive_learn(&corpus, 60));
+        pool.install(|| {
+            let mut m = Merger::new(to_words());
+            for _ in 0..20 {
+                m.next_merge().unwrap();
+                assert_eq!(m.pair_counts(), m.recount().into_iter().filter(|(_, c)| *c != 0).collect());
+            }
+        });
     }
 
     #[test]

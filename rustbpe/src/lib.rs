@@ -9,49 +9,17 @@
 //! `vocab_size` counts the 256 byte tokens plus the merges (special tokens are added in Python).
 
 pub mod bpe;
+pub mod counts;
 pub mod pretok;
 
-use ahash::AHashMap;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
-use rayon::prelude::*;
 use std::time::Instant;
 
 use bpe::{Encoder, Words};
+use counts::ChunkCounts;
 use pretok::{Splitter, DEFAULT_PATTERN};
-
-/// Unique chunk -> number of occurrences. Memory grows with unique chunks, not corpus size.
-type ChunkCounts = AHashMap<Box<str>, i64>;
-
-/// Split one buffer of texts in parallel and add its chunk counts to `counts`.
-/// Each rayon task counts into a local map keyed by borrowed slices (no allocation per chunk);
-/// only chunks new to the global map get copied.
-fn count_buffer(splitter: &Splitter, texts: &[String], counts: &mut ChunkCounts) -> Result<(), String> {
-    let tasks = rayon::current_num_threads() * 4;
-    let per_task = texts.len().div_ceil(tasks).max(1);
-    let locals: Vec<Result<AHashMap<&str, i64>, String>> = texts
-        .par_chunks(per_task)
-        .map(|group| {
-            let mut local: AHashMap<&str, i64> = AHashMap::new();
-            for text in group {
-                splitter.for_each_chunk(text, |chunk| *local.entry(chunk).or_insert(0) += 1)?;
-            }
-            Ok(local)
-        })
-        .collect();
-    for local in locals {
-        for (chunk, n) in local? {
-            match counts.get_mut(chunk) {
-                Some(total) => *total += n,
-                None => {
-                    counts.insert(chunk.into(), n);
-                }
-            }
-        }
-    }
-    Ok(())
-}
 
 #[pyclass(module = "rustbpe")]
 pub struct Tokenizer {
@@ -112,7 +80,7 @@ impl Tokenizer {
         // 1) count unique chunks, one buffer at a time; the GIL is held only to pull the buffer
         let start = Instant::now();
         let buffer_size = buffer_size as usize;
-        let mut counts = ChunkCounts::new();
+        let mut counts = ChunkCounts::default();
         let mut buffer: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16));
         let (mut n_items, mut n_bytes) = (0usize, 0usize);
         let mut exhausted = false;
@@ -139,7 +107,7 @@ impl Tokenizer {
                 buffer.push(text.to_owned());
             }
             if !buffer.is_empty() {
-                py.detach(|| count_buffer(&splitter, &buffer, &mut counts)).map_err(PyValueError::new_err)?;
+                py.detach(|| counts.count_buffer(&splitter, &buffer)).map_err(PyValueError::new_err)?;
             }
             if n_bytes >= next_log {
                 eprintln!(
@@ -169,9 +137,8 @@ impl Tokenizer {
         // 2) learn the merges (sorting first makes the word order independent of hashing)
         let num_merges = (vocab_size - 256) as usize;
         let merges = py.detach(|| {
-            let mut chunks: Vec<(Box<str>, i64)> = counts.into_iter().collect();
-            chunks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let words = Words::from_chunks(chunks.iter().map(|(s, n)| (s.as_bytes(), *n)));
+            let chunks = counts.into_sorted();
+            let words = Words::from_chunks(chunks.iter().map(|(chunk, n)| (chunk.as_slice(), *n)))?;
             drop(chunks);
             let merge_start = Instant::now();
             let log_every = (num_merges / 10).max(1);
@@ -189,8 +156,9 @@ impl Tokenizer {
                     merges.len()
                 );
             }
-            merges
-        });
+            Ok::<_, String>(merges)
+        })
+        .map_err(PyValueError::new_err)?;
         let encoder = Encoder::new(&merges);
         self.pattern = pattern;
         self.splitter = Some(splitter);
