@@ -1,0 +1,390 @@
+"""
+The chat server (scripts/chat_web.py) and CLI (scripts/chat_cli.py), run for real: a tiny model
+is trained to memorise two conversations (one with a calculator call), saved with
+checkpoint_manager into a temporary NANOCHAT_BASE_DIR, and served by `python -m scripts.chat_web`
+on a free loopback port. The official `openai` client talks to it; so do 32 concurrent
+streaming clients; so do malformed and oversized requests.
+"""
+import dataclasses
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# every test here needs the server subprocess (or the CLI), ~20-30 s to start on 2 busy cores
+pytestmark = pytest.mark.slow
+
+TOOL_QUESTION = "what is 6 times 7?"
+XSS_QUESTION = "hello"
+XSS_REPLY = "<img src=x onerror=\"document.title='pwned'\"> Hi! <b>bold</b> & done"
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": TOOL_QUESTION}, {"role": "assistant", "content": [
+        {"type": "text", "text": "sure: "}, {"type": "python", "text": "6*7"},
+        {"type": "python_output", "text": "42"}, {"type": "text", "text": " so it is 42."}]}]},
+    {"messages": [{"role": "user", "content": XSS_QUESTION}, {"role": "assistant", "content": XSS_REPLY}]},
+]
+CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4,
+          "Hello there, how are you? I am a small model. What is six times seven? It is forty two."] * 30
+
+
+def build_checkpoint(base_dir, steps=80):
+    """Tokenizer + a tiny GPT that has memorised CONVERSATIONS, saved as an SFT checkpoint."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.train_from_iterator(iter(CORPUS), vocab_size=512)
+    tok.save(os.path.join(base_dir, "tokenizer"))
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    model = GPT(config)
+    rows = [tok.render_conversation(c)[0] for c in CONVERSATIONS]
+    width = max(map(len, rows))
+    x = torch.tensor([r[:-1] + [0] * (width - len(r)) for r in rows])
+    y = torch.tensor([r[1:] + [-1] * (width - len(r)) for r in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: more threads only thrash
+    try:
+        for _ in range(steps):
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.1, f"the tiny model did not memorise its conversations (loss {loss.item():.3f})"
+    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), 80, model.state_dict(), None,
+                    {"model_config": dataclasses.asdict(config)})
+    return tok
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m scripts.chat_web` in a subprocess on a free loopback port."""
+
+    def __init__(self, base_dir, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.log = open(Path(base_dir) / f"server_{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device", "cpu", "--port", str(self.port),
+                                      "--log-level", "warning", *flags], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the server did not come up:\n{self.output()}")
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stats(self):
+        return requests.get(self.url + "/stats", timeout=10).json()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("nanochat_base")
+    build_checkpoint(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(base_dir):
+    srv = Server(base_dir, "--max-batch-size", "32")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def chat(server, payload, stream=False):
+    """POST a chat request; returns (content, finish_reason, usage, raw chunks) for either mode."""
+    body = dict(payload, stream=stream)
+    r = requests.post(server.url + "/v1/chat/completions", json=body, stream=stream, timeout=120)
+    assert r.status_code == 200, r.text
+    if not stream:
+        obj = r.json()
+        return obj["choices"][0]["message"]["content"], obj["choices"][0]["finish_reason"], obj["usage"], [obj]
+    chunks = []
+    for line in r.iter_lines(decode_unicode=False):
+        if not line:
+            continue
+        assert line.startswith(b"data: "), line
+        data = line[len(b"data: "):]
+        if data == b"[DONE]":
+            break
+        chunks.append(json.loads(data.decode("utf-8")))  # every event is whole, valid UTF-8 JSON
+    else:
+        raise AssertionError("the stream ended without data: [DONE]")
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    return content, finish[-1] if finish else None, usage[-1] if usage else None, chunks
+
+
+# -----------------------------------------------------------------------------
+# The OpenAI client, both modes
+
+def test_openai_client_models_and_chat(server, client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["nanochat-sft"]
+    reply = client.chat.completions.create(model=models[0].id, messages=[{"role": "user", "content": TOOL_QUESTION}],
+                                           temperature=0, max_tokens=40)
+    assert reply.object == "chat.completion" and reply.model == "nanochat-sft"
+    choice = reply.choices[0]
+    # the model wrote the tool call; the server's engine ran it and forced the result in
+    assert choice.message.role == "assistant" and choice.message.content == "sure: <<6*7=42>> so it is 42."
+    assert choice.finish_reason == "stop"
+    usage = reply.usage
+    assert usage.prompt_tokens > 5 and usage.completion_tokens > 10
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_openai_client_streaming_equals_non_streaming(client):
+    kwargs = dict(model="nanochat-sft", messages=[{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "Tell me a story"}],
+                  temperature=1.0, top_p=0.95, max_tokens=30, seed=1234)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and len(text) > 0
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    # other seeds give other samples
+    others = {client.chat.completions.create(**dict(kwargs, seed=s)).choices[0].message.content for s in (1, 2, 3)}
+    assert others - {text}
+
+
+def test_openai_client_completions(client):
+    whole = client.completions.create(model="nanochat-sft", prompt="To be, or not", max_tokens=12, temperature=0)
+    assert whole.object == "text_completion" and whole.usage.completion_tokens == 12
+    pieces = list(client.completions.create(model="nanochat-sft", prompt="To be, or not", max_tokens=12,
+                                            temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
+
+
+def test_stop_strings(client):
+    reply = client.chat.completions.create(model="nanochat-sft", messages=[{"role": "user", "content": TOOL_QUESTION}],
+                                           temperature=0, max_tokens=40, stop=["so it"])
+    assert reply.choices[0].message.content == "sure: <<6*7=42>> "
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_multi_turn_conversation(client):
+    messages = [{"role": "user", "content": XSS_QUESTION}, {"role": "assistant", "content": XSS_REPLY},
+                {"role": "user", "content": TOOL_QUESTION}]
+    reply = client.chat.completions.create(model="nanochat-sft", messages=messages, temperature=0, max_tokens=8)
+    assert reply.usage.prompt_tokens > 30 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+# -----------------------------------------------------------------------------
+# Bad input: a clear 4xx, and the server keeps going
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD_REQUESTS = [
+    ("malformed json", b"{\"messages\": [", None),
+    ("not an object", b"[1, 2, 3]", None),
+    ("invalid utf-8", b"{\"messages\": \"\xff\xfe\"}", None),
+    ("no messages", {"max_tokens": 4}, "messages"),
+    ("empty messages", {"messages": []}, "messages"),
+    ("too many messages", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 300}, "messages"),
+    ("message too long", {"messages": [{"role": "user", "content": "x" * 9000}]}, "messages[0].content"),
+    ("conversation too long", {"messages": [{"role": "user", "content": "x" * 7000}, {"role": "assistant", "content": "y" * 7000}] * 3
+                               + [{"role": "user", "content": "z" * 7000}]}, "messages"),
+    ("bad role", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("content not text", {"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),
+    ("ends with assistant", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages[1].role"),
+    ("roles do not alternate", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
+    ("temperature too high", dict(GOOD, temperature=3), "temperature"),
+    ("temperature negative", dict(GOOD, temperature=-0.1), "temperature"),
+    ("temperature a string", dict(GOOD, temperature="hot"), "temperature"),
+    ("top_p zero", dict(GOOD, top_p=0), "top_p"),
+    ("top_p above one", dict(GOOD, top_p=1.5), "top_p"),
+    ("top_k too big", dict(GOOD, top_k=100000), "top_k"),
+    ("top_k fractional", dict(GOOD, top_k=2.5), "top_k"),
+    ("max_tokens zero", dict(GOOD, max_tokens=0), "max_tokens"),
+    ("max_tokens huge", dict(GOOD, max_tokens=10**9), "max_tokens"),
+    ("max_tokens a bool", dict(GOOD, max_tokens=True), "max_tokens"),
+    ("n > 1", dict(GOOD, n=3), "n"),
+    ("five stop strings", dict(GOOD, stop=["a", "b", "c", "d", "e"]), "stop"),
+    ("stop not strings", dict(GOOD, stop=[1]), "stop"),
+    ("stream not a bool", dict(GOOD, stream="yes"), "stream"),
+    ("seed a string", dict(GOOD, seed="abc"), "seed"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_style_400(server, name, body, param):
+    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = requests.post(server.url + "/v1/chat/completions", timeout=30, **kwargs)
+    assert r.status_code == 400, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_prompt_longer_than_the_context_is_refused(server):
+    # 3 chars per token or so: 7000 chars of digits is far past the 640-token context
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "1 2 3 " * 1100, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+def test_server_still_serves_after_bad_requests(server):
+    before = server.stats()["requests_served"]
+    content, finish, usage, _ = chat(server, GOOD)
+    assert finish in ("stop", "length") and usage["completion_tokens"] <= 4
+    assert server.stats()["requests_served"] == before + 1
+    assert requests.get(server.url + "/nope", timeout=10).status_code == 404
+
+
+def test_health_stats_and_page(server):
+    health = requests.get(server.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["replicas"] == 1
+    stats = server.stats()
+    assert {"requests_served", "tokens_generated", "queue_depth", "replicas", "uptime_s"} <= stats.keys()
+    assert {"busy", "active_rows", "peak_rows", "device"} <= stats["replicas"][0].keys()
+    page = requests.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>nanochat</title>" in page.text
+    # self-contained: no stylesheet, script, font or image fetched from elsewhere
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)
+    assert "@import" not in page.text and "innerHTML" not in page.text
+
+
+def test_client_disconnect_frees_its_row(server):
+    body = dict(model="nanochat-sft", messages=[{"role": "user", "content": "Tell me everything"}],
+                max_tokens=550, temperature=1.0, stream=True, seed=5)
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(5):  # a few chunks in, hang up
+            next(lines)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        replica = server.stats()["replicas"][0]
+        if replica["active_rows"] == 0:
+            break
+        time.sleep(0.2)
+    assert replica["active_rows"] == 0, "the abandoned row must leave the batch"
+    # and it stopped long before its 550 tokens: the next request is answered promptly
+    t0 = time.time()
+    chat(server, GOOD)
+    assert time.time() - t0 < 20
+
+
+# -----------------------------------------------------------------------------
+# Load: 32 concurrent streaming clients, decoded together, none corrupted
+
+def test_32_concurrent_streams_are_batched_and_uncorrupted(server):
+    n = 32
+    payloads = [dict(model="nanochat-sft", messages=[{"role": "user", "content": f"question number {i}: tell me about {i * 7}"}],
+                     temperature=0.9, top_k=40, max_tokens=24, seed=1000 + i) for i in range(n)]
+    results, errors = [None] * n, []
+    served_before = server.stats()["requests_served"]
+
+    def worker(i):
+        try:
+            results[i] = chat(server, payloads[i], stream=True)
+        except Exception as e:  # reported below with the request number
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    bad_statuses = []
+
+    def bad_traffic():  # bad requests mixed into the load
+        for body in [b"{oops", {"messages": [{"role": "user", "content": "x" * 10000}]}, dict(GOOD, temperature=9)]:
+            kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+            bad_statuses.append(requests.post(server.url + "/v1/chat/completions", timeout=60, **kwargs).status_code)
+
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    bad_traffic()
+    for t in threads:
+        t.join(timeout=240)
+    elapsed = time.time() - t0
+    assert not errors, errors
+    assert all(r is not None for r in results) and elapsed < 240
+    assert bad_statuses == [400, 400, 400]
+    stats = server.stats()
+    assert stats["requests_served"] - served_before == n
+    assert stats["replicas"][0]["peak_rows"] > 1, "concurrent requests must share decode steps"
+    # each stream, replayed alone without streaming, gives the same text: nothing leaked between rows
+    for i in range(n):
+        content, finish, usage, chunks = results[i]
+        assert all(c["id"] == chunks[0]["id"] for c in chunks)
+        alone, alone_finish, alone_usage, _ = chat(server, payloads[i])
+        assert content == alone and finish == alone_finish
+    assert len({r[0] for r in results}) > 4, "different seeds and prompts give different answers"
+
+
+# -----------------------------------------------------------------------------
+# The CLI, on the same checkpoint (in-process: a subprocess would pay torch's import again)
+
+def run_cli(monkeypatch, capsys, base_dir, argv, stdin=""):
+    from scripts import chat_cli
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    status = chat_cli.main(["--device", "cpu", *argv])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_cli_one_shot(monkeypatch, capsys, base_dir):
+    status, out, err = run_cli(monkeypatch, capsys, base_dir, ["-p", TOOL_QUESTION, "--temperature", "0"])
+    assert status == 0, err
+    assert out == "sure: <<6*7=42>> so it is 42.\n"
+
+
+def test_cli_interactive_multi_turn(monkeypatch, capsys, base_dir):
+    stdin = f"{XSS_QUESTION}\n{TOOL_QUESTION}\nclear\n{TOOL_QUESTION}\nquit\n"
+    status, out, err = run_cli(monkeypatch, capsys, base_dir, ["--temperature", "0", "--max-tokens", "80"], stdin)
+    assert status == 0, err
+    assert XSS_REPLY in out and out.count("sure: <<6*7=42>> so it is 42.") >= 1
+    assert "(new conversation)" in out
+
+
+def test_cli_without_a_checkpoint_says_so(monkeypatch, capsys, tmp_path):
+    status, out, err = run_cli(monkeypatch, capsys, tmp_path, ["-p", "hi"])
+    assert status == 1
+    assert "no checkpoint" in err and "scripts.chat_sft" in err
