@@ -286,7 +286,7 @@ class Report:
         timestamps = [t for blocks in sections.values() for t in (_parse_time(b[0]) for b in blocks) if t]
         end = max(timestamps) if timestamps else None
 
-        parts = [header.rstrip(), f"\nGenerated: {_now()}\n", self._tokenizer_markdown()]
+        parts = [header.rstrip(), f"Generated: {_now()}", self._tokenizer_markdown()]
         for title, blocks in sections.items():
             parts.append("\n\n".join(raw for _, _, raw in blocks))
         parts.append(self._summary_markdown(self.summary(sections)))

@@ -99,7 +99,7 @@ class ScriptedLM(nn.Module):
 @pytest.fixture(scope="module")
 def fixture_tasks():
     tasks = local_tasks(FIXTURES)
-    assert {t.label for t in tasks} == {"arc_easy", "hellaswag", "copa", "winograd", "bigbench_operators"}
+    assert {t.label for t in tasks} == {"arc_easy", "arc_challenge", "hellaswag", "copa", "winograd", "bigbench_operators"}
     return tasks
 
 
