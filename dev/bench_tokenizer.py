@@ -145,10 +145,16 @@ def python_for(contender, venv):
     if contender != "pypi_rustbpe":
         return sys.executable
     python = Path(venv) / "bin" / "python"
-    if not python.exists():
-        print(f"creating {venv} with the PyPI rustbpe (uv venv + uv pip install rustbpe) ...", flush=True)
-        subprocess.run(["uv", "venv", "--quiet", str(venv)], check=True)
-        subprocess.run(["uv", "pip", "install", "--quiet", "--python", str(python), "rustbpe"], check=True)
+    if python.exists() and subprocess.run([str(python), "-c", "import rustbpe"], capture_output=True).returncode == 0:
+        return str(python)
+    print(f"setting up {venv} with the PyPI rustbpe (uv venv + uv pip install rustbpe) ...", flush=True)
+    for cmd in (["uv", "venv", "--quiet", "--allow-existing", str(venv)],
+                ["uv", "pip", "install", "--quiet", "--python", str(python), "rustbpe"]):
+        try:
+            subprocess.run(cmd, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SystemExit(f"could not set up the PyPI rustbpe ({' '.join(cmd)}: {e}); "
+                             f"is uv installed and PyPI reachable? Or leave it out: --contenders ours,hf")
     return str(python)
 
 

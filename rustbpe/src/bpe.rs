@@ -313,7 +313,7 @@ impl Merger {
 /// Learn up to `num_merges` merges; `progress(done, total, pair, count)` is called after each.
 pub fn learn_merges(words: Words, num_merges: usize, mut progress: impl FnMut(usize, usize, (u32, u32), i64)) -> Vec<(u32, u32)> {
     let mut merger = Merger::new(words);
-    let mut merges = Vec::with_capacity(num_merges);
+    let mut merges = Vec::with_capacity(num_merges.min(1 << 20)); // vocab_size may be absurd
     while merges.len() < num_merges {
         match merger.next_merge() {
             Some((pair, count)) => {

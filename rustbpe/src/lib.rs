@@ -25,7 +25,6 @@ use pretok::{Splitter, DEFAULT_PATTERN};
 pub struct Tokenizer {
     pattern: String,
     splitter: Option<Splitter>,
-    merges: Vec<(u32, u32)>,
     encoder: Option<Encoder>,
 }
 
@@ -42,7 +41,7 @@ impl Tokenizer {
 impl Tokenizer {
     #[new]
     fn new() -> Self {
-        Tokenizer { pattern: DEFAULT_PATTERN.to_string(), splitter: None, merges: Vec::new(), encoder: None }
+        Tokenizer { pattern: DEFAULT_PATTERN.to_string(), splitter: None, encoder: None }
     }
 
     /// Train on the strings yielded by `iterator` until `vocab_size` tokens (256 bytes + merges)
@@ -162,7 +161,6 @@ impl Tokenizer {
         let encoder = Encoder::new(&merges);
         self.pattern = pattern;
         self.splitter = Some(splitter);
-        self.merges = merges;
         self.encoder = Some(encoder);
         Ok(())
     }
