@@ -1,0 +1,195 @@
+"""
+A nanochat GPT as a Hugging Face `transformers` model (trust_remote_code), computing exactly
+what nanochat/gpt.py computes, so exported weights give the same logits:
+
+- token embedding, then parameter-free RMSNorm (F.rms_norm, no weight)
+- blocks: x += attn(norm(x)); x += mlp(norm(x)); no biases
+- attention: rotary embeddings (base 10000, halves rotated as (x1 cos + x2 sin, x2 cos - x1 sin)),
+  then QK-norm (parameter-free RMSNorm of queries and keys per head), grouped-query attention
+- MLP: ReLU(x W_fc)^2 W_proj
+- final norm, untied lm_head, logits soft-capped at softcap * tanh(logits / softcap), in fp32
+
+Keys and values are kept in a transformers Cache (DynamicCache), so model.generate() decodes
+incrementally. attention_mask (1 = token, 0 = padding) is honoured, so left-padded batches work:
+positions are counted over the real tokens only.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_nanochat import NanoChatConfig
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class NanoChatAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        n_rep = self.n_head // self.n_kv_head
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class NanoChatMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class NanoChatBlock(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = NanoChatAttention(config, layer_idx)
+        self.mlp = NanoChatMLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(norm(x), cos, sin, mask, cache)
+        return x + self.mlp(norm(x))
+
+
+class NanoChatPreTrainedModel(PreTrainedModel):
+    config_class = NanoChatConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["NanoChatBlock"]
+    _supports_cache_class = True
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        # only for weights missing from a checkpoint (a fresh model); exported ones load as saved
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=module.in_features ** -0.5)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+
+class NanoChatModel(NanoChatPreTrainedModel):
+    """The Transformer without its head: (B, T) ids -> (B, T, n_embd) final-normed hidden states."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList([NanoChatBlock(config, i) for i in range(config.n_layer)])
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def rotary(self, positions, dtype):
+        """cos, sin of shape (B, T, 1, head_dim / 2) for integer positions (B, T), computed in
+        fp32 exactly as nanochat's precomputed tables are (outer product, then cos/sin)."""
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = self.config.rotary_base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                                             device=positions.device) / head_dim)
+        freqs = positions.to(torch.float32)[..., None] * inv_freq
+        cos, sin = freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :]
+        if dtype in (torch.float16, torch.bfloat16):  # half-precision weights: rotate in their dtype
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        total = past + T
+        device = x.device
+
+        if position_ids is None:
+            if attention_mask is not None:  # padding does not count as a position
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, total, device=device)[None].expand(B, T)
+        cos, sin = self.rotary(position_ids.to(device), x.dtype)
+
+        # causal over the cache (query i sits at cache index past + i), minus padded keys; a query
+        # that would see nothing (a padding position itself) keeps its own key, avoiding NaNs
+        q_idx = torch.arange(past, total, device=device)[:, None]
+        k_idx = torch.arange(total, device=device)[None, :]
+        mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, total)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :total].bool().to(device)
+            mask = mask | (k_idx == q_idx)[None, None]
+
+        x = norm(x)
+        for block in self.h:
+            x = block(x, cos, sin, mask, past_key_values if use_cache else None)
+        x = norm(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+
+
+class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = NanoChatModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None, **kwargs):
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden).float()
+        cap = self.config.logit_softcap
+        logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if labels is not None:  # HF convention: labels are the inputs; predict token t+1 at t
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -1,0 +1,195 @@
+"""Tests for scripts/export.py and nanochat/hf/: the hand-written safetensors format, the HF
+tokenizer.json (our BPE through HF `tokenizers`) and the Jinja chat template against our own
+tokenizer, and — with `transformers` installed — the whole export: loaded offline by
+transformers, logits within 1e-4 of ours on CPU, greedy generations identical, and a failed
+verification leaving no exported folder behind."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+from scripts.export import (CHAT_TEMPLATE, SAMPLE_CONVERSATION, bpe_merges, hf_tokenizer_json, read_safetensors,
+                            write_export, write_safetensors)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_model(vocab_size, seed=0, **overrides):
+    cfg = dict(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg))
+    with torch.no_grad():  # non-zero output projections and a real lm_head: every path matters
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.1)
+            block.mlp.c_proj.weight.normal_(0, 0.05)
+        model.lm_head.weight.normal_(0, 0.3)
+    model.eval()
+    return model, cfg
+
+
+def test_safetensors_format_roundtrip(tmp_path):
+    tensors = {"b.weight": torch.randn(3, 5), "a.half": torch.randn(7).to(torch.bfloat16),
+               "c.ids": torch.arange(6, dtype=torch.int64).view(2, 3), "d.empty": torch.zeros(0, 4)}
+    path = str(tmp_path / "x.safetensors")
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0, "the header is padded to 8 bytes so the data is aligned"
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert header["a.half"] == {"dtype": "BF16", "shape": [7], "data_offsets": [0, 14]}
+    assert header["b.weight"]["data_offsets"] == [14, 14 + 60] and header["c.ids"]["dtype"] == "I64"
+    assert len(raw) == 8 + n + 14 + 60 + 48
+    # the bytes are the raw little-endian values
+    assert struct.unpack("<3f", raw[8 + n + 14:8 + n + 26]) == tuple(tensors["b.weight"][0, :3].tolist())
+    back, meta = read_safetensors(path)
+    assert set(back) == set(tensors) and meta == {"format": "pt"}
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
+    with open(path, "ab") as f:
+        f.write(b"junk")
+    with pytest.raises(ValueError, match="trailing bytes"):
+        read_safetensors(path)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    """A 2k-vocabulary tokenizer trained on real English when the shared data is there: many
+    multi-level merges to get right."""
+    from conftest import sample_texts
+    return Tokenizer.train_from_iterator(iter([sample_texts()[0][:300_000]]), vocab_size=2048)
+
+
+def test_tokenizer_json_matches_ours(tmp_path, real_tokenizer):
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (a dev dependency) checks tokenizer.json")
+    tok = real_tokenizer
+    merges = bpe_merges(tok.enc._mergeable_ranks)
+    assert len(merges) == tok.get_vocab_size() - 256 - 9  # one merge per multi-byte token
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(hf_tokenizer_json(tok)), encoding="utf-8")
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    from conftest import SHARED_DATA, sample_texts
+    book = SHARED_DATA / "pretrain" / "train" / "gutenberg" / "pg1342_pride_and_prejudice.txt"
+    texts = [book.read_text(encoding="utf-8")[:100_000] if book.is_file() else sample_texts()[0][-50_000:],
+             "Ünïcödé, 東京, 🙂, numbers 1234567 and\ttabs   and\r\nnewlines\n\n\n", "  leading spaces", "x" * 300]
+    for text in texts:
+        ours = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False).ids == ours
+        assert hf.encode(text).ids == [tok.get_bos_token_id()] + ours
+        assert hf.decode(ours) == text
+    # the chat template (Jinja) + HF special-token handling = our render_conversation
+    jinja2 = pytest.importorskip("jinja2", reason="jinja2 renders the chat template")
+    env = jinja2.Environment()
+    rendered = env.from_string(CHAT_TEMPLATE).render(messages=SAMPLE_CONVERSATION["messages"], bos_token="<|bos|>",
+                                                     add_generation_prompt=False)
+    ids, _ = tok.render_conversation(SAMPLE_CONVERSATION)
+    assert hf.encode(rendered, add_special_tokens=False).ids == ids
+    prompt = env.from_string(CHAT_TEMPLATE).render(messages=SAMPLE_CONVERSATION["messages"][:-1], bos_token="<|bos|>",
+                                                   add_generation_prompt=True)
+    assert hf.encode(prompt, add_special_tokens=False).ids == tok.render_for_completion(SAMPLE_CONVERSATION)
+
+
+def test_export_folder_layout(tmp_path, tiny_tokenizer):
+    model, cfg = make_model(tiny_tokenizer.get_vocab_size())
+    write_export(str(tmp_path / "out"), model, tiny_tokenizer, meta={"step": 3}, dtype=torch.bfloat16)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == sorted(["model.safetensors", "config.json", "generation_config.json", "configuration_nanochat.py",
+                            "modeling_nanochat.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                            "chat_template.jinja", "nanochat_meta.json"])
+    weights, _ = read_safetensors(str(tmp_path / "out" / "model.safetensors"))
+    assert set(weights) == set(model.state_dict())
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanoChatForCausalLM"
+    assert {k: config[k] for k in cfg} == cfg
+    assert config["eos_token_id"] == tiny_tokenizer.encode_special("<|assistant_end|>")
+
+
+# -----------------------------------------------------------------------------
+# With transformers: the real thing
+
+
+@pytest.fixture(scope="module")
+def transformers(tmp_path_factory):
+    """transformers, with its remote-code module cache in a temp dir (never ~/.cache) and offline."""
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_MODULES_CACHE", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_HOME=str(hf_home), HF_MODULES_CACHE=str(hf_home / "modules"), HF_HUB_OFFLINE="1")
+    module = pytest.importorskip("transformers", reason="transformers is not installed (a dev dependency for the "
+                                                        "export test); the export cannot be loaded without it")
+    yield module
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def checkpoint(base_dir, tiny_tokenizer):
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    model, cfg = make_model(tiny_tokenizer.get_vocab_size())
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 7, model.state_dict(), None, {"model_config": cfg})
+    return model
+
+
+@pytest.mark.slow  # importing transformers alone takes seconds
+def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint, tiny_tokenizer, tmp_path, capsys):
+    from scripts.export import main
+    out = tmp_path / "hf_model"
+    assert main(["--source", "sft", "--out", str(out)]) == 0
+    assert "verified" in capsys.readouterr().out
+    report = json.loads((out / "verification.json").read_text())
+    assert report["max_abs_logit_diff"] <= 1e-4
+
+    # independently of the script's own check: load it offline and compare on fresh text
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert type(model).__name__ == "NanoChatForCausalLM"
+    text = "A different sentence, never seen by the exporter: 3 + 4 = 7."
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == [tiny_tokenizer.get_bos_token_id()] + tiny_tokenizer.encode(text)
+    with torch.no_grad():
+        diff = (model(ids).logits - checkpoint(ids)).abs().max().item()
+    assert diff <= 1e-4, f"logits differ by {diff}"
+    # incremental decoding with the KV cache equals the full forward
+    with torch.no_grad():
+        first = model(ids[:, :10], use_cache=True)
+        step = model(ids[:, 10:11], past_key_values=first.past_key_values, use_cache=True)
+        assert (step.logits[0, -1] - checkpoint(ids[:, :11])[0, -1]).abs().max().item() <= 1e-4
+    # chat: the template's prompt is ours, and generation runs to completion
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    assert prompt["input_ids"][0].tolist() == tiny_tokenizer.render_for_completion(
+        {"messages": [{"role": "user", "content": "Hello there"}]})
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] <= prompt["input_ids"].shape[1] + 5
+
+
+def test_failed_verification_exports_nothing(transformers, checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+    import scripts.export as export
+    # a modeling file with one sign wrong in the rotary embedding: loads fine, computes wrong
+    broken = tmp_path / "broken_code"
+    shutil.copytree(export.HF_CODE_DIR, broken)
+    source = (broken / "modeling_nanochat.py").read_text()
+    assert "x2 * cos - x1 * sin" in source
+    (broken / "modeling_nanochat.py").write_text(source.replace("x2 * cos - x1 * sin", "x2 * cos + x1 * sin"))
+    monkeypatch.setattr(export, "HF_CODE_DIR", str(broken))
+    out = tmp_path / "hf_broken"  # its own folder name: transformers caches remote code by it
+    assert export.main(["--source", "sft", "--out", str(out), "--verify-tokens", "2"]) == 1
+    assert "VERIFICATION FAILED: logits differ" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "hf_broken.tmp" / "model.safetensors").exists()
