@@ -118,7 +118,10 @@ def _yaml_scalar(text, where):
             end += 2 if text[end] == "\\" else 1
         if end >= len(text):
             raise CoreDataError(f"{where}: unterminated string {text}")
-        return json.loads(text[:end + 1])  # YAML's double-quoted escapes (\n, \", \\) are JSON's
+        try:
+            return json.loads(text[:end + 1])  # YAML's common double-quoted escapes (\n, \", \\) are JSON's
+        except ValueError as e:
+            raise CoreDataError(f"{where}: cannot read the string {text[:end + 1]} ({e})") from None
     if text.startswith("'"):
         end = 1
         while True:
@@ -190,14 +193,14 @@ def bundle_tasks(bundle_dir):
                                 f"(core.yaml + eval_meta_data.csv + eval_data/)")
     with open(yaml_path, encoding="utf-8") as f:
         configs = parse_core_yaml(f.read(), yaml_path)
-    baselines = {}
+    baselines = {}  # task -> (line, raw value); only the tasks in core.yaml must be numbers
     with open(csv_path, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                baselines[row["Eval Task"]] = float(row["Random baseline"]) / 100
-            except (KeyError, TypeError, ValueError):
-                raise CoreDataError(f"{csv_path}:{lineno}: expected columns 'Eval Task' and a numeric "
-                                    f"'Random baseline', got {row}") from None
+        reader = csv.DictReader(f)
+        if not {"Eval Task", "Random baseline"} <= set(reader.fieldnames or []):
+            raise CoreDataError(f"{csv_path}:1: expected the columns 'Eval Task' and 'Random baseline', "
+                                f"got {reader.fieldnames}")
+        for lineno, row in enumerate(reader, start=2):
+            baselines[row["Eval Task"]] = (lineno, row["Random baseline"])
     tasks = []
     for i, config in enumerate(configs):
         where = f"{yaml_path}: task #{i + 1} ({config.get('label', '?')})"
@@ -209,10 +212,15 @@ def bundle_tasks(bundle_dir):
             raise CoreDataError(f"{where}: icl_task_type {task_type!r} is not one of {TASK_TYPES}")
         if label not in baselines:
             raise CoreDataError(f"{csv_path}: no 'Random baseline' row for task {label!r}")
+        lineno, raw = baselines[label]
+        try:
+            baseline = float(raw) / 100  # the CSV gives percent
+        except (TypeError, ValueError):
+            raise CoreDataError(f"{csv_path}:{lineno}: 'Random baseline' of {label!r} is not a number: {raw!r}") from None
         shots = config.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) else shots
         tasks.append(CoreTask(label, task_type, os.path.join(bundle_dir, "eval_data", uri), int(shots),
-                              str(config.get("continuation_delimiter", " ")), baselines[label]))
+                              str(config.get("continuation_delimiter", " ")), baseline))
     return tasks
 
 

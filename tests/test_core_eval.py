@@ -218,7 +218,8 @@ icl_tasks:
   - 10
   icl_task_type: multiple_choice
   continuation_delimiter: "\\nAnswer: "
-- label: winograd
+-
+  label: winograd
   dataset_uri: language_understanding/winograd_wsc.jsonl
   num_fewshot: [0]
   icl_task_type: schema
@@ -229,6 +230,10 @@ icl_tasks:
   num_fewshot: [3]
   icl_task_type: language_modeling
   continuation_delimiter: 'it''s '
+  metric_names:
+  - InContextLearningLMAccuracy
+other_settings:
+  - label: not_a_task
 """
 
 
@@ -263,7 +268,10 @@ def test_bundle_tasks(tmp_path, tiny_tokenizer):
     assert tasks["bigbench_operators"].continuation_delimiter == "it's " and tasks["bigbench_operators"].num_fewshot == 3
     model = ScriptedLM(tiny_tokenizer, right_endings(tasks.values()), "right")
     assert evaluate_core(model, tiny_tokenizer, list(tasks.values()), "cpu", log=None)["core"] == 1.0
-    (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ncopa,50\n")
+    (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ncopa,50\narc_easy,25\nwinograd,n/a\n")
+    with pytest.raises(CoreDataError, match=r"eval_meta_data.csv:4: 'Random baseline' of 'winograd' is not a number"):
+        bundle_tasks(bundle)
+    (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ncopa,50\nwinograd,50\nunused,\n")
     with pytest.raises(CoreDataError, match="no 'Random baseline' row for task 'arc_easy'"):
         bundle_tasks(bundle)
     with pytest.raises(CoreDataError, match="not an eval bundle"):
