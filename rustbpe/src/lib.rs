@@ -14,7 +14,7 @@ pub mod pretok;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyIterator, PyString};
 use std::time::Instant;
 
 use bpe::{Encoder, Words};
@@ -69,57 +69,49 @@ impl Tokenizer {
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
         let splitter = Splitter::new(&pattern)
             .map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))?;
-        let mut items = iterator.try_iter().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "train_from_iterator expects an iterable of str, got {}",
-                type_name(iterator)
-            ))
-        })?;
+        let items = iterator
+            .try_iter()
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "train_from_iterator expects an iterable of str, got {}",
+                    type_name(iterator)
+                ))
+            })?
+            .unbind();
 
-        // 1) count unique chunks, one buffer at a time; the GIL is held only to pull the buffer
+        // 1) count unique chunks, one buffer at a time. While the thread pool splits and counts
+        //    one buffer (without the GIL), this thread takes the GIL only to pull the next one.
         let start = Instant::now();
         let buffer_size = buffer_size as usize;
         let mut counts = ChunkCounts::default();
-        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16));
-        let (mut n_items, mut n_bytes) = (0usize, 0usize);
-        let mut exhausted = false;
+        let mut reader = Reader { buffer_size, n_items: 0, n_bytes: 0, exhausted: false };
+        let mut buffer = Vec::new();
+        reader.pull(items.bind(py), &mut buffer)?;
+        let mut next_buffer = Vec::new();
         let mut next_log = 64 << 20;
-        while !exhausted {
-            buffer.clear();
-            while buffer.len() < buffer_size {
-                let Some(item) = items.next() else {
-                    exhausted = true;
-                    break;
-                };
-                let item = item?;
-                let text = item.downcast::<PyString>().map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "train_from_iterator: item {n_items} is {}, expected str",
-                        type_name(&item)
-                    ))
-                })?;
-                let text = text.to_str().map_err(|e| {
-                    PyValueError::new_err(format!("train_from_iterator: item {n_items} is not valid Unicode text: {e}"))
-                })?;
-                n_bytes += text.len();
-                n_items += 1;
-                buffer.push(text.to_owned());
-            }
-            if !buffer.is_empty() {
-                py.detach(|| counts.count_buffer(&splitter, &buffer)).map_err(PyValueError::new_err)?;
-            }
-            if n_bytes >= next_log {
+        while !buffer.is_empty() {
+            let mut counted = Ok(());
+            let pulled = py.detach(|| {
+                rayon::in_place_scope(|scope| {
+                    scope.spawn(|_| counted = counts.count_buffer(&splitter, &buffer));
+                    Python::attach(|py| reader.pull(items.bind(py), &mut next_buffer))
+                })
+            });
+            counted.map_err(PyValueError::new_err)?;
+            pulled?;
+            std::mem::swap(&mut buffer, &mut next_buffer);
+            if reader.n_bytes >= next_log {
                 eprintln!(
                     "rustbpe: read {} texts, {:.1} MB, {} unique chunks ({:.1}s)",
-                    n_items,
-                    n_bytes as f64 / 1e6,
+                    reader.n_items,
+                    reader.n_bytes as f64 / 1e6,
                     counts.len(),
                     start.elapsed().as_secs_f64()
                 );
                 next_log += 64 << 20;
             }
         }
-        drop(buffer);
+        let (n_items, n_bytes) = (reader.n_items, reader.n_bytes);
         if counts.is_empty() {
             return Err(PyValueError::new_err(format!(
                 "cannot train on an empty corpus: the iterator gave {n_items} texts and the split pattern found no chunks in them"
@@ -190,6 +182,40 @@ impl Tokenizer {
             Ok::<_, String>(ids)
         })
         .map_err(PyValueError::new_err)
+    }
+}
+
+/// Pulls strings from the Python iterator, a buffer at a time, checking each one.
+struct Reader {
+    buffer_size: usize,
+    n_items: usize,
+    n_bytes: usize,
+    exhausted: bool,
+}
+
+impl Reader {
+    /// Refill `buffer` with up to `buffer_size` copied strings (empty once the iterator is done).
+    fn pull(&mut self, items: &Bound<'_, PyIterator>, buffer: &mut Vec<String>) -> PyResult<()> {
+        buffer.clear();
+        let mut items = items.clone();
+        while !self.exhausted && buffer.len() < self.buffer_size {
+            let Some(item) = items.next() else {
+                self.exhausted = true;
+                break;
+            };
+            let item = item?;
+            let n = self.n_items;
+            let text = item.downcast::<PyString>().map_err(|_| {
+                PyTypeError::new_err(format!("train_from_iterator: item {n} is {}, expected str", type_name(&item)))
+            })?;
+            let text = text.to_str().map_err(|e| {
+                PyValueError::new_err(format!("train_from_iterator: item {n} is not valid Unicode text: {e}"))
+            })?;
+            self.n_bytes += text.len();
+            self.n_items += 1;
+            buffer.push(text.to_owned());
+        }
+        Ok(())
     }
 }
 
