@@ -392,8 +392,8 @@ def generate(args):
             fields = dict(values, sample=str(sample))
             jobs.append({"id": item_id, "label": f"{args.topics}:{lineno} sample {sample}", "sample": sample,
                          "topic": values if set(values) != {"topic"} else values["topic"],
-                         "prompt": render(template, fields),
-                         "question": render(question_template, fields) if question_template else None})
+                         "prompt": render(template, fields).strip(),
+                         "question": render(question_template, fields).strip() if question_template else None})
     skipped = len(topics) * args.samples_per_topic - len(jobs)
     print(f"{len(topics)} topics x {args.samples_per_topic} samples: {skipped} already in {args.out}, "
           f"{len(jobs)} to generate")
