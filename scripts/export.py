@@ -270,6 +270,7 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
         "added_tokens_decoder": {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False, "special": True} for name, i in specials},
         "model_max_length": cfg.sequence_len,
+        "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() would refuse them
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     })
