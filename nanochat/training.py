@@ -90,8 +90,11 @@ class Trainer:
     """
     Runs optimizer steps. Each step: set LRs from the schedule, accumulate gradients over
     `grad_accum` micro-batches, sync + (optionally) clip, step the optimizers, log.
-    `next_batch()` returns (batch, loader_state); `compute_loss(model, batch)` returns
-    (loss, num_tokens) where loss is the mean over the micro-batch's counted tokens.
+    `next_batch()` returns (batch, loader_state); `compute_loss(model, batch)` returns the loss
+    (the mean over the micro-batch's counted tokens), or (loss, metrics) where metrics is a dict
+    of floats/scalars averaged over the step like the loss and logged as train/<name>.
+    tokens_per_step (for tok/s and MFU) is a number, or a callable giving the tokens of the step
+    just taken (when padding makes it vary).
     """
 
     def __init__(self, args, model, optimizers, *, device, ddp, world_size, rank, checkpoint_dir,
@@ -107,6 +110,8 @@ class Trainer:
         self.smooth_loss = 0.0
         self.train_time = 0.0  # seconds of training steps so far (excludes eval/ckpt), survives resume
         self.history = []  # (step, loss) of every step, for tests and the report
+        self.metrics_history = []  # (step, {name: value}) of every step whose compute_loss returned metrics
+        self.eval_history = []  # (step, evaluate's dict) of every evaluation
         self.wandb = init_wandb(args.run, f"nanochat-{stage}", vars(args), self.master)
         self.flops_per_token = model.estimate_flops() if hasattr(model, "estimate_flops") else None
         self.peak_flops = get_peak_flops(self.device_type)
@@ -165,13 +170,16 @@ class Trainer:
         synchronize(self.device_type)
         t0 = time.time()
         lrm = self.set_lr()
-        step_loss = 0.0
+        step_loss, step_metrics = 0.0, {}
         for _ in range(self.grad_accum):
             batch, self.loader_state = next_batch()
             with autocast_ctx(self.device_type):
                 loss = compute_loss(self.model, batch)
+            loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
             (loss / self.grad_accum).backward()
             step_loss += loss.detach().float().item() / self.grad_accum
+            for name, value in metrics.items():
+                step_metrics[name] = step_metrics.get(name, 0.0) + float(value) / self.grad_accum
         grads_synced = False
         if self.args.grad_clip > 0:
             # clip the *global* gradient: sync first, then clip (clipping per-rank before the
@@ -183,23 +191,29 @@ class Trainer:
         for opt in self.optimizers:  # the sharded optimizers average gradients across ranks here
             opt.step(grads_already_averaged=grads_synced)
         self.model.zero_grad(set_to_none=True)
-        if self.ddp:  # report the loss averaged over ranks, same as one process would see
-            t = torch.tensor([step_loss], device=self.device)
+        if self.ddp:  # report the loss (and metrics) averaged over ranks, same as one process would see
+            names = sorted(step_metrics)
+            t = torch.tensor([step_loss] + [step_metrics[name] for name in names], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            step_loss = t.item() / self.world_size
+            values = (t / self.world_size).tolist()
+            step_loss, step_metrics = values[0], dict(zip(names, values[1:]))
         synchronize(self.device_type)
         dt = time.time() - t0
         self.step += 1
-        return step_loss, lrm, dt
+        if step_metrics:
+            self.metrics_history.append((self.step, step_metrics))
+        return step_loss, lrm, dt, step_metrics
 
-    def log(self, loss, lrm, dt):
+    def log(self, loss, lrm, dt, metrics=None):
+        metrics = metrics or {}
         beta = 0.9  # EMA of the loss, debiased, for a readable curve
         self.smooth_loss = beta * self.smooth_loss + (1 - beta) * loss
         debiased = self.smooth_loss / (1 - beta ** self.step)
         self.history.append((self.step, loss))
         if self.step > 1:  # the first step includes compilation/warmup: not representative
             self.train_time += dt
-        tok_per_sec = self.tokens_per_step / dt
+        tokens = self.tokens_per_step() if callable(self.tokens_per_step) else self.tokens_per_step
+        tok_per_sec = tokens / dt
         mfu = None
         if self.flops_per_token and self.peak_flops:
             mfu = 100 * self.flops_per_token * tok_per_sec / (self.peak_flops * self.world_size)
@@ -207,11 +221,13 @@ class Trainer:
         eta = (self.train_time / steps_done) * (self.num_steps - self.step) if self.step > 1 else dt * (self.num_steps - 1)
         if self.step % self.args.log_every == 0 or self.step == self.num_steps:
             mfu_txt = f" | mfu {mfu:.1f}%" if mfu is not None else ""
+            metrics_txt = "".join(f" | {name} {value:.4f}" for name, value in metrics.items())
             print0(f"{self.stage} step {self.step:05d}/{self.num_steps:05d} ({100 * self.step / self.num_steps:.1f}%) | "
                    f"loss {loss:.4f} (ema {debiased:.4f}) | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
-                   f"tok/s {tok_per_sec:,.0f}{mfu_txt} | eta {format_eta(eta)}")
+                   f"tok/s {tok_per_sec:,.0f}{mfu_txt} | eta {format_eta(eta)}{metrics_txt}")
         self.wandb.log({"step": self.step, "train/loss": loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
-                        **({"train/mfu": mfu} if mfu is not None else {})})
+                        **({"train/mfu": mfu} if mfu is not None else {}),
+                        **{f"train/{name}": value for name, value in metrics.items()}})
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -221,14 +237,15 @@ class Trainer:
         a = self.args
         last_eval = {}
         while self.step < self.num_steps:
-            loss, lrm, dt = self.train_step(next_batch, compute_loss)
+            loss, lrm, dt, metrics = self.train_step(next_batch, compute_loss)
             if not math.isfinite(loss):
                 raise SystemExit(f"loss is {loss} at step {self.step}: diverged (lower the LRs?)")
-            self.log(loss, lrm, dt)
+            self.log(loss, lrm, dt, metrics)
             last = self.step == self.num_steps
             if evaluate is not None and (last or (a.eval_every > 0 and self.step % a.eval_every == 0)):
                 self.model.eval()
                 last_eval = evaluate(self.step) or {}
+                self.eval_history.append((self.step, last_eval))
                 self.wandb.log({"step": self.step, **last_eval})
             if last or (a.save_every > 0 and self.step % a.save_every == 0):
                 self.save(extra_meta=last_eval)
