@@ -1,0 +1,186 @@
+"""
+Direct Preference Optimization (Rafailov et al., 2023): preference pairs into token ids, the
+frozen reference's log-probabilities computed once, and the loss.
+
+A pair is a prompt and two answers, one preferred. The prompt is rendered and tokenized once
+and shared by both answers: prompt ids = render_for_completion(prompt conversation) (ending
+with <|assistant_start|>), answer ids = encode(answer) + <|assistant_end|>. The log-probability
+of an answer is the sum over its tokens (the <|assistant_end|> included, so the model also
+learns where a good answer stops).
+
+With h = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]:
+    sigmoid (DPO):  -log sigmoid(beta * h)            = ln 2 when the policy is the reference
+    ipo (IPO):      (h - 1 / (2 * beta))^2            (Azar et al., 2023: a bounded target margin)
+The implicit rewards beta * (log pi - log ref) of chosen and rejected are what we log.
+"""
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanochat.chat_data import collate_padded
+
+LOSS_TYPES = ("sigmoid", "ipo")
+DROP_REASONS = ("empty", "identical", "too_long", "identical_after_truncation")
+
+
+# -----------------------------------------------------------------------------
+# Pairs into token ids, truncated to fit
+
+def truncate_pair(prompt, chosen, rejected, max_seq_len, min_prompt_tokens=2, min_response_tokens=1):
+    """
+    Fit prompt + answer into max_seq_len tokens for both answers. First cut the prompt from the
+    left (keeping its first token, <|bos|>, and its end, which primes the answer) down to what
+    the longer answer leaves, but not below min_prompt_tokens; if the answers still do not fit,
+    cut them from the right to the room left, as long as that keeps at least
+    min_response_tokens of each. Returns (prompt, chosen, rejected, what_was_cut) or None when
+    it cannot fit. The answers are never cut to nothing.
+    """
+    if min_prompt_tokens < 2 or min_response_tokens < 1:
+        raise ValueError("need min_prompt_tokens >= 2 (<|bos|> and <|assistant_start|>) and min_response_tokens >= 1")
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_seq_len:
+        return prompt, chosen, rejected, None
+    keep = max(max_seq_len - longest, min(len(prompt), min_prompt_tokens))
+    if keep < len(prompt):
+        prompt = prompt[:1] + prompt[len(prompt) - (keep - 1):]
+    if len(prompt) + longest <= max_seq_len:
+        return prompt, chosen, rejected, "prompt"
+    room = max_seq_len - len(prompt)
+    if room < min_response_tokens:
+        return None
+    return prompt, chosen[:room], rejected[:room], "response"
+
+
+def tokenize_pairs(items, tokenizer, max_seq_len, min_prompt_tokens=32, min_response_tokens=16):
+    """
+    items: preference examples {"prompt_messages", "chosen", "rejected"} (tasks.preferences).
+    Returns (pairs, counts): pairs = [(prompt_ids, chosen_ids, rejected_ids)], counts a Counter
+    with "kept", "truncated_prompt", "truncated_response" and one "dropped_<reason>" per
+    DROP_REASONS for the pairs left out (nothing is dropped silently: the caller prints counts).
+    """
+    end = tokenizer.encode_special("<|assistant_end|>")
+    pairs, counts = [], Counter()
+    for item in items:
+        prompt = tokenizer.render_for_completion({"messages": item["prompt_messages"]})
+        chosen, rejected = tokenizer.encode(item["chosen"]), tokenizer.encode(item["rejected"])
+        if not chosen or not rejected:
+            counts["dropped_empty"] += 1
+            continue
+        if chosen == rejected:
+            counts["dropped_identical"] += 1
+            continue
+        fitted = truncate_pair(prompt, chosen + [end], rejected + [end], max_seq_len,
+                               min(min_prompt_tokens, len(prompt)), min_response_tokens)
+        if fitted is None:
+            counts["dropped_too_long"] += 1
+            continue
+        prompt, chosen, rejected, cut = fitted
+        if chosen == rejected:  # they only differed past the cut
+            counts["dropped_identical_after_truncation"] += 1
+            continue
+        if cut:
+            counts[f"truncated_{cut}"] += 1
+        counts["kept"] += 1
+        pairs.append((prompt, chosen, rejected))
+    return pairs, counts
+
+
+def describe_counts(counts):
+    dropped = ", ".join(f"{counts[f'dropped_{r}']} {r.replace('_', ' ')}" for r in DROP_REASONS)
+    return (f"{counts['kept']} pairs kept ({counts['truncated_prompt']} with the prompt cut from the left, "
+            f"{counts['truncated_response']} with the answers cut) | dropped: {dropped}")
+
+
+def pair_rows(pair):
+    """The two rows of a pair as (ids, mask), mask 1 on the answer's tokens."""
+    prompt, chosen, rejected = pair
+    return [(prompt + answer, [0] * len(prompt) + [1] * len(answer)) for answer in (chosen, rejected)]
+
+
+def collate_pairs(pairs, pad_id, device="cpu"):
+    """inputs/targets (2B, L): rows 0..B-1 the chosen answers, rows B..2B-1 the rejected ones."""
+    rows = [pair_rows(p) for p in pairs]
+    return collate_padded([r[0] for r in rows] + [r[1] for r in rows], pad_id, device)
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities and the loss
+
+def answer_logps(model, inputs, targets):
+    """(sum of log-probs of the supervised targets per row, number of them per row)."""
+    per_token = model(inputs, targets, loss_reduction="none")  # nats; 0 where the target is -1
+    return -per_token.sum(dim=1), (targets >= 0).sum(dim=1)
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, batch_size, pad_id, device, rank=0, world_size=1, autocast=None):
+    """
+    The frozen reference: summed answer log-probs (N, 2) [chosen, rejected] of every pair,
+    computed in one pass before training (each rank does every world_size-th pair, then the
+    ranks add up their disjoint parts), so training holds only one model in memory.
+    """
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
+    mine = sorted(range(rank, len(pairs), world_size), key=lambda i: -sum(map(len, pairs[i])))  # less padding
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(mine), batch_size):
+        index = mine[start:start + batch_size]
+        inputs, targets = collate_pairs([pairs[i] for i in index], pad_id, device)
+        if autocast is not None:
+            with autocast():
+                logps, _ = answer_logps(model, inputs, targets)
+        else:
+            logps, _ = answer_logps(model, inputs, targets)
+        out[index] = logps.float().view(2, -1).t()
+    model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid"):
+    """Per-pair losses and the implicit rewards (chosen, rejected), each of shape (B,)."""
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {LOSS_TYPES}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def pair_losses(model, batch, beta, loss_type="sigmoid", length_norm=False, sft_weight=0.0):
+    """
+    The loss of every pair of a collated batch ({"inputs", "targets", "ref"} with ref (B, 2) the
+    summed reference log-probs) and the statistics we log, all per pair (B,). With length_norm,
+    log-probs (policy and reference) are averaged over the answer's tokens instead of summed.
+    sft_weight adds that much of the chosen answer's mean token NLL (keeps the chosen answer
+    likely: plain DPO may push both answers down, only the rejected one faster).
+    """
+    logps, counts = answer_logps(model, batch["inputs"], batch["targets"])
+    counts = counts.clamp(min=1).to(logps.dtype)
+    ref = batch["ref"].to(logps.dtype)
+    n = ref.size(0)
+    policy_chosen, policy_rejected = logps[:n], logps[n:]
+    ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+    if length_norm:
+        policy_chosen, policy_rejected = policy_chosen / counts[:n], policy_rejected / counts[n:]
+        ref_chosen, ref_rejected = ref_chosen / counts[:n], ref_rejected / counts[n:]
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
+                                                        ref_rejected, beta, loss_type)
+    if sft_weight:
+        losses = losses + sft_weight * (-logps[:n] / counts[:n])
+    stats = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "logps/chosen": policy_chosen.detach(),
+        "logps/rejected": policy_rejected.detach(),
+    }
+    return losses, stats
