@@ -1,0 +1,140 @@
+"""
+Throughput of the post-training steps on a fixed small config: an SFT step (padded conversations,
+loss on assistant tokens), a DPO step (chosen + rejected rows, policy log-probs, loss) and the DPO
+reference pass (forward only). Same code paths as scripts/chat_sft.py and scripts/chat_dpo.py
+(collation, loss scaling, the model's optimizers); no checkpoint is written.
+
+    python dev/bench_posttrain.py                       # CPU, depth 4, width 256, rows up to 256 tokens
+    python dev/bench_posttrain.py --device cuda --depth 12 --max-seq-len 1024 --batch-size 16
+
+Tokens/s counts every position the model processes (padding included, as the MFU does); the
+"useful" rate counts only supervised tokens (SFT) or answer tokens (DPO).
+"""
+import argparse
+import random
+import time
+
+import torch
+
+from nanochat.chat_data import StepBatches, collate_padded, scaled_token_loss
+from nanochat.common import autocast_ctx, synchronize
+from nanochat.dpo import collate_pairs, pair_losses, reference_logps, tokenize_pairs
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+WORDS = ("the a of and to in is that it for on with as was he she they be at by this have from or one had not "
+         "but what all were when we there can an your which their said if do will each about how up out them then "
+         "many some so these would other into has more her two like him see time could no make than first been "
+         "its who now people my made over did down only way find use may water long little very after words "
+         "called just where most know get through back much before go good new write our used me man too any "
+         "day same right look think also around another came come work three word must because does part").split()
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu|cuda|mps")
+    parser.add_argument("--depth", type=int, default=4, help="transformer layers")
+    parser.add_argument("--width", type=int, default=256, help="model dimension (heads of 64)")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (trained here)")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="row length cap")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations (SFT) or pairs (DPO) per step")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per benchmark")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rng = random.Random(0)
+
+    tok = Tokenizer.train_from_iterator(iter([sentence(rng, 40) for _ in range(2000)]), args.vocab_size)
+    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tok.get_vocab_size(), n_layer=args.depth,
+                       n_head=args.width // 64, n_kv_head=args.width // 64, n_embd=args.width)
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizers = model.setup_optimizers()
+    print(f"model: depth {args.depth}, width {args.width}, {model.num_params():,} parameters | device {device} | "
+          f"threads {torch.get_num_threads()} | batch {args.batch_size} | rows up to {args.max_seq_len} tokens")
+
+    def conversation():  # a user turn and an assistant answer of varied lengths
+        return {"messages": [{"role": "user", "content": sentence(rng, rng.randint(5, 60))},
+                             {"role": "assistant", "content": " ".join(sentence(rng, 12) for _ in range(rng.randint(1, 10)))}]}
+
+    def timed(step_fn):
+        for _ in range(args.warmup):
+            step_fn()
+        synchronize(device.type)
+        t0 = time.time()
+        tokens = useful = 0
+        for _ in range(args.steps):
+            n, u = step_fn()
+            tokens, useful = tokens + n, useful + u
+        synchronize(device.type)
+        return time.time() - t0, tokens, useful
+
+    def optimizer_step():
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    # SFT: padded conversations, mean loss over the assistant tokens
+    def sft_step():
+        rows = [tok.render_conversation(conversation(), max_tokens=args.max_seq_len + 1) for _ in range(args.batch_size)]
+        inputs, targets = collate_padded(rows, tok.get_bos_token_id(), device)
+        count = int((targets >= 0).sum())
+        batches = StepBatches(iter([({"inputs": inputs, "targets": targets, "count": count,
+                                      "tokens": inputs.numel()}, None)]), grad_accum=1)
+        with autocast_ctx(device.type):
+            loss = scaled_token_loss(model, batches()[0])
+        loss.backward()
+        optimizer_step()
+        return inputs.numel(), count
+
+    dt, tokens, useful = timed(sft_step)
+    print(f"SFT step:        {dt / args.steps * 1000:7.0f} ms | {tokens / dt:9,.0f} tok/s | "
+          f"{useful / dt:9,.0f} supervised tok/s ({useful / tokens:.0%} of the positions)")
+
+    # DPO: pairs with a shared prompt; reference pass once, then policy steps
+    def items(n):
+        out = []
+        for _ in range(n):
+            c = conversation()
+            out.append({"prompt_messages": c["messages"][:1], "chosen": c["messages"][1]["content"],
+                        "rejected": " ".join(sentence(rng, 12) for _ in range(rng.randint(1, 10)))})
+        return out
+
+    pairs, _ = tokenize_pairs(items(args.batch_size * (args.steps + args.warmup)), tok, args.max_seq_len)
+    pad = tok.get_bos_token_id()
+    synchronize(device.type)
+    t0 = time.time()
+    ref = reference_logps(model, pairs, args.batch_size, pad, device, autocast=lambda: autocast_ctx(device.type))
+    synchronize(device.type)
+    ref_dt = time.time() - t0
+    ref_tokens = sum(len(p) + len(c) + len(p) + len(r) - 2 for p, c, r in pairs)
+    print(f"DPO reference:   {ref_dt / len(pairs) * 1000:7.1f} ms/pair | {ref_tokens / ref_dt:9,.0f} tok/s (forward only, "
+          f"unpadded count)")
+    model.train()
+    cursor = {"i": 0}
+
+    def dpo_step():
+        i = cursor["i"] % len(pairs)
+        index = list(range(i, min(i + args.batch_size, len(pairs))))
+        cursor["i"] += args.batch_size
+        inputs, targets = collate_pairs([pairs[j] for j in index], pad, device)
+        with autocast_ctx(device.type):
+            losses, _ = pair_losses(model, {"inputs": inputs, "targets": targets, "ref": ref[index]}, beta=0.1)
+        losses.mean().backward()
+        optimizer_step()
+        return inputs.numel(), int((targets >= 0).sum())
+
+    dt, tokens, useful = timed(dpo_step)
+    print(f"DPO step:        {dt / args.steps * 1000:7.0f} ms | {tokens / dt:9,.0f} tok/s | "
+          f"{useful / dt:9,.0f} answer tok/s | {args.batch_size * args.steps / dt:6.1f} pairs/s")
+
+
+if __name__ == "__main__":
+    main()
