@@ -69,6 +69,9 @@ from tasks.preferences import preference_pair
 # The OpenAI-compatible client: POST {api_base}/chat/completions, retried
 
 
+STOP = threading.Event()  # set when the run is stopping: workers give up instead of retrying
+
+
 class FatalAPIError(RuntimeError):
     """Retrying cannot help (bad key, unknown model or URL): stop the whole run."""
 
@@ -137,6 +140,8 @@ class ChatClient:
             payload["seed"] = seed
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         for attempt in range(self.max_retries + 1):
+            if STOP.is_set():
+                raise APIError("the run is stopping")
             retry_after = None
             try:
                 response = self._session().post(self.url, json=payload, headers=headers, timeout=self.timeout)
@@ -163,7 +168,7 @@ class ChatClient:
             else:  # exponential backoff with jitter, so parallel workers do not retry in lockstep
                 delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
             self.counters.add("retried")
-            time.sleep(delay)
+            STOP.wait(delay)
 
     def _content(self, response):
         try:
@@ -260,6 +265,7 @@ def run_parallel(jobs, work, on_result, concurrency, counters, desc, total):
     bar = tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True)
     bar.set_postfix_str(counters.summary())
     failures = []
+    STOP.clear()
     executor = ThreadPoolExecutor(max_workers=concurrency)
     try:
         futures = {executor.submit(work, job): job for job in jobs}
@@ -275,6 +281,9 @@ def run_parallel(jobs, work, on_result, concurrency, counters, desc, total):
                 tqdm.write(f"failed: {describe(job)}: {e}")
             bar.update(1)
             bar.set_postfix_str(counters.summary())
+    except BaseException:  # a fatal API error or Ctrl-C: waiting workers stop retrying at once
+        STOP.set()
+        raise
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
