@@ -341,25 +341,25 @@ def test_base_eval_script_end_to_end(base_dir, tiny_tokenizer, monkeypatch):
         base_eval.main(["--data-dir", str(FIXTURES), "--device", "cpu", "-i", "sft"])
 
 
-def _run_base_eval(launcher, base, timeout=240):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([*launcher, "-m", "scripts.base_eval", "--data-dir", str(FIXTURES), "--device", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.reader(open(base / "base_eval" / "base_d2_000005.csv")))
-    return {r[0]: float(r[-1]) for r in rows[1:]}
-
-
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_score(tmp_path, tiny_tokenizer):
+    """torchrun, 2 ranks (gloo): each scores every other item; the all-reduced counts must give
+    exactly the one-process accuracies (computed here, in this process, on the same checkpoint)."""
     base = tmp_path / "base"
     base.mkdir()
-    make_checkpoint(base, tiny_tokenizer)
-    single = _run_base_eval([sys.executable], base)
-    os.remove(base / "base_eval" / "base_d2_000005.csv")
-    ddp = _run_base_eval([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port", str(29600 + os.getpid() % 1000)], base)
-    assert single.keys() == ddp.keys() and "CORE" in single
-    for label in single:
-        assert ddp[label] == pytest.approx(single[label], abs=1e-9), label
-    assert len({round(v, 6) for k, v in single.items() if k != "CORE"}) > 1  # not a degenerate all-equal run
+    model = make_checkpoint(base, tiny_tokenizer).eval()
+    tasks = local_tasks(FIXTURES)
+    single = evaluate_core(model, tiny_tokenizer, tasks, "cpu", log=None)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(29600 + os.getpid() % 1000), "-m", "scripts.base_eval",
+                           "--data-dir", str(FIXTURES), "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.reader(open(base / "base_eval" / "base_d2_000005.csv")))
+    ddp = {r[0]: float(r[-1]) for r in rows[1:]}
+    assert set(ddp) == {t.label for t in tasks} | {"CORE"}
+    for label, result in single["results"].items():
+        assert ddp[label] == pytest.approx(result["centered"], abs=1e-6), label
+    assert ddp["CORE"] == pytest.approx(single["core"], abs=1e-6)
+    assert len({round(r["accuracy"], 6) for r in single["results"].values()}) > 1  # not a degenerate all-equal run
