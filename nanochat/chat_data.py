@@ -109,14 +109,15 @@ class MicroBatchOrder:
 def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, resume_state=None,
                    what="padded batches"):
     """
-    Yield (items, state) forever: items = [(index, render(task[index]))] for this rank's next
-    micro-batch (see MicroBatchOrder). `render` turns an example into whatever a row is made of.
+    An iterator of (items, state), forever: items = [(index, render(task[index]))] for this
+    rank's next micro-batch (see MicroBatchOrder); `render` makes a row of an example. A resume
+    state that does not fit is a ValueError here, at the call, not at the first batch.
     """
     order = MicroBatchOrder(len(task), batch_size, seed)
     identity = {"kind": what, "version": STATE_VERSION, "num_items": len(task), "batch_size": batch_size,
                 "seed": seed, "world_size": world_size}
     g = rank
-    if resume_state:  # checked now, at the call, not at the first batch
+    if resume_state:
         state = _state_for_rank(resume_state, rank, world_size, what)
         _check_identity(state, identity, what)
         g = state["next"]

@@ -16,6 +16,7 @@ the left first, then its answers from the right (never below --min-response-toke
 cannot fit, or are empty or identical (after tokenization or truncation), are dropped and counted.
 Logged, on training steps and on held-out pairs: rewards/chosen, rewards/rejected,
 rewards/margins, rewards/accuracies (beta * log-ratio to the reference), logps/chosen, logps/rejected.
+--device-batch-size counts pairs (each is two rows, chosen and rejected).
 Offline: --mixture preferences:skip_bad:$DATA/preference/hh_rlhf_harmless_base_test.jsonl
 """
 import argparse

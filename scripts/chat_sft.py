@@ -37,33 +37,6 @@ DEFAULT_VAL = ["smoltalk:test"]
 DEFAULT_EVAL_TASKS = ["mmlu:test", "arc:easy:test"]
 
 
-def load_source_or_exit(args, device):
-    """(model, tokenizer, meta, model tag) of the starting checkpoint; a clear exit if missing."""
-    try:
-        tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
-        model, tokenizer, meta = load_model(args.source, device, "train", model_tag=tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load the {args.source} model: {e}")
-    print0(f"starting from the {args.source} model {tag} step {meta['step']}")
-    return model, tokenizer, meta, tag
-
-
-def examples_grad_accum(examples_per_step, device_batch_size, world_size):
-    per_micro = device_batch_size * world_size
-    if examples_per_step % per_micro != 0:
-        raise SystemExit(f"--examples-per-step={examples_per_step} must be a multiple of --device-batch-size × "
-                         f"world_size = {device_batch_size}×{world_size} = {per_micro}")
-    return examples_per_step // per_micro
-
-
-def report(section, data):
-    try:
-        from nanochat.report import get_report
-        get_report().log(section=section, data=data)
-    except ImportError:
-        pass
-
-
 # -----------------------------------------------------------------------------
 # Quick evaluations (every rank takes every world_size-th item; counts are summed over ranks)
 
@@ -168,13 +141,21 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, DownloadError) as e:
         raise SystemExit(f"error: {e}")
 
-    model, tokenizer, source_meta, tag = load_source_or_exit(args, device)
+    try:
+        tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
+        model, tokenizer, source_meta = load_model(args.source, device, "train", model_tag=tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the {args.source} model: {e}")
+    print0(f"starting from the {args.source} model {tag} step {source_meta['step']}")
     orig_model = model
     if should_compile(args.compile, device.type):
         model = torch.compile(model, dynamic=True)
     T = args.max_seq_len or orig_model.config.sequence_len
     B = args.device_batch_size
-    grad_accum = examples_grad_accum(args.examples_per_step, B, world_size)
+    if args.examples_per_step % (B * world_size) != 0:
+        raise SystemExit(f"--examples-per-step={args.examples_per_step} must be a multiple of --device-batch-size × "
+                         f"world_size = {B}×{world_size} = {B * world_size}")
+    grad_accum = args.examples_per_step // (B * world_size)
     if args.num_iterations > 0:
         num_steps = args.num_iterations
     else:
@@ -243,9 +224,16 @@ def main(argv=None):
     print0(f"done: {trainer.step} steps in {(time.time() - t0) / 60:.1f} min | "
            + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
     if master:
-        report("Chat SFT", [vars(args), {"source": f"{args.source} {tag} step {source_meta['step']}",
-                                         "training_examples": len(train_task), "steps": num_steps,
-                                         "training_time_min": round(trainer.train_time / 60, 2), **last_eval}])
+        try:
+            from nanochat.report import get_report
+            get_report().log(section="Chat SFT", data=[
+                vars(args),
+                {"source": f"{args.source} {tag} step {source_meta['step']}", "training_conversations": len(train_task),
+                 "truncated_conversations": truncated["truncated"], "steps": num_steps,
+                 "training_time_min": round(trainer.train_time / 60, 2), **last_eval},
+            ])
+        except ImportError:
+            pass
     compute_cleanup()
     return trainer
 

@@ -107,9 +107,10 @@ def main(argv=None):
                                    device=device, what=what)
 
     try:
-        batches = StepBatches(loader(train_task, trainer.loader_state), grad_accum, world_size, device)
+        train_loader = loader(train_task, trainer.loader_state)
     except ValueError as e:  # a resume state that does not fit this data or these settings
         raise SystemExit(f"error: {e}")
+    batches = StepBatches(train_loader, grad_accum, world_size, device)
 
     def compute_loss(_model, batch):
         return scaled_token_loss(model, batch)
@@ -120,7 +121,9 @@ def main(argv=None):
         val = ((b["inputs"], b["targets"]) for b, _ in loader(val_task, what="mid validation"))
         with autocast_ctx(device.type):
             bpb = evaluate_bpb(model, val, eval_steps, token_bytes)
-        print0(f"step {step:05d} | val bpb {bpb:.4f}")
+        stats = train_loader.stats  # packing waste: conversations cut off to fill a row
+        cropped = stats["cropped"] / max(1, stats["rows"] * (T + 1) + stats["cropped"])
+        print0(f"step {step:05d} | val bpb {bpb:.4f} | packing cropped {cropped:.1%} of the tokens read (rank 0)")
         return {"val_bpb": bpb}
 
     if trainer.step == 0 and args.eval_every > 0:  # where we start from, to compare with
