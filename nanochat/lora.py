@@ -22,6 +22,7 @@ On disk, next to (not inside) a normal checkpoint directory:
     lora_<step:06d>.pt     the adapter tensors only ({"<module>.lora_A": ..., "<module>.lora_B": ...})
     lora_<step:06d>.json   {"step", "lora": {rank, alpha, dropout, targets}, "base": {source, model_tag, step},
                             "model_config": {...}, ...}; written last, so a step exists only once complete
+    lora_optim_<step:06d>_rank<r>.pt   optimizer state per rank, when saved for resuming
 scripts/lora_merge.py turns an adapter + its base into a normal checkpoint.
 """
 import contextlib
@@ -31,6 +32,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -259,13 +261,27 @@ def _lora_paths(lora_dir, step):
     return os.path.join(lora_dir, f"lora_{step:06d}.pt"), os.path.join(lora_dir, f"lora_{step:06d}.json")
 
 
-def save_lora(lora_dir, step, model, meta=None):
-    """Write the adapter alone (tensors, then the json that makes the step visible), atomically.
-    meta should name the base model: {"base": {"source", "model_tag", "step"}} (see load_model_with_lora)."""
+def _optimizer_path(lora_dir, step, rank):
+    return os.path.join(lora_dir, f"lora_optim_{step:06d}_rank{rank}.pt")
+
+
+def save_lora(lora_dir, step, model, meta=None, optimizer_state=None, rank=0):
+    """
+    Write the adapter alone, atomically: each rank's optimizer state (if given, for resuming),
+    then (rank 0) the tensors, then the json that makes the step visible. In a distributed run
+    with optimizer state call it on every rank. meta should name the base model:
+    {"base": {"source", "model_tag", "step"}} (see load_model_with_lora).
+    """
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to save")
     os.makedirs(lora_dir, exist_ok=True)
     pt_path, json_path = _lora_paths(lora_dir, step)
+    if optimizer_state is not None:
+        _atomic_write(_optimizer_path(lora_dir, step, rank), lambda f: torch.save(optimizer_state, f))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank's optimizer file exists before the step becomes visible
+    if rank != 0:
+        return pt_path
     state = {k: v.cpu() for k, v in lora_state_dict(model).items()}
     _atomic_write(pt_path, lambda f: torch.save(state, f))
     record = dict(meta or {})
@@ -275,6 +291,15 @@ def save_lora(lora_dir, step, model, meta=None):
     payload = json.dumps(record, indent=2).encode("utf-8")
     _atomic_write(json_path, lambda f: f.write(payload))
     return pt_path
+
+
+def load_lora_optimizer(lora_dir, step, device="cpu", rank=0):
+    """This rank's optimizer state saved with an adapter step (for resuming a LoRA run)."""
+    path = _optimizer_path(lora_dir, step, rank)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: step {step} was saved without optimizer state for rank {rank} "
+                                "(or with a different number of ranks)")
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def list_lora_steps(lora_dir):

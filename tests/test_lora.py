@@ -11,8 +11,8 @@ import torch
 from nanochat.checkpoint_manager import build_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora import (LoRALinear, apply_lora, disable_lora, has_lora, list_lora_steps, load_lora,
-                           load_lora_checkpoint, lora_optimizer, lora_parameters, lora_state_dict, merge_lora,
-                           save_lora)
+                           load_lora_checkpoint, load_lora_optimizer, lora_optimizer, lora_parameters,
+                           lora_state_dict, merge_lora, save_lora)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -200,6 +200,34 @@ def test_save_reload_merge_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(x), merged)
     assert all(p.requires_grad for p in fresh.parameters())
+
+
+def test_resume_with_optimizer_state_continues_identically(tmp_path):
+    x, y = batch(seed=4)
+
+    def step(model, opt):
+        model(x, y).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+
+    model = make_model()
+    apply_lora(model, rank=4)
+    opt = lora_optimizer(model, lr=1e-2)
+    for _ in range(3):
+        step(model, opt)
+    save_lora(str(tmp_path), 3, model, optimizer_state=opt.state_dict())
+    step(model, opt)  # the uninterrupted run's 4th step
+
+    resumed = make_model()  # same base weights (same seed), adapters and Adam moments from disk
+    state, meta = load_lora_checkpoint(str(tmp_path))
+    load_lora(resumed, state, meta["lora"])
+    opt2 = lora_optimizer(resumed, lr=1e-2)
+    opt2.load_state_dict(load_lora_optimizer(str(tmp_path), 3))
+    step(resumed, opt2)
+    for a, b in zip(lora_parameters(model), lora_parameters(resumed)):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="without optimizer state"):
+        load_lora_optimizer(str(tmp_path), 3, rank=1)
 
 
 def test_bad_adapters_are_refused(tmp_path):
