@@ -6,7 +6,6 @@ server (retries, offline message); bad data named by file:line; the real script 
 tiny GPT checkpoint; and two torchrun ranks giving the single-process score.
 """
 import csv
-import json
 import os
 import shutil
 import subprocess
