@@ -3,8 +3,8 @@ LoRA: fine-tune a GPT by training small low-rank adapters instead of every weigh
 
 Each targeted nn.Linear y = x W^T becomes y = x W^T + (alpha / r) * dropout(x) A^T B^T, with
 A (r, in) random and B (out, r) zero, so the model starts out exactly unchanged. The base
-weights are frozen (requires_grad False); only A and B train. For a d12 model at rank 16 that
-is about 1% of the parameters, and an adapter file is a few MB instead of a full checkpoint.
+weights are frozen (requires_grad False); only A and B train. For d12 (186M parameters) at rank
+16 that is 2.65M parameters (1.4%): an 11 MB adapter file instead of a 740 MB checkpoint.
 
     apply_lora(model, rank=16, alpha=32, dropout=0.0, targets=DEFAULT_TARGETS)
     optimizer = lora_optimizer(model, lr=1e-3)            # AdamW over the adapters only
