@@ -407,8 +407,12 @@ class BatchDecoder:
             with autocast_ctx(engine.device.type):
                 logits = engine.model(ids, kv_cache=self.cache)[:, -1]
         outputs = []
+        # greedy rows: one argmax and one device->host copy for all of them, not one per row
+        greedy = None
+        if any(row.params.temperature == 0.0 for row in self.rows):
+            greedy = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(self.rows):
-            outputs.append(self._advance(row, logits[i]))
+            outputs.append(self._advance(row, logits[i], None if greedy is None else greedy[i]))
         for row in self.joining:
             outputs.append(self._advance(row, row.first_logits))
             if not row.finished:
@@ -421,10 +425,12 @@ class BatchDecoder:
                 self._remove(i)
         return outputs
 
-    def _advance(self, row, logits):
+    def _advance(self, row, logits, argmax=None):
         engine = self.engine
         if row.forced:
             token, sampled = row.forced.popleft(), False
+        elif row.params.temperature == 0.0 and argmax is not None:
+            token, sampled = argmax, True
         else:
             token, sampled = sample_token(logits, row.params, row.rng), True
         row.tokens.append(token)

@@ -359,6 +359,53 @@ def test_32_concurrent_streams_are_batched_and_uncorrupted(server):
 
 
 # -----------------------------------------------------------------------------
+# The replica pool, in-process: two replicas share the queue, answers do not depend on which
+
+def test_pool_spreads_requests_over_replicas(base_dir, monkeypatch):
+    import asyncio
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine, SamplingParams
+    from scripts.chat_web import Job, WorkerPool
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    engines = []
+    for _ in range(2):
+        model, tok, _ = load_model("sft", "cpu", "eval")
+        engines.append(Engine(model, tok))
+    pool = WorkerPool(engines, max_batch_size=4, max_queue=64)
+    prompts = [tok.render_for_completion({"messages": [{"role": "user", "content": f"story {i}"}]}) for i in range(12)]
+    params = [SamplingParams(temperature=1.0, top_k=20, max_tokens=16, seed=i) for i in range(12)]
+
+    async def run_all():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(p, sp, loop) for p, sp in zip(prompts, params)]
+        for job in jobs:
+            pool.submit(job)
+        texts = []
+        for job in jobs:
+            parts = []
+            while True:
+                event = await asyncio.wait_for(job.events.get(), timeout=120)
+                assert event[0] != "error", event
+                if event[0] == "done":
+                    break
+                parts.append(event[1])
+            texts.append("".join(parts))
+        return texts
+
+    try:
+        texts = asyncio.run(run_all())
+        stats = pool.stats()
+    finally:
+        pool.stop()
+    assert stats["requests_served"] == 12 and stats["queue_depth"] == 0
+    assert all(r["requests_served"] > 0 for r in stats["replicas"]), stats
+    assert all(r["peak_rows"] <= 4 for r in stats["replicas"])
+    for prompt, sp, text in zip(prompts, params, texts):
+        alone = "".join(engines[0].generate_text(prompt, max_tokens=16, temperature=1.0, top_k=20, seed=sp.seed))
+        assert text == alone
+
+
+# -----------------------------------------------------------------------------
 # The CLI, on the same checkpoint (in-process: a subprocess would pay torch's import again)
 
 def run_cli(monkeypatch, capsys, base_dir, argv, stdin=""):
