@@ -76,6 +76,8 @@ def _evaluate(node):
         left, right = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 1000:
             raise _CalculatorError("exponent too large")
+        if isinstance(node.op, ast.Mod) and isinstance(left, str):  # '%0999999999d' % 1 formats a huge string
+            raise _CalculatorError("string formatting is not allowed")
         if isinstance(node.op, ast.Mult):  # "ab" * 10**9 would be built before any size check
             seq, count = (left, right) if isinstance(left, (str, list)) else (right, left)
             if isinstance(seq, (str, list)) and isinstance(count, int) and count * len(seq) > MAX_CALC_VALUE_CHARS:
