@@ -15,5 +15,7 @@ else
     python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
     UV="python3 -m uv"
 fi
-# --frozen: install exactly what uv.lock says; never download a Python interpreter (pyproject)
-$UV sync --frozen "$@"
+# --frozen: install exactly what uv.lock says; never download a Python interpreter (pyproject).
+# --compile-bytecode: precompile .pyc once, so every process (tests spawn many) starts fast even
+# where PYTHONDONTWRITEBYTECODE is set
+$UV sync --frozen --compile-bytecode "$@"
