@@ -158,6 +158,7 @@ def test_dpo_learns_a_clear_preference(base):
     from nanochat.checkpoint_manager import load_model
     _, _, meta = load_model("dpo", "cpu", "eval", model_tag="dpo")
     assert meta["step"] == 20 and meta["pairs"]["kept"] == 320 and meta["val/rewards/accuracies"] == accuracy[-1]
+    assert "val/rewards/margins" in (root / "report" / "chat-dpo.md").read_text()  # the report card's section
 
 
 def test_ipo_with_length_norm(base):

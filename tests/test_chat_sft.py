@@ -111,6 +111,7 @@ def test_sft_learns_to_reverse_unseen_words(base, capsys):
     assert meta["step"] == 60 and meta["source"]["phase"] == "base"
     accuracy = greedy_accuracy(model, tok, held)
     assert accuracy >= 0.5, accuracy
+    assert "val_loss" in (root / "report" / "chat-sft.md").read_text()  # the report card's section
 
 
 def tiny_model(vocab_size, seed=0):

@@ -108,6 +108,7 @@ def test_midtraining_learns_saves_and_feeds_sft(base):
     _, _, meta = load_model("mid", "cpu", "eval", model_tag="mid1")
     assert meta["step"] == 30 and meta["source"] == {"phase": "base", "model_tag": "d2", "step": 0}
     assert meta["loader_state"]["kind"] == "mid conversations" and meta["val_bpb"] == bpbs[-1]
+    assert "val_bpb" in (root / "report" / "midtraining.md").read_text()  # the report card's section
     # SFT starts from the mid model by default
     sft = run_main("chat_sft", ["--device", "cpu", "--model-tag", "mid1", "--data", root / "chat.jsonl", "--data-only",
                                 "--eval-tasks", "--device-batch-size", "4", "--examples-per-step", "4",
