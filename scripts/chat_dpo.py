@@ -102,6 +102,9 @@ def main(argv=None):
         raise SystemExit("--total-batch-size counts tokens; DPO steps are counted in pairs: use --examples-per-step")
     if args.beta <= 0:
         raise SystemExit(f"--beta must be positive, got {args.beta}")
+    if args.min_prompt_tokens < 2 or args.min_response_tokens < 1:
+        raise SystemExit("--min-prompt-tokens must be at least 2 (<|bos|> ... <|assistant_start|>) and "
+                         "--min-response-tokens at least 1")
 
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     master = rank == 0
