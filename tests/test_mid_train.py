@@ -173,3 +173,16 @@ def test_local_copies_of_the_default_datasets(base, tmp_path):
         "--val-mixture", f"gsm8k:test:{SHARED_DATA / 'eval' / 'gsm8k_test.jsonl'}[:20]",
         "--num-iterations", "2", "--eval-every", "-1", "--output-tag", "mid_shared"])
     assert len(trainer.history) == 2 and trainer.eval_history[-1][1]["val_bpb"] > 0
+
+
+def test_steps_follow_from_epochs(base):
+    """Without --num-iterations: one epoch = the rendered tokens of the training split (exact for a
+    small mixture) / --total-batch-size."""
+    root, tok = base
+    from nanochat.chat_data import train_val_mixtures
+    from tasks.customjson import CustomJSON
+    train, _ = train_val_mixtures([CustomJSON(str(root / "chat.jsonl"))], holdout=500)  # --data-only's split
+    tokens = sum(len(tok.render_conversation(c, max_tokens=49)[0]) for c in train)
+    trainer = run_main("mid_train", TINY + ["--data", root / "chat.jsonl", "--data-only", "--num-epochs", "0.25",
+                                            "--eval-every", "-1", "--output-tag", "mid_epochs"])
+    assert trainer.num_steps == round(0.25 * tokens / 384) > 1
