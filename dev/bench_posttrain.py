@@ -20,7 +20,7 @@ from nanochat.chat_data import StepBatches, collate_padded, scaled_token_loss
 from nanochat.common import autocast_ctx, synchronize
 from nanochat.dpo import collate_pairs, pair_losses, reference_logps, tokenize_pairs
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import Tokenizer
 
 WORDS = ("the a of and to in is that it for on with as was he she they be at by this have from or one had not "
          "but what all were when we there can an your which their said if do will each about how up out them then "

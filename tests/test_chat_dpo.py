@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from nanochat.dpo import (collate_pairs, dpo_loss, pair_losses, reference_logps, tokenize_pairs, truncate_pair)
 from nanochat.gpt import GPT, GPTConfig
-from posttrain_helpers import make_base_dir, one_intra_op_thread, run_main, run_script, tree_snapshot, write_jsonl
+from posttrain_helpers import make_base_dir, run_main, run_script, tree_snapshot, write_jsonl
+from posttrain_helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 TINY = ["--source", "base", "--device", "cpu", "--log-every", "1", "--min-prompt-tokens", "4",
         "--min-response-tokens", "2"]

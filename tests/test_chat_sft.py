@@ -10,8 +10,9 @@ import torch
 
 from nanochat.chat_data import StepBatches, collate_padded, padded_batches, scaled_token_loss
 from nanochat.gpt import GPT, GPTConfig
-from posttrain_helpers import (SHARED_DATA, make_base_dir, one_intra_op_thread, reverse_conversation, reverse_words, run_main, run_script,
+from posttrain_helpers import (SHARED_DATA, make_base_dir, reverse_conversation, reverse_words, run_main, run_script,
                                tree_snapshot, write_jsonl)
+from posttrain_helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 TINY = ["--source", "base", "--device", "cpu", "--eval-tasks", "--log-every", "1"]
 

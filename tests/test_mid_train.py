@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nanochat.chat_data import PackedConversations
-from posttrain_helpers import (SHARED_DATA, make_base_dir, one_intra_op_thread, reverse_conversation, reverse_words,
+from posttrain_helpers import (SHARED_DATA, make_base_dir, reverse_conversation, reverse_words,
                                run_main, run_script, tree_snapshot, write_jsonl)
+from posttrain_helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 TINY = ["--device", "cpu", "--device-batch-size", "4", "--max-seq-len", "48", "--total-batch-size", "384",
         "--log-every", "1", "--eval-tokens", "400"]
