@@ -18,6 +18,10 @@ lm_head. "c_proj" matches both the attention output and the MLP output projectio
 "attn.c_proj" or "mlp.c_proj" for one of them. The default is every attention and MLP
 projection (the embedding is a lookup table, never adapted).
 
+mid_train, chat_sft and chat_dpo take --lora-rank R (add_lora_args) and then save only the
+adapter, in <stage>_checkpoints/<tag>_lora/ (lora_tag), never mixed with full checkpoints;
+checkpoint_manager.load_model recognises such a folder and returns the base with the adapter merged.
+
 On disk, next to (not inside) a normal checkpoint directory:
     lora_<step:06d>.pt     the adapter tensors only ({"<module>.lora_A": ..., "<module>.lora_B": ...})
     lora_<step:06d>.json   {"step", "lora": {rank, alpha, dropout, targets}, "base": {source, model_tag, step},
@@ -252,6 +256,27 @@ def add_lora_args(parser):
                              "(also attn.c_proj / mlp.c_proj)")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="AdamW learning rate for the adapters")
     return parser
+
+
+def apply_lora_from_args(model, args):
+    """apply_lora with the --lora-* flags of add_lora_args (on the plain model, before torch.compile);
+    a bad flag stops the script with a clear message. Returns a one-line summary to print."""
+    if args.lora_rank < 0 or not 0.0 <= args.lora_dropout < 1.0 or args.lora_lr <= 0:
+        raise SystemExit("error: need --lora-rank >= 0, --lora-dropout in [0, 1) and --lora-lr > 0")
+    try:
+        adapted = apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    except ValueError as e:
+        raise SystemExit(f"error: --lora-targets: {e}")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in lora_parameters(model))
+    cfg = model.lora_config
+    return (f"LoRA rank {cfg['rank']} alpha {cfg['alpha']:g} on {len(adapted)} layers ({','.join(cfg['targets'])}): "
+            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the rest frozen")
+
+
+def lora_tag(tag):
+    """The folder a LoRA run writes its adapters to: <tag>_lora, beside the full checkpoints of <tag>."""
+    return tag if tag.endswith("_lora") else f"{tag}_lora"
 
 
 # -----------------------------------------------------------------------------

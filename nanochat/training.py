@@ -10,15 +10,15 @@ Counting convention (a known trap): a "step" is always one optimizer step. A ste
 """
 import argparse
 import math
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import (autocast_ctx, format_eta, get_peak_flops, init_wandb, print0, synchronize)
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import find_last_step, list_steps, load_checkpoint, save_checkpoint
 from nanochat.distributed import all_reduce_gradients
+from nanochat.lora import has_lora, list_lora_steps, load_lora, load_lora_checkpoint, load_lora_optimizer, save_lora
 from nanochat.muon import Muon
 
 
@@ -119,15 +119,24 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
 
     def maybe_resume(self):
-        """If --resume: load the last checkpoint (model, optimizer shards, loader state, step)."""
+        """If --resume: load the last checkpoint (model, optimizer shards, loader state, step).
+        A LoRA model (has_lora) resumes from its adapter files: adapters, optimizer, meta."""
         if not self.args.resume:
             return None
-        if not os.path.isdir(self.checkpoint_dir) or find_last_step(self.checkpoint_dir) is None:
-            raise SystemExit(f"--resume: no checkpoint in {self.checkpoint_dir} to resume from")
-        step = find_last_step(self.checkpoint_dir)
-        model_state, optim_states, meta = load_checkpoint(self.checkpoint_dir, step, self.device,
-                                                          load_optimizer=True, rank=self.rank)
-        self.model.load_state_dict(model_state, strict=True)
+        if has_lora(self.model):
+            optim_states, meta = self._load_lora_for_resume()
+        else:
+            if not list_steps(self.checkpoint_dir):
+                lora_hint = " (it holds LoRA adapters: resume with the same --lora-* flags)" \
+                    if list_lora_steps(self.checkpoint_dir) else ""
+                raise SystemExit(f"--resume: no checkpoint in {self.checkpoint_dir} to resume from{lora_hint}")
+            step = find_last_step(self.checkpoint_dir)
+            model_state, optim_states, meta = load_checkpoint(self.checkpoint_dir, step, self.device,
+                                                              load_optimizer=True, rank=self.rank)
+            self.model.load_state_dict(model_state, strict=True)
+        if len(optim_states) != len(self.optimizers):
+            raise SystemExit(f"--resume: the checkpoint holds {len(optim_states)} optimizer states, this run has "
+                             f"{len(self.optimizers)} optimizers (LoRA on one side only?)")
         for opt, state in zip(self.optimizers, optim_states):
             opt.load_state_dict(state)
         self.step = meta["step"]
@@ -137,6 +146,20 @@ class Trainer:
         self.train_time = trainer_state.get("train_time", 0.0)
         print0(f"resumed from {self.checkpoint_dir} at step {self.step}")
         return meta
+
+    def _load_lora_for_resume(self):
+        """The adapters and optimizer state of the last LoRA step; the base model the script loaded
+        must be the one the adapters were trained on, with the same LoRA settings."""
+        steps = list_lora_steps(self.checkpoint_dir)
+        if not steps:
+            raise SystemExit(f"--resume: no LoRA adapter in {self.checkpoint_dir} to resume from")
+        state, meta = load_lora_checkpoint(self.checkpoint_dir, steps[-1], device=self.device)
+        for key, now in (("lora", self.model.lora_config), ("base", self.meta.get("base"))):
+            if meta.get(key) != now:
+                raise SystemExit(f"--resume: {self.checkpoint_dir} step {meta['step']} was trained with "
+                                 f"{key} {meta.get(key)}, this run has {now}")
+        load_lora(self.model, state)
+        return load_lora_optimizer(self.checkpoint_dir, steps[-1], self.device, rank=self.rank), meta
 
     def save(self, extra_meta=None):
         meta = dict(self.meta)
@@ -149,8 +172,12 @@ class Trainer:
             loader_state = gathered
         meta["loader_state"] = loader_state
         meta["trainer"] = {"smooth_loss": self.smooth_loss, "train_time": self.train_time}
-        save_checkpoint(self.checkpoint_dir, self.step, self.model.state_dict(),
-                        [opt.state_dict() for opt in self.optimizers], meta, rank=self.rank)
+        optimizer_states = [opt.state_dict() for opt in self.optimizers]
+        if has_lora(self.model):  # the frozen base is on disk already: keep only the (small) adapters
+            save_lora(self.checkpoint_dir, self.step, self.model, meta, optimizer_states, rank=self.rank)
+        else:
+            save_checkpoint(self.checkpoint_dir, self.step, self.model.state_dict(), optimizer_states, meta,
+                            rank=self.rank)
         print0(f"saved checkpoint: {self.checkpoint_dir} step {self.step}")
 
     # -- one optimizer step ---------------------------------------------------------------
