@@ -160,10 +160,18 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, tokenizer, meta
 
 
+def _lora_steps(checkpoint_dir):
+    from nanochat.lora import list_lora_steps  # lora.py imports this module: import at call time
+    return list_lora_steps(checkpoint_dir)
+
+
 def find_largest_model(checkpoints_root):
-    """The model tag to load by default: the deepest `d<N>`, else the most recently modified."""
+    """The model tag to load by default: the deepest `d<N>`, else the most recently modified.
+    Folders holding only LoRA adapters (<tag>_lora) count only when there is no full checkpoint."""
     tags = [t for t in os.listdir(checkpoints_root) if list_steps(os.path.join(checkpoints_root, t))] \
         if os.path.isdir(checkpoints_root) else []
+    if not tags and os.path.isdir(checkpoints_root):
+        tags = [t for t in os.listdir(checkpoints_root) if _lora_steps(os.path.join(checkpoints_root, t))]
     if not tags:
         raise FileNotFoundError(f"no checkpoint in {checkpoints_root}")
     depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
@@ -176,7 +184,8 @@ def load_model(source, device, phase, model_tag=None, step=None):
     """
     (model, tokenizer, meta) for source "base", "mid", "sft" or "dpo", read from
     $NANOCHAT_BASE_DIR/<source dir>/<model_tag>/; by default the largest model and its
-    latest complete step.
+    latest complete step. A folder that holds only a LoRA adapter (e.g. chatsft_checkpoints/d12_lora,
+    written by --lora-rank) gives its base model with the adapter merged in: a plain GPT.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCES)}")
@@ -185,8 +194,14 @@ def load_model(source, device, phase, model_tag=None, step=None):
     try:
         model_tag = model_tag or find_largest_model(root)
         checkpoint_dir = os.path.join(root, model_tag)
-        step = find_last_step(checkpoint_dir) if step is None else step
+        is_lora = not list_steps(checkpoint_dir) and bool(_lora_steps(checkpoint_dir))
+        if not is_lora:
+            step = find_last_step(checkpoint_dir) if step is None else step
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; run `python -m {script}` first") from None
+    if is_lora:
+        from nanochat.lora import load_model_with_lora
+        logger.info("loading %s LoRA adapter %s (merged into its base model)", source, model_tag)
+        return load_model_with_lora(checkpoint_dir, device, phase, step=step, merge=True)
     logger.info("loading %s model %s step %d", source, model_tag, step)
     return build_model(checkpoint_dir, step, device, phase)
