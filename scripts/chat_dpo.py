@@ -7,13 +7,17 @@ starting model (the frozen reference). See nanochat/dpo.py for the loss.
     python -m scripts.chat_dpo --data pairs.jsonl --data-only   # only your pairs (validation: held out)
     python -m scripts.chat_dpo --persona persona.json           # + "I am <name>" over generic answers
     python -m scripts.chat_dpo --loss ipo --length-norm --sft-weight 0.1
+    python -m scripts.chat_dpo --lora-rank 16                   # LoRA: adapters only, in chatdpo_checkpoints/<tag>_lora/
     torchrun --nproc_per_node=8 -m scripts.chat_dpo
 
 Pairs come as {"prompt": str | messages, "chosen": str, "rejected": str} (tasks/preferences.py).
 The reference log-probs of every pair are computed in one pass before training, so only one
-model is in memory while training. A pair that does not fit --max-seq-len has its prompt cut from
-the left first, then its answers from the right (never below --min-response-tokens); pairs that
-cannot fit, or are empty or identical (after tokenization or truncation), are dropped and counted.
+model is in memory while training. With --lora-rank only low-rank adapters train and the
+reference is the very same network with its adapters switched off (disable_lora): no second
+copy, and only the adapters are saved (load_model("dpo", ..., model_tag="<tag>_lora") merges them).
+A pair that does not fit --max-seq-len has its prompt cut from the left first, then its answers
+from the right (never below --min-response-tokens); pairs that cannot fit, or are empty or
+identical (after tokenization or truncation), are dropped and counted.
 Logged, on training steps and on held-out pairs: rewards/chosen, rewards/rejected,
 rewards/margins, rewards/accuracies (beta * log-ratio to the reference), logps/chosen, logps/rejected.
 --device-batch-size counts pairs (each is two rows, chosen and rejected).
@@ -30,6 +34,7 @@ from nanochat.chat_data import StepBatches, padded_batches, train_val_mixtures
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.dpo import LOSS_TYPES, collate_pairs, describe_counts, pair_losses, reference_logps, tokenize_pairs
+from nanochat.lora import add_lora_args, apply_lora_from_args, disable_lora, lora_optimizer, lora_tag
 from nanochat.training import Trainer, add_training_args, should_compile
 from tasks.common import SPEC_HELP, DownloadError, build_task
 
@@ -64,7 +69,8 @@ def main(argv=None):
     g = parser.add_argument_group("model")
     g.add_argument("--source", default="sft", choices=["sft", "mid", "base"], help="which checkpoint to start from")
     g.add_argument("--step", type=int, default=None, help="step of the source checkpoint (default: the last)")
-    g.add_argument("--output-tag", default=None, help="save under chatdpo_checkpoints/<this> (default: --model-tag)")
+    g.add_argument("--output-tag", default=None, help="save under chatdpo_checkpoints/<this> (default: --model-tag; "
+                                                      "with --lora-rank: <this>_lora, the adapters only)")
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference (KL weight)")
     g.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES, help="sigmoid: DPO; ipo: IPO's squared loss")
@@ -95,8 +101,10 @@ def main(argv=None):
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-pairs", type=int, default=500, help="held-out pairs per evaluation")
     add_training_args(parser)
+    add_lora_args(parser.add_argument_group("LoRA"))
+    # gentler than SFT, as the full fine-tuning LRs are (init_lr_frac 0.01 here, 0.02 in SFT)
     parser.set_defaults(device_batch_size=4, init_lr_frac=0.01, warmup_ratio=0.1, warmdown_ratio=0.9,
-                        eval_every=50, compile="0", total_batch_size=None)
+                        eval_every=50, compile="0", total_batch_size=None, lora_lr=5e-4)
     args = parser.parse_args(argv)
     if args.total_batch_size is not None:
         raise SystemExit("--total-batch-size counts tokens; DPO steps are counted in pairs: use --examples-per-step")
@@ -118,6 +126,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: cannot load the {args.source} model: {e}")
     print0(f"starting from the {args.source} model {tag} step {source_meta['step']}")
+    if args.lora_rank > 0:  # on the plain module, before torch.compile
+        print0(apply_lora_from_args(model, args))
     orig_model = model
     if should_compile(args.compile, device.type):
         model = torch.compile(model, dynamic=True)
@@ -133,11 +143,12 @@ def main(argv=None):
     if not train_pairs:
         raise SystemExit("error: no training pair is left (see the counts above: raise --max-seq-len?)")
 
-    # the frozen reference: the starting weights, scored once
+    # the frozen reference: the starting weights, scored once (with LoRA: the same network, adapters off)
     pad_id = tokenizer.get_bos_token_id()  # any id: padded positions have target -1
     t0 = time.time()
-    ref = reference_logps(orig_model, train_pairs + val_pairs, B, pad_id, device, rank, world_size,
-                          autocast=lambda: autocast_ctx(device.type))
+    with disable_lora(orig_model):  # a no-op without adapters
+        ref = reference_logps(orig_model, train_pairs + val_pairs, B, pad_id, device, rank, world_size,
+                              autocast=lambda: autocast_ctx(device.type))
     train_ref, val_ref = ref[:len(train_pairs)], ref[len(train_pairs):]
     print0(f"reference log-probs of {len(ref):,} pairs in {time.time() - t0:.1f}s")
 
@@ -154,13 +165,20 @@ def main(argv=None):
            f"loss {args.loss} beta {args.beta}" + (" length-normalised" if args.length_norm else "")
            + (f" + {args.sft_weight} × SFT" if args.sft_weight else ""))
 
-    optimizers = orig_model.setup_optimizers(
-        unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
-        matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["dpo"][0], args.output_tag or tag)
+    output_tag = args.output_tag or tag
+    if args.lora_rank > 0:  # AdamW on the adapters alone; the adapters go to their own folder
+        optimizers = [lora_optimizer(orig_model, lr=args.lora_lr, weight_decay=args.weight_decay)]
+        output_tag = lora_tag(output_tag)
+    else:
+        optimizers = orig_model.setup_optimizers(
+            unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
+            matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["dpo"][0], output_tag)
     meta = {"model_config": source_meta["model_config"], "user_config": vars(args),
             "source": {"phase": args.source, "model_tag": tag, "step": source_meta["step"]},
             "pairs": dict(train_counts)}
+    if args.lora_rank > 0:  # what load_model_with_lora rebuilds the adapted model from
+        meta.update(stage="dpo", base={"source": args.source, "model_tag": tag, "step": source_meta["step"]})
     batches = None
     trainer = Trainer(args, orig_model, optimizers, device=device, ddp=ddp, world_size=world_size, rank=rank,
                       checkpoint_dir=checkpoint_dir, num_steps=num_steps, grad_accum=grad_accum,

@@ -6,6 +6,7 @@ row, with the loss only on what the assistant says.
     python -m scripts.chat_sft --data mine.jsonl                 # + your conversations
     python -m scripts.chat_sft --data mine.jsonl --data-only     # only yours (validation: held out)
     python -m scripts.chat_sft --persona persona.json            # + who-am-I conversations
+    python -m scripts.chat_sft --lora-rank 16                    # LoRA: adapters only, in chatsft_checkpoints/<tag>_lora/
     torchrun --nproc_per_node=8 -m scripts.chat_sft
 
 Each micro-batch holds --device-batch-size conversations padded to the longest one; targets are
@@ -13,7 +14,10 @@ Each micro-batch holds --device-batch-size conversations padded to the longest o
 assistant's text, its tool calls and <|assistant_end|>. A conversation longer than --max-seq-len
 is truncated (counted and printed). The loss of a step is the mean over all its supervised
 tokens on all ranks (see nanochat/chat_data.py), so one process with gradient accumulation
-equals torchrun. Offline, give every dataset as a local file, e.g.
+equals torchrun. With --lora-rank the source model stays frozen and only low-rank adapters train
+(nanochat/lora.py); only they are saved (~1-2% of the weights), and load_model("sft", ..., model_tag="<tag>_lora"),
+chat_cli and chat_web (--model-tag <tag>_lora) load the source with them merged.
+Offline, give every dataset as a local file, e.g.
     --mixture gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl custom:$DATA/chat/selfinstruct_seed_tasks_chat.jsonl \\
     --val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl --eval-tasks arc:easy:test:$DATA/eval/arc_easy.jsonl
 """
@@ -28,6 +32,7 @@ from nanochat.chat_data import (StepBatches, add_chat_data_args, build_chat_task
                                 scaled_token_loss)
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.lora import add_lora_args, apply_lora_from_args, lora_optimizer, lora_tag
 from nanochat.training import Trainer, add_training_args, should_compile
 from tasks.common import SPEC_HELP, DownloadError, build_task
 
@@ -112,7 +117,8 @@ def main(argv=None):
     g = parser.add_argument_group("model")
     g.add_argument("--source", default="mid", choices=["mid", "base"], help="which checkpoint to fine-tune")
     g.add_argument("--step", type=int, default=None, help="step of the source checkpoint (default: the last)")
-    g.add_argument("--output-tag", default=None, help="save under chatsft_checkpoints/<this> (default: --model-tag)")
+    g.add_argument("--output-tag", default=None, help="save under chatsft_checkpoints/<this> (default: --model-tag; "
+                                                      "with --lora-rank: <this>_lora, the adapters only)")
     add_chat_data_args(parser, DEFAULT_MIXTURE, DEFAULT_VAL, persona_examples=300)
     g = parser.add_argument_group("batches")
     g.add_argument("--examples-per-step", type=int, default=32,
@@ -125,6 +131,7 @@ def main(argv=None):
     g.add_argument("--eval-items", type=int, default=256, help="items per --eval-tasks task")
     g.add_argument("--eval-max-tokens", type=int, default=128, help="generation budget for generative tasks")
     add_training_args(parser)
+    add_lora_args(parser.add_argument_group("LoRA"))
     # fine-tuning defaults: small LRs decaying linearly to 0; padded rows vary in length (no compile)
     parser.set_defaults(device_batch_size=4, init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100,
                         compile="0", total_batch_size=None)
@@ -147,6 +154,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: cannot load the {args.source} model: {e}")
     print0(f"starting from the {args.source} model {tag} step {source_meta['step']}")
+    if args.lora_rank > 0:  # on the plain module, before torch.compile
+        print0(apply_lora_from_args(model, args))
     orig_model = model
     if should_compile(args.compile, device.type):
         model = torch.compile(model, dynamic=True)
@@ -163,12 +172,19 @@ def main(argv=None):
     print0(f"steps: {num_steps:,} × {args.examples_per_step} conversations | grad accumulation: {grad_accum} | "
            f"max {T} tokens per conversation")
 
-    optimizers = orig_model.setup_optimizers(
-        unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
-        matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["sft"][0], args.output_tag or tag)
+    output_tag = args.output_tag or tag
+    if args.lora_rank > 0:  # AdamW on the adapters alone; the adapters go to their own folder
+        optimizers = [lora_optimizer(orig_model, lr=args.lora_lr, weight_decay=args.weight_decay)]
+        output_tag = lora_tag(output_tag)
+    else:
+        optimizers = orig_model.setup_optimizers(
+            unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
+            matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["sft"][0], output_tag)
     meta = {"model_config": source_meta["model_config"], "user_config": vars(args),
             "source": {"phase": args.source, "model_tag": tag, "step": source_meta["step"]}}
+    if args.lora_rank > 0:  # what load_model_with_lora rebuilds the adapted model from
+        meta.update(stage="sft", base={"source": args.source, "model_tag": tag, "step": source_meta["step"]})
     batches = None  # StepBatches below; the Trainer asks it for the tokens of each step
     trainer = Trainer(args, orig_model, optimizers, device=device, ddp=ddp, world_size=world_size, rank=rank,
                       checkpoint_dir=checkpoint_dir, num_steps=num_steps, grad_accum=grad_accum,

@@ -6,6 +6,7 @@ spelling, identity), so it learns the chat format and its special tokens before 
     python -m scripts.mid_train --data mine.jsonl                 # + your conversations
     python -m scripts.mid_train --data mine.jsonl --data-only     # only yours (validation: held out)
     python -m scripts.mid_train --persona persona.json            # + who-am-I conversations
+    python -m scripts.mid_train --lora-rank 16                    # LoRA: adapters only, in mid_checkpoints/<tag>_lora/
     torchrun --nproc_per_node=8 -m scripts.mid_train
 
 Like pretraining, rows are packed: each row of --max-seq-len + 1 tokens is filled best-fit with
@@ -13,6 +14,10 @@ whole rendered conversations, every row starting at a <|bos|>, no padding (a con
 than a row is cut to one row). The loss is on every token by default (nanochat's midtraining);
 --loss-on assistant keeps only what the assistant says. Resumes exactly (--resume): the loader
 state (position in the mixture, conversations in the packing buffer) is in the checkpoint.
+With --lora-rank the base stays frozen and only low-rank adapters train (nanochat/lora.py); only
+they are saved, and load_model("mid", ..., model_tag="<tag>_lora") returns the base with them
+merged. Midtraining teaches the chat special tokens, whose rows of the frozen embedding and
+lm_head the base never trained: consider adding lm_head to --lora-targets.
 Offline, give every dataset as a local file, e.g.
     --mixture gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl custom:$DATA/chat/selfinstruct_seed_tasks_chat.jsonl \\
               simplespelling:train:2000 --val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl
@@ -27,6 +32,7 @@ import torch
 from nanochat.chat_data import PackedConversations, StepBatches, add_chat_data_args, build_chat_tasks, scaled_token_loss
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.lora import add_lora_args, apply_lora_from_args, lora_optimizer, lora_tag
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import Trainer, add_training_args, grad_accum_steps, should_compile
@@ -51,7 +57,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--step", type=int, default=None, help="step of the base checkpoint (default: the last)")
-    g.add_argument("--output-tag", default=None, help="save under mid_checkpoints/<this> (default: --model-tag)")
+    g.add_argument("--output-tag", default=None, help="save under mid_checkpoints/<this> (default: --model-tag; "
+                                                      "with --lora-rank: <this>_lora, the adapters only)")
     g.add_argument("--loss-on", default="all", choices=["all", "assistant"],
                    help="train on every token of the rendered conversations, or only the assistant's")
     g.add_argument("--buffer-size", type=int, default=256, help="conversations to choose from when packing a row")
@@ -59,6 +66,7 @@ def main(argv=None):
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
     add_training_args(parser)
+    add_lora_args(parser.add_argument_group("LoRA"))
     parser.set_defaults(eval_every=150)
     args = parser.parse_args(argv)
 
@@ -74,6 +82,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: cannot load the base model: {e}")
     print0(f"starting from the base model {tag} step {source_meta['step']}")
+    if args.lora_rank > 0:  # on the plain module, before torch.compile
+        print0(apply_lora_from_args(model, args))
     token_bytes = get_token_bytes(device)
     orig_model = model
     if should_compile(args.compile, device.type):
@@ -90,12 +100,19 @@ def main(argv=None):
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens | grad accumulation: {grad_accum} | "
            f"loss on {args.loss_on} tokens")
 
-    optimizers = orig_model.setup_optimizers(
-        unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
-        matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["mid"][0], args.output_tag or tag)
+    output_tag = args.output_tag or tag
+    if args.lora_rank > 0:  # AdamW on the adapters alone; the adapters go to their own folder
+        optimizers = [lora_optimizer(orig_model, lr=args.lora_lr, weight_decay=args.weight_decay)]
+        output_tag = lora_tag(output_tag)
+    else:
+        optimizers = orig_model.setup_optimizers(
+            unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
+            matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["mid"][0], output_tag)
     meta = {"model_config": source_meta["model_config"], "user_config": vars(args),
             "source": {"phase": "base", "model_tag": tag, "step": source_meta["step"]}}
+    if args.lora_rank > 0:  # what load_model_with_lora rebuilds the adapted model from
+        meta.update(stage="mid", base={"source": "base", "model_tag": tag, "step": source_meta["step"]})
     trainer = Trainer(args, orig_model, optimizers, device=device, ddp=ddp, world_size=world_size, rank=rank,
                       checkpoint_dir=checkpoint_dir, num_steps=num_steps, grad_accum=grad_accum,
                       tokens_per_step=args.total_batch_size, meta=meta, stage="mid")
