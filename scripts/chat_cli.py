@@ -22,7 +22,8 @@ def get_parser():
     p = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
     p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "dpo"], help="which training stage's checkpoints to load")
-    p.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20 (default: the largest model)")
+    p.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20, or d20_lora for a LoRA adapter "
+                                                     "(merged into its base on load) (default: the largest model)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="device type (default: autodetect)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
@@ -55,7 +56,7 @@ def main(argv=None):
     device = torch.device(args.device or autodetect_device_type())
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
         print(f"error: {e}", file=sys.stderr)
         return 1
     engine = Engine(model, tokenizer)

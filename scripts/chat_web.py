@@ -44,7 +44,8 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 def get_parser():
     p = argparse.ArgumentParser(description="Serve a nanochat model: web chat UI + OpenAI-compatible API")
     p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "dpo"], help="which training stage's checkpoints to serve")
-    p.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20 (default: the largest model)")
+    p.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20, or d20_lora for a LoRA adapter "
+                                                     "(merged into its base on load) (default: the largest model)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="device type (default: autodetect)")
     p.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (on CPU: copies on the CPU)")
@@ -484,7 +485,7 @@ def load_engines(args):
         device = torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type)
         try:
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
             raise SystemExit(f"error: {e}") from None
         engines.append(Engine(model, tokenizer))
     return engines, tokenizer, meta
