@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# nanochat speedrun: the whole pipeline, from an empty machine to a model you can chat with.
+#
+#   bash speedrun.sh                 # GPU node: the d20 run (~4 h on 8xH100); no GPU: the CPU preset
+#   PRESET=cpu bash speedrun.sh      # force the tiny CPU preset (every stage in minutes)
+#
+# Stages are idempotent: each one that finishes leaves $NANOCHAT_BASE_DIR/speedrun/<stage>.done
+# and is skipped on a re-run; an interrupted training stage resumes from its last checkpoint.
+# Delete that folder (or set FRESH=1) to start over.
+#
+# Environment knobs:
+#   NANOCHAT_BASE_DIR   where everything is written (default ~/.cache/nanochat)
+#   PRESET              auto | gpu | cpu
+#   NANOCHAT_DATA       local data in the shared/data layout (pretrain/, chat/, preference/, eval/);
+#                       the CPU preset defaults to ../shared/data when present, so it runs offline
+#   DEPTH, NPROC        GPU preset: model depth (default 20) and GPUs to use (default: all)
+#   WANDB_RUN           wandb run name (default: dummy = no wandb)
+#   PERSONA             persona.json giving your model its name (default: dev/persona_example.json)
+set -euo pipefail
+cd "$(dirname "$0")"
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+PERSONA="${PERSONA:-dev/persona_example.json}"
+
+# -----------------------------------------------------------------------------
+# Setup: uv, the locked dependencies and the rustbpe extension (the README's setup)
+bash dev/setup.sh
+PY=.venv/bin/python
+
+STATE="$NANOCHAT_BASE_DIR/speedrun"
+if [ "${FRESH:-0}" = "1" ]; then rm -rf "$STATE"; fi
+mkdir -p "$STATE"
+
+# stage NAME command...: run once. A finished stage is skipped on a re-run.
+stage() {
+    local name=$1; shift
+    if [ -f "$STATE/$name.done" ]; then
+        echo "== $name: already done, skipping"
+        return 0
+    fi
+    echo "== $name: $*"
+    local t0; t0=$(date +%s)
+    "$@"
+    local dt=$(( $(date +%s) - t0 ))
+    echo "$dt" > "$STATE/$name.done"
+    echo "== $name: finished in ${dt}s"
+}
+
+# --resume if an earlier, interrupted run of this stage left a checkpoint in $1
+resume_if_started() {
+    if ls "$1"/meta_*.json >/dev/null 2>&1; then echo "--resume"; fi
+}
+
+PRESET="${PRESET:-auto}"
+if [ "$PRESET" = "auto" ]; then
+    if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then PRESET=gpu; else PRESET=cpu; fi
+fi
+echo "preset: $PRESET | artifacts: $NANOCHAT_BASE_DIR"
+
+# The report card starts with the first stage of a fresh run (not on a resumed one).
+if [ -z "$(ls -A "$STATE")" ]; then $PY -m nanochat.report reset; fi
+
+if [ "$PRESET" = "gpu" ]; then
+    # -------------------------------------------------------------------------
+    # 8xH100, about 4 hours. d20 = 561M parameters trained on 20 tokens/parameter (11.2B tokens)
+    # is the largest model whose Chinchilla-optimal run fits ~3 hours of pretraining on one node
+    # (6·N·D ≈ 4e19 FLOPs at ~40% MFU of 8×989 TFLOP/s), leaving ~1 hour for the rest.
+    DEPTH="${DEPTH:-20}"
+    NPROC="${NPROC:-$($PY -c "import torch; print(torch.cuda.device_count())")}"
+    RUN="torchrun --standalone --nproc_per_node=$NPROC"
+    export OMP_NUM_THREADS=1
+    TAG="d$DEPTH"
+
+    # data: 8 shards now (enough for the tokenizer), the ~240 that d20 needs in the background
+    stage data_first $PY -m nanochat.dataset -n 8
+    $PY -m nanochat.dataset -n 240 > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+    DOWNLOAD_PID=$!
+
+    stage tok_train $PY -m scripts.tok_train --vocab-size 65536 --max-chars 2000000000
+    stage tok_eval $PY -m scripts.tok_eval
+    echo "waiting for the pretraining shards (log: $NANOCHAT_BASE_DIR/download.log)"
+    wait "$DOWNLOAD_PID" || { echo "shard download failed: see $NANOCHAT_BASE_DIR/download.log"; exit 1; }
+
+    stage base_train $RUN -m scripts.base_train --depth "$DEPTH" --device-batch-size 32 --run "$WANDB_RUN" \
+        --save-every 1000 $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
+    stage base_loss $RUN -m scripts.base_loss
+    stage base_eval $RUN -m scripts.base_eval
+
+    stage mid_train $RUN -m scripts.mid_train --device-batch-size 32 --persona "$PERSONA" --run "$WANDB_RUN" \
+        $(resume_if_started "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")
+    stage mid_eval $RUN -m scripts.chat_eval -i mid
+
+    stage chat_sft $RUN -m scripts.chat_sft --persona "$PERSONA" --run "$WANDB_RUN" \
+        $(resume_if_started "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")
+    stage sft_eval $RUN -m scripts.chat_eval -i sft
+
+    stage chat_dpo $RUN -m scripts.chat_dpo --persona "$PERSONA" --run "$WANDB_RUN" \
+        $(resume_if_started "$NANOCHAT_BASE_DIR/chatdpo_checkpoints/$TAG")
+    stage dpo_eval $RUN -m scripts.chat_eval -i dpo
+else
+    # -------------------------------------------------------------------------
+    # CPU preset: a tiny model through every stage, ~20 minutes on 2 cores. It teaches the
+    # pipeline; the model itself only learns the surface of English and of the chat format.
+    DATA="${NANOCHAT_DATA:-}"
+    if [ -z "$DATA" ] && [ -d ../shared/data ]; then DATA="$(cd ../shared/data && pwd)"; fi
+    if [ -z "$DATA" ] || [ ! -d "$DATA/pretrain" ]; then
+        echo "The CPU preset trains on local files: set NANOCHAT_DATA to a folder laid out like"
+        echo "shared/data (pretrain/train/*.txt, pretrain/val/*.txt, chat/*.jsonl, preference/*.jsonl,"
+        echo "eval/*.jsonl, eval/core/*.jsonl). (Or run PRESET=gpu on a GPU node, which downloads its data.)"
+        exit 1
+    fi
+    echo "local data: $DATA"
+    TAG=cpu
+    TINY="--depth 4 --aspect-ratio 64 --head-dim 64 --max-seq-len 256 --device cpu --model-tag $TAG"
+    CHAT_MIX="gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl[:1500] custom:$DATA/chat/selfinstruct_seed_tasks_chat.jsonl spelling:300"
+    CHAT_VAL="gsm8k:test:$DATA/eval/gsm8k_test.jsonl[:100]"
+    PREFS="prefs:train:$DATA/preference/hh_rlhf_harmless_base_test.jsonl:skip_bad"
+    EVAL="--data-dir $DATA/eval --max-problems 60 --device cpu"
+
+    stage tok_train $PY -m scripts.tok_train --data "$DATA/pretrain/train" --vocab-size 4096
+    stage tok_eval $PY -m scripts.tok_eval --text-file "$DATA/pretrain/val/wikitext2_valid.txt" --max-chars 200000
+
+    stage base_train $PY -m scripts.base_train $TINY --data "$DATA/pretrain/train" \
+        --val-data "$DATA/pretrain/val" --device-batch-size 16 --total-batch-size 8192 \
+        --num-iterations 200 --eval-every 100 --eval-tokens 65536 --save-every 50 --warmup-ratio 0.02 \
+        $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
+    stage base_loss $PY -m scripts.base_loss --model-tag $TAG --device cpu --split-tokens 65536
+    stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu --data-dir "$DATA/eval" --max-per-task 50
+
+    stage mid_train $PY -m scripts.mid_train --model-tag $TAG --device cpu --max-seq-len 256 \
+        --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
+        --device-batch-size 16 --total-batch-size 8192 --num-iterations 100 --eval-every 50 --save-every 50 \
+        $(resume_if_started "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")
+    stage mid_eval $PY -m scripts.chat_eval -i mid --model-tag $TAG $EVAL
+
+    stage chat_sft $PY -m scripts.chat_sft --model-tag $TAG --device cpu --max-seq-len 256 \
+        --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
+        --eval-tasks "arc:easy:test:$DATA/eval/arc_easy.jsonl[:100]" spelling:test:50 \
+        --device-batch-size 8 --num-iterations 100 --eval-every 50 --save-every 50 \
+        $(resume_if_started "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")
+    stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL
+
+    stage chat_dpo $PY -m scripts.chat_dpo --model-tag $TAG --device cpu --max-seq-len 256 \
+        --mixture $PREFS --persona "$PERSONA" \
+        --device-batch-size 4 --num-iterations 60 --eval-every 30 --save-every 30 \
+        $(resume_if_started "$NANOCHAT_BASE_DIR/chatdpo_checkpoints/$TAG")
+    stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL
+fi
+
+# -----------------------------------------------------------------------------
+$PY -m nanochat.report generate
+cat <<EOF
+
+Done. The report card: report.md (and $NANOCHAT_BASE_DIR/report/report.md).
+Chat with your model:
+    .venv/bin/python -m scripts.chat_cli -i dpo            # in the terminal (-p "question" for one answer)
+    .venv/bin/python -m scripts.chat_web -i dpo            # then open http://127.0.0.1:8000
+EOF
