@@ -9,7 +9,6 @@ small-GPT trainers — is timed in the same process.
     python -m dev.bench_train --depth 12 --seq-len 2048 --batch-size 16 --device cuda --compile 1
 """
 import argparse
-import math
 import resource
 import time
 

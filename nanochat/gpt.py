@@ -232,7 +232,6 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """(Re)initialise every parameter and recompute the rotary tables on the model's device."""
-        n_embd = self.config.n_embd
         # embeddings ~ N(0, 1): the RMSNorm right after makes their scale irrelevant to the block
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         # tiny lm_head: initial logits ~ 0, so the initial loss is ~ ln(vocab_size)

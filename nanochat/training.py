@@ -10,15 +10,18 @@ Counting convention (a known trap): a "step" is always one optimizer step. A ste
 """
 import argparse
 import math
+import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (autocast_ctx, format_eta, get_peak_flops, init_wandb, print0, synchronize)
-from nanochat.checkpoint_manager import find_last_step, list_steps, load_checkpoint, save_checkpoint
+from nanochat.common import (autocast_ctx, get_base_dir, format_eta, get_peak_flops, init_wandb, print0, synchronize)
+from nanochat.checkpoint_manager import (SOURCES, find_largest_model, find_last_step, list_steps, load_checkpoint,
+                                         load_model, save_checkpoint)
 from nanochat.distributed import all_reduce_gradients
-from nanochat.lora import has_lora, list_lora_steps, load_lora, load_lora_checkpoint, load_lora_optimizer, save_lora
+from nanochat.lora import (apply_lora_from_args, has_lora, list_lora_steps, load_lora, load_lora_checkpoint,
+                           load_lora_optimizer, lora_optimizer, lora_tag, save_lora)
 from nanochat.muon import Muon
 
 
@@ -84,6 +87,54 @@ def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
 
 def should_compile(flag, device_type):
     return flag == "1" or (flag == "auto" and device_type == "cuda")
+
+
+def build_optimizers(args, model):
+    """[AdamW, Muon] with the --*-lr flags, all scaled by --init-lr-frac."""
+    f = args.init_lr_frac
+    return model.setup_optimizers(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
+                                  matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay)
+
+
+def load_starting_model(args, source, device, dynamic_shapes):
+    """
+    The checkpoint a fine-tuning stage (mid, SFT, DPO) starts from, as (orig_model, model,
+    tokenizer, source_meta, tag): LoRA adapters (--lora-rank) go onto the plain module, then
+    `model` is the torch.compile'd view of it when --compile says so.
+    """
+    try:
+        tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0]))
+        orig_model, tokenizer, source_meta = load_model(source, device, "train", model_tag=tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the {source} model: {e}")
+    print0(f"starting from the {source} model {tag} step {source_meta['step']}")
+    if args.lora_rank > 0:  # on the plain module, before torch.compile
+        print0(apply_lora_from_args(orig_model, args))
+    model = orig_model
+    if should_compile(args.compile, device.type):
+        model = torch.compile(orig_model, dynamic=dynamic_shapes)
+    return orig_model, model, tokenizer, source_meta, tag
+
+
+def finetune_outputs(args, orig_model, stage, source, tag, source_meta):
+    """
+    (optimizers, checkpoint_dir, meta) of a fine-tuning stage: the full weights with Muon+AdamW,
+    or with --lora-rank AdamW on the adapters alone, saved to their own <tag>_lora folder with
+    the base they adapt (what load_model_with_lora rebuilds the model from).
+    """
+    output_tag = args.output_tag or tag
+    if args.lora_rank > 0:
+        optimizers = [lora_optimizer(orig_model, lr=args.lora_lr, weight_decay=args.weight_decay)]
+        output_tag = lora_tag(output_tag)
+    else:
+        optimizers = build_optimizers(args, orig_model)
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES[stage][0], output_tag)
+    start = {"model_tag": tag, "step": source_meta["step"]}
+    meta = {"model_config": source_meta["model_config"], "user_config": vars(args),
+            "source": {"phase": source, **start}}
+    if args.lora_rank > 0:
+        meta.update(stage=stage, base={"source": source, **start})
+    return optimizers, checkpoint_dir, meta
 
 
 class Trainer:

@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint_manager import SOURCES
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
@@ -25,7 +24,7 @@ from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import Trainer, add_training_args, grad_accum_steps, should_compile
+from nanochat.training import Trainer, add_training_args, build_optimizers, grad_accum_steps, should_compile
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -107,9 +106,7 @@ def main(argv=None):
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens = {total_tokens:,} tokens "
            f"({total_tokens / num_params:.1f} per parameter) | grad accumulation: {grad_accum}")
 
-    optimizers = orig_model.setup_optimizers(
-        unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
-        matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
+    optimizers = build_optimizers(args, orig_model)
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES["base"][0], model_tag)
     meta = {"model_config": asdict(config), "user_config": vars(args), "num_params": num_params}

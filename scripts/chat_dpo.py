@@ -24,18 +24,16 @@ rewards/margins, rewards/accuracies (beta * log-ratio to the reference), logps/c
 Offline: --mixture preferences:skip_bad:$DATA/preference/hh_rlhf_harmless_base_test.jsonl
 """
 import argparse
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
 from nanochat.chat_data import StepBatches, padded_batches, train_val_mixtures
-from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
 from nanochat.dpo import LOSS_TYPES, collate_pairs, describe_counts, pair_losses, reference_logps, tokenize_pairs
-from nanochat.lora import add_lora_args, apply_lora_from_args, disable_lora, lora_optimizer, lora_tag
-from nanochat.training import Trainer, add_training_args, should_compile
+from nanochat.lora import add_lora_args, disable_lora
+from nanochat.training import Trainer, add_training_args, finetune_outputs, load_starting_model
 from tasks.common import SPEC_HELP, DownloadError, build_task
 
 DEFAULT_MIXTURE = ["preferences:train"]
@@ -120,17 +118,7 @@ def main(argv=None):
         train_task, val_task = build_preference_tasks(args)
     except (ValueError, FileNotFoundError, DownloadError) as e:
         raise SystemExit(f"error: {e}")
-    try:
-        tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
-        model, tokenizer, source_meta = load_model(args.source, device, "train", model_tag=tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load the {args.source} model: {e}")
-    print0(f"starting from the {args.source} model {tag} step {source_meta['step']}")
-    if args.lora_rank > 0:  # on the plain module, before torch.compile
-        print0(apply_lora_from_args(model, args))
-    orig_model = model
-    if should_compile(args.compile, device.type):
-        model = torch.compile(model, dynamic=True)
+    orig_model, model, tokenizer, source_meta, tag = load_starting_model(args, args.source, device, dynamic_shapes=True)
 
     # pairs -> token ids (prompt rendered once, shared by both answers), truncated or dropped, counted
     T, B = args.max_seq_len or orig_model.config.sequence_len, args.device_batch_size
@@ -165,20 +153,8 @@ def main(argv=None):
            f"loss {args.loss} beta {args.beta}" + (" length-normalised" if args.length_norm else "")
            + (f" + {args.sft_weight} × SFT" if args.sft_weight else ""))
 
-    output_tag = args.output_tag or tag
-    if args.lora_rank > 0:  # AdamW on the adapters alone; the adapters go to their own folder
-        optimizers = [lora_optimizer(orig_model, lr=args.lora_lr, weight_decay=args.weight_decay)]
-        output_tag = lora_tag(output_tag)
-    else:
-        optimizers = orig_model.setup_optimizers(
-            unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
-            matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["dpo"][0], output_tag)
-    meta = {"model_config": source_meta["model_config"], "user_config": vars(args),
-            "source": {"phase": args.source, "model_tag": tag, "step": source_meta["step"]},
-            "pairs": dict(train_counts)}
-    if args.lora_rank > 0:  # what load_model_with_lora rebuilds the adapted model from
-        meta.update(stage="dpo", base={"source": args.source, "model_tag": tag, "step": source_meta["step"]})
+    optimizers, checkpoint_dir, meta = finetune_outputs(args, orig_model, "dpo", args.source, tag, source_meta)
+    meta["pairs"] = dict(train_counts)
     batches = None
     trainer = Trainer(args, orig_model, optimizers, device=device, ddp=ddp, world_size=world_size, rank=rank,
                       checkpoint_dir=checkpoint_dir, num_steps=num_steps, grad_accum=grad_accum,

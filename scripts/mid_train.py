@@ -23,19 +23,16 @@ Offline, give every dataset as a local file, e.g.
               simplespelling:train:2000 --val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl
 """
 import argparse
-import os
 import random
 import time
 
-import torch
 
 from nanochat.chat_data import PackedConversations, StepBatches, add_chat_data_args, build_chat_tasks, scaled_token_loss
-from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.lora import add_lora_args, apply_lora_from_args, lora_optimizer, lora_tag
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
+from nanochat.lora import add_lora_args
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import Trainer, add_training_args, grad_accum_steps, should_compile
+from nanochat.training import Trainer, add_training_args, finetune_outputs, grad_accum_steps, load_starting_model
 from tasks.common import SPEC_HELP, DownloadError
 
 DEFAULT_MIXTURE = ["smoltalk:train", "mmlu:auxiliary_train", "gsm8k:train", "simplespelling:train:200000",
@@ -76,18 +73,8 @@ def main(argv=None):
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL)
     except (ValueError, FileNotFoundError, DownloadError) as e:
         raise SystemExit(f"error: {e}")
-    try:
-        tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES["base"][0]))
-        model, tokenizer, source_meta = load_model("base", device, "train", model_tag=tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load the base model: {e}")
-    print0(f"starting from the base model {tag} step {source_meta['step']}")
-    if args.lora_rank > 0:  # on the plain module, before torch.compile
-        print0(apply_lora_from_args(model, args))
+    orig_model, model, tokenizer, source_meta, tag = load_starting_model(args, "base", device, dynamic_shapes=False)
     token_bytes = get_token_bytes(device)
-    orig_model = model
-    if should_compile(args.compile, device.type):
-        model = torch.compile(model, dynamic=False)
 
     T, B = args.max_seq_len or orig_model.config.sequence_len, args.device_batch_size
     grad_accum = grad_accum_steps(args.total_batch_size, B, T, world_size)
@@ -100,19 +87,7 @@ def main(argv=None):
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens | grad accumulation: {grad_accum} | "
            f"loss on {args.loss_on} tokens")
 
-    output_tag = args.output_tag or tag
-    if args.lora_rank > 0:  # AdamW on the adapters alone; the adapters go to their own folder
-        optimizers = [lora_optimizer(orig_model, lr=args.lora_lr, weight_decay=args.weight_decay)]
-        output_tag = lora_tag(output_tag)
-    else:
-        optimizers = orig_model.setup_optimizers(
-            unembedding_lr=args.unembedding_lr * args.init_lr_frac, embedding_lr=args.embedding_lr * args.init_lr_frac,
-            matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["mid"][0], output_tag)
-    meta = {"model_config": source_meta["model_config"], "user_config": vars(args),
-            "source": {"phase": "base", "model_tag": tag, "step": source_meta["step"]}}
-    if args.lora_rank > 0:  # what load_model_with_lora rebuilds the adapted model from
-        meta.update(stage="mid", base={"source": "base", "model_tag": tag, "step": source_meta["step"]})
+    optimizers, checkpoint_dir, meta = finetune_outputs(args, orig_model, "mid", "base", tag, source_meta)
     trainer = Trainer(args, orig_model, optimizers, device=device, ddp=ddp, world_size=world_size, rank=rank,
                       checkpoint_dir=checkpoint_dir, num_steps=num_steps, grad_accum=grad_accum,
                       tokens_per_step=args.total_batch_size, meta=meta, stage="mid")

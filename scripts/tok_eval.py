@@ -80,7 +80,7 @@ def main():
                 contenders.append((label, enc))
 
     header = f"{'text':<12} {'bytes':>8}" + "".join(f" {label + ' tok':>10} {label + ' B/tok':>10}" for label, _ in contenders)
-    print(f"vocab: " + ", ".join(f"{label}={enc.get_vocab_size()}" for label, enc in contenders))
+    print("vocab: " + ", ".join(f"{label}={enc.get_vocab_size()}" for label, enc in contenders))
     print(header)
     print("-" * len(header))
     totals = {label: [0, 0] for label, _ in contenders}
