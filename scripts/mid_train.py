@@ -61,7 +61,7 @@ def main(argv=None):
     g.add_argument("--buffer-size", type=int, default=256, help="conversations to choose from when packing a row")
     add_chat_data_args(parser, DEFAULT_MIXTURE, DEFAULT_VAL, persona_examples=1000)
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (at most one pass over the validation set)")
     add_training_args(parser)
     add_lora_args(parser.add_argument_group("LoRA"))
     parser.set_defaults(eval_every=150)
@@ -107,7 +107,9 @@ def main(argv=None):
     def compute_loss(_model, batch):
         return scaled_token_loss(model, batch)
 
-    eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+    # at most one pass over the validation conversations: more would only repeat them
+    val_tokens, _ = estimate_tokens(val_task, tokenizer, T + 1)
+    eval_steps = max(1, min(args.eval_tokens, val_tokens) // (B * T * world_size))
 
     def evaluate(step):
         val = ((b["inputs"], b["targets"]) for b, _ in loader(val_task, what="mid validation"))
