@@ -10,6 +10,7 @@ a tool call, so the model learns to emit the expression as python and read the r
   [text "48/2 = "] [python "48/2"] [python_output "24"] [text "24 clips"]
 The final line "#### 72" is the answer; evaluate() compares that number.
 """
+import math
 import re
 
 from tasks.common import RecordTask, RecordError, data_paths_or_download, check_messages
@@ -43,6 +44,8 @@ def normalize_number(text):
     try:
         value = float(text)
     except ValueError:
+        return text
+    if not math.isfinite(value):  # a model can write a 400-digit "number": compare it as text
         return text
     return int(value) if value == int(value) else value
 

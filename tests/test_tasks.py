@@ -598,3 +598,12 @@ def test_conversations_are_valid_for_the_tokenizer():
     for item in Preferences(FIXTURES / "prefs.jsonl"):
         for conversation in pair_conversations(item):
             tokenizer.validate_conversation(conversation)
+
+
+def test_gsm8k_huge_or_odd_numbers_do_not_crash():
+    # a small model happily writes "#### 999...9" (overflows float to inf) or "#### inf"
+    from tasks.gsm8k import extract_answer
+    huge = "9" * 400
+    assert extract_answer(f"so #### {huge}") == huge
+    assert extract_answer("#### 1,234.0") == 1234
+    assert extract_answer("#### 2.5") == 2.5
