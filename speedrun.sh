@@ -142,7 +142,7 @@ else
     stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL
 
     stage chat_dpo $PY -m scripts.chat_dpo --model-tag $TAG --device cpu --max-seq-len 256 \
-        --mixture $PREFS --persona "$PERSONA" \
+        --mixture $PREFS --val-mixture --persona "$PERSONA" \
         --device-batch-size 4 --num-iterations 60 --eval-every 30 --save-every 30 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatdpo_checkpoints/$TAG")
     stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL
