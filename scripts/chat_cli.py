@@ -21,7 +21,7 @@ from nanochat.engine import Engine, SamplingParams
 def get_parser():
     p = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "dpo"], help="which training stage's checkpoints to load")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "dpo"], help="which training stage's checkpoints to load")
     p.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20, or d20_lora for a LoRA adapter "
                                                      "(merged into its base on load) (default: the largest model)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

@@ -43,7 +43,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 def get_parser():
     p = argparse.ArgumentParser(description="Serve a nanochat model: web chat UI + OpenAI-compatible API")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "dpo"], help="which training stage's checkpoints to serve")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "dpo"], help="which training stage's checkpoints to serve")
     p.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20, or d20_lora for a LoRA adapter "
                                                      "(merged into its base on load) (default: the largest model)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
