@@ -63,9 +63,9 @@ if [ -z "$(ls -A "$STATE")" ]; then $PY -m nanochat.report reset; fi
 
 if [ "$PRESET" = "gpu" ]; then
     # -------------------------------------------------------------------------
-    # 8xH100, about 4 hours. d20 = 561M parameters trained on 20 tokens/parameter (11.2B tokens)
-    # is the largest model whose Chinchilla-optimal run fits ~3 hours of pretraining on one node
-    # (6·N·D ≈ 4e19 FLOPs at ~40% MFU of 8×989 TFLOP/s), leaving ~1 hour for the rest.
+    # 8xH100, about 4 hours. d20 = 561M parameters trained on 20 tokens/parameter (11.2B tokens):
+    # its Chinchilla-optimal pretraining is 6·N·D ≈ 3.8e19 FLOPs, ~3.3 hours at ~40% MFU of
+    # 8×989 TFLOP/s, leaving the rest of the 4 hours for mid, SFT, DPO and the evals.
     DEPTH="${DEPTH:-20}"
     NPROC="${NPROC:-$($PY -c "import torch; print(torch.cuda.device_count())")}"
     RUN="torchrun --standalone --nproc_per_node=$NPROC"
