@@ -295,22 +295,24 @@ def add_chat_data_args(parser, default_mixture, default_val, persona_examples):
     return parser
 
 
-def build_chat_tasks(args, default_val):
+def build_chat_tasks(args, default_val, own=None, noun="conversations"):
     """(train, val) mixtures from the data flags. Every file is read and checked here, before any
-    model is loaded: a bad record stops the run naming file:line: field."""
+    model is loaded: a bad record stops the run naming file:line: field. `own`: the user's own
+    tasks (default: --data conversation files and --persona conversations; DPO passes its pairs)."""
     from tasks.common import build_task
     from tasks.customjson import CustomJSON
     from tasks.identity import IdentityConversations, load_persona
     # the user's own files first: a mistake there should stop us before any download
-    own = [CustomJSON(path) for path in args.data]
-    if args.persona:
-        own.append(IdentityConversations(load_persona(args.persona), n=args.persona_examples))
+    if own is None:
+        own = [CustomJSON(path) for path in args.data]
+        if args.persona:
+            own.append(IdentityConversations(load_persona(args.persona), n=args.persona_examples))
     train_tasks = ([] if args.data_only else [build_task(spec, "train") for spec in args.mixture]) + own
     val_specs = args.val_mixture
     if val_specs is None:
         val_specs = [] if args.data_only else default_val
     val_tasks = [build_task(spec, "test") for spec in val_specs]
     train, val = train_val_mixtures(train_tasks, val_tasks, args.val_holdout, seed=args.seed)
-    print0(f"training data: {len(train):,} conversations from {len(train_tasks)} source(s) | validation: "
-           f"{len(val):,} " + ("from --val-mixture" if val_tasks else "held out of the training data"))
+    print0(f"training data: {len(train):,} {noun} from {len(train_tasks)} source(s) | validation: "
+           f"{len(val):,} " + ("from --val-mixture" if val_tasks else f"held out of the training {noun}"))
     return train, val

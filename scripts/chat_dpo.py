@@ -29,12 +29,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.chat_data import StepBatches, padded_batches, train_val_mixtures
+from nanochat.chat_data import StepBatches, build_chat_tasks, padded_batches
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
 from nanochat.dpo import LOSS_TYPES, collate_pairs, describe_counts, pair_losses, reference_logps, tokenize_pairs
 from nanochat.lora import add_lora_args, disable_lora
 from nanochat.training import Trainer, add_training_args, finetune_outputs, load_starting_model
-from tasks.common import SPEC_HELP, DownloadError, build_task
+from tasks.common import SPEC_HELP, DownloadError
 
 DEFAULT_MIXTURE = ["preferences:train"]
 DEFAULT_VAL = ["preferences:test"]
@@ -46,19 +46,10 @@ def build_preference_tasks(args):
     """(train, val) mixtures of preference items; every file is checked before a model is loaded."""
     from tasks.identity import IdentityPreferences, load_persona
     from tasks.preferences import Preferences
-    # the user's own files first: a mistake there should stop us before any download
     own = [Preferences(path) for path in args.data]
     if args.persona:
         own.append(IdentityPreferences(load_persona(args.persona), n=args.persona_pairs))
-    train_tasks = ([] if args.data_only else [build_task(spec, "train") for spec in args.mixture]) + own
-    val_specs = args.val_mixture
-    if val_specs is None:
-        val_specs = [] if args.data_only else DEFAULT_VAL
-    val_tasks = [build_task(spec, "test") for spec in val_specs]
-    train, val = train_val_mixtures(train_tasks, val_tasks, args.val_holdout, seed=args.seed)
-    print0(f"preference data: {len(train):,} training pairs from {len(train_tasks)} source(s) | validation: "
-           f"{len(val):,} " + ("from --val-mixture" if val_tasks else "held out of the training pairs"))
-    return train, val
+    return build_chat_tasks(args, DEFAULT_VAL, own=own, noun="pairs")
 
 
 def main(argv=None):
