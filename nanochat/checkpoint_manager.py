@@ -180,6 +180,15 @@ def find_largest_model(checkpoints_root):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_root, t)))
 
 
+def add_checkpoint_args(parser, default_source):
+    """The flags that pick a checkpoint to evaluate: -i/--source, --model-tag, --step, --device."""
+    parser.add_argument("-i", "--source", default=default_source, choices=list(SOURCES),
+                        help="which checkpoint family to evaluate")
+    parser.add_argument("--model-tag", default=None, help="checkpoint folder (default: the largest model)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
+
+
 def load_model(source, device, phase, model_tag=None, step=None):
     """
     (model, tokenizer, meta) for source "base", "mid", "sft" or "dpo", read from

@@ -17,7 +17,7 @@ import time
 
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
+from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import CoreDataError, bundle_tasks, download_eval_bundle, evaluate_core, local_tasks
 
@@ -49,11 +49,7 @@ def write_csv(path, results, core):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--source", default="base", choices=["base", "mid", "sft", "dpo"],
-                        help="which checkpoint family to evaluate")
-    parser.add_argument("--model-tag", default=None, help="checkpoint folder (default: the largest model)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
+    add_checkpoint_args(parser, default_source="base")
     parser.add_argument("--max-per-task", type=int, default=-1,
                         help="evaluate at most this many items per task (a seeded sample; -1 = all)")
     parser.add_argument("--tasks", default="", help="comma-separated task labels to run (default: all)")

@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 
-from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
+from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
@@ -55,11 +55,7 @@ def corpus_settings(args, meta):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--source", default="base", choices=["base", "mid", "sft", "dpo"],
-                        help="which checkpoint family to evaluate")
-    parser.add_argument("--model-tag", default=None, help="checkpoint folder (default: the largest model)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
+    add_checkpoint_args(parser, default_source="base")
     parser.add_argument("--data", default=None,
                         help="corpus to measure: file, folder or glob of .txt/.jsonl/.parquet (default: what the "
                              "base training run used, else the FineWeb-Edu shards)")

@@ -33,7 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
+from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, get_dist_info, print0
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
@@ -206,11 +206,7 @@ def parse_task_list(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "dpo"],
-                        help="which checkpoint family to evaluate")
-    parser.add_argument("--model-tag", default=None, help="checkpoint folder (default: the largest model)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
+    add_checkpoint_args(parser, default_source="sft")
     parser.add_argument("-a", "--tasks", default=None,
                         help=f"tasks separated by | or , from {'|'.join(ALL_TASKS)}; 'all' or 'none' "
                              "(default: all, or none when --task-ppl is given)")
