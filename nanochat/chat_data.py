@@ -248,8 +248,7 @@ class StepBatches:
 
 def scaled_token_loss(model, batch):
     """The micro-batch's share of the step's mean loss per supervised token."""
-    per_token = model(batch["inputs"], batch["targets"], loss_reduction="none")
-    return per_token.sum() * batch["loss_scale"]
+    return model(batch["inputs"], batch["targets"], loss_reduction="sum") * batch["loss_scale"]
 
 
 def train_val_mixtures(train_tasks, val_tasks=None, holdout=500, seed=42):

@@ -84,6 +84,73 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
+def ce_chunk_rows(device_type, vocab_size):
+    """Rows of logits the chunked loss materialises at once: on CPU ~1M elements (a few MB, so
+    buffers stay cache- and allocator-friendly: glibc mmaps, and page-faults afresh, any buffer
+    above 32 MB); on GPU ~64M elements (few kernel launches, still far below the full logits)."""
+    elements = 2 ** 26 if device_type == "cuda" else 2 ** 20
+    return max(1, elements // vocab_size)
+
+
+def _softcap_ce_chunks(x, weight, targets, cap, with_grads):
+    """
+    Per-token loss CE(cap * tanh(x W^T / cap), t) for x (N, D), weight (V, D), computed a chunk
+    of rows at a time so the (N, V) logits never exist at once. Targets < 0: loss 0, no gradient.
+    with_grads: also the gradients of sum(loss) wrt x and weight, formed chunk by chunk while
+    the logits are at hand (softmax - onehot, times the tanh derivative), so nothing the size
+    of the logits is kept for a backward pass. Logit maths in fp32 (matmuls follow autocast).
+    """
+    N, V = x.size(0), weight.size(0)
+    rows = ce_chunk_rows(x.device.type, V)
+    fp = torch.promote_types(weight.dtype, torch.float32)  # fp32 logit maths (fp64 in gradchecks)
+    losses = torch.empty(N, dtype=fp, device=x.device)
+    grad_x = torch.empty_like(x) if with_grads else None
+    grad_w = torch.zeros_like(weight) if with_grads else None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    for i in range(0, N, rows):
+        xc, tc = x[i:i + rows], targets[i:i + rows]
+        valid = tc >= 0
+        tc = torch.where(valid, tc, 0)[:, None]
+        th = (xc @ weight.mT).to(fp).div_(cap).tanh_()  # capped logits / cap
+        # |capped| <= cap, so cap is a safe shift for the log-sum-exp: no max pass needed
+        probs = torch.sub(th, 1.0).mul_(cap).exp_()
+        sumexp = probs.sum(dim=-1)
+        picked = th.gather(1, tc).squeeze(1)
+        losses[i:i + rows] = torch.where(valid, sumexp.log() + cap * (1.0 - picked), 0.0)
+        if with_grads:
+            probs.div_(sumexp[:, None]).scatter_add_(1, tc, torch.full_like(picked[:, None], -1.0))
+            probs.addcmul_(probs, th.square_(), value=-1.0)  # d capped / d logit = 1 - tanh^2
+            probs.mul_(valid[:, None])
+            grad_x[i:i + rows] = probs @ weight
+            if autocast:
+                grad_w += probs.mT @ xc  # low-precision matmul, fp32 accumulation across chunks
+            else:
+                grad_w.addmm_(probs.mT, xc)
+    return losses, grad_x, grad_w
+
+
+class LinearSoftcapCrossEntropy(torch.autograd.Function):
+    """
+    sum_i CE(cap * tanh(x_i W^T / cap), t_i): the lm_head matmul, soft-cap and cross-entropy in
+    one pass over row chunks (see _softcap_ce_chunks). The gradients are computed during the
+    forward pass and only scaled by the incoming scalar in backward, so training never holds
+    the (tokens x vocab) logits: the largest tensors of a small model, and on CPU the slowest
+    to allocate. Scalar output only (per-token losses with gradients: SoftcapCrossEntropy).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap):
+        losses, grad_x, grad_w = _softcap_ce_chunks(x, weight, targets, cap, with_grads=True)
+        ctx.save_for_backward(grad_x, grad_w)
+        return losses.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_total.to(grad_x.dtype), grad_w * grad_total, None, None
+
+
 def attention(q, k, v, is_causal=False, attn_mask=None):
     """
     Scaled dot-product attention over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D), Hkv dividing Hq;
@@ -361,16 +428,25 @@ class GPT(nn.Module):
             x = block(x, cos_sin, kv_cache, positions)
         x = norm(x)
 
-        logits = self.lm_head(x).float()
         if targets is None:
+            logits = self.lm_head(x).float()
             return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         targets = targets.reshape(-1)
-        loss = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets, LOGIT_SOFTCAP)
+        x = x.view(B * T, -1)
+        weight = self.lm_head.weight
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if loss_reduction == "none":
-            return loss.view(B, T)
+            if needs_grad:  # per-token gradients (DPO): full logits, hand-written backward
+                logits = self.lm_head(x).float()
+                return SoftcapCrossEntropy.apply(logits, targets, LOGIT_SOFTCAP).view(B, T)
+            return _softcap_ce_chunks(x, weight, targets, LOGIT_SOFTCAP, with_grads=False)[0].view(B, T)
+        if needs_grad:
+            total = LinearSoftcapCrossEntropy.apply(x, weight, targets, LOGIT_SOFTCAP)
+        else:
+            total = _softcap_ce_chunks(x, weight, targets, LOGIT_SOFTCAP, with_grads=False)[0].sum()
         if loss_reduction == "sum":
-            return loss.sum()
-        return loss.sum() / (targets >= 0).sum()  # mean over counted tokens (nan if none), as F.cross_entropy
+            return total
+        return total / (targets >= 0).sum()  # mean over counted tokens (nan if none), as F.cross_entropy
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -307,3 +307,56 @@ def test_fused_softcap_cross_entropy_matches_autograd():
     small = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     st = torch.tensor([0, 4, -1, 2, 2, 1])
     assert torch.autograd.gradcheck(lambda x: SoftcapCrossEntropy.apply(x, st, LOGIT_SOFTCAP), (small,))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
+    """The chunked lm_head + soft-cap + CE (gradients formed in the forward pass) equals the plain
+    autograd graph for the loss and both gradients, whatever the chunking; ignored targets add
+    nothing; the incoming gradient scales the result; the no-grad path gives the same losses."""
+    import torch.nn.functional as F
+    import nanochat.gpt as gpt
+    from nanochat.gpt import LOGIT_SOFTCAP, LinearSoftcapCrossEntropy, _softcap_ce_chunks
+    monkeypatch.setattr(gpt, "ce_chunk_rows", lambda device_type, vocab: chunk_rows)
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(50, 16, dtype=torch.float64) * 3).requires_grad_()  # logits well into the cap
+    t = torch.randint(0, 50, (40,))
+    t[::6] = -1
+    ref = F.cross_entropy(LOGIT_SOFTCAP * torch.tanh(x @ w.T / LOGIT_SOFTCAP), t, ignore_index=-1, reduction="sum")
+    (2.5 * ref).backward()
+    ref_gx, ref_gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    out = LinearSoftcapCrossEntropy.apply(x, w, t, LOGIT_SOFTCAP)
+    (2.5 * out).backward()
+    assert torch.allclose(out, ref, atol=1e-10)
+    assert torch.allclose(x.grad, ref_gx, atol=1e-10) and torch.allclose(w.grad, ref_gw, atol=1e-10)
+    assert (x.grad[::6] == 0).all()
+    per_token = _softcap_ce_chunks(x.detach(), w.detach(), t, LOGIT_SOFTCAP, with_grads=False)[0]
+    assert torch.allclose(per_token.sum().double(), ref, atol=1e-4) and (per_token[::6] == 0).all()
+    xs, ws = x[:6].detach().requires_grad_(), w[:5].detach().requires_grad_()
+    ts = torch.tensor([0, 4, -1, 2, 2, 1])
+    assert torch.autograd.gradcheck(lambda a, b: LinearSoftcapCrossEntropy.apply(a, b, ts, LOGIT_SOFTCAP), (xs, ws))
+
+
+def test_loss_paths_agree():
+    """mean/sum/none, with and without grad, all report the same per-token losses: training
+    takes the fused chunked path, DPO the per-token path, evaluation the no-grad chunks."""
+    model = make_model()
+    vocab = model.config.vocab_size
+    idx = torch.randint(0, vocab, (3, 12))
+    targets = torch.randint(0, vocab, (3, 12))
+    targets[0, :5] = -1
+    mean = model(idx, targets)
+    total = model(idx, targets, loss_reduction="sum")
+    per_token = model(idx, targets, loss_reduction="none")
+    with torch.no_grad():
+        mean_ng = model(idx, targets)
+        per_token_ng = model(idx, targets, loss_reduction="none")
+    assert mean.requires_grad and per_token.requires_grad and not mean_ng.requires_grad
+    assert torch.allclose(per_token, per_token_ng, atol=1e-5)
+    assert torch.allclose(total, per_token.sum(), atol=1e-4)
+    assert torch.allclose(mean, per_token.sum() / 31, atol=1e-5) and torch.allclose(mean, mean_ng, atol=1e-5)
+    grads = torch.autograd.grad(total, list(model.parameters()))
+    ref = torch.autograd.grad(per_token.sum(), list(model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref))
