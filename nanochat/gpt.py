@@ -50,40 +50,6 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """
-    Per-token cross-entropy of soft-capped logits, loss_i = CE(cap * tanh(z_i / cap), t_i), with
-    a hand-written backward. The (tokens x vocab) logits are the largest tensors of a small model;
-    autograd's op-by-op graph (div, tanh, mul, log_softmax, nll) allocates and keeps several of
-    them, this keeps one (the capped logits) and allocates two per pass instead of nine.
-    Targets < 0 are ignored (loss 0, no gradient).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, cap):
-        capped = (logits / cap).tanh_().mul_(cap)
-        lse = torch.logsumexp(capped, dim=-1)
-        valid = targets >= 0
-        safe_targets = torch.where(valid, targets, 0)
-        picked = capped.gather(1, safe_targets[:, None]).squeeze(1)
-        loss = torch.where(valid, lse - picked, 0.0)
-        ctx.save_for_backward(capped, lse, safe_targets, valid)
-        ctx.cap = cap
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        capped, lse, safe_targets, valid = ctx.saved_tensors
-        g = torch.where(valid, grad_loss, 0.0)[:, None]
-        # dL/dcapped = softmax(capped) - onehot(target); dcapped/dz = 1 - (capped / cap)^2
-        grad = torch.sub(capped, lse[:, None]).exp_()
-        grad.scatter_add_(1, safe_targets[:, None], torch.full_like(g, -1.0))
-        grad.mul_(g)
-        grad.mul_(torch.addcmul(torch.ones((), dtype=capped.dtype, device=capped.device),
-                                capped, capped, value=-1.0 / ctx.cap ** 2))
-        return grad, None, None
-
-
 def ce_chunk_rows(device_type, vocab_size):
     """Rows of logits the chunked loss materialises at once: on CPU ~1M elements (a few MB, so
     buffers stay cache- and allocator-friendly: glibc mmaps, and page-faults afresh, any buffer
@@ -92,13 +58,14 @@ def ce_chunk_rows(device_type, vocab_size):
     return max(1, elements // vocab_size)
 
 
-def _softcap_ce_chunks(x, weight, targets, cap, with_grads):
+def _softcap_ce_chunks(x, weight, targets, cap, with_grads, row_weights=None):
     """
     Per-token loss CE(cap * tanh(x W^T / cap), t) for x (N, D), weight (V, D), computed a chunk
     of rows at a time so the (N, V) logits never exist at once. Targets < 0: loss 0, no gradient.
-    with_grads: also the gradients of sum(loss) wrt x and weight, formed chunk by chunk while
-    the logits are at hand (softmax - onehot, times the tanh derivative), so nothing the size
-    of the logits is kept for a backward pass. Logit maths in fp32 (matmuls follow autocast).
+    with_grads: also the gradients of sum_i row_weights[i] * loss[i] (default weights 1) wrt x
+    and weight, formed chunk by chunk while the logits are at hand (softmax - onehot, times the
+    tanh derivative). Every loss path of the model runs this one arithmetic, so e.g. DPO's
+    reference and policy log-probs agree exactly. Logit maths in fp32 (matmuls follow autocast).
     """
     N, V = x.size(0), weight.size(0)
     rows = ce_chunk_rows(x.device.type, V)
@@ -120,7 +87,7 @@ def _softcap_ce_chunks(x, weight, targets, cap, with_grads):
         if with_grads:
             probs.div_(sumexp[:, None]).scatter_add_(1, tc, torch.full_like(picked[:, None], -1.0))
             probs.addcmul_(probs, th.square_(), value=-1.0)  # d capped / d logit = 1 - tanh^2
-            probs.mul_(valid[:, None])
+            probs.mul_((valid if row_weights is None else valid * row_weights[i:i + rows])[:, None])
             grad_x[i:i + rows] = probs @ weight
             if autocast:
                 grad_w += probs.mT @ xc  # low-precision matmul, fp32 accumulation across chunks
@@ -135,7 +102,7 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
     one pass over row chunks (see _softcap_ce_chunks). The gradients are computed during the
     forward pass and only scaled by the incoming scalar in backward, so training never holds
     the (tokens x vocab) logits: the largest tensors of a small model, and on CPU the slowest
-    to allocate. Scalar output only (per-token losses with gradients: SoftcapCrossEntropy).
+    to allocate. Scalar output only (per-token losses with gradients: the class below).
     """
 
     @staticmethod
@@ -149,6 +116,25 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_total.to(grad_x.dtype), grad_w * grad_total, None, None
+
+
+class LinearSoftcapCrossEntropyPerToken(torch.autograd.Function):
+    """The per-token losses (N,) of the same computation, for losses that weigh tokens unevenly
+    (DPO's per-sequence log-probs). The backward recomputes the logits chunk by chunk (one more
+    lm_head matmul) instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap):
+        ctx.save_for_backward(x, weight, targets)
+        ctx.cap = cap
+        return _softcap_ce_chunks(x, weight, targets, cap, with_grads=False)[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses):
+        x, weight, targets = ctx.saved_tensors
+        _, grad_x, grad_w = _softcap_ce_chunks(x, weight, targets, ctx.cap, with_grads=True, row_weights=grad_losses)
+        return grad_x, grad_w, None, None
 
 
 def attention(q, k, v, is_causal=False, attn_mask=None):
@@ -364,11 +350,13 @@ class GPT(nn.Module):
         head_dim = cfg.n_embd // cfg.n_head
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                         muon_dtype=None):
         """
         [AdamW for embedding + lm_head, Muon for every block matrix]. The sharded variants are
         picked when torch.distributed runs with world_size > 1 (then do NOT wrap the model in
         DDP; see muon.py for the contract). Every param group carries "initial_lr" for schedules.
+        muon_dtype: Newton-Schulz precision (None: bf16 where the hardware has fast bf16 matmuls).
         """
         matrix_params = list(self.transformer.h.parameters())
         embedding_params = list(self.transformer.wte.parameters())
@@ -384,11 +372,11 @@ class GPT(nn.Module):
         distributed = is_distributed()
         if distributed:
             adamw = DistAdamW(adam_groups, **adamw_kwargs)
-            muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True)
+            muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True, ns_dtype=muon_dtype)
         else:
             fused = self.get_device().type == "cuda"
             adamw = AdamW(adam_groups, fused=fused, **adamw_kwargs)
-            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True)
+            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True, ns_dtype=muon_dtype)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
@@ -436,9 +424,8 @@ class GPT(nn.Module):
         weight = self.lm_head.weight
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if loss_reduction == "none":
-            if needs_grad:  # per-token gradients (DPO): full logits, hand-written backward
-                logits = self.lm_head(x).float()
-                return SoftcapCrossEntropy.apply(logits, targets, LOGIT_SOFTCAP).view(B, T)
+            if needs_grad:
+                return LinearSoftcapCrossEntropyPerToken.apply(x, weight, targets, LOGIT_SOFTCAP).view(B, T)
             return _softcap_ce_chunks(x, weight, targets, LOGIT_SOFTCAP, with_grads=False)[0].view(B, T)
         if needs_grad:
             total = LinearSoftcapCrossEntropy.apply(x, weight, targets, LOGIT_SOFTCAP)

@@ -32,15 +32,29 @@ from nanochat.distributed import has_tensor_collectives
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def zeropower_via_newtonschulz5(G, steps=5):
+def newton_schulz_dtype(device):
+    """bf16 where matmuls have bf16 hardware (CUDA; CPUs with AVX512-BF16/AMX, ~8x faster than
+    fp32 there), fp32 elsewhere. bf16 is precise enough for an update direction."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        try:
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return torch.bfloat16
+        except (AttributeError, RuntimeError):  # a torch build without the oneDNN query
+            pass
+    return torch.float32
+
+
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     """
     Approximate orthogonalisation of G (..., rows, cols): same singular vectors, singular
-    values pushed near 1. Batched over leading dims. bf16 on CUDA (fast, precise enough for
-    an update direction), fp32 elsewhere. Returns a tensor of the compute dtype.
+    values pushed near 1. Batched over leading dims. Computed in `dtype` (default:
+    newton_schulz_dtype(G.device)), which is also the dtype returned.
     """
     assert G.ndim >= 2
     a, b, c = NS_COEFFS
-    X = G.bfloat16() if G.device.type == "cuda" else G.float()
+    X = G.to(dtype or newton_schulz_dtype(G.device))
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
         X = X.mT
@@ -48,8 +62,8 @@ def zeropower_via_newtonschulz5(G, steps=5):
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = (A @ A).mul_(c).add_(A, alpha=b)
+        X = (B @ X).add_(X, alpha=a)
     if transposed:
         X = X.mT
     return X
@@ -68,7 +82,7 @@ def _group_by_shape(params):
     return [dict(params=ps) for ps in by_shape.values()]
 
 
-def _muon_update(params, grads, group, state):
+def _muon_update(params, grads, group, state, ns_dtype):
     """Momentum + Newton-Schulz + scaled update, batched over same-shape params."""
     momentum = group["momentum"]
     bufs = []
@@ -79,18 +93,20 @@ def _muon_update(params, grads, group, state):
         bufs.append(st["momentum_buffer"])
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
     updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-    X = zeropower_via_newtonschulz5(torch.stack(updates), steps=group["ns_steps"])
+    X = zeropower_via_newtonschulz5(torch.stack(updates), steps=group["ns_steps"], dtype=ns_dtype)
     rows, cols = params[0].shape
     scale = max(1.0, rows / cols) ** 0.5
     torch._foreach_add_(params, list(X.to(params[0].dtype).unbind(0)), alpha=-group["lr"] * scale)
 
 
 class Muon(torch.optim.Optimizer):
-    """Single-process Muon. Params: a flat list of 2-D tensors (grouped by shape internally)."""
+    """Single-process Muon. Params: a flat list of 2-D tensors (grouped by shape internally).
+    ns_dtype: Newton-Schulz precision, None = newton_schulz_dtype(device) (bf16 where fast)."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__(_group_by_shape(params), defaults)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None, grads_already_averaged=False):
@@ -102,7 +118,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                _muon_update(params, [p.grad for p in params], group, self.state)
+                _muon_update(params, [p.grad for p in params], group, self.state, self.ns_dtype)
         return loss
 
 
@@ -163,7 +179,7 @@ class DistMuon(Muon):
                 owned_grads = [g for _, g in owned]
                 if not grads_already_averaged:
                     torch._foreach_mul_(owned_grads, 1.0 / ws)  # SUM -> mean
-                _muon_update(owned_params, owned_grads, group, self.state)
+                _muon_update(owned_params, owned_grads, group, self.state, self.ns_dtype)
             params = group["params"]
             for base in range(0, len(params), ws):
                 chunk = params[base:base + ws]

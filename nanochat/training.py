@@ -48,6 +48,9 @@ def add_training_args(parser: argparse.ArgumentParser, lr_defaults=None):
     g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR decay at the end")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm (0 = off)")
+    g.add_argument("--muon-precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="Muon's Newton-Schulz matmuls (auto: bf16 on CUDA and on CPUs with bf16 matmul "
+                        "hardware, fp32 elsewhere)")
     g = parser.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=250, help="evaluate every N steps (-1 = only at the end)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
@@ -92,8 +95,9 @@ def should_compile(flag, device_type):
 def build_optimizers(args, model):
     """[AdamW, Muon] with the --*-lr flags, all scaled by --init-lr-frac."""
     f = args.init_lr_frac
+    muon_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.muon_precision]
     return model.setup_optimizers(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
-                                  matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay)
+                                  matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay, muon_dtype=muon_dtype)
 
 
 def load_starting_model(args, source, device, dynamic_shapes):

@@ -180,9 +180,11 @@ def test_no_supervised_token_and_truncated_conversations_give_no_nan(base):
 @pytest.mark.slow
 def test_one_batch_equals_accumulation_equals_torchrun(base, tmp_path):
     """The same 4 conversations per step as (a) one micro-batch of 4, (b) 2 accumulated micro-batches
-    of 2, (c) 2 gloo ranks with a micro-batch of 2 each: same losses and weights."""
+    of 2, (c) 2 gloo ranks with a micro-batch of 2 each: same losses and weights. Muon in fp32: bf16
+    Newton-Schulz would round float-order noise up to bf16 steps and hide what is compared here."""
     root, _, _ = base
-    common = TINY + ["--data", root / "repeat.jsonl", "--data-only", "--val-mixture", f"custom:{root / 'repeat.jsonl'}",
+    common = TINY + ["--muon-precision", "fp32",
+                     "--data", root / "repeat.jsonl", "--data-only", "--val-mixture", f"custom:{root / 'repeat.jsonl'}",
                      "--examples-per-step", "4", "--num-iterations", "4", "--init-lr-frac", "0.5",
                      "--eval-every", "-1", "--eval-examples", "4"]
     from nanochat.checkpoint_manager import load_checkpoint

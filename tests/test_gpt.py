@@ -288,35 +288,16 @@ def test_generate_greedy_and_seeded():
     assert a == b and all(0 <= t < 64 for t in a)
 
 
-def test_fused_softcap_cross_entropy_matches_autograd():
-    """The hand-written backward equals autograd's op-by-op graph (and gradcheck in fp64)."""
-    import torch.nn.functional as F
-    from nanochat.gpt import LOGIT_SOFTCAP, SoftcapCrossEntropy
-    torch.manual_seed(0)
-    z = (torch.randn(64, 50, dtype=torch.float64) * 20).requires_grad_()
-    t = torch.randint(0, 50, (64,))
-    t[::7] = -1  # ignored positions: no loss, no gradient
-    ref = F.cross_entropy(LOGIT_SOFTCAP * torch.tanh(z / LOGIT_SOFTCAP), t, ignore_index=-1, reduction="none")
-    weights = torch.randn(64, dtype=torch.float64)
-    (ref * weights).sum().backward()
-    ref_grad, z.grad = z.grad.clone(), None
-    out = SoftcapCrossEntropy.apply(z, t, LOGIT_SOFTCAP)
-    (out * weights).sum().backward()
-    assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(z.grad, ref_grad, atol=1e-12)
-    assert (z.grad[::7] == 0).all()
-    small = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    st = torch.tensor([0, 4, -1, 2, 2, 1])
-    assert torch.autograd.gradcheck(lambda x: SoftcapCrossEntropy.apply(x, st, LOGIT_SOFTCAP), (small,))
-
-
 @pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
 def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
-    """The chunked lm_head + soft-cap + CE (gradients formed in the forward pass) equals the plain
-    autograd graph for the loss and both gradients, whatever the chunking; ignored targets add
-    nothing; the incoming gradient scales the result; the no-grad path gives the same losses."""
+    """The chunked lm_head + soft-cap + CE equals the plain autograd graph for the loss and both
+    gradients, whatever the chunking: the summed version (gradients formed in the forward pass,
+    scaled by the incoming gradient) and the per-token one (recomputed in backward, uneven
+    token weights); ignored targets add nothing; the no-grad path gives the same losses."""
     import torch.nn.functional as F
     import nanochat.gpt as gpt
-    from nanochat.gpt import LOGIT_SOFTCAP, LinearSoftcapCrossEntropy, _softcap_ce_chunks
+    from nanochat.gpt import (LOGIT_SOFTCAP, LinearSoftcapCrossEntropy, LinearSoftcapCrossEntropyPerToken,
+                              _softcap_ce_chunks)
     monkeypatch.setattr(gpt, "ce_chunk_rows", lambda device_type, vocab: chunk_rows)
     torch.manual_seed(0)
     x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
@@ -334,9 +315,22 @@ def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
     assert (x.grad[::6] == 0).all()
     per_token = _softcap_ce_chunks(x.detach(), w.detach(), t, LOGIT_SOFTCAP, with_grads=False)[0]
     assert torch.allclose(per_token.sum().double(), ref, atol=1e-4) and (per_token[::6] == 0).all()
+    # per-token losses, gradients recomputed in backward, under uneven per-token weights
+    x.grad = w.grad = None
+    weights = torch.randn(40, dtype=torch.float64)
+    ref = F.cross_entropy(LOGIT_SOFTCAP * torch.tanh(x @ w.T / LOGIT_SOFTCAP), t, ignore_index=-1, reduction="none")
+    (ref * weights).sum().backward()
+    ref_gx, ref_gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    out = LinearSoftcapCrossEntropyPerToken.apply(x, w, t, LOGIT_SOFTCAP)
+    (out * weights).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-10)
+    assert torch.allclose(x.grad, ref_gx, atol=1e-10) and torch.allclose(w.grad, ref_gw, atol=1e-10)
     xs, ws = x[:6].detach().requires_grad_(), w[:5].detach().requires_grad_()
     ts = torch.tensor([0, 4, -1, 2, 2, 1])
     assert torch.autograd.gradcheck(lambda a, b: LinearSoftcapCrossEntropy.apply(a, b, ts, LOGIT_SOFTCAP), (xs, ws))
+    assert torch.autograd.gradcheck(lambda a, b: LinearSoftcapCrossEntropyPerToken.apply(a, b, ts, LOGIT_SOFTCAP),
+                                    (xs, ws))
 
 
 def test_loss_paths_agree():
