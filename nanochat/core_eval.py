@@ -148,7 +148,7 @@ def _yaml_scalar(text, where):
 def parse_core_yaml(text, path="core.yaml"):
     """The `icl_tasks:` list of core.yaml as a list of dicts. A small reader for exactly that shape
     (a list of flat mappings; block lists like `num_fewshot:\\n  - 10` too), so no YAML library."""
-    tasks, current, list_key, in_tasks = [], None, None, False
+    tasks, current, current_indent, list_key, in_tasks = [], None, 0, None, False
     for lineno, raw in enumerate(text.splitlines(), start=1):
         where = f"{path}:{lineno}"
         line = raw.rstrip()

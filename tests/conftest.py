@@ -2,7 +2,6 @@
 Shared test fixtures: a loopback HTTP file server (tests never touch the internet), a tiny
 real tokenizer, the path of the shared real datasets, and an isolated $NANOCHAT_BASE_DIR.
 """
-import os
 import random
 import threading
 from collections import deque

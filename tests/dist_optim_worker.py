@@ -55,7 +55,7 @@ def main(out_dir):
     from nanochat.muon import DistMuon
 
     dist.init_process_group("gloo")
-    rank, ws = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     assert ndist.has_tensor_collectives(), "this PyTorch's Gloo should implement reduce_scatter_tensor"
 
     for portable in (False, True):

@@ -4,7 +4,6 @@ default model tag and step, atomicity under a failing write and under SIGKILL, t
 torch.compile key prefix (removeprefix, never lstrip), clear errors, rotation, and the
 distributed save (every optimizer file exists before the meta appears).
 """
-import json
 import os
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """The sandbox: untrusted code runs, its output is captured, and it cannot hang, hog memory,
 touch the network, spawn processes or delete files."""
-import os
 import time
 
 import pytest

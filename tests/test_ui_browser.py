@@ -8,7 +8,6 @@ import contextlib
 import shutil
 
 import pytest
-import requests
 
 from test_chat_web import TOOL_QUESTION, XSS_QUESTION, XSS_REPLY, Server, build_checkpoint
 
