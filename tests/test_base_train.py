@@ -103,7 +103,7 @@ def test_torchrun_matches_gradient_accumulation(tmp_path):
     results = {}
     for name, launcher in [("single", [sys.executable]),
                            ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                    "--master_port", str(29500 + os.getpid() % 1000)])]:
+                                    "--standalone"])]:  # a free port, picked by torchrun
         out = tmp_path / name
         out.mkdir()
         proc = subprocess.run([*launcher, str(REPO / "tests" / "ddp_train_worker.py"), "--checkpoint-dir", str(out),

@@ -351,7 +351,7 @@ def test_two_ranks_give_the_single_process_score(tmp_path, tiny_tokenizer):
     single = evaluate_core(model, tiny_tokenizer, tasks, "cpu", log=None)
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_port", str(29600 + os.getpid() % 1000), "-m", "scripts.base_eval",
+                           "--standalone", "-m", "scripts.base_eval",
                            "--data-dir", str(FIXTURES), "--device", "cpu"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
