@@ -1,15 +1,20 @@
 """
 Training-step throughput: tokens/s and peak memory of one full optimizer step (forward,
-backward, Muon + AdamW) of our GPT at a given config, and MFU on GPU. For scale, the same
-step of a classic GPT-2-style model (learned positions, LayerNorm, GELU, fused QKV, SDPA,
-AdamW) with the same width, depth, sequence and batch — the architecture of the well-known
-small-GPT trainers — is timed in the same process.
+backward, Muon + AdamW) of our GPT at a given config, and MFU on GPU. For scale, two other
+steps with the same width, depth, heads, vocab, sequence and batch are timed in the same process:
+  - the same architecture and optimizers written the plain way (dev/reference_gpt.py: stock ops,
+    autograd backwards, full logits), as the well-known modern small-GPT trainers write it;
+  - a classic GPT-2-style model (learned positions, LayerNorm, GELU, fused QKV, SDPA, AdamW),
+    the architecture of the well-known classic small-GPT trainers.
 
     python -m dev.bench_train                      # CPU-sized default
     python -m dev.bench_train --depth 12 --seq-len 2048 --batch-size 16 --device cuda --compile 1
 """
 import argparse
-import resource
+import os
+import re
+import subprocess
+import sys
 import time
 
 import torch
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx, get_peak_flops, synchronize
 from nanochat.gpt import GPT, GPTConfig
+from dev.reference_gpt import reference_loss
 
 
 class ClassicBlock(nn.Module):
@@ -54,10 +60,36 @@ class ClassicGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def peak_memory_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB (process peak)
+class ReferenceGPT(nn.Module):
+    """Our architecture through dev/reference_gpt.py (its own copy of the weights)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return reference_loss(self.model, idx, targets)
+
+
+def rss_mib(field="VmRSS"):
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process, MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def reset_peak_rss():
+    # a child process inherits its parent's peak RSS through fork; "5" resets it (Linux >= 4.0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def step_memory_mib_cpu(key):
+    """Peak RSS a training step adds on top of its model and optimizers, on CPU: measured in a
+    fresh process running only that contender (in this process the others' memory would mix in)."""
+    cmd = [sys.executable, "-m", "dev.bench_train", *sys.argv[1:], "--only", key, "--rounds", "1", "--steps", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    found = re.findall(r"^STEP_PEAK_MIB ([\d.]+)$", out.stdout, re.M)
+    return float(found[-1]) if found else None
 
 
 def time_steps(model, optimizers, args, device, vocab):
@@ -80,6 +112,30 @@ def time_steps(model, optimizers, args, device, vocab):
     return sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
 
 
+def build_contenders(args, device, dim, n_head):
+    """[(key, name, module to call, optimizers, FLOPs per token or None)] (just args.only if set)."""
+    wanted = [args.only] if args.only else ["nanochat"] + ([] if args.no_baseline else ["reference", "classic"])
+    config = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
+                       n_head=n_head, n_kv_head=n_head, n_embd=dim)
+    maybe_compile = torch.compile if args.compile else (lambda m: m)
+    contenders = []
+    for key in wanted:
+        torch.manual_seed(0)
+        if key == "nanochat":
+            model = GPT(config).to(device)
+            contenders.append((key, "nanochat GPT (Muon+AdamW)", maybe_compile(model), model.setup_optimizers(),
+                               model.estimate_flops()))
+        elif key == "reference":
+            model = GPT(config).to(device)
+            contenders.append((key, "same arch, plain autograd", maybe_compile(ReferenceGPT(model)),
+                               model.setup_optimizers(), model.estimate_flops()))
+        else:
+            model = ClassicGPT(args.vocab_size, args.seq_len, args.depth, dim, n_head).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+            contenders.append((key, "classic GPT-2 style (AdamW)", maybe_compile(model), [opt], None))
+    return contenders
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -94,7 +150,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per model (best kept)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", type=int, default=0, help="torch.compile both models")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the classic GPT-2-style comparison")
+    parser.add_argument("--no-baseline", action="store_true", help="time only our model (no comparisons)")
+    parser.add_argument("--only", choices=["nanochat", "reference", "classic"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -106,36 +163,46 @@ def main():
           f"seq {args.seq_len}, batch {args.batch_size} ({tokens:,} tokens/step), device {device}, "
           f"threads {torch.get_num_threads()}, compile {bool(args.compile)}")
 
-    # both models stay alive and are timed in alternating rounds (best round kept): whichever ran
+    contenders = build_contenders(args, device, dim, n_head)
+    if args.only:
+        # memory probe (see step_memory_mib_cpu): one contender, its step's peak RSS over its setup
+        _, _, fwd, opts, _ = contenders[0]
+        reset_peak_rss()
+        base_rss = rss_mib()
+        time_steps(fwd, opts, args, device, args.vocab_size)
+        print(f"STEP_PEAK_MIB {rss_mib('VmHWM') - base_rss:.1f}")
+        return
+    # all models stay alive and are timed in alternating rounds (best round kept): whichever ran
     # first would otherwise pay for the allocator's and caches' warm-up alone
-    torch.manual_seed(0)
-    ours = GPT(GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
-                         n_head=n_head, n_kv_head=n_head, n_embd=dim)).to(device)
-    contenders = [("nanochat GPT (Muon+AdamW)", ours, torch.compile(ours) if args.compile else ours,
-                   ours.setup_optimizers(), ours.estimate_flops())]
-    if not args.no_baseline:
-        torch.manual_seed(0)
-        classic = ClassicGPT(args.vocab_size, args.seq_len, args.depth, dim, n_head).to(device)
-        opt = torch.optim.AdamW(classic.parameters(), lr=1e-4, fused=device.type == "cuda")
-        contenders.append(("classic GPT-2 style (AdamW)", classic, torch.compile(classic) if args.compile else classic,
-                           [opt], None))
-    best = {name: float("inf") for name, *_ in contenders}
+    best = {name: float("inf") for _, name, *_ in contenders}
+    memory = {}
     for _ in range(args.rounds):
-        for name, _, fwd, opts, _ in contenders:
+        for key, name, fwd, opts, _ in contenders:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             best[name] = min(best[name], time_steps(fwd, opts, args, device, args.vocab_size))
+            if device.type == "cuda":
+                memory[name] = max(memory.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+    if device.type == "cpu":
+        memory = {name: step_memory_mib_cpu(key) for key, name, *_ in contenders}
     peak = get_peak_flops(device.type)
     rows = []
-    for name, module, _, _, flops_per_token in contenders:
+    for _, name, fwd, _, flops_per_token in contenders:
         dt = best[name]
         mfu = 100 * flops_per_token * tokens / dt / peak if (peak and flops_per_token) else None
-        rows.append((name, sum(p.numel() for p in module.parameters()), dt, mfu, peak_memory_mib(device)))
+        rows.append((name, sum(p.numel() for p in fwd.parameters()), dt, mfu, memory.get(name)))
 
-    print(f"{'model':<28} {'params':>12} {'step ms':>9} {'tok/s':>10} {'MFU':>6} {'peak MiB':>9}")
+    print(f"{'model':<28} {'params':>12} {'step ms':>9} {'tok/s':>10} {'MFU':>6} {'step MiB':>9}")
     for name, params, dt, mfu, mem in rows:
         mfu_txt = f"{mfu:.1f}%" if mfu is not None else "-"
-        print(f"{name:<28} {params:>12,} {dt * 1000:>9.1f} {tokens / dt:>10,.0f} {mfu_txt:>6} {mem:>9.0f}")
-    if device.type == "cpu":
-        print("note: peak MiB on CPU is the whole process's peak RSS (both models alive)")
+        mem_txt = f"{mem:.0f}" if mem is not None else "-"
+        print(f"{name:<28} {params:>12,} {dt * 1000:>9.1f} {tokens / dt:>10,.0f} {mfu_txt:>6} {mem_txt:>9}")
+    ours_dt = rows[0][2]
+    for name, _, dt, _, _ in rows[1:]:
+        print(f"nanochat step vs {name}: {dt / ours_dt:.2f}x its speed")
+    print("step MiB: peak memory of a step over the model and optimizer state "
+          + ("(peak RSS growth, each model alone in a fresh process)" if device.type == "cpu"
+             else "(max allocated, parameters and optimizer state included)"))
 
 
 if __name__ == "__main__":

@@ -118,11 +118,16 @@ def apply_rotary_emb(x, cos, sin):
 
 
 def ce_chunk_rows(device_type, vocab_size):
-    """Rows of logits the chunked loss materialises at once: on CPU ~1M elements (a few MB, so
-    buffers stay cache- and allocator-friendly: glibc mmaps, and page-faults afresh, any buffer
-    above 32 MB); on GPU ~64M elements (few kernel launches, still far below the full logits)."""
-    elements = 2 ** 26 if device_type == "cuda" else 2 ** 20
-    return max(1, elements // vocab_size)
+    """
+    Rows of logits the chunked loss materialises at once. GPU: ~64M elements (few kernel
+    launches, still far below the full logits). CPU, measured: the elementwise passes want small
+    cache-friendly chunks (~1M elements), while every chunk also adds its share into the lm_head
+    gradient, a (V x D) read and write, which wants rows to grow with V: V/64 rows balances the two
+    (128 rows at V=8192, 512 at V=32768).
+    """
+    if device_type == "cuda":
+        return max(1, 2 ** 26 // vocab_size)
+    return max(1, vocab_size // 64, 2 ** 20 // vocab_size)
 
 
 def _softcap_ce_chunks(x, weight, targets, cap, with_grads, row_weights=None):
@@ -441,7 +446,8 @@ class GPT(nn.Module):
             adamw = DistAdamW(adam_groups, **adamw_kwargs)
             muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True, ns_dtype=muon_dtype)
         else:
-            fused = self.get_device().type == "cuda"
+            # one fused kernel per step on CUDA and CPU (5x faster than the op-by-op loop on CPU)
+            fused = self.get_device().type in ("cuda", "cpu")
             adamw = AdamW(adam_groups, fused=fused, **adamw_kwargs)
             muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True, ns_dtype=muon_dtype)
         optimizers = [adamw, muon]

@@ -45,7 +45,9 @@ def main():
 def train(args, ddp, rank, world_size, device):
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
-    optimizers = model.setup_optimizers(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02)
+    # fp32 Newton-Schulz: bf16 would round float-order noise up to bf16-sized steps (see test_optim)
+    optimizers = model.setup_optimizers(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02,
+                                        muon_dtype=torch.float32)
     grad_accum = 2 // world_size
     trainer = Trainer(args, model, optimizers, device=device, ddp=ddp, world_size=world_size, rank=rank,
                       checkpoint_dir=args.checkpoint_dir, num_steps=args.num_iterations, grad_accum=grad_accum,

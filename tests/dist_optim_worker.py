@@ -63,7 +63,7 @@ def main(out_dir):
         for clip in (False, True):
             name = f"{'portable' if portable else 'tensor'}_{'clip' if clip else 'noclip'}"
             model = make_model()
-            optimizers = model.setup_optimizers()
+            optimizers = model.setup_optimizers(muon_dtype=torch.float32)  # see test_optim.replay_single_process
             assert isinstance(optimizers[0], DistAdamW) and isinstance(optimizers[1], DistMuon)
             for step in range(STEPS):
                 x, y = batch(step, rank)

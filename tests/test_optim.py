@@ -119,7 +119,9 @@ def replay_single_process(clip, ranks=(0, 1)):
     """What the distributed run must equal: one process, gradient = mean over the ranks' batches.
     (Cached: several tests compare against the same replay; callers only read the result.)"""
     model = worker.make_model()
-    optimizers = model.setup_optimizers()
+    # fp32 Newton-Schulz on both sides: bf16 would round float-order noise (fused vs sharded AdamW
+    # sum their terms differently) up to bf16-sized steps and blur what is compared here
+    optimizers = model.setup_optimizers(muon_dtype=torch.float32)
     assert type(optimizers[0]).__name__ == "AdamW" and type(optimizers[1]).__name__ == "Muon"
     params = list(model.parameters())
     for step in range(worker.STEPS):
