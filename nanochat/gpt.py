@@ -90,10 +90,11 @@ def _rotate(x, cos, sin):
     """(x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin) on the two halves of the last dim."""
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
+    # written into halves of one output (3x faster in eager than building halves and concatenating);
+    # in-place ops rather than out= arguments, which torch.compile cannot trace
     out = torch.empty_like(x)
-    out1, out2 = out[..., :d], out[..., d:]
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin)
-    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=-1.0)
+    out[..., :d].copy_(x1).mul_(cos).addcmul_(x2, sin)
+    out[..., d:].copy_(x2).mul_(cos).addcmul_(x1, sin, value=-1.0)
     return out
 
 

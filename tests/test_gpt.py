@@ -413,3 +413,38 @@ def test_whole_model_matches_plain_autograd_reference():
     assert torch.allclose(loss, ref, atol=1e-5)
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    """torch.compile (on by default on CUDA) traces the hand-written autograd Functions and the
+    chunked loss, and gives the eager loss and gradients."""
+    model = make_model().train()
+    vocab = model.config.vocab_size
+    torch.manual_seed(2)
+    idx, targets = torch.randint(0, vocab, (2, 32)), torch.randint(0, vocab, (2, 32))
+    targets[0, :5] = -1
+    loss = model(idx, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    compiled_loss = torch.compile(model)(idx, targets)
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    assert torch.allclose(loss, compiled_loss, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, compiled_grads))
+
+
+def test_bf16_autocast_close_to_fp32():
+    """The CUDA dtype policy (bf16 autocast around the forward), emulated on CPU: the same loss
+    and gradients up to bf16 rounding, fp32 parameter gradients."""
+    model = make_model().train()
+    vocab = model.config.vocab_size
+    torch.manual_seed(3)
+    idx, targets = torch.randint(0, vocab, (2, 32)), torch.randint(0, vocab, (2, 32))
+    loss = model(idx, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(idx, targets)
+    low_grads = torch.autograd.grad(low, list(model.parameters()))
+    assert low.dtype == torch.float32 and abs(low.item() - loss.item()) < 0.01 * loss.item()
+    for (name, p), g, lg in zip(model.named_parameters(), grads, low_grads):
+        assert lg.dtype == p.dtype == torch.float32
+        assert (lg - g).norm() < 0.05 * g.norm(), name
