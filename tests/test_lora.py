@@ -74,10 +74,13 @@ def live_tensor_bytes():
             if obj.device.type == "meta":
                 continue
             storage = obj.untyped_storage()
-        except Exception:  # objects whose type check itself fails are no tensors we care about
+            with warnings.catch_warnings():  # fake tensors (left by torch.compile) only warn here
+                warnings.simplefilter("error")
+                pointer = storage.data_ptr()
+        except Exception:  # no real storage: failed type checks, fake tensors
             continue
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
+        if pointer not in seen:
+            seen.add(pointer)
             total += storage.nbytes()
     return total
 
