@@ -100,9 +100,10 @@ def time_steps(model, optimizers, args, device, vocab):
     for i in range(args.warmup + args.steps):
         synchronize(device.type)
         t0 = time.time()
-        with autocast_ctx(device.type):
-            loss = model(inputs, targets)
-        loss.backward()
+        for _ in range(args.grad_accum):
+            with autocast_ctx(device.type):
+                loss = model(inputs, targets) / args.grad_accum
+            loss.backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -144,6 +145,9 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step (training uses many: the optimizer's fixed "
+                             "cost per step, large for Muon, is then shared)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per round (median kept)")
@@ -158,9 +162,10 @@ def main():
         torch.set_num_threads(args.threads)
     dim = args.depth * args.aspect_ratio
     n_head = dim // args.head_dim
-    tokens = args.batch_size * args.seq_len
+    tokens = args.batch_size * args.seq_len * args.grad_accum
     print(f"config: depth {args.depth}, width {dim}, {n_head} heads, vocab {args.vocab_size}, "
-          f"seq {args.seq_len}, batch {args.batch_size} ({tokens:,} tokens/step), device {device}, "
+          f"seq {args.seq_len}, batch {args.batch_size} x {args.grad_accum} micro-batches ({tokens:,} tokens/step), "
+          f"device {device}, "
           f"threads {torch.get_num_threads()}, compile {bool(args.compile)}")
 
     contenders = build_contenders(args, device, dim, n_head)
