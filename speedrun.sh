@@ -100,7 +100,7 @@ if [ "$PRESET" = "gpu" ]; then
     stage dpo_eval $RUN -m scripts.chat_eval -i dpo
 else
     # -------------------------------------------------------------------------
-    # CPU preset: a tiny model through every stage, ~20 minutes on 2 cores. It teaches the
+    # CPU preset: a tiny model through every stage, ~15 minutes on 2 cores. It teaches the
     # pipeline; the model itself only learns the surface of English and of the chat format.
     DATA="${NANOCHAT_DATA:-}"
     if [ -z "$DATA" ] && [ -d ../shared/data ]; then DATA="$(cd ../shared/data && pwd)"; fi
