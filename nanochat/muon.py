@@ -56,18 +56,21 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     a, b, c = NS_COEFFS
     shape = G.shape
     X = G.to(dtype or newton_schulz_dtype(G.device)).reshape(-1, *shape[-2:])  # (batch, rows, cols)
-    transposed = G.size(-2) > G.size(-1)
-    if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
-        X = X.mT
+    tall = G.size(-2) > G.size(-1)
     # scale so the spectral norm is <= 1 (Frobenius norm bounds it), where the iteration converges
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = X @ X.mT
+        # the Gram matrix on the short side (the cheaper one), and a polynomial applied from that side:
+        # p(X X^T) X == X p(X^T X), the same singular-value map. No transposed copies: X keeps its layout.
         # baddbmm folds the scaled sums into the matmuls (one pass less each; ~1.4x faster in bf16 on CPU)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    if transposed:
-        X = X.mT
+        if tall:
+            A = X.mT @ X
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, X, B, beta=a)
+        else:
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
     return X.reshape(shape)
 
 
