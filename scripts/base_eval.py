@@ -20,6 +20,7 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import CoreDataError, bundle_tasks, download_eval_bundle, evaluate_core, local_tasks
+from nanochat.report import get_report
 
 
 def select_tasks(tasks, wanted):
@@ -104,16 +105,12 @@ def main(argv=None):
         csv_path = os.path.join(get_base_dir(), "base_eval", f"{args.source}_{model_tag}_{step:06d}.csv")
         write_csv(csv_path, results, core)
         print0(f"wrote {csv_path}")
-        try:
-            from nanochat.report import get_report
-            get_report().log(section=f"CORE evaluation ({args.source})", data=[
-                {"source": args.source, "model_tag": model_tag, "step": step,
-                 "tasks_from": args.data_dir or args.bundle_dir or "eval_bundle", "max_per_task": args.max_per_task},
-                {label: round(r["centered"], 4) for label, r in results.items()},
-                {"CORE": round(core, 4), "eval_time_s": round(seconds, 1)},
-            ])
-        except ImportError:
-            pass
+        get_report().log(section=f"CORE evaluation ({args.source})", data=[
+            {"source": args.source, "model_tag": model_tag, "step": step,
+             "tasks_from": args.data_dir or args.bundle_dir or "eval_bundle", "max_per_task": args.max_per_task},
+            {label: round(r["centered"], 4) for label, r in results.items()},
+            {"CORE": round(core, 4), "eval_time_s": round(seconds, 1)},
+        ])
     compute_cleanup()
     return out
 

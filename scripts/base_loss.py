@@ -18,6 +18,7 @@ from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_bas
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
 SAMPLE_PROMPTS = [
@@ -106,16 +107,12 @@ def main(argv=None):
         for prompt, continuation in samples:
             print0(f"{prompt!r} -> {continuation!r}")
     if rank == 0:
-        try:
-            from nanochat.report import get_report
-            get_report().log(section=f"Loss evaluation ({args.source})", data=[
-                {"source": args.source, "model_tag": model_tag, "step": meta["step"],
-                 "data": data or "FineWeb-Edu shards", "val_data": val_data, "split_tokens": steps * B * T * world_size},
-                {"train_bpb": results["train_bpb"], "val_bpb": results["val_bpb"], "eval_time_s": round(seconds, 1)},
-                ("Greedy samples:\n\n" + "\n".join(f"    {p!r} -> {c!r}" for p, c in samples)) if samples else None,
-            ])
-        except ImportError:
-            pass
+        get_report().log(section=f"Loss evaluation ({args.source})", data=[
+            {"source": args.source, "model_tag": model_tag, "step": meta["step"],
+             "data": data or "FineWeb-Edu shards", "val_data": val_data, "split_tokens": steps * B * T * world_size},
+            {"train_bpb": results["train_bpb"], "val_bpb": results["val_bpb"], "eval_time_s": round(seconds, 1)},
+            ("Greedy samples:\n\n" + "\n".join(f"    {p!r} -> {c!r}" for p, c in samples)) if samples else None,
+        ])
     compute_cleanup()
     return {**results, "samples": samples}
 

@@ -23,6 +23,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import Trainer, add_training_args, build_optimizers, grad_accum_steps, should_compile
 
@@ -149,17 +150,13 @@ def main(argv=None):
     print0(f"done: {trainer.step} steps in {wall / 60:.1f} min | val bpb {last_eval.get('val_bpb', float('nan')):.4f}"
            + (f" | peak memory {peak_mem:.0f} MiB" if peak_mem else ""))
     if master:
-        try:
-            from nanochat.report import get_report
-            get_report().log(section="Base model training", data=[
-                vars(args),
-                {"parameters": num_params, "flops_per_token": f"{flops_per_token:e}", "steps": num_steps,
-                 "tokens": total_tokens, "tokens_per_param": round(total_tokens / num_params, 2),
-                 "min_val_bpb": last_eval.get("val_bpb"), "training_time_min": round(trainer.train_time / 60, 2),
-                 "peak_memory_mib": peak_mem},
-            ])
-        except ImportError:
-            pass
+        get_report().log(section="Base model training", data=[
+            vars(args),
+            {"parameters": num_params, "flops_per_token": f"{flops_per_token:e}", "steps": num_steps,
+             "tokens": total_tokens, "tokens_per_param": round(total_tokens / num_params, 2),
+             "min_val_bpb": last_eval.get("val_bpb"), "training_time_min": round(trainer.train_time / 60, 2),
+             "peak_memory_mib": peak_mem},
+        ])
     compute_cleanup()
     return trainer
 

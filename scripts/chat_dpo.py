@@ -33,6 +33,7 @@ from nanochat.chat_data import StepBatches, build_chat_tasks, padded_batches
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
 from nanochat.dpo import LOSS_TYPES, collate_pairs, describe_counts, pair_losses, reference_logps, tokenize_pairs
 from nanochat.lora import add_lora_args, disable_lora
+from nanochat.report import get_report
 from nanochat.training import Trainer, add_training_args, finetune_outputs, load_starting_model
 from tasks.common import SPEC_HELP, DownloadError
 
@@ -201,16 +202,12 @@ def main(argv=None):
     last_eval = trainer.run(batches, compute_loss, evaluate if val_pairs else None)
     print0(f"done: {trainer.step} steps in {(time.time() - t0) / 60:.1f} min")
     if master:
-        try:
-            from nanochat.report import get_report
-            get_report().log(section="Chat DPO", data=[
-                vars(args),
-                {"source": f"{args.source} {tag} step {source_meta['step']}", "training_pairs": len(train_pairs),
-                 **{f"pairs_{k}": v for k, v in sorted(train_counts.items())}, "steps": num_steps,
-                 "training_time_min": round(trainer.train_time / 60, 2), **last_eval},
-            ])
-        except ImportError:
-            pass
+        get_report().log(section="Chat DPO", data=[
+            vars(args),
+            {"source": f"{args.source} {tag} step {source_meta['step']}", "training_pairs": len(train_pairs),
+             **{f"pairs_{k}": v for k, v in sorted(train_counts.items())}, "steps": num_steps,
+             "training_time_min": round(trainer.train_time / 60, 2), **last_eval},
+        ])
     compute_cleanup()
     return trainer
 

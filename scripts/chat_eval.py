@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, get_dist_info, print0
+from nanochat.report import TASK_PPL_PREFIX, get_report
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
@@ -267,23 +268,19 @@ def main(argv=None):
         print0(f"task ppl {stem}: {value:.4f} over {num_tokens:,} assistant tokens ({len(conversations)} conversations)")
 
     if rank == 0:
-        try:
-            from nanochat.report import TASK_PPL_PREFIX, get_report
-            metrics = dict(results)
-            if score is not None:
-                metrics["ChatCORE"] = score
-            for stem, (value, num_tokens) in ppl.items():
-                metrics[TASK_PPL_PREFIX + stem] = value
-                metrics[f"task_ppl_tokens:{stem}"] = num_tokens
-            get_report().log(section=f"Chat evaluation ({args.source})", data=[
-                {"source": args.source, "model_tag": model_tag, "step": meta["step"], "tasks": "|".join(names) or "none",
-                 "max_problems": args.max_problems, "data_dir": args.data_dir, "num_samples": args.num_samples,
-                 "temperature": args.temperature, "task_ppl_files": args.task_ppl},
-                metrics,
-                {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()},
-            ])
-        except ImportError:
-            pass
+        metrics = dict(results)
+        if score is not None:
+            metrics["ChatCORE"] = score
+        for stem, (value, num_tokens) in ppl.items():
+            metrics[TASK_PPL_PREFIX + stem] = value
+            metrics[f"task_ppl_tokens:{stem}"] = num_tokens
+        get_report().log(section=f"Chat evaluation ({args.source})", data=[
+            {"source": args.source, "model_tag": model_tag, "step": meta["step"], "tasks": "|".join(names) or "none",
+             "max_problems": args.max_problems, "data_dir": args.data_dir, "num_samples": args.num_samples,
+             "temperature": args.temperature, "task_ppl_files": args.task_ppl},
+            metrics,
+            {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()},
+        ])
     compute_cleanup()
     return {"results": results, "ChatCORE": score, "task_ppl": ppl}
 

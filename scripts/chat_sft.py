@@ -31,6 +31,7 @@ from nanochat.chat_data import (StepBatches, add_chat_data_args, build_chat_task
                                 scaled_token_loss)
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
 from nanochat.lora import add_lora_args
+from nanochat.report import get_report
 from nanochat.training import Trainer, add_training_args, finetune_outputs, load_starting_model
 from tasks.common import SPEC_HELP, DownloadError, build_task
 
@@ -216,16 +217,12 @@ def main(argv=None):
     print0(f"done: {trainer.step} steps in {(time.time() - t0) / 60:.1f} min | "
            + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
     if master:
-        try:
-            from nanochat.report import get_report
-            get_report().log(section="Chat SFT", data=[
-                vars(args),
-                {"source": f"{args.source} {tag} step {source_meta['step']}", "training_conversations": len(train_task),
-                 "truncated_conversations": truncated["truncated"], "steps": num_steps,
-                 "training_time_min": round(trainer.train_time / 60, 2), **last_eval},
-            ])
-        except ImportError:
-            pass
+        get_report().log(section="Chat SFT", data=[
+            vars(args),
+            {"source": f"{args.source} {tag} step {source_meta['step']}", "training_conversations": len(train_task),
+             "truncated_conversations": truncated["truncated"], "steps": num_steps,
+             "training_time_min": round(trainer.train_time / 60, 2), **last_eval},
+        ])
     compute_cleanup()
     return trainer
 

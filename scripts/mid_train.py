@@ -31,6 +31,7 @@ from nanochat.chat_data import PackedConversations, StepBatches, add_chat_data_a
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
 from nanochat.lora import add_lora_args
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import Trainer, add_training_args, finetune_outputs, grad_accum_steps, load_starting_model
 from tasks.common import SPEC_HELP, DownloadError
@@ -128,16 +129,12 @@ def main(argv=None):
     print0(f"done: {trainer.step} steps in {(time.time() - t0) / 60:.1f} min | "
            f"val bpb {last_eval.get('val_bpb', float('nan')):.4f}")
     if master:
-        try:
-            from nanochat.report import get_report
-            get_report().log(section="Midtraining", data=[
-                vars(args),
-                {"source": f"base {tag} step {source_meta['step']}", "training_conversations": len(train_task),
-                 "steps": num_steps, "tokens": num_steps * args.total_batch_size,
-                 "val_bpb": last_eval.get("val_bpb"), "training_time_min": round(trainer.train_time / 60, 2)},
-            ])
-        except ImportError:
-            pass
+        get_report().log(section="Midtraining", data=[
+            vars(args),
+            {"source": f"base {tag} step {source_meta['step']}", "training_conversations": len(train_task),
+             "steps": num_steps, "tokens": num_steps * args.total_batch_size,
+             "val_bpb": last_eval.get("val_bpb"), "training_time_min": round(trainer.train_time / 60, 2)},
+        ])
     compute_cleanup()
     return trainer
 

@@ -14,6 +14,7 @@ import torch
 
 from nanochat.common import print0
 from nanochat.dataset import DataError, iter_documents
+from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 
 
@@ -60,15 +61,11 @@ def main():
     print0(f"trained a {tokenizer.get_vocab_size()}-token tokenizer in {train_time:.1f}s -> {output_dir}")
     print0(f"token bytes: min {int(nonzero.min())}, max {int(nonzero.max())}, mean {nonzero.mean():.2f}; "
            f"{int((token_bytes == 0).sum())} special tokens")
-    try:
-        from nanochat.report import get_report
-        get_report().log(section="Tokenizer training", data=[
-            vars(args),
-            {"vocab_size": tokenizer.get_vocab_size(), "train_time_s": round(train_time, 2),
-             "token_bytes_mean": round(nonzero.mean().item(), 3)},
-        ])
-    except ImportError:
-        pass
+    get_report().log(section="Tokenizer training", data=[
+        vars(args),
+        {"vocab_size": tokenizer.get_vocab_size(), "train_time_s": round(train_time, 2),
+         "token_bytes_mean": round(nonzero.mean().item(), 3)},
+    ])
 
 
 if __name__ == "__main__":
