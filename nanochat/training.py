@@ -313,11 +313,15 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self, next_batch, compute_loss, evaluate=None):
+    def run(self, next_batch, compute_loss, evaluate=None, eval_at_start=False):
         """Train until num_steps. `evaluate(step) -> dict` runs every --eval-every steps and at the
-        end (its dict lands in the checkpoint meta). Returns the last evaluation dict."""
+        end (its dict lands in the checkpoint meta). eval_at_start: also evaluate the starting point
+        of a fresh run (not a resumed one), to compare with. Returns the last evaluation dict."""
         a = self.args
         last_eval = {}
+        if evaluate is not None and eval_at_start and self.step == 0 and a.eval_every > 0:
+            self.model.eval()
+            self.eval_history.append((0, evaluate(0) or {}))
         while self.step < self.num_steps:
             loss, lrm, dt, metrics = self.train_step(next_batch, compute_loss)
             if not math.isfinite(loss):

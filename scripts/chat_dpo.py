@@ -195,11 +195,8 @@ def main(argv=None):
         print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
 
-    if trainer.step == 0 and args.eval_every > 0 and val_pairs:  # where we start from, to compare with
-        orig_model.eval()
-        trainer.eval_history.append((0, evaluate(0)))
     t0 = time.time()
-    last_eval = trainer.run(batches, compute_loss, evaluate if val_pairs else None)
+    last_eval = trainer.run(batches, compute_loss, evaluate if val_pairs else None, eval_at_start=True)
     print0(f"done: {trainer.step} steps in {(time.time() - t0) / 60:.1f} min")
     if master:
         get_report().log(section="Chat DPO", data=[

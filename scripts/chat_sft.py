@@ -209,11 +209,8 @@ def main(argv=None):
                + f" | truncated conversations so far: {truncated['truncated']} of {truncated['rows']}")
         return out
 
-    if trainer.step == 0 and args.eval_every > 0:  # where we start from, to compare with
-        orig_model.eval()
-        trainer.eval_history.append((0, evaluate(0)))
     t0 = time.time()
-    last_eval = trainer.run(batches, compute_loss, evaluate)
+    last_eval = trainer.run(batches, compute_loss, evaluate, eval_at_start=True)
     print0(f"done: {trainer.step} steps in {(time.time() - t0) / 60:.1f} min | "
            + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
     if master:

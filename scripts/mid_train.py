@@ -121,11 +121,8 @@ def main(argv=None):
         print0(f"step {step:05d} | val bpb {bpb:.4f} | packing cropped {cropped:.1%} of the tokens read (rank 0)")
         return {"val_bpb": bpb}
 
-    if trainer.step == 0 and args.eval_every > 0:  # where we start from, to compare with
-        orig_model.eval()
-        trainer.eval_history.append((0, evaluate(0)))
     t0 = time.time()
-    last_eval = trainer.run(batches, compute_loss, evaluate)
+    last_eval = trainer.run(batches, compute_loss, evaluate, eval_at_start=True)
     print0(f"done: {trainer.step} steps in {(time.time() - t0) / 60:.1f} min | "
            f"val bpb {last_eval.get('val_bpb', float('nan')):.4f}")
     if master:
