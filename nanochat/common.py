@@ -2,11 +2,12 @@
 Shared plumbing for every stage: where artifacts live, which device/dtype to use,
 distributed init from torchrun's environment, and rank-0 printing/logging.
 """
-import os
-import sys
-import time
-import random
 import logging
+import os
+import random
+import sys
+import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -39,14 +40,39 @@ def format_eta(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file, line and field."""
+
+
 # -----------------------------------------------------------------------------
-# Where artifacts live
+# Where artifacts live, and writing them so that a crash never leaves half a file
 
 def get_base_dir():
     """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; created on first use."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base, exist_ok=True)
     return base
+
+
+def atomic_write(path, data):
+    """Write `data` (bytes, str, or a function f(file) that writes) to `path` all or nothing."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    # a hidden temp file in the same folder: the rename below is atomic only within one filesystem
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it gets the real name, so a power cut cannot tear it
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # -----------------------------------------------------------------------------

@@ -23,16 +23,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 LETTERS = "abcdefgh"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Import this into a test module: tiny models gain nothing from intra-op threads, and on a
-    shared 2-core box spinning OpenMP workers make training many times slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def reverse_conversation(word):
     """'reverse: c a f' -> 'f a c' (letters separated by spaces, so each is its own token)."""
     return {"messages": [{"role": "user", "content": "reverse: " + " ".join(word)},

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from nanochat.dpo import (collate_pairs, dpo_loss, pair_losses, reference_logps, tokenize_pairs, truncate_pair)
 from nanochat.gpt import GPT, GPTConfig
 from posttrain_helpers import make_base_dir, run_main, run_script, tree_snapshot, write_jsonl
-from posttrain_helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TINY = ["--source", "base", "--device", "cpu", "--log-every", "1", "--min-prompt-tokens", "4",
         "--min-response-tokens", "2"]
@@ -204,6 +205,7 @@ def test_torchrun_two_ranks(base):
     ('{"prompt": "hi", "chosen": "", "rejected": "the cat"}', ":2: chosen"),
     ('{"prompt": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"}', ":2: prompt[0].role"),
     ('{"prompt": "hi", "chosen": "a", "rejected": "b"', ":2: json"),
+
 ])
 def test_bad_user_file_fails_fast_and_harms_nothing(base, tmp_path, record, where):
     root, _ = base

@@ -17,18 +17,10 @@ from scripts.chat_eval import (ALL_TASKS, build_eval_task, chatcore, my_indices,
                                run_generative, task_perplexity)
 from tasks.customjson import CustomJSON
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core box spinning OpenMP
-    workers make them many times slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +203,7 @@ def test_chat_eval_script_end_to_end(base_dir, tiny_tokenizer):
     assert ppl > 1.0 and tokens > 0
     section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
     assert "- ChatCORE: " in section and "- task_ppl:conversations: " in section and "- HumanEval: " in section
+
 
     only_ppl = chat_eval.main(["--device", "cpu", "--task-ppl", str(FIXTURES / "conversations.jsonl")])
     assert only_ppl["results"] == {} and only_ppl["task_ppl"]["conversations"][0] == pytest.approx(ppl, rel=1e-5)

@@ -12,7 +12,8 @@ from nanochat.chat_data import StepBatches, collate_padded, padded_batches, scal
 from nanochat.gpt import GPT, GPTConfig
 from posttrain_helpers import (SHARED_DATA, make_base_dir, reverse_conversation, reverse_words, run_main, run_script,
                                tree_snapshot, write_jsonl)
-from posttrain_helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TINY = ["--source", "base", "--device", "cpu", "--eval-tasks", "--log-every", "1"]
 
@@ -254,3 +255,4 @@ def test_local_shared_data_mixture(base, tmp_path):
     assert set(final) == {"val_loss", f"acc/arc:easy:test:{SHARED_DATA / 'eval' / 'arc_easy.jsonl'}[:8]",
                           "acc/simplespelling:test:4"}
     assert all(0.0 <= v for v in final.values())
+

@@ -22,18 +22,10 @@ from nanochat.core_eval import (CoreDataError, CoreTask, bundle_tasks, centered,
                                 evaluate_task, fewshot_examples, load_items, local_tasks, parse_core_yaml,
                                 render_prompts, subset_indices, tokenize_prompts)
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core box spinning OpenMP
-    workers make them many times slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # -----------------------------------------------------------------------------
@@ -362,3 +354,4 @@ def test_two_ranks_give_the_single_process_score(tmp_path, tiny_tokenizer):
         assert ddp[label] == pytest.approx(result["centered"], abs=1e-6), label
     assert ddp["CORE"] == pytest.approx(single["core"], abs=1e-6)
     assert len({round(r["accuracy"], 6) for r in single["results"].values()}) > 1  # not a degenerate all-equal run
+

@@ -16,13 +16,7 @@ from nanochat.tokenizer import Tokenizer
 from scripts.export import (CHAT_TEMPLATE, SAMPLE_CONVERSATION, bpe_merges, hf_tokenizer_json, read_safetensors,
                             write_export, write_safetensors)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def make_model(vocab_size, seed=0, **overrides):
@@ -177,6 +171,7 @@ def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint,
         {"messages": [{"role": "user", "content": "Hello there"}]})
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] <= prompt["input_ids"].shape[1] + 5
+
 
 
 def test_failed_verification_exports_nothing(transformers, checkpoint, tmp_path, monkeypatch, capsys):

@@ -9,15 +9,7 @@ import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig, KVCache, attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box spinning
-    OpenMP workers make these tests ~25x slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny_config(**overrides):
@@ -413,6 +405,7 @@ def test_whole_model_matches_plain_autograd_reference():
     assert torch.allclose(loss, ref, atol=1e-5)
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-5, rtol=1e-4), name
+
 
 
 @pytest.mark.slow

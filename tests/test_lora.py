@@ -14,14 +14,7 @@ from nanochat.lora import (LoRALinear, apply_lora, disable_lora, has_lora, list_
                            load_lora_checkpoint, load_lora_optimizer, lora_optimizer, lora_parameters,
                            lora_state_dict, merge_lora, save_lora)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Small tensors gain nothing from intra-op threads on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 CONFIG = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
@@ -172,6 +165,7 @@ def test_save_reload_merge_roundtrip(tmp_path):
                             "targets": ["c_q", "c_v", "c_fc", "mlp.c_proj", "lm_head"]}
     assert meta["model_config"] == CONFIG and meta["step"] == 10
     assert set(state) == set(lora_state_dict(model))
+
 
     # a fresh base model + the adapter file = the trained model
     fresh = make_model(seed=123)

@@ -17,7 +17,8 @@ from nanochat.checkpoint_manager import find_largest_model, load_checkpoint, loa
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora import LoRALinear, has_lora, load_model_with_lora, lora_parameters, lora_state_dict, merge_lora
 from posttrain_helpers import make_base_dir, reverse_conversation, reverse_words, run_main, run_script, write_jsonl
-from posttrain_helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 N_EMBD, N_LAYER, SEQ_LEN = 256, 4, 48  # big enough that rank-8 adapters are < 5% of the parameters
 SFT = ["--source", "base", "--model-tag", "d4", "--device", "cpu", "--eval-tasks", "--log-every", "1",
@@ -278,3 +279,4 @@ def test_torchrun_two_ranks_equal_one_process(base):
     ddp_state = torch.load(ddp_dir / "lora_000003.pt", weights_only=True)
     for key, value in lora_state_dict(one.model).items():
         assert torch.allclose(value, ddp_state[key], atol=1e-4), key
+

@@ -10,7 +10,8 @@ import torch
 from nanochat.chat_data import PackedConversations
 from posttrain_helpers import (SHARED_DATA, make_base_dir, reverse_conversation, reverse_words,
                                run_main, run_script, tree_snapshot, write_jsonl)
-from posttrain_helpers import one_intra_op_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TINY = ["--device", "cpu", "--device-batch-size", "4", "--max-seq-len", "48", "--total-batch-size", "384",
         "--log-every", "1", "--eval-tokens", "400"]
@@ -187,3 +188,4 @@ def test_steps_follow_from_epochs(base):
     trainer = run_main("mid_train", TINY + ["--data", root / "chat.jsonl", "--data-only", "--num-epochs", "0.25",
                                             "--eval-every", "-1", "--output-tag", "mid_epochs"])
     assert trainer.num_steps == round(0.25 * tokens / 384) > 1
+

@@ -16,17 +16,9 @@ from nanochat.muon import Muon, zeropower_via_newtonschulz5
 
 import dist_optim_worker as worker
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box spinning
-    OpenMP workers make these tests ~25x slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("shape", [(128, 32), (32, 256)])
@@ -189,6 +181,7 @@ def test_dist_optimizers_match_single_process(dist_results, collectives, clip):
     # and so does skipping/adding the clip
     assert max_difference(replay_single_process(clip, ranks=(0,)), want) > 1e-3
     assert max_difference(replay_single_process(not clip), want) > 1e-4
+
 
 
 @pytest.mark.slow

@@ -13,13 +13,7 @@ import torch
 from nanochat import report as report_module
 from nanochat.report import DummyReport, Report, get_report, parse_blocks, slugify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture
@@ -179,3 +173,4 @@ def test_real_eval_sections_feed_the_summary(base_dir, tiny_tokenizer, tmp_path)
     assert rows["ARC-Easy"][2] == f"{chat['results']['ARC-Easy']:.4f}"
     assert rows["task ppl conversations"][2] == f"{chat['task_ppl']['conversations'][0]:.4f}"
     assert "'Once upon a time' -> " in text
+
