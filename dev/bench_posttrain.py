@@ -1,14 +1,10 @@
 """
 Throughput of the post-training steps on a fixed small config: an SFT step (padded conversations,
-loss on assistant tokens), a DPO step (chosen + rejected rows, policy log-probs, loss) and the DPO
-reference pass (forward only). Same code paths as scripts/chat_sft.py and scripts/chat_dpo.py
-(collation, loss scaling, the model's optimizers); no checkpoint is written.
+loss on assistant tokens), a DPO step and the DPO reference pass, through the same code as
+chat_sft and chat_dpo (collation, loss scaling, the model's optimizer); nothing is written.
 
-    python dev/bench_posttrain.py                       # CPU, depth 4, width 256, rows up to 256 tokens
-    python dev/bench_posttrain.py --device cuda --depth 12 --max-seq-len 1024 --batch-size 16
-
-Tokens/s counts every position the model processes (padding included, as the MFU does); the
-"useful" rate counts only supervised tokens (SFT) or answer tokens (DPO).
+    python -m dev.bench_posttrain                       # CPU, depth 4, width 256, rows up to 256 tokens
+    python -m dev.bench_posttrain --device cuda --depth 12 --max-seq-len 1024 --batch-size 16
 """
 import argparse
 import random
@@ -21,6 +17,7 @@ from nanochat.common import autocast_ctx, synchronize
 from nanochat.dpo import collate_pairs, pair_losses, reference_logps, tokenize_pairs
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from nanochat.training import optimizer_step
 
 WORDS = ("the a of and to in is that it for on with as was he she they be at by this have from or one had not "
          "but what all were when we there can an your which their said if do will each about how up out them then "
@@ -56,7 +53,7 @@ def main():
                        n_head=args.width // 64, n_kv_head=args.width // 64, n_embd=args.width)
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    optimizers = model.setup_optimizers()
+    optimizer = model.setup_optimizer()
     print(f"model: depth {args.depth}, width {args.width}, {model.num_params():,} parameters | device {device} | "
           f"threads {torch.get_num_threads()} | batch {args.batch_size} | rows up to {args.max_seq_len} tokens")
 
@@ -64,6 +61,8 @@ def main():
         return {"messages": [{"role": "user", "content": sentence(rng, rng.randint(5, 60))},
                              {"role": "assistant", "content": " ".join(sentence(rng, 12) for _ in range(rng.randint(1, 10)))}]}
 
+    # tok/s counts every position the model processes (padding included, as MFU does); the
+    # "useful" rate only the supervised tokens (SFT) or the answer tokens (DPO)
     def timed(step_fn):
         for _ in range(args.warmup):
             step_fn()
@@ -76,11 +75,6 @@ def main():
         synchronize(device.type)
         return time.time() - t0, tokens, useful
 
-    def optimizer_step():
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-
     # SFT: padded conversations, mean loss over the assistant tokens
     def sft_step():
         rows = [tok.render_conversation(conversation(), max_tokens=args.max_seq_len + 1) for _ in range(args.batch_size)]
@@ -88,10 +82,11 @@ def main():
         count = int((targets >= 0).sum())
         batches = StepBatches(iter([({"inputs": inputs, "targets": targets, "count": count,
                                       "tokens": inputs.numel()}, None)]), grad_accum=1)
+        (batch, _), = batches.next_step()
         with autocast_ctx(device.type):
-            loss = scaled_token_loss(model, batches()[0])
+            loss = scaled_token_loss(model, batch)
         loss.backward()
-        optimizer_step()
+        optimizer_step(model, optimizer, grad_clip=0)
         return inputs.numel(), count
 
     dt, tokens, useful = timed(sft_step)
@@ -128,7 +123,7 @@ def main():
         with autocast_ctx(device.type):
             losses, _ = pair_losses(model, {"inputs": inputs, "targets": targets, "ref": ref[index]}, beta=0.1)
         losses.mean().backward()
-        optimizer_step()
+        optimizer_step(model, optimizer, grad_clip=0)
         return inputs.numel(), int((targets >= 0).sum())
 
     dt, tokens, useful = timed(dpo_step)

@@ -1,13 +1,12 @@
 """
-Shared plumbing for every stage: where artifacts live, which device/dtype to use,
-distributed init from torchrun's environment, and rank-0 printing/logging.
+Shared plumbing for every stage: where artifacts live (and writing them safely), which
+device/dtype to use, distributed init from torchrun's environment, rank-0 printing, wandb.
 """
 import logging
 import os
 import random
 import sys
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -24,6 +23,7 @@ logger = logging.getLogger("nanochat")
 
 
 def get_rank():
+    # from torchrun's environment, so it works before (and without) a process group
     return int(os.environ.get("RANK", 0))
 
 
@@ -86,6 +86,8 @@ def autodetect_device_type():
     return "cpu"
 
 
+# Params stay fp32 everywhere; on CUDA the forward runs under bf16 autocast. CPU and MPS compute
+# in fp32 through the very same code, which is why what the CPU tests prove holds on GPU.
 def get_compute_dtype(device_type):
     """bf16 autocast on CUDA SM80+ (A100/H100), fp32 everywhere else (CPU, MPS, older GPUs)."""
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
@@ -111,6 +113,7 @@ def synchronize(device_type):
 
 def get_peak_flops(device_type):
     """Peak dense bf16 FLOP/s of one device, for MFU. None when unknown (CPU/MPS)."""
+    # the spec sheets' dense (not 2:4 sparse) bf16 numbers; an unknown GPU just gets no MFU
     if device_type != "cuda":
         return None
     name = torch.cuda.get_device_name(0).lower()
@@ -136,11 +139,8 @@ def get_dist_info():
 
 
 def compute_init(device_type=None, seed=42):
-    """
-    Set up the process: device (cuda -> mps -> cpu unless `device_type` says otherwise),
-    the process group (nccl on CUDA, gloo elsewhere) when launched by torchrun, seeds and
-    matmul precision. Returns (ddp, rank, local_rank, world_size, device).
-    """
+    """Device (cuda -> mps -> cpu unless told), process group when launched by torchrun, seeds,
+    matmul precision. Returns (ddp, rank, local_rank, world_size, device)."""
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but CUDA is not available")
@@ -161,10 +161,10 @@ def compute_init(device_type=None, seed=42):
             dist.init_process_group(backend="nccl", device_id=device)
     else:
         device = torch.device(device_type)
-        if ddp and not dist.is_initialized():
+        if ddp and not dist.is_initialized():  # CPU ranks (and the tests' torchrun) talk over gloo
             dist.init_process_group(backend="gloo")
     if ddp:
-        dist.barrier()
+        dist.barrier()  # every rank is up before anyone starts work that others would wait on
     if rank == 0:
         logger.info("device=%s world_size=%d", device, world_size)
     return ddp, rank, local_rank, world_size, device
@@ -180,14 +180,13 @@ def compute_cleanup():
 
 class DummyWandb:
     """Stands in for wandb when --run=dummy (the default): logs nothing remote."""
-    def log(self, *args, **kwargs):
-        pass
 
-    def finish(self):
+    def log(self, *args, **kwargs):
         pass
 
 
 def init_wandb(run_name, project, config, master_process):
+    # only rank 0 reports; wandb finishes the run itself when the process exits
     if run_name == "dummy" or not master_process:
         return DummyWandb()
     try:
@@ -195,11 +194,3 @@ def init_wandb(run_name, project, config, master_process):
     except ImportError as e:
         raise SystemExit(f"--run={run_name} needs wandb: `uv sync --extra wandb` (or use --run=dummy)") from e
     return wandb.init(project=project, name=run_name, config=config)
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.time()
-
-    def elapsed(self):
-        return time.time() - self.t0

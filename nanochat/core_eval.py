@@ -1,31 +1,9 @@
 """
-CORE: the in-context-learning suite of DCLM (DataComp for Language Models), one number that says
-how much a *base* model knows and can do from a few solved examples in its prompt.
+CORE: the in-context-learning suite of DCLM, one number for how much a *base* model knows and can
+do from a few solved examples in its prompt: 0 is chance, 1 perfect. scripts/base_eval.py runs it.
 
-Every task is a jsonl of items of one of three types (the llm-foundry "eval gauntlet" records):
-  multiple_choice    {"query", "choices": [str], "gold": int}
-      one context, one continuation per choice: the model picks the choice whose tokens have the
-      lowest mean loss after the context
-  schema             {"context_options": [str], "continuation": str, "gold": int}
-      one context per option, a common continuation: the model picks the context under which
-      the continuation has the lowest mean loss (e.g. Winograd: which noun does "it" refer to)
-  language_modeling  {"context", "continuation"}
-      right iff greedy decoding reproduces every token of the continuation exactly
-A prompt is `num_fewshot` solved examples of the same task (drawn with a seed fixed per item,
-never the item itself), separated by blank lines, then the item; `continuation_delimiter` joins
-context and continuation. Prompts that do not fit the model are cropped from the left.
-
-Per task: accuracy, then centered accuracy = (acc - random_baseline) / (1 - random_baseline),
-so 0 is chance and 1 perfect. CORE = the mean centered accuracy over the tasks.
-
-Where the tasks come from:
-- the eval bundle nanochat uses (22 tasks: core.yaml, eval_meta_data.csv, eval_data/**.jsonl),
-  downloaded once into $NANOCHAT_BASE_DIR/eval_bundle (download_eval_bundle), or any folder in
-  that layout (bundle_tasks);
-- local files in the shared format (local_tasks: a folder holding core/*.jsonl and the ARC /
-  HellaSwag files, e.g. shared/data/eval), configured by the LOCAL_TASKS table below. Offline.
-
-Evaluation is distributed: rank r scores items r, r + world_size, ...; the counts are summed.
+    tasks = local_tasks("shared/data/eval")      # or bundle_tasks(download_eval_bundle())
+    evaluate_core(model, tokenizer, tasks, device)["core"]
 """
 import csv
 import json
@@ -37,22 +15,25 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 
-import requests
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
-from nanochat.common import get_base_dir, get_dist_info, print0
+from nanochat.common import DataError, get_base_dir, get_dist_info, print0
+from nanochat.download import DownloadError, download_file
 
+# A task is a jsonl of items of one type (the records of llm-foundry's "eval gauntlet"):
+#   multiple_choice    {"query", "choices", "gold"}: the model picks the choice of the lowest mean
+#                      loss after the query
+#   schema             {"context_options", "continuation", "gold"}: the model picks the context under
+#                      which the continuation has the lowest mean loss (Winograd: what does "it" mean)
+#   language_modeling  {"context", "continuation"}: right iff greedy decoding gives the continuation
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 EXAMPLE_SEPARATOR = "\n\n"  # between the few-shot examples and before the item
 FEWSHOT_SEED = 1234         # item i draws its examples with random.Random(FEWSHOT_SEED + i)
 SUBSET_SEED = 1337          # --max-per-task takes the first N items of a seeded shuffle
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-
-
-class CoreDataError(ValueError):
-    """Bad task data or configuration; the message names the file (and line, field)."""
 
 
 @dataclass
@@ -65,6 +46,9 @@ class CoreTask:
     random_baseline: float = 0.0   # chance accuracy, as a fraction
     fields: dict = field(default_factory=dict)  # our field name -> the record's (e.g. query <- ctx)
 
+
+# -----------------------------------------------------------------------------
+# Where the tasks come from: local files in the shared format (offline), or the eval bundle
 
 # The tasks of the shared local format (shared/data/eval and its core/ folder): file, type,
 # shots, delimiter and chance level, following DCLM's settings for the same tasks. Baselines are
@@ -91,8 +75,7 @@ LOCAL_TASKS = [
 
 
 def local_tasks(data_dir):
-    """The LOCAL_TASKS found under data_dir (a file may also sit directly in data_dir instead of
-    data_dir/core/). Raises CoreDataError when none is there."""
+    """The LOCAL_TASKS found under data_dir (or directly in data_dir instead of data_dir/core/)."""
     tasks = []
     for label, rel_path, task_type, shots, delimiter, baseline, fields in LOCAL_TASKS:
         for candidate in (os.path.join(data_dir, rel_path), os.path.join(data_dir, os.path.basename(rel_path))):
@@ -100,123 +83,51 @@ def local_tasks(data_dir):
                 tasks.append(CoreTask(label, task_type, candidate, shots, delimiter, baseline, dict(fields)))
                 break
     if not tasks:
-        raise CoreDataError(f"{data_dir}: none of the CORE task files is there (expected e.g. "
-                            f"{', '.join(t[1] for t in LOCAL_TASKS[:4])}, ...)")
+        raise DataError(f"{data_dir}: none of the CORE task files is there (expected e.g. "
+                        f"{', '.join(t[1] for t in LOCAL_TASKS[:4])}, ...)")
     return tasks
 
 
-# -----------------------------------------------------------------------------
-# The real eval bundle: core.yaml (task list) + eval_meta_data.csv (random baselines)
-
-def _yaml_scalar(text, where):
-    """One YAML scalar of the simple kind core.yaml uses: quoted strings, numbers, booleans,
-    [flow, lists], bare words; a trailing # comment is dropped."""
-    text = text.strip()
-    if text.startswith('"'):
-        end = 1
-        while end < len(text) and text[end] != '"':
-            end += 2 if text[end] == "\\" else 1
-        if end >= len(text):
-            raise CoreDataError(f"{where}: unterminated string {text}")
-        try:
-            return json.loads(text[:end + 1])  # YAML's common double-quoted escapes (\n, \", \\) are JSON's
-        except ValueError as e:
-            raise CoreDataError(f"{where}: cannot read the string {text[:end + 1]} ({e})") from None
-    if text.startswith("'"):
-        end = 1
-        while True:
-            end = text.find("'", end)
-            if end < 0:
-                raise CoreDataError(f"{where}: unterminated string {text}")
-            if text[end + 1:end + 2] == "'":  # '' is an escaped quote
-                end += 2
-                continue
-            return text[1:end].replace("''", "'")
-    text = text.split(" #", 1)[0].strip()
-    if text.startswith("[") and text.endswith("]"):
-        return [_yaml_scalar(item, where) for item in text[1:-1].split(",") if item.strip()]
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_core_yaml(text, path="core.yaml"):
-    """The `icl_tasks:` list of core.yaml as a list of dicts. A small reader for exactly that shape
-    (a list of flat mappings; block lists like `num_fewshot:\\n  - 10` too), so no YAML library."""
-    tasks, current, current_indent, list_key, in_tasks = [], None, 0, None, False
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        where = f"{path}:{lineno}"
-        line = raw.rstrip()
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        indent = len(line) - len(line.lstrip())
-        body = line.strip()
-        if indent == 0 and not body.startswith("-"):
-            in_tasks = body.split(":", 1)[0].strip() == "icl_tasks"
-            continue
-        if not in_tasks:
-            continue
-        if body.startswith("- ") and list_key is not None and indent > current_indent:
-            current[list_key].append(_yaml_scalar(body[2:], where))  # an item of a block list
-            continue
-        if body.startswith("-"):
-            current = {}
-            tasks.append(current)
-            current_indent = indent
-            body = body[1:].strip()
-            if not body:
-                continue
-        if current is None or ":" not in body:
-            raise CoreDataError(f"{where}: expected 'key: value' inside a '- label: ...' task, got {body!r}")
-        key, value = body.split(":", 1)
-        key = key.strip()
-        if value.strip():
-            current[key], list_key = _yaml_scalar(value, where), None
-        else:
-            current[key], list_key = [], key
-    return tasks
-
-
+# The eval bundle nanochat uses (22 tasks): core.yaml (the task list), eval_meta_data.csv (random
+# baselines) and eval_data/**.jsonl, downloaded once into $NANOCHAT_BASE_DIR/eval_bundle
 def bundle_tasks(bundle_dir):
     """The tasks of an eval bundle folder: core.yaml says what (file, type, shots, delimiter),
     eval_meta_data.csv the chance level ('Random baseline', in percent)."""
-    yaml_path = os.path.join(bundle_dir, "core.yaml")
-    csv_path = os.path.join(bundle_dir, "eval_meta_data.csv")
+    yaml_path, csv_path = os.path.join(bundle_dir, "core.yaml"), os.path.join(bundle_dir, "eval_meta_data.csv")
     for path in (yaml_path, csv_path):
         if not os.path.isfile(path):
-            raise CoreDataError(f"{path} not found: {bundle_dir} is not an eval bundle "
-                                f"(core.yaml + eval_meta_data.csv + eval_data/)")
+            raise DataError(f"{path} not found: {bundle_dir} is not an eval bundle "
+                            f"(core.yaml + eval_meta_data.csv + eval_data/)")
     with open(yaml_path, encoding="utf-8") as f:
-        configs = parse_core_yaml(f.read(), yaml_path)
-    baselines = {}  # task -> (line, raw value); only the tasks in core.yaml must be numbers
+        try:
+            configs = yaml.safe_load(f)["icl_tasks"]
+        except (yaml.YAMLError, TypeError, KeyError) as e:  # not YAML, not a mapping, no icl_tasks
+            raise DataError(f"{yaml_path}: cannot read the task list 'icl_tasks' ({type(e).__name__}: {e})") from None
     with open(csv_path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         if not {"Eval Task", "Random baseline"} <= set(reader.fieldnames or []):
-            raise CoreDataError(f"{csv_path}:1: expected the columns 'Eval Task' and 'Random baseline', "
-                                f"got {reader.fieldnames}")
-        for lineno, row in enumerate(reader, start=2):
-            baselines[row["Eval Task"]] = (lineno, row["Random baseline"])
+            raise DataError(f"{csv_path}:1: expected the columns 'Eval Task' and 'Random baseline', "
+                            f"got {reader.fieldnames}")
+        # task -> (line, raw value): only the baselines of the tasks in core.yaml must be numbers
+        baselines = {row["Eval Task"]: (lineno, row["Random baseline"]) for lineno, row in enumerate(reader, start=2)}
     tasks = []
+    # only the fields we use are checked; the rest of llm-foundry's settings are ignored
     for i, config in enumerate(configs):
         where = f"{yaml_path}: task #{i + 1} ({config.get('label', '?')})"
         try:
             label, uri, task_type = config["label"], config["dataset_uri"], config["icl_task_type"]
         except KeyError as e:
-            raise CoreDataError(f"{where}: missing field {e.args[0]!r}") from None
+            raise DataError(f"{where}: missing field {e.args[0]!r}") from None
         if task_type not in TASK_TYPES:
-            raise CoreDataError(f"{where}: icl_task_type {task_type!r} is not one of {TASK_TYPES}")
+            raise DataError(f"{where}: icl_task_type {task_type!r} is not one of {TASK_TYPES}")
         if label not in baselines:
-            raise CoreDataError(f"{csv_path}: no 'Random baseline' row for task {label!r}")
+            raise DataError(f"{csv_path}: no 'Random baseline' row for task {label!r}")
         lineno, raw = baselines[label]
         try:
             baseline = float(raw) / 100  # the CSV gives percent
         except (TypeError, ValueError):
-            raise CoreDataError(f"{csv_path}:{lineno}: 'Random baseline' of {label!r} is not a number: {raw!r}") from None
+            raise DataError(f"{csv_path}:{lineno}: 'Random baseline' of {label!r} is not a number: {raw!r}") from None
+        # core.yaml lists the shot counts to try ([10] or a block list): CORE uses the first
         shots = config.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) else shots
         tasks.append(CoreTask(label, task_type, os.path.join(bundle_dir, "eval_data", uri), int(shots),
@@ -224,67 +135,44 @@ def bundle_tasks(bundle_dir):
     return tasks
 
 
-def download_eval_bundle(base_dir=None, url=None, retries=5, backoff=2.0, timeout=(10, 120)):
-    """$NANOCHAT_BASE_DIR/eval_bundle, downloaded and extracted on first use. The zip is written to
-    a .tmp file and extracted into a temporary folder that is renamed into place only when
-    complete, so a half-finished download never looks like a bundle. $NANOCHAT_EVAL_BUNDLE_URL
-    (or `url`) replaces the default address (a mirror, or a loopback server in tests)."""
+def download_eval_bundle(base_dir=None, url=None, **kwargs):
+    """$NANOCHAT_BASE_DIR/eval_bundle, downloaded and extracted on first use; kwargs go to download_file."""
     base_dir = base_dir or get_base_dir()
     bundle_dir = os.path.join(base_dir, "eval_bundle")
     if os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
         return bundle_dir
+    # $NANOCHAT_EVAL_BUNDLE_URL (or `url`): a mirror, or a loopback server in tests
     url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or EVAL_BUNDLE_URL
+    print0(f"Downloading the CORE eval bundle from {url}")
     zip_path = os.path.join(base_dir, "eval_bundle.zip")
-    tmp_zip = f"{zip_path}.tmp{os.getpid()}"
-    last_error = None
-    for attempt in range(1, retries + 1):
-        try:
-            print0(f"Downloading the CORE eval bundle from {url}" + (f" (attempt {attempt}/{retries})" if attempt > 1 else ""))
-            with requests.get(url, stream=True, timeout=timeout) as response:
-                if response.status_code in (401, 403, 404):
-                    last_error = f"HTTP {response.status_code}"
-                    break  # retrying will not help
-                response.raise_for_status()
-                expected, written = response.headers.get("Content-Length"), 0
-                with open(tmp_zip, "wb") as f:
-                    for chunk in response.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        written += len(chunk)
-            if expected is not None and written != int(expected):
-                raise OSError(f"connection closed after {written} of {expected} bytes")
-            if not zipfile.is_zipfile(tmp_zip):
-                raise OSError("the download is not a zip file")
-            break
-        except (requests.RequestException, OSError) as e:
-            last_error = f"{type(e).__name__}: {e}"
-            if os.path.exists(tmp_zip):
-                os.remove(tmp_zip)
-            if attempt < retries:
-                time.sleep(backoff * 2 ** (attempt - 1))
-    if not os.path.exists(tmp_zip):
-        raise CoreDataError(
-            f"could not download the CORE eval bundle from {url} ({last_error}). This machine may be offline.\n"
-            f"Either fetch {EVAL_BUNDLE_URL} elsewhere and unzip it so that {bundle_dir}/core.yaml exists "
-            f"(or pass --bundle-dir FOLDER), or evaluate on local files in the shared format with "
-            f"--data-dir (e.g. shared/data/eval).")
-    with tempfile.TemporaryDirectory(dir=base_dir, prefix=".eval_bundle.") as tmp_dir:
-        with zipfile.ZipFile(tmp_zip) as archive:
-            archive.extractall(tmp_dir)
-        extracted = os.path.join(tmp_dir, "eval_bundle")
-        if not os.path.isdir(extracted):  # a zip of the folder's contents rather than the folder
-            extracted = tmp_dir
-        if not os.path.isfile(os.path.join(extracted, "core.yaml")):
-            raise CoreDataError(f"{url}: the zip holds no eval_bundle/core.yaml")
-        if os.path.isdir(bundle_dir):  # an incomplete leftover (no core.yaml): replace it
-            shutil.rmtree(bundle_dir)
-        os.replace(extracted, bundle_dir)
-    os.remove(tmp_zip)
+    try:
+        download_file(url, zip_path, check=lambda tmp: None if zipfile.is_zipfile(tmp) else "not a zip file", **kwargs)
+    except DownloadError as e:
+        raise type(e)(f"{e}\nOffline? Fetch {EVAL_BUNDLE_URL} elsewhere and unzip it so that {bundle_dir}/core.yaml "
+                      f"exists (or pass --bundle-dir FOLDER), or evaluate on local files in the shared format with "
+                      f"--data-dir (e.g. shared/data/eval).") from None
+    # extract into a temporary folder renamed into place only when complete: a half-extracted
+    # bundle never looks like one
+    try:
+        with tempfile.TemporaryDirectory(dir=base_dir, prefix=".eval_bundle.") as tmp_dir:
+            with zipfile.ZipFile(zip_path) as archive:
+                archive.extractall(tmp_dir)
+            extracted = os.path.join(tmp_dir, "eval_bundle")
+            if not os.path.isdir(extracted):  # a zip of the folder's contents rather than the folder
+                extracted = tmp_dir
+            if not os.path.isfile(os.path.join(extracted, "core.yaml")):
+                raise DataError(f"{url}: the zip holds no eval_bundle/core.yaml")
+            if os.path.isdir(bundle_dir):  # an incomplete leftover (no core.yaml): replace it
+                shutil.rmtree(bundle_dir)
+            os.replace(extracted, bundle_dir)
+    finally:
+        os.remove(zip_path)  # extracted, or useless: either way not worth keeping
     print0(f"CORE eval bundle ready in {bundle_dir}")
     return bundle_dir
 
 
 # -----------------------------------------------------------------------------
-# Items: read, check, render, tokenize
+# Items: read, check, render, tokenize. Bad data raises a DataError naming file:line and the field.
 
 def _check_item(record, task_type):
     """The fields of one record for its task type, validated; raises ValueError naming the field."""
@@ -313,9 +201,9 @@ def _check_item(record, task_type):
 
 
 def load_items(task):
-    """All items of a task, validated (CoreDataError names file:line and the field)."""
+    """All items of a task, validated (DataError names file:line and the field)."""
     if not os.path.isfile(task.path):
-        raise CoreDataError(f"{task.path}: task file of {task.label!r} not found")
+        raise DataError(f"{task.path}: task file of {task.label!r} not found")
     items = []
     with open(task.path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -329,24 +217,19 @@ def load_items(task):
                     record[ours] = record.get(theirs)
                 items.append(_check_item(record, task.task_type))
             except ValueError as e:  # json.JSONDecodeError is a ValueError
-                raise CoreDataError(f"{task.path}:{lineno}: {e}") from None
+                raise DataError(f"{task.path}:{lineno}: {e}") from None
     if not items:
-        raise CoreDataError(f"{task.path}: no items")
+        raise DataError(f"{task.path}: no items")
     return items
 
 
-def _solved(item, task_type, delimiter):
-    """A few-shot example: the item with its right answer."""
-    if task_type == MC:
-        return item["query"] + delimiter + item["choices"][item["gold"]]
-    if task_type == SCHEMA:
-        return item["context_options"][item["gold"]] + delimiter + item["continuation"]
-    return item["context"].rstrip() + delimiter + item["continuation"]
-
-
+# A prompt: num_fewshot solved examples of the same task, separated by blank lines, then the
+# item; the task's continuation_delimiter joins context and continuation
 def render_prompts(item, task_type, delimiter, fewshot=()):
     """[(context, context + continuation)]: one pair per choice / context option, one for LM."""
-    prefix = "".join(_solved(example, task_type, delimiter) + EXAMPLE_SEPARATOR for example in fewshot)
+    # a solved example is its own right answer (the gold pair; LM items have just one), rendered alike
+    prefix = "".join(render_prompts(ex, task_type, delimiter)[ex.get("gold", 0)][1] + EXAMPLE_SEPARATOR
+                     for ex in fewshot)
     if task_type == MC:
         context = prefix + item["query"] + delimiter
         return [(context, context + choice) for choice in item["choices"]]
@@ -361,25 +244,21 @@ def fewshot_examples(items, index, num_fewshot):
     """num_fewshot other items, the same for item `index` whatever the rank or subset."""
     if num_fewshot <= 0:
         return []
+    # a seed per item, and one spare pick, so the item itself can be left out
     rng = random.Random(FEWSHOT_SEED + index)
     picks = rng.sample(range(len(items)), min(num_fewshot + 1, len(items)))
     return [items[j] for j in picks if j != index][:num_fewshot]
 
 
 def _common_prefix_len(a, b):
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def tokenize_prompts(tokenizer, prompts, max_len=None):
-    """[(ids, start, end)]: <|bos|> + full text, with the continuation at ids[start:end]. The
-    continuation starts where the tokens of the context (trailing whitespace stripped, so a
-    delimiter space joins the next word as BPE does) stop matching the full text's tokens. Too
-    long sequences are cropped from the left, keeping at least one token before the continuation."""
+    """[(ids, start, end)]: <|bos|> + full text, with the continuation at ids[start:end]."""
     bos = tokenizer.get_bos_token_id()
+    # the context is encoded with its trailing whitespace stripped, so a delimiter space joins the
+    # next word as BPE does; the continuation starts where the two encodings stop matching
     encoded = tokenizer.encode([text for pair in prompts for text in (pair[0].rstrip(), pair[1])], prepend=bos)
     out = []
     for context_ids, full_ids in zip(encoded[0::2], encoded[1::2]):
@@ -387,6 +266,7 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
         if start >= end:
             raise ValueError(f"the continuation is empty after tokenization: {full_ids[-8:]}")
         if max_len is not None and end > max_len:
+            # too long for the model: crop from the left, keeping a token before the continuation
             cut = end - max_len
             full_ids, start, end = full_ids[cut:], max(start - cut, 1), max_len
         out.append((full_ids, start, end))
@@ -398,8 +278,8 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
 
 @torch.no_grad()
 def score_item(model, sequences, task_type, gold, device, pad_id):
-    """Run one item's sequences [(ids, start, end)] as one right-padded batch (causal attention:
-    the padding after a row never influences it). Returns (correct: bool, predicted index)."""
+    """Run one item's sequences [(ids, start, end)] as one batch; returns (correct, predicted index)."""
+    # right-padded: with causal attention the padding after a row never influences it
     width = max(len(ids) for ids, _, _ in sequences)
     batch = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for row, (ids, _, _) in enumerate(sequences):
@@ -419,14 +299,13 @@ def score_item(model, sequences, task_type, gold, device, pad_id):
 
 def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indices=None):
     """Accuracy of `model` on `task` (items: all of its items, which few-shot examples come from;
-    indices: which of them to score, default all). Each rank scores its share; the counts are
-    summed over ranks, so every rank returns the same accuracy."""
+    indices: which of them to score, default all); every rank returns the same accuracy."""
     indices = range(len(items)) if indices is None else list(indices)
-    if max_seq_len is None:
-        max_seq_len = getattr(getattr(model, "config", None), "sequence_len", None)
+    max_seq_len = max_seq_len or getattr(getattr(model, "config", None), "sequence_len", None)
     _, rank, _, world_size = get_dist_info()
     pad_id = tokenizer.get_bos_token_id()
     counts = torch.zeros(2, dtype=torch.long, device=device)  # correct, total
+    # rank r scores items r, r + world_size, ...; the counts are summed over ranks below
     for position in range(rank, len(indices), world_size):
         index = indices[position]
         item = items[index]
@@ -435,7 +314,7 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indic
         try:
             sequences = tokenize_prompts(tokenizer, prompts, max_seq_len)
         except ValueError as e:
-            raise CoreDataError(f"{task.path}: item {index} of {task.label!r}: {e}") from None
+            raise DataError(f"{task.path}: item {index} of {task.label!r}: {e}") from None
         correct, _ = score_item(model, sequences, task.task_type, item.get("gold"), device, pad_id)
         counts[0] += int(correct)
         counts[1] += 1
@@ -445,13 +324,13 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indic
     return correct / total if total else float("nan")
 
 
+# centered accuracy: 0 is chance and 1 perfect, so tasks with 2 and with 4 choices average fairly
 def centered(accuracy, random_baseline):
     return (accuracy - random_baseline) / (1.0 - random_baseline)
 
 
 def subset_indices(num_items, max_per_task):
-    """All indices, or max_per_task of them: the first of a seeded shuffle (a fair sample, the
-    same every run)."""
+    """All indices, or max_per_task of them: the first of a seeded shuffle (a fair sample, the same every run)."""
     if max_per_task is None or max_per_task < 0 or max_per_task >= num_items:
         return list(range(num_items))
     order = list(range(num_items))
@@ -474,5 +353,6 @@ def evaluate_core(model, tokenizer, tasks, device, max_per_task=-1, max_seq_len=
         if log:
             log(f"{task.label:<34} {task.task_type:<18} {task.num_fewshot:>2}-shot  n={len(indices):<5} "
                 f"accuracy {accuracy:.4f}  centered {results[task.label]['centered']:+.4f}  ({time.time() - t0:.1f}s)")
+    # CORE: the mean centered accuracy over the tasks
     core = sum(r["centered"] for r in results.values()) / len(results) if results else float("nan")
     return {"results": results, "core": core}

@@ -1,17 +1,6 @@
 """
 Direct Preference Optimization (Rafailov et al., 2023): preference pairs into token ids, the
 frozen reference's log-probabilities computed once, and the loss.
-
-A pair is a prompt and two answers, one preferred. The prompt is rendered and tokenized once
-and shared by both answers: prompt ids = render_for_completion(prompt conversation) (ending
-with <|assistant_start|>), answer ids = encode(answer) + <|assistant_end|>. The log-probability
-of an answer is the sum over its tokens (the <|assistant_end|> included, so the model also
-learns where a good answer stops).
-
-With h = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]:
-    sigmoid (DPO):  -log sigmoid(beta * h)            = ln 2 when the policy is the reference
-    ipo (IPO):      (h - 1 / (2 * beta))^2            (Azar et al., 2023: a bounded target margin)
-The implicit rewards beta * (log pi - log ref) of chosen and rejected are what we log.
 """
 from collections import Counter
 
@@ -21,6 +10,10 @@ import torch.nn.functional as F
 
 from nanochat.chat_data import collate_padded
 
+# With h = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]:
+#   sigmoid (DPO):  -log sigmoid(beta * h)     = ln 2 while the policy is still the reference
+#   ipo (IPO):      (h - 1 / (2 * beta))^2     (Azar et al., 2023: a bounded target margin)
+# The implicit rewards beta * (log pi - log ref) of chosen and rejected are what we log.
 LOSS_TYPES = ("sigmoid", "ipo")
 DROP_REASONS = ("empty", "identical", "too_long", "identical_after_truncation")
 
@@ -29,24 +22,20 @@ DROP_REASONS = ("empty", "identical", "too_long", "identical_after_truncation")
 # Pairs into token ids, truncated to fit
 
 def truncate_pair(prompt, chosen, rejected, max_seq_len, min_prompt_tokens=2, min_response_tokens=1):
-    """
-    Fit prompt + answer into max_seq_len tokens for both answers. First cut the prompt from the
-    left (keeping its first token, <|bos|>, and its end, which primes the answer) down to what
-    the longer answer leaves, but not below min_prompt_tokens; if the answers still do not fit,
-    cut them from the right to the room left, as long as that keeps at least
-    min_response_tokens of each. Returns (prompt, chosen, rejected, what_was_cut) or None when
-    it cannot fit. The answers are never cut to nothing.
-    """
+    """Fit prompt + either answer into max_seq_len tokens: (prompt, chosen, rejected, what_was_cut),
+    or None when it cannot fit. The answers are never cut to nothing."""
     if min_prompt_tokens < 2 or min_response_tokens < 1:
         raise ValueError("need min_prompt_tokens >= 2 (<|bos|> and <|assistant_start|>) and min_response_tokens >= 1")
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_seq_len:
         return prompt, chosen, rejected, None
+    # first the prompt, from the left: its <|bos|> stays, and its end, which primes the answer
     keep = max(max_seq_len - longest, min(len(prompt), min_prompt_tokens))
     if keep < len(prompt):
         prompt = prompt[:1] + prompt[len(prompt) - (keep - 1):]
     if len(prompt) + longest <= max_seq_len:
         return prompt, chosen, rejected, "prompt"
+    # then both answers, from the right, as long as each keeps min_response_tokens
     room = max_seq_len - len(prompt)
     if room < min_response_tokens:
         return None
@@ -54,15 +43,13 @@ def truncate_pair(prompt, chosen, rejected, max_seq_len, min_prompt_tokens=2, mi
 
 
 def tokenize_pairs(items, tokenizer, max_seq_len, min_prompt_tokens=32, min_response_tokens=16):
-    """
-    items: preference examples {"prompt_messages", "chosen", "rejected"} (tasks.preferences).
-    Returns (pairs, counts): pairs = [(prompt_ids, chosen_ids, rejected_ids)], counts a Counter
-    with "kept", "truncated_prompt", "truncated_response" and one "dropped_<reason>" per
-    DROP_REASONS for the pairs left out (nothing is dropped silently: the caller prints counts).
-    """
+    """(pairs, counts) of preference items {"prompt_messages", "chosen", "rejected"}: pairs are
+    (prompt_ids, chosen_ids, rejected_ids); counts say how many were kept, cut, and dropped why."""
     end = tokenizer.encode_special("<|assistant_end|>")
     pairs, counts = [], Counter()
     for item in items:
+        # the prompt is rendered once and shared; an answer ends with <|assistant_end|>, so the
+        # model also learns where a good answer stops
         prompt = tokenizer.render_for_completion({"messages": item["prompt_messages"]})
         chosen, rejected = tokenizer.encode(item["chosen"]), tokenizer.encode(item["rejected"])
         if not chosen or not rejected:
@@ -116,12 +103,11 @@ def answer_logps(model, inputs, targets):
 
 @torch.no_grad()
 def reference_logps(model, pairs, batch_size, pad_id, device, rank=0, world_size=1, autocast=None):
-    """
-    The frozen reference: summed answer log-probs (N, 2) [chosen, rejected] of every pair,
-    computed in one pass before training (each rank does every world_size-th pair, then the
-    ranks add up their disjoint parts), so training holds only one model in memory.
-    """
+    """The frozen reference: summed answer log-probs (N, 2) [chosen, rejected] of every pair, in one
+    pass before training, so that training holds only one model in memory."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
+    # each rank scores every world_size-th pair (then the ranks add up their disjoint parts),
+    # longest first so that batches hold pairs of similar length: less padding
     mine = sorted(range(rank, len(pairs), world_size), key=lambda i: -sum(map(len, pairs[i])))  # less padding
     was_training = model.training
     model.eval()
@@ -155,25 +141,20 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
 
 
 def pair_losses(model, batch, beta, loss_type="sigmoid", length_norm=False, sft_weight=0.0):
-    """
-    The loss of every pair of a collated batch ({"inputs", "targets", "ref"} with ref (B, 2) the
-    summed reference log-probs) and the statistics we log, all per pair (B,). With length_norm,
-    log-probs (policy and reference) are averaged over the answer's tokens instead of summed.
-    sft_weight adds that much of the chosen answer's mean token NLL (keeps the chosen answer
-    likely: plain DPO may push both answers down, only the rejected one faster).
-    """
+    """The loss of every pair of a collated batch {"inputs", "targets", "ref" (B, 2)} and the
+    statistics we log, all per pair (B,)."""
     logps, counts = answer_logps(model, batch["inputs"], batch["targets"])
     counts = counts.clamp(min=1).to(logps.dtype)
     ref = batch["ref"].to(logps.dtype)
     n = ref.size(0)
     policy_chosen, policy_rejected = logps[:n], logps[n:]
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
-    if length_norm:
+    if length_norm:  # averaged over the answer's tokens instead of summed: less length bias
         policy_chosen, policy_rejected = policy_chosen / counts[:n], policy_rejected / counts[n:]
         ref_chosen, ref_rejected = ref_chosen / counts[:n], ref_rejected / counts[n:]
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
                                                         ref_rejected, beta, loss_type)
-    if sft_weight:
+    if sft_weight:  # the chosen answer's NLL: plain DPO may push both answers down, the rejected faster
         losses = losses + sft_weight * (-logps[:n] / counts[:n])
     stats = {
         "rewards/chosen": chosen_rewards,

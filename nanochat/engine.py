@@ -1,30 +1,7 @@
-"""
-Inference: turn a trained GPT into a stream of tokens and text, fast.
-
-- KV cache: the prompt is run through the model once (batch 1), then each new token costs one
-  forward of length 1 that reads the cached keys/values instead of recomputing the prefix.
-  num_samples continuations of one prompt share that single prefill.
-- Continuous batching: a BatchDecoder holds many unrelated sequences (different prompts,
-  lengths, sampling settings) in one RaggedKVCache where every row sits at its own position;
-  each step decodes one token for all of them in a single forward. Rows join (after their own
-  prefill) and leave (finished, stopped, cancelled) between steps. The chat server runs one per
-  model replica; Engine.generate* are thin wrappers around it.
-- Sampling: temperature / top-k / top-p, each row with its own seeded torch.Generator, so a
-  request's output does not depend on what else happens to be in the batch.
-- Tool use: when the model writes <|python_start|>expr<|python_end|>, the calculator
-  evaluates expr and <|output_start|>result<|output_end|> is forced into the stream (those
-  tokens are marked not-sampled, mask 0), then generation continues.
-- Text: TextStream turns tokens into text chunks that never split a UTF-8 character and end
-  cleanly at user stop strings.
-
-    engine = Engine(model, tokenizer)
-    for token_column, token_masks in engine.generate(prompt_ids, num_samples=2, max_tokens=64): ...
-    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8)
-    for chunk in engine.generate_text(prompt_ids, max_tokens=64): print(chunk, end="")
-"""
+"""Inference: a trained GPT as a stream of tokens and text (KV cache, continuous batching, sampling, tool use).
+Usage: results, masks = Engine(model, tokenizer).generate_batch(prompt_ids, num_samples=4, max_tokens=64)"""
 import ast
 import codecs
-import math
 import operator
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,39 +10,31 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
-from nanochat.gpt import KVCache
 
 # -----------------------------------------------------------------------------
-# The calculator tool: a tiny evaluator over a whitelisted subset of Python expressions
-# (arithmetic on numbers, a few string methods). It walks the AST itself, never calls eval(),
-# so nothing outside the whitelist can run; sizes are capped so "9**9**9" cannot hang it.
+# The calculator tool. The model writes <|python_start|>expr<|python_end|>; the engine evaluates
+# expr and forces <|output_start|>result<|output_end|> into the stream. expr is never given to
+# eval(): we walk its AST over a whitelist (arithmetic, a few string methods), so nothing else
+# can run, and sizes are capped so "9**9**9" or "'a' * 10**9" cannot hang the server.
 
-_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-               ast.Pow: operator.pow}
+_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS = {"abs": abs, "round": round, "min": min, "max": max, "len": len, "int": int, "float": float}
 _STRING_METHODS = {"count", "find", "index", "rfind", "startswith", "endswith", "upper", "lower",
                    "strip", "lstrip", "rstrip", "replace", "split", "join", "isdigit", "isalpha"}
-MAX_CALC_EXPR_CHARS = 200
-MAX_CALC_VALUE_CHARS = 1000
-
-
-class _CalculatorError(Exception):
-    pass
+MAX_CALC_EXPR_CHARS, MAX_CALC_VALUE_CHARS = 200, 1000
 
 
 def _check_size(value):
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * MAX_CALC_VALUE_CHARS:
-        raise _CalculatorError("number too large")
-    if isinstance(value, (str, list, tuple)) and len(value) > MAX_CALC_VALUE_CHARS:
-        raise _CalculatorError("value too large")
+    # 3 bits per digit is generous (a digit is 3.3 bits): numbers stay near MAX_CALC_VALUE_CHARS digits
+    if (isinstance(value, int) and value.bit_length() > 3 * MAX_CALC_VALUE_CHARS
+            or isinstance(value, (str, list, tuple)) and len(value) > MAX_CALC_VALUE_CHARS):
+        raise ValueError("too large")
     return value
 
 
 def _evaluate(node):
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
         return _check_size(node.value)
     if isinstance(node, (ast.List, ast.Tuple)):
@@ -74,14 +43,13 @@ def _evaluate(node):
         return _UNARY_OPS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 1000:
-            raise _CalculatorError("exponent too large")
-        if isinstance(node.op, ast.Mod) and isinstance(left, str):  # '%0999999999d' % 1 formats a huge string
-            raise _CalculatorError("string formatting is not allowed")
-        if isinstance(node.op, ast.Mult):  # "ab" * 10**9 would be built before any size check
-            seq, count = (left, right) if isinstance(left, (str, list)) else (right, left)
-            if isinstance(seq, (str, list)) and isinstance(count, int) and count * len(seq) > MAX_CALC_VALUE_CHARS:
-                raise _CalculatorError("value too large")
+        seq, count = (left, right) if isinstance(left, (str, list)) else (right, left)
+        # refused before they run, as the result would be built before any size check
+        if (isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 1000
+                or isinstance(node.op, ast.Mod) and isinstance(left, str)  # '%0999999999d' % 1
+                or isinstance(node.op, ast.Mult) and isinstance(seq, (str, list)) and isinstance(count, int)
+                and count * len(seq) > MAX_CALC_VALUE_CHARS):  # "ab" * 10**9
+            raise ValueError("too large")
         return _check_size(_BINARY_OPS[type(node.op)](left, right))
     if isinstance(node, ast.Call) and not node.keywords:
         args = [_evaluate(arg) for arg in node.args]
@@ -91,109 +59,99 @@ def _evaluate(node):
             target = _evaluate(node.func.value)
             if isinstance(target, str):
                 return _check_size(getattr(target, node.func.attr)(*args))
-    raise _CalculatorError(f"not allowed: {ast.dump(node)[:60]}")
-
-
-def format_calculator_value(value):
-    """How a result is written back into the stream: 48/2 -> "24" (GSM8K style), 1/3 -> "0.3333333333"."""
-    if isinstance(value, float):
-        if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
-            return str(int(value))
-        return f"{value:.10g}"
-    return str(value)
+    raise ValueError("not allowed")
 
 
 def use_calculator(expr):
-    """Evaluate a tool-call expression; the result as text, or None if it is not allowed/fails."""
-    expr = expr.strip()
-    if not expr or len(expr) > MAX_CALC_EXPR_CHARS:
+    """The value of a tool-call expression as text, or None when it is refused or fails."""
+    if len(expr.strip()) > MAX_CALC_EXPR_CHARS:
         return None
     try:
-        value = _evaluate(ast.parse(expr, mode="eval"))
-    except (_CalculatorError, SyntaxError, ArithmeticError, ValueError, TypeError, IndexError, RecursionError):
+        value = _evaluate(ast.parse(expr.strip(), mode="eval").body)
+    except (SyntaxError, ArithmeticError, ValueError, TypeError, IndexError, RecursionError):
         return None
-    return format_calculator_value(value)
+    if isinstance(value, float):
+        # 48/2 -> "24", as GSM8K writes its answers; other floats to 10 significant digits
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.10g}"
+    return str(value)
 
 
 # -----------------------------------------------------------------------------
-# Sampling
+# Sampling. Every row has its own seeded torch.Generator, so a request's output does not
+# depend on what else happens to share its batch.
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0      # 0 = greedy
-    top_k: int | None = None      # keep the k most likely tokens (None = all)
-    top_p: float | None = None    # keep the smallest set of tokens with this much probability mass
+    temperature: float = 1.0       # 0 = greedy
+    top_k: int | None = None       # keep the k most likely tokens (None = all)
+    top_p: float | None = None     # keep the smallest set of tokens with this much probability mass
     max_tokens: int | None = None  # per row, counting forced tool tokens; None = up to the context limit
-    seed: int = 42                # row i of a request samples with its own generator seeded seed + i
-    stop: tuple = ()              # stop strings: generation ends when the text contains one (not included)
+    seed: int = 42                 # row i of a request samples with its own generator seeded seed + i
+    stop: tuple | str = ()         # stop string(s): generation ends when the text contains one (not included)
+
+
+def add_sampling_args(parser, temperature, max_tokens):
+    """The sampling flags of chat_cli and chat_web (the server's defaults for requests that set none)."""
+    parser.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens per reply")
+
+
+def sampling_from_args(args, seed=42):
+    """SamplingParams from add_sampling_args' flags; SystemExit when one is out of range."""
+    if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1 or not (args.top_p is None or 0 < args.top_p <= 1):
+        raise SystemExit("error: need --temperature >= 0, --top-k >= 0, --max-tokens >= 1, --top-p in (0, 1]")
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                          max_tokens=args.max_tokens, seed=seed)
 
 
 def sample_token(logits, params, rng):
-    """One token id from a (V,) row of logits. The order of operations (top-k on raw logits,
-    then softmax(logits / T), then multinomial) matches GPT.generate, the naive reference."""
+    """One token id from a (V,) row of logits, in the order of GPT.generate (the reference)."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits.clone()
     if params.top_k is not None and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits[logits < kth] = -float("inf")
+        logits = logits.masked_fill(logits < torch.topk(logits, params.top_k).values[-1], -float("inf"))
     probs = F.softmax(logits / params.temperature, dim=-1)
     if params.top_p is not None and params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # drop a token when the mass before it already reaches top_p (the first always stays)
+        # drop a token when the mass before it already reaches top_p (so the first always stays)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
         probs = probs.scatter(0, order[drop], 0.0)
     return int(torch.multinomial(probs[None], num_samples=1, generator=rng))
 
 
 # -----------------------------------------------------------------------------
-# Tokens -> text, safely chunked
+# Tokens -> text that is safe to show
 
 class TextStream:
-    """
-    Feed token ids one at a time, get back the text that is safe to show:
-    - bytes of an incomplete UTF-8 character are held back until it completes (tokens are
-      byte sequences and often cut a character in two);
-    - text that might be the beginning of a stop string is held back until it is clearly not;
-      once a stop string appears, it and everything after it are dropped and `stopped` is set;
-    - special tokens show as `display[id]` ("" when absent), e.g. tool calls as <<expr=result>>.
-    The chunks concatenate to exactly the decoded text (cut at the first stop string).
-    """
+    """Token ids in, text out: the chunks add up to the decoded text, cut before the first stop string."""
 
     def __init__(self, token_bytes, stop=(), display=None):
         self.token_bytes = token_bytes  # id -> bytes
-        self.stop = tuple(s for s in stop if s)
-        self.display = display or {}
+        self.stop = tuple(s for s in ((stop,) if isinstance(stop, str) else stop or ()) if s)
+        self.display = display or {}  # how special tokens read: id -> text
+        # tokens are byte strings that often cut a character in two: hold its bytes until it is whole
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""  # decoded, not yet released (could be the start of a stop string)
+        self.pending = ""  # decoded, not released yet: it could be the start of a stop string
         self.stopped = False
 
     def push(self, token_id):
         if self.stopped:
             return ""
-        if token_id in self.display:
-            piece = self.decoder.decode(self.display[token_id].encode("utf-8"))
-        else:
-            piece = self.decoder.decode(self.token_bytes(token_id))
-        self.pending += piece
+        piece = self.display[token_id].encode() if token_id in self.display else self.token_bytes(token_id)
+        self.pending += self.decoder.decode(piece)
         return self._release()
 
     def _release(self):
-        if self.stop:
-            hits = [i for i in (self.pending.find(s) for s in self.stop) if i != -1]
-            if hits:
-                text, self.pending, self.stopped = self.pending[:min(hits)], "", True
-                return text
-            hold = 0  # the longest tail of pending that is a proper prefix of some stop string
-            for s in self.stop:
-                for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                    if self.pending.endswith(s[:k]):
-                        hold = k
-                        break
-            cut = len(self.pending) - hold
-            text, self.pending = self.pending[:cut], self.pending[cut:]
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i != -1]
+        if hits:
+            text, self.pending, self.stopped = self.pending[:min(hits)], "", True
             return text
-        text, self.pending = self.pending, ""
+        # hold back the longest tail that could still grow into a stop string, release the rest
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        text, self.pending = self.pending[:cut], self.pending[cut:]
         return text
 
     def flush(self):
@@ -201,150 +159,120 @@ class TextStream:
         if self.stopped:
             return ""
         self.pending += self.decoder.decode(b"", final=True)
-        text = self._release()
-        if not self.stopped:
-            text, self.pending = text + self.pending, ""
+        # what was held back for a stop string that never came goes out too
+        text, self.pending = self._release() + self.pending, ""
         return text
 
 
 # -----------------------------------------------------------------------------
-# A KV cache for a batch of unrelated sequences
+# KV caches. A prompt is run through the model once (its prefill); after that each new token
+# costs one forward of length 1 that reads the cached keys/values instead of the whole prefix.
+# GPT.forward asks its cache get_pos() and insert_kv(); a (rows,) tensor from get_pos() tells it
+# every row sits at its own position.
+
+class _Prefill(list):
+    """One prompt's keys/values, per layer (k, v), each (1, kv_heads, T, head_dim), from its single forward."""
+    logits = None  # at the prompt's last position: the first token is drawn from them
+
+    def get_pos(self):
+        return 0  # an int: the forward takes its plain causal path, as in training
+
+    def insert_kv(self, layer_idx, k, v):
+        self.append((k, v))
+        return k, v
+
 
 class RaggedKVCache:
-    """
-    Keys/values of a batch where row b holds its own sequence of lengths[b] tokens (a different
-    prompt, started at a different time). Storage (layers, 2, rows, kv_heads, time, head_dim),
-    row b at time 0..lengths[b]-1. get_pos() is a (rows,) tensor: GPT.forward then places row b's
-    new tokens at its own positions (rotary) and masks every key past them, so the padding
-    between a short row's end and the longest row's end is never attended to.
-    Rows are appended from a prefilled batch-1 KVCache and removed by moving the last row into
-    the hole, so the live rows are always 0..n-1 and the forward never carries dead rows.
-    Storage starts zeroed, never torch.empty: masked keys get attention weight 0, but 0 * NaN
-    garbage in a padding value would still be NaN.
-    """
-
+    """Keys/values of unrelated sequences in one batch, row b at its own length lengths[b]."""
+    # Rows join from a prefill and leave by moving the last row into their place, so the live rows
+    # are always 0..n-1: a forward never carries dead rows.
     TIME_CHUNK = 256
 
-    def __init__(self, num_layers, num_heads, head_dim):
-        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
-        self.kv = None
+    def __init__(self):
+        self.kv = None     # (layers, 2, rows, kv_heads, time, head_dim), shaped by the first prefill
         self.lengths = []  # host copy, for sizes without a device sync
         self.pos = None    # device copy, for GPT.forward
-
-    def __len__(self):
-        return len(self.lengths)
 
     def get_pos(self):
         return self.pos
 
-    def _reserve(self, rows, time, like):
-        if self.kv is None:
-            shape = (self.num_layers, 2, max(rows, 1), self.num_heads, -(-time // self.TIME_CHUNK) * self.TIME_CHUNK, self.head_dim)
-            self.kv = torch.zeros(shape, device=like.device, dtype=like.dtype)
-            return
-        _, _, have_rows, _, have_time, _ = self.kv.shape
-        if rows <= have_rows and time <= have_time:
-            return
-        new_rows = max(rows, have_rows if rows <= have_rows else 2 * have_rows)
-        new_time = max(have_time, -(-time // self.TIME_CHUNK) * self.TIME_CHUNK)
-        bigger = torch.zeros((self.num_layers, 2, new_rows, self.num_heads, new_time, self.head_dim),
-                             device=self.kv.device, dtype=self.kv.dtype)
-        n, t = len(self.lengths), max(self.lengths, default=0)
-        bigger[:, :, :n, :, :t] = self.kv[:, :, :n, :, :t]
-        self.kv = bigger
+    def _reserve(self, rows, time):
+        layers, _, have_rows, heads, have_time, head_dim = self.kv.shape
+        if rows > have_rows or time > have_time:
+            # rows double and time grows in whole chunks, so a long run reallocates (and copies) rarely
+            rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+            time = max(have_time, -(-time // self.TIME_CHUNK) * self.TIME_CHUNK)
+            # zeros, not torch.empty: a masked key gets weight 0, but 0 * NaN garbage in padding is still NaN
+            bigger = self.kv.new_zeros((layers, 2, rows, heads, time, head_dim))
+            n, t = len(self.lengths), max(self.lengths, default=0)
+            bigger[:, :, :n, :, :t] = self.kv[:, :, :n, :, :t]
+            self.kv = bigger
 
-    def _sync_pos(self, device):
-        self.pos = torch.tensor(self.lengths, dtype=torch.long, device=device)
-
-    def add_row(self, source, source_row=0):
-        """Append a copy of row `source_row` of a (prefilled) KVCache or RaggedKVCache."""
-        if isinstance(source, RaggedKVCache):
-            length, src = source.lengths[source_row], source.kv
-        else:
-            length, src = source.get_pos(), source.kv
-        if src.size(0) != self.num_layers or src.size(3) != self.num_heads or src.size(5) != self.head_dim:
-            raise ValueError(f"RaggedKVCache.add_row: source cache has shape {tuple(src.shape)}, expected "
-                             f"{self.num_layers} layers, {self.num_heads} heads, head_dim {self.head_dim}")
-        n = len(self.lengths)
-        self._reserve(n + 1, length, src)
-        self.kv[:, :, n, :, :length] = src[:, :, source_row, :, :length]
-        self.lengths.append(length)
-        self._sync_pos(self.kv.device)
+    def add_row(self, prefill):
+        """Append a row holding a _Prefill's keys/values."""
+        n, (_, heads, T, head_dim) = len(self.lengths), prefill[0][0].shape
+        if self.kv is None:  # the device and dtype of the model's keys (bf16 under autocast)
+            self.kv = prefill[0][0].new_zeros((len(prefill), 2, 0, heads, 0, head_dim))
+        self._reserve(n + 1, T)
+        for layer, (k, v) in enumerate(prefill):
+            self.kv[layer, 0, n, :, :T], self.kv[layer, 1, n, :, :T] = k[0], v[0]
+        self.lengths.append(T)
+        self.pos = torch.tensor(self.lengths, dtype=torch.long, device=self.kv.device)
 
     def remove_row(self, i):
         """Drop row i; the last row moves into its place (callers mirror this in their lists)."""
-        last = len(self.lengths) - 1
-        if i != last:
-            length = self.lengths[last]
-            self.kv[:, :, i, :, :length] = self.kv[:, :, last, :, :length]
-            self.lengths[i] = length
-        self.lengths.pop()
-        self._sync_pos(self.kv.device)
+        last = self.lengths.pop()
+        if i < len(self.lengths):
+            self.kv[:, :, i, :, :last] = self.kv[:, :, len(self.lengths), :, :last]
+            self.lengths[i] = last
+        self.pos = torch.tensor(self.lengths, dtype=torch.long, device=self.kv.device)
 
     def insert_kv(self, layer_idx, k, v):
-        """Write k, v (rows, heads, T, head_dim) at each row's own position; return all keys/values
-        up to the longest row (GPT.forward's mask hides each row's padding)."""
+        """Write k, v (rows, heads, T, head_dim) at each row's own position; return all up to the longest row."""
+        # GPT.forward masks the padding between a row's end and the longest row's
         B, _, T, _ = k.shape
         num_keys = max(self.lengths) + T
-        self._reserve(B, num_keys, k)
+        self._reserve(B, num_keys)
         rows = torch.arange(B, device=k.device)[:, None]
         times = self.pos[:, None] + torch.arange(T, device=k.device)  # (B, T)
         layer = self.kv[layer_idx]
-        layer[0][rows, :, times] = k.transpose(1, 2).to(layer.dtype)  # advanced indices first: (B, T, H, D)
+        # advanced indices first: the indexed slots are (B, T, heads, head_dim)
+        layer[0][rows, :, times] = k.transpose(1, 2).to(layer.dtype)
         layer[1][rows, :, times] = v.transpose(1, 2).to(layer.dtype)
-        if layer_idx == self.num_layers - 1:
+        if layer_idx == self.kv.size(0) - 1:  # every layer of this forward saw the same positions
             self.lengths = [n + T for n in self.lengths]
             self.pos = self.pos + T
         return layer[0, :B, :, :num_keys], layer[1, :B, :, :num_keys]
 
 
 # -----------------------------------------------------------------------------
-# One sequence being generated
+# Continuous batching. A BatchDecoder holds many unrelated sequences (prompts, lengths, sampling
+# settings) in one RaggedKVCache; each step decodes one token for all of them in one forward.
+# Rows join (after their own prefill) and leave (finished, stopped, cancelled) between steps.
+# The chat server runs one per model replica; Engine.generate* are thin wrappers around it.
 
 @dataclass(eq=False)
 class Row:
     request: object               # whatever the caller passed to BatchDecoder.add (the server's request)
     index: int                    # which of the request's num_samples this is
-    prompt_len: int
     params: SamplingParams
     rng: torch.Generator | None
     text: TextStream
     max_tokens: int
+    prefill: _Prefill | None  # until the row joins the batch
     tokens: list = field(default_factory=list)  # generated ids, forced tool tokens included
     masks: list = field(default_factory=list)   # 1 = sampled, 0 = forced
     forced: deque = field(default_factory=deque)
-    python_tokens: list | None = None  # collecting an expression between python_start/end
-    last_token: int | None = None      # the newest token, fed to the model at the next step
+    python_tokens: list | None = None  # the expression being written between python_start/end
     finish_reason: str | None = None   # "stop" (end token or stop string), "length", "cancelled"
-    first_logits: torch.Tensor | None = None  # from the prefill, until the first token is drawn
-    prefill_cache: KVCache | None = None
-
-    @property
-    def finished(self):
-        return self.finish_reason is not None
-
-
-@dataclass
-class StepOutput:
-    row: Row
-    token: int
-    sampled: bool   # False for tool output forced in by the engine
-    text: str       # newly releasable text (may be "")
-    finished: bool  # this was the row's last token
 
 
 class BatchDecoder:
-    """
-    Continuous batching over one model. add() prefills a prompt and queues its rows; each step()
-    produces exactly one token for every live row (the first token of a new row comes from its
-    prefill logits, the others from one batched forward), then drops the rows that finished.
-    """
+    """Continuous batching over one model: add() prompts at any time, step() until num_rows is 0."""
 
     def __init__(self, engine, max_batch_size=None):
-        self.engine = engine
-        self.max_batch_size = max_batch_size
-        cfg = engine.model.config
-        self.cache = RaggedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head)
+        self.engine, self.max_batch_size = engine, max_batch_size
+        self.cache = RaggedKVCache()
         self.rows = []     # live rows, in cache order
         self.joining = []  # prefilled rows waiting for their first token
 
@@ -358,29 +286,18 @@ class BatchDecoder:
     @torch.inference_mode()
     def add(self, tokens, params=None, num_samples=1, request=None):
         """Prefill `tokens` once and queue num_samples rows continuing it; returns the rows."""
-        engine = self.engine
-        params = params or SamplingParams()
-        if not tokens:
-            raise ValueError("the prompt is empty (it should at least start with <|bos|>)")
+        engine, params = self.engine, params or SamplingParams()
         room = engine.max_context - len(tokens)
-        if room < 1:
+        if not tokens or room < 1:  # a prompt holds at least <|bos|>
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model's context is {engine.max_context}")
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        cfg = engine.model.config
-        cache = KVCache(1, cfg.n_kv_head, len(tokens), cfg.n_embd // cfg.n_head, cfg.n_layer)
-        ids = torch.tensor([tokens], dtype=torch.long, device=engine.device)
+        prefill = _Prefill()
         with autocast_ctx(engine.device.type):
-            logits = engine.model(ids, kv_cache=cache)[0, -1]
-        rows = []
+            prefill.logits = engine.model(torch.tensor([tokens], device=engine.device), kv_cache=prefill)[0, -1]
+        rows, max_tokens = [], room if params.max_tokens is None else min(params.max_tokens, room)
         for i in range(num_samples):
-            rng = None
-            if params.temperature > 0:
-                rng = torch.Generator(device=engine.device)
-                rng.manual_seed(params.seed + i)
-            row = Row(request=request, index=i, prompt_len=len(tokens), params=params, rng=rng,
-                      text=engine.text_stream(params.stop), max_tokens=max_tokens,
-                      first_logits=logits, prefill_cache=cache)
-            rows.append(row)
+            rng = torch.Generator(engine.device).manual_seed(params.seed + i) if params.temperature > 0 else None
+            text = TextStream(engine.tokenizer.enc.decode_single_token_bytes, params.stop, engine.display)
+            rows.append(Row(request, i, params, rng, text, max_tokens, prefill))
         self.joining.extend(rows)
         return rows
 
@@ -395,170 +312,117 @@ class BatchDecoder:
 
     def _remove(self, i):
         self.cache.remove_row(i)
-        last = self.rows.pop()
-        if i < len(self.rows):
-            self.rows[i] = last
+        self.rows[i] = self.rows[-1]  # as the cache did
+        self.rows.pop()
 
     @torch.inference_mode()
     def step(self):
-        """One token for every live row -> list of StepOutput (empty when nothing is live)."""
-        engine = self.engine
-        logits = None
-        if self.rows:
-            ids = torch.tensor([[row.last_token] for row in self.rows], dtype=torch.long, device=engine.device)
-            with autocast_ctx(engine.device.type):
-                logits = engine.model(ids, kv_cache=self.cache)[:, -1]
+        """One token for every live row -> [(row, newly releasable text)]; the token is row.tokens[-1]."""
         outputs = []
-        # greedy rows: one argmax and one device->host copy for all of them, not one per row
-        greedy = None
-        if any(row.params.temperature == 0.0 for row in self.rows):
-            greedy = logits.argmax(dim=-1).tolist()
-        for i, row in enumerate(self.rows):
-            outputs.append(self._advance(row, logits[i], None if greedy is None else greedy[i]))
+        if self.rows:
+            ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.engine.device)
+            with autocast_ctx(self.engine.device.type):
+                logits = self.engine.model(ids, kv_cache=self.cache)[:, -1]
+            # greedy rows: one argmax and one device->host copy for all of them, not a sync per row
+            greedy = logits.argmax(dim=-1).tolist() if any(r.params.temperature == 0 for r in self.rows) else None
+            outputs = [self._advance(row, logits[i], greedy[i] if row.params.temperature == 0 else None)
+                       for i, row in enumerate(self.rows)]
+        # new rows draw their first token from their prefill's logits, then join the batch
         for row in self.joining:
-            outputs.append(self._advance(row, row.first_logits))
-            if not row.finished:
-                self.cache.add_row(row.prefill_cache)
-                self.rows.append(row)
-            row.first_logits = row.prefill_cache = None
-        self.joining = []
+            outputs.append(self._advance(row, row.prefill.logits))
+            self.cache.add_row(row.prefill)  # one that has already finished leaves below, with the others
+            row.prefill = None
+        self.rows, self.joining = self.rows + self.joining, []
         for i in reversed(range(len(self.rows))):
-            if self.rows[i].finished:
+            if self.rows[i].finish_reason:
                 self._remove(i)
         return outputs
 
     def _advance(self, row, logits, argmax=None):
         engine = self.engine
         if row.forced:
-            token, sampled = row.forced.popleft(), False
-        elif row.params.temperature == 0.0 and argmax is not None:
-            token, sampled = argmax, True
+            token, sampled = row.forced.popleft(), 0
         else:
-            token, sampled = sample_token(logits, row.params, row.rng), True
+            token, sampled = (sample_token(logits, row.params, row.rng) if argmax is None else argmax), 1
         row.tokens.append(token)
-        row.masks.append(int(sampled))
-        row.last_token = token
+        row.masks.append(sampled)
         text = row.text.push(token)
-        if token in engine.end_tokens:
+        if token in engine.end_tokens or row.text.stopped:
             row.finish_reason = "stop"
-        elif engine.use_tools:
-            self._tool_state(row, token)
-        if row.text.stopped:
-            row.finish_reason = "stop"
-        elif not row.finished and len(row.tokens) >= row.max_tokens:
+        elif len(row.tokens) >= row.max_tokens:
             row.finish_reason = "length"
-        if row.finished:
-            text += row.text.flush()
-        return StepOutput(row, token, sampled, text, row.finished)
-
-    def _tool_state(self, row, token):
-        engine = self.engine
-        if token == engine.python_start:
+        elif token == engine.python_start and engine.use_tools:
             row.python_tokens = []
         elif token == engine.python_end and row.python_tokens is not None:
             result = use_calculator(engine.tokenizer.decode(row.python_tokens))
             row.python_tokens = None
-            if result is not None:
+            if result is not None:  # forced in as the next tokens, marked not sampled
                 row.forced.extend([engine.output_start, *engine.tokenizer.encode(result), engine.output_end])
         elif row.python_tokens is not None:
             row.python_tokens.append(token)
+        if row.finish_reason:
+            text += row.text.flush()
+        return row, text
 
 
 # -----------------------------------------------------------------------------
 # The engine
 
 class Engine:
-    """Generation on one model. Not thread-safe: give each worker thread its own BatchDecoder."""
+    """Generation on one model (**sampling: SamplingParams fields). Not thread-safe: one decoder() per thread."""
 
     def __init__(self, model, tokenizer, use_tools=True):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = model.get_device()
-        # positions past the rotary table cannot be encoded; that is the hard context limit
+        self.model, self.tokenizer, self.device, self.use_tools = model, tokenizer, model.get_device(), use_tools
+        # positions past the rotary table cannot be encoded: that is the hard context limit
         self.max_context = getattr(model, "rotary_seq_len", model.config.sequence_len)
-
-        def special(name):
-            try:
-                return tokenizer.encode_special(name)
-            except (ValueError, KeyError):
-                return None
-        self.end_tokens = {t for t in (special("<|assistant_end|>"), tokenizer.get_bos_token_id()) if t is not None}
+        special = tokenizer.encode_special
+        self.end_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.use_tools = use_tools and None not in (self.python_start, self.python_end, self.output_start, self.output_end)
-        # how special tokens read in text: tool calls as <<expr=result>> (GSM8K's calculator notation)
-        self.display = {tokenizer.encode_special(name): "" for name in tokenizer.get_special_tokens()}
-        if self.use_tools:
-            self.display.update({self.python_start: "<<", self.python_end: "=", self.output_start: "", self.output_end: ">>"})
-
-    def text_stream(self, stop=()):
-        return TextStream(self.tokenizer.enc.decode_single_token_bytes, stop=stop, display=self.display)
+        # special tokens read as nothing in text, except tool calls: <<expr=result>> (GSM8K's calculator notation)
+        self.display = {special(name): "" for name in tokenizer.get_special_tokens()}
+        if use_tools:
+            self.display.update({self.python_start: "<<", self.python_end: "=", self.output_end: ">>"})
 
     def decoder(self, max_batch_size=None):
         return BatchDecoder(self, max_batch_size)
 
-    @staticmethod
-    def _params(max_tokens, temperature, top_k, top_p, seed, stop):
-        if isinstance(stop, str):
-            stop = (stop,)
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens,
-                              seed=seed, stop=tuple(stop or ()))
-
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
-                 seed=42, stop=None):
-        """
-        Stream num_samples continuations of `tokens` (a list of ids). Yields, per step,
-        (token_column, token_masks): one id per sample and 1 if it was sampled, 0 if forced
-        (tool output). A sample that has finished yields None (mask 0) while others continue.
-        A sample ends after <|assistant_end|> or <|bos|> (which is yielded), a stop string,
-        or max_tokens.
-        """
+    def generate(self, tokens, num_samples=1, **sampling):
+        """Stream continuations: per step, one id per sample and its mask (1 sampled, 0 forced tool output)."""
         decoder = self.decoder()
-        rows = decoder.add(tokens, self._params(max_tokens, temperature, top_k, top_p, seed, stop), num_samples)
+        decoder.add(tokens, SamplingParams(**sampling), num_samples)
         while decoder.num_rows:
-            emitted = {out.row.index: out for out in decoder.step()}
-            yield ([emitted[i].token if i in emitted else None for i in range(len(rows))],
-                   [int(emitted[i].sampled) if i in emitted else 0 for i in range(len(rows))])
+            # a sample that has finished (after yielding its end token) yields None, mask 0
+            column, masks = [None] * num_samples, [0] * num_samples
+            for row, _ in decoder.step():
+                column[row.index], masks[row.index] = row.tokens[-1], row.masks[-1]
+            yield column, masks
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Non-streaming: (results, masks), each a list of num_samples lists: the prompt followed by
-        the generated ids, without the final <|assistant_end|>/<|bos|>; masks 0 on the prompt and
-        on forced tool output, 1 on sampled tokens."""
-        (results, masks), = self.generate_multi([tokens], num_samples=num_samples, **kwargs)
-        return results, masks
+    def generate_batch(self, tokens, num_samples=1, **sampling):
+        """(results, masks), one per sample: the prompt + generated ids, masks 0 on prompt and forced tokens."""
+        return self.generate_multi([tokens], num_samples=num_samples, **sampling)[0]
 
-    def generate_multi(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
-                       seed=42, stop=None, max_batch_size=None):
-        """Several prompts (of any lengths) decoded together in one batch. Returns, per prompt,
-        (results, masks) as generate_batch does."""
-        params = self._params(max_tokens, temperature, top_k, top_p, seed, stop)
+    def generate_multi(self, prompts, num_samples=1, max_batch_size=None, **sampling):
+        """Prompts of any lengths decoded together; per prompt, (results, masks) as generate_batch."""
         if max_batch_size is not None and max_batch_size < num_samples:
             raise ValueError(f"max_batch_size={max_batch_size} cannot hold num_samples={num_samples} rows")
-        decoder = self.decoder(max_batch_size)
-        all_rows, waiting = [], list(enumerate(prompts))
+        decoder, waiting, rows = self.decoder(max_batch_size), deque(prompts), []
         while waiting or decoder.num_rows:
+            # a prompt joins as soon as all its samples fit, without waiting for the batch to drain
             while waiting and decoder.has_room(num_samples):
-                j, prompt = waiting.pop(0)
-                all_rows.append(decoder.add(prompt, params, num_samples, request=j))
+                rows.append(decoder.add(waiting.popleft(), SamplingParams(**sampling), num_samples))
             decoder.step()
         out = []
-        for prompt, rows in zip(prompts, all_rows):
-            results, masks = [], []
-            for row in rows:
-                ids, mask = row.tokens, row.masks
-                if ids and ids[-1] in self.end_tokens:
-                    ids, mask = ids[:-1], mask[:-1]
-                results.append(list(prompt) + ids)
-                masks.append([0] * len(prompt) + mask)
-            out.append((results, masks))
+        for prompt, prompt_rows in zip(prompts, rows):
+            # each sample: the prompt, then what was generated less a final end token
+            ends = [len(r.tokens) - bool(r.tokens and r.tokens[-1] in self.end_tokens) for r in prompt_rows]
+            out.append(([list(prompt) + r.tokens[:n] for r, n in zip(prompt_rows, ends)],
+                        [[0] * len(prompt) + r.masks[:n] for r, n in zip(prompt_rows, ends)]))
         return out
 
-    def generate_text(self, tokens, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, stop=None):
-        """Stream one continuation as text chunks (each a whole number of characters; tool calls
-        shown as <<expr=result>>; cut before the first stop string)."""
+    def generate_text(self, tokens, **sampling):
+        """Stream one continuation as text chunks (whole characters; tool calls as <<expr=result>>)."""
         decoder = self.decoder()
-        decoder.add(tokens, self._params(max_tokens, temperature, top_k, top_p, seed, stop))
+        decoder.add(tokens, SamplingParams(**sampling))
         while decoder.num_rows:
-            for out in decoder.step():
-                if out.text:
-                    yield out.text
+            yield from (text for _, text in decoder.step() if text)

@@ -1,22 +1,9 @@
 """
-Run untrusted Python (model-written code: tool calls, HumanEval completions) in a sandbox.
+Run untrusted Python (model-written code: tool calls, HumanEval completions) in a sandboxed child process.
 
-The code runs in a fresh interpreter (`python -I`, its own process group, a throwaway working
-directory) that first locks itself down and only then executes the code:
-- wall-clock timeout: the parent kills the whole process group when time is up;
-- memory limit: RLIMIT_AS, so a runaway allocation raises MemoryError instead of eating the box;
-- an audit hook (PEP 578, cannot be removed once installed) refuses sockets, processes, signals,
-  file deletion/renaming, writes outside the working directory, ctypes calls and raising rlimits;
-- the usual foot-guns (os.system, os.remove, shutil.rmtree, subprocess.Popen, ...) are replaced
-  by functions that raise, so the error message says what was blocked;
-- stdout/stderr are captured by the parent, at most `max_output_bytes` each.
-
-This is defence against accidents and sloppy model output, not against a determined attacker:
-real isolation needs a container or VM around the whole server.
-
-    result = execute_code("print(1 + 1)")
-    result.success, result.stdout  # True, "2\n"
+    result = execute_code("print(1 + 1)")  # result.success, result.stdout == True, "2\n"
 """
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 
 
@@ -39,8 +25,12 @@ class ExecResult:
     truncated: bool = False   # stdout or stderr went over max_output_bytes
 
 
-# The child's bootstrap, run with `python -I -c`. It reads {"code", "limits"...} as JSON from stdin,
-# locks the process down, runs the code, and reports how it ended on the status pipe (fd argv[1]).
+# The code runs in a fresh interpreter (`python -I`: no user site, no PYTHON* variables) in its own
+# process group and a throwaway working directory. This bootstrap, run with `python -I -c`, reads the
+# job {"code", limits...} as JSON from stdin, locks the process down, and only then runs the code,
+# reporting how it ended on the status pipe (fd argv[1]); stdout/stderr are the code's own.
+# It defends against accidents and sloppy model output, not a determined attacker: real isolation
+# needs a container or VM around the whole server.
 _CHILD = r'''
 import builtins, io, json, os, resource, sys, traceback
 status_fd = int(sys.argv[1])
@@ -48,6 +38,7 @@ sys.dont_write_bytecode = True
 job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
 sys.stdin = io.StringIO("")  # user code reading input() gets EOF, not our job spec
 
+# the status has its own pipe, so nothing the code prints can forge it
 def report(kind, message=None):
     try:
         os.write(status_fd, json.dumps({"kind": kind, "message": message}).encode())
@@ -55,7 +46,8 @@ def report(kind, message=None):
     except OSError:
         pass
 
-# 1. resource limits (hard limits too, so the code cannot raise them back)
+# 1. resource limits (hard limits too, so the code cannot raise them back); RLIMIT_AS makes a runaway
+# allocation raise MemoryError instead of eating the machine
 mem = job["max_memory_bytes"]
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -64,7 +56,8 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 cpu = int(job["timeout"]) + 2  # backstop for the parent's wall clock
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
 
-# 2. an audit hook: refuses the operations a sandboxed snippet has no business doing
+# 2. an audit hook (PEP 578: once installed it cannot be removed) refuses what a snippet has no business
+# doing: sockets, processes, signals, deleting or renaming files, writes outside its directory, ctypes
 workdir = os.path.realpath(os.getcwd())
 BLOCKED_EVENTS = {
     "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
@@ -93,7 +86,7 @@ def audit(event, args):
                 raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory is not allowed")
 sys.addaudithook(audit)
 
-# 3. friendlier errors for the usual foot-guns (the hook above is the real barrier)
+# 3. the usual foot-guns raise at once, so the error says what was blocked (the hook is the real barrier)
 def _disabled(name):
     def fn(*args, **kwargs):
         raise PermissionError(f"sandbox: {name} is disabled")
@@ -117,9 +110,8 @@ except MemoryError:
     report("memory")
     os._exit(1)
 except SystemExit as e:
-    code = e.code
-    ok = code is None or code == 0
-    report("ok" if ok else "error", None if ok else f"SystemExit: {code}")
+    ok = e.code is None or e.code == 0
+    report("ok" if ok else "error", None if ok else f"SystemExit: {e.code}")
     os._exit(0 if ok else 1)
 except BaseException as e:
     try:
@@ -137,19 +129,12 @@ os._exit(0)
 
 def _drain(stream, limit, out):
     """Read a pipe to EOF, keeping the first `limit` bytes (reading on, so the child never blocks)."""
-    kept = bytearray()
-    overflow = False
-    while True:
-        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-        if not chunk:
-            break
+    kept, overflow = bytearray(), False
+    while chunk := stream.read1(65536):
         room = limit - len(kept)
-        if room > 0:
-            kept += chunk[:room]
-        if len(chunk) > room:
-            overflow = True
-    out["data"] = bytes(kept)
-    out["overflow"] = overflow
+        kept += chunk[:max(room, 0)]
+        overflow = overflow or len(chunk) > room
+    out["data"], out["overflow"] = bytes(kept), overflow
 
 
 def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_output_bytes=64 * 1024,
@@ -159,49 +144,49 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
     job = json.dumps({"code": code, "timeout": timeout, "max_memory_bytes": int(max_memory_bytes),
                       "max_file_bytes": int(max_file_bytes)}).encode("utf-8")
     with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_") as workdir:
+        # a minimal environment: the parent's variables (API keys, tokens) never reach the code
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         try:
+            # a session (and process group) of its own, so that a timeout kills all that the code started
             proc = subprocess.Popen([sys.executable, "-I", "-c", _CHILD, str(status_w)], cwd=workdir, env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=(status_w,), start_new_session=True)
         finally:
             os.close(status_w)  # the child holds its own copy; ours must go so reads see EOF
+        # read the pipes while the child runs: one blocked on a full pipe would never finish
         outputs = {"stdout": {}, "stderr": {}, "status": {}}
         readers = [threading.Thread(target=_drain, args=(proc.stdout, max_output_bytes, outputs["stdout"]), daemon=True),
                    threading.Thread(target=_drain, args=(proc.stderr, max_output_bytes, outputs["stderr"]), daemon=True),
                    threading.Thread(target=_drain, args=(os.fdopen(status_r, "rb"), 65536, outputs["status"]), daemon=True)]
         for t in readers:
             t.start()
-        try:
+        # a child that died before reading its job is reported below, from its exit status
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(job)
             proc.stdin.close()
-        except BrokenPipeError:
-            pass  # the child died before reading its job; reported below from its exit status
         timed_out = False
-        deadline = time.monotonic() + timeout
         try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            proc.wait(timeout=max(0.0, timeout))
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc)  # the whole group: anything the code started dies with it
+        # a grandchild that escaped the kill could hold a pipe open: do not wait on it forever
         for t in readers:
             t.join(timeout=2.0)
         for f in (proc.stdout, proc.stderr):
             f.close()
 
-    def text(name):
-        return outputs[name].get("data", b"").decode("utf-8", errors="replace")
-
+    text = {name: out.get("data", b"").decode("utf-8", errors="replace") for name, out in outputs.items()}
     truncated = outputs["stdout"].get("overflow", False) or outputs["stderr"].get("overflow", False)
-    result = ExecResult(success=False, stdout=text("stdout"), stderr=text("stderr"), truncated=truncated)
+    result = ExecResult(success=False, stdout=text["stdout"], stderr=text["stderr"], truncated=truncated)
     try:
-        status = json.loads(text("status"))
+        status = json.loads(text["status"])
     except ValueError:
         status = None
     if timed_out:
         result.timed_out, result.error = True, f"timed out after {timeout}s"
-    elif status is None:
+    elif status is None:  # it died before it could report: killed by a signal, or the bootstrap itself failed
         rc = proc.returncode
         if rc is not None and rc < 0:
             name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
@@ -222,11 +207,8 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
 
 
 def _kill_group(proc):
-    try:
+    # SIGKILL cannot be caught or ignored; the group may have exited by itself already
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        pass

@@ -1,27 +1,19 @@
 """
-The GPT model: a modern decoder-only Transformer.
-
-- rotary position embeddings (no learned positions), precomputed for 10x sequence_len so
-  KV-cache decoding can run past the training length
-- QK-norm: queries and keys are RMS-normalised per head, which keeps attention logits tame
-- parameter-free RMSNorm everywhere (F.rms_norm), including right after the token embedding
-- ReLU^2 MLP with 4x expansion; no biases anywhere; untied embedding and lm_head
-- grouped-query attention: n_kv_head key/value heads shared by n_head query heads
-- logits soft-capped at 15 * tanh(x / 15)
-- Muon for the block matrices, AdamW for embedding and lm_head (setup_optimizers)
-
-Params are fp32; on CUDA the training scripts run forward under bf16 autocast
-(common.autocast_ctx). CPU runs everything in fp32 through the very same code.
+The GPT model, a modern decoder-only Transformer in plain PyTorch: rotary position embeddings (no
+learned positions), QK-norm, parameter-free RMSNorm everywhere (also right after the embedding), a
+ReLU^2 MLP, no biases, untied embedding and lm_head, grouped-query attention, logits soft-capped at
+15 * tanh(x / 15); Muon for the block matrices, AdamW for embedding and lm_head (setup_optimizer).
+Params are fp32 (on CUDA the forward runs under bf16 autocast). model.fused swaps in fused.py's paths.
 """
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.adamw import AdamW, DistAdamW
-from nanochat.distributed import is_distributed
-from nanochat.muon import Muon, DistMuon
+from nanochat.fused import RMSNorm, ReLUSquared, RotaryEmbedding, fused_by_default, linear_softcap_cross_entropy
+from nanochat.optim import build_optimizer
 
 LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 10000
@@ -38,188 +30,33 @@ class GPTConfig:
     n_embd: int = 768
 
 
-class RMSNorm(torch.autograd.Function):
-    """
-    Parameter-free RMSNorm over the last dim, y = x / sqrt(mean(x^2) + eps), the maths of
-    F.rms_norm (same eps) with a hand-written backward: dx = r * (g - y * mean(g * y)).
-    The eager composite graph of F.rms_norm makes ~10 passes over x forward and back; this
-    makes 5, and saves y (which the next matmul saves anyway) instead of x and temporaries.
-    The norm is accumulated in (at least) fp32 whatever the input dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        eps = torch.finfo(x.dtype).eps
-        acc_dtype = torch.promote_types(x.dtype, torch.float32)
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype)
-        r = r.square_().div_(x.size(-1)).add_(eps).rsqrt_()
-        y = x * r if x.dtype == acc_dtype else (x * r).to(x.dtype)
-        ctx.save_for_backward(y, r)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        y, r = ctx.saved_tensors
-        mean_gy = torch.linalg.vecdot(grad_y, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
-        return torch.addcmul(grad_y, y, mean_gy.to(y.dtype), value=-1.0).mul_(r.to(y.dtype))
-
-
 def norm(x):
-    """Parameter-free RMSNorm over the last dim."""
-    return RMSNorm.apply(x)
+    return F.rms_norm(x, (x.size(-1),))
 
 
-class ReLUSquared(torch.autograd.Function):
-    """relu(x)^2 with backward 2 * relu(x) * g (zero exactly where relu is): one saved tensor
-    and one pass, where autograd's relu-then-square graph saves two and makes four (3x faster
-    on CPU for the MLP's widest activation)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        r, = ctx.saved_tensors
-        return (r + r).mul_(grad_out)
-
-
-def _rotate(x, cos, sin):
-    """(x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin) on the two halves of the last dim."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    # written into halves of one output (3x faster in eager than building halves and concatenating);
-    # in-place ops rather than out= arguments, which torch.compile cannot trace
-    out = torch.empty_like(x)
-    out[..., :d].copy_(x1).mul_(cos).addcmul_(x2, sin)
-    out[..., d:].copy_(x2).mul_(cos).addcmul_(x1, sin, value=-1.0)
-    return out
-
-
-class RotaryEmbedding(torch.autograd.Function):
-    """Rotary rotation by position-dependent angles; its backward is the inverse rotation (angle
-    negated), so nothing but the tables is saved."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad_out, cos, -sin), None, None
+def relu_squared(x):
+    return F.relu(x).square()
 
 
 def apply_rotary_emb(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + d/2]) of x (B, T, H, D) by position-dependent angles."""
-    return RotaryEmbedding.apply(x, cos, sin)
+    """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, T, H, D) by position-dependent angles."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def ce_chunk_rows(device_type, vocab_size):
-    """
-    Rows of logits the chunked loss materialises at once. GPU: ~64M elements (few kernel
-    launches, still far below the full logits). CPU, measured: the elementwise passes want small
-    cache-friendly chunks (~1M elements), while every chunk also adds its share into the lm_head
-    gradient, a (V x D) read and write, which wants rows to grow with V: V/64 rows balances the two
-    (128 rows at V=8192, 512 at V=32768).
-    """
-    if device_type == "cuda":
-        return max(1, 2 ** 26 // vocab_size)
-    return max(1, vocab_size // 64, 2 ** 20 // vocab_size)
-
-
-def _softcap_ce_chunks(x, weight, targets, cap, with_grads, row_weights=None):
-    """
-    Per-token loss CE(cap * tanh(x W^T / cap), t) for x (N, D), weight (V, D), computed a chunk
-    of rows at a time so the (N, V) logits never exist at once. Targets < 0: loss 0, no gradient.
-    with_grads: also the gradients of sum_i row_weights[i] * loss[i] (default weights 1) wrt x
-    and weight, formed chunk by chunk while the logits are at hand (softmax - onehot, times the
-    tanh derivative). Every loss path of the model runs this one arithmetic, so e.g. DPO's
-    reference and policy log-probs agree exactly. Logit maths in fp32 (matmuls follow autocast).
-    """
-    N, V = x.size(0), weight.size(0)
-    rows = ce_chunk_rows(x.device.type, V)
-    fp = torch.promote_types(weight.dtype, torch.float32)  # fp32 logit maths (fp64 in gradchecks)
-    losses = torch.empty(N, dtype=fp, device=x.device)
-    grad_x = torch.empty_like(x) if with_grads else None
-    grad_w = torch.zeros_like(weight) if with_grads else None
-    autocast = torch.is_autocast_enabled(x.device.type)
-    for i in range(0, N, rows):
-        xc, tc = x[i:i + rows], targets[i:i + rows]
-        valid = tc >= 0
-        tc = torch.where(valid, tc, 0)[:, None]
-        th = (xc @ weight.mT).to(fp).div_(cap).tanh_()  # capped logits / cap
-        # |capped| <= cap, so cap is a safe shift for the log-sum-exp: no max pass needed
-        probs = torch.sub(th, 1.0).mul_(cap).exp_()
-        sumexp = probs.sum(dim=-1)
-        picked = th.gather(1, tc).squeeze(1)
-        losses[i:i + rows] = torch.where(valid, sumexp.log() + cap * (1.0 - picked), 0.0)
-        if with_grads:
-            probs.div_(sumexp[:, None]).scatter_add_(1, tc, torch.full_like(picked[:, None], -1.0))
-            probs.addcmul_(probs, th.square_(), value=-1.0)  # d capped / d logit = 1 - tanh^2
-            probs.mul_((valid if row_weights is None else valid * row_weights[i:i + rows])[:, None])
-            grad_x[i:i + rows] = probs @ weight
-            if autocast:
-                grad_w += probs.mT @ xc  # low-precision matmul, fp32 accumulation across chunks
-            else:
-                grad_w.addmm_(probs.mT, xc)
-    return losses, grad_x, grad_w
-
-
-class LinearSoftcapCrossEntropy(torch.autograd.Function):
-    """
-    sum_i CE(cap * tanh(x_i W^T / cap), t_i): the lm_head matmul, soft-cap and cross-entropy in
-    one pass over row chunks (see _softcap_ce_chunks). The gradients are computed during the
-    forward pass and only scaled by the incoming scalar in backward, so training never holds
-    the (tokens x vocab) logits: the largest tensors of a small model, and on CPU the slowest
-    to allocate. Scalar output only (per-token losses with gradients: the class below).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, cap):
-        losses, grad_x, grad_w = _softcap_ce_chunks(x, weight, targets, cap, with_grads=True)
-        ctx.save_for_backward(grad_x, grad_w)
-        return losses.sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_total.to(grad_x.dtype), grad_w * grad_total, None, None
-
-
-class LinearSoftcapCrossEntropyPerToken(torch.autograd.Function):
-    """The per-token losses (N,) of the same computation, for losses that weigh tokens unevenly
-    (DPO's per-sequence log-probs). The backward recomputes the logits chunk by chunk (one more
-    lm_head matmul) instead of keeping them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, cap):
-        ctx.save_for_backward(x, weight, targets)
-        ctx.cap = cap
-        return _softcap_ce_chunks(x, weight, targets, cap, with_grads=False)[0]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_losses):
-        x, weight, targets = ctx.saved_tensors
-        _, grad_x, grad_w = _softcap_ce_chunks(x, weight, targets, ctx.cap, with_grads=True, row_weights=grad_losses)
-        return grad_x, grad_w, None, None
+# the model's elementwise ops, stock (autograd differentiates them) or with hand-written backwards
+PLAIN_OPS = SimpleNamespace(norm=norm, rotary=apply_rotary_emb, relu_squared=relu_squared)
+FUSED_OPS = SimpleNamespace(norm=RMSNorm.apply, rotary=RotaryEmbedding.apply, relu_squared=ReLUSquared.apply)
 
 
 def attention(q, k, v, is_causal=False, attn_mask=None):
-    """
-    Scaled dot-product attention over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D), Hkv dividing Hq;
-    query head h reads kv head h // (Hq // Hkv). SDPA's enable_gqa only reaches a fused kernel
-    (flash) on CUDA in half precision without a mask; anywhere else it silently takes the slow
-    math path, so there we expand the kv heads ourselves and keep the fused kernels.
-    """
+    """SDPA over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D); query head h reads kv head h // (Hq // Hkv)."""
     n_rep = q.size(1) // k.size(1)
     if n_rep == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    # SDPA's enable_gqa only reaches a fused kernel (flash) on CUDA in half precision without a mask;
+    # anywhere else it silently takes the slow math path, so there we expand the kv heads ourselves
     if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -227,14 +64,10 @@ def attention(q, k, v, is_causal=False, attn_mask=None):
 
 
 class KVCache:
-    """
-    Keys and values of every layer for incremental decoding, stored as one tensor
-    (num_layers, 2, batch, kv_heads, time, head_dim). Position advances after the last layer
-    inserts, so all layers of one forward pass see the same position. Grows (in chunks of
-    1024 positions) when more tokens arrive than it has room for.
-    device/dtype default to those of the first keys inserted (bf16 under CUDA autocast).
-    """
+    """Keys and values of every layer for incremental decoding, one (layers, 2, B, kv_heads, T, head_dim) tensor."""
 
+    # Grows (in chunks of GROW_CHUNK positions) when more tokens arrive than it has room for.
+    # device/dtype default to those of the first keys inserted (bf16 under CUDA autocast).
     GROW_CHUNK = 1024
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
@@ -271,20 +104,21 @@ class KVCache:
         layer = self.kv[layer_idx]
         layer[0, :, :, t0:t1] = k
         layer[1, :, :, t0:t1] = v
+        # the position advances after the last layer, so every layer of one forward sees the same one
         if layer_idx == self.kv.size(0) - 1:
             self.pos = t1
         return layer[0, :, :, :t1], layer[1, :, :, :t1]
 
     def prefill(self, other):
-        """Copy another cache's contents (batch 1, or the same batch size) into this one,
-        broadcasting over the batch: prefill the prompt once, then sample N continuations."""
+        """Copy another cache (batch 1, or the same batch size) into this fresh one, broadcasting over the batch."""
+        # prefill the prompt once, then sample N continuations
         assert self.pos == 0, "prefill into a fresh (or reset) cache"
         assert other.kv is not None, "the source cache is empty"
         L, _, B, H, _, D = self.shape
         oL, _, oB, oH, _, oD = other.kv.shape
         if (L, H, D) != (oL, oH, oD) or oB not in (1, B):
-            raise ValueError(f"KVCache.prefill: incompatible caches: layers/heads/head_dim/batch "
-                             f"{(oL, oH, oD, oB)} -> {(L, H, D, B)}")
+            raise ValueError(f"KVCache.prefill: incompatible caches: layers/heads/head_dim/batch {(oL, oH, oD, oB)} -> "
+                             f"{(L, H, D, B)}")
         self._ensure_capacity(other.pos, other.kv)
         self.kv[:, :, :, :, :other.pos] = other.kv[:, :, :, :, :other.pos]
         self.pos = other.pos
@@ -295,9 +129,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         assert config.n_head % config.n_kv_head == 0, "n_kv_head must divide n_head (GQA)"
-        self.layer_idx = layer_idx
-        self.n_head = config.n_head
-        self.n_kv_head = config.n_kv_head
+        self.layer_idx, self.n_head, self.n_kv_head = layer_idx, config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert self.head_dim % 2 == 0, "rotary embeddings need an even head_dim"
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
@@ -305,34 +137,28 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache, positions=None):
+    def forward(self, x, ops, cos_sin, kv_cache, positions=None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k = ops.norm(ops.rotary(q, cos, sin)), ops.norm(ops.rotary(k, cos, sin))
         q, k = q.to(v.dtype), k.to(v.dtype)  # no-op unless an autocast policy ran rms_norm in fp32
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
+        mask = None
         if positions is not None:
             # ragged batch, every row at its own position: row b's query i sees keys 0..positions[b, i]
             # (keys past a short row's end are padding up to the longest row)
             mask = torch.arange(Tk, device=q.device) <= positions[:, None, :, None]  # (B, 1, Tq, Tk)
-            y = attention(q, k, v, attn_mask=mask)
-        elif Tq == Tk:
-            # training, or prefill into an empty cache: plain causal attention
-            y = attention(q, k, v, is_causal=True)
-        elif Tq == 1:
-            # one decode token attends to the whole prefix (and itself)
-            y = attention(q, k, v)
-        else:
+        elif 1 < Tq < Tk:
             # a chunk of Tq tokens after a cached prefix: all of the prefix, causal within the chunk
-            prefix = Tk - Tq
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-            y = attention(q, k, v, attn_mask=mask)
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        # unmasked: training or a prefill into an empty cache (Tq == Tk) is causal, one decode token sees all
+        y = attention(q, k, v, is_causal=mask is None and Tq == Tk, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -343,8 +169,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x):
-        return self.c_proj(ReLUSquared.apply(self.c_fc(x)))
+    def forward(self, x, ops):
+        return self.c_proj(ops.relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -353,21 +179,19 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache, positions=None):
-        x = x + self.attn(norm(x), cos_sin, kv_cache, positions)
-        x = x + self.mlp(norm(x))
+    def forward(self, x, ops, cos_sin, kv_cache, positions=None):
+        x = x + self.attn(ops.norm(x), ops, cos_sin, kv_cache, positions)
+        x = x + self.mlp(ops.norm(x), ops)
         return x
 
 
 class GPT(nn.Module):
-    """
-    GPT(config) comes out initialised. For big models build it without paying for an init
-    twice: `with torch.device("meta"): m = GPT(cfg)`, then `m.to_empty(device=d); m.init_weights()`.
-    """
+    """GPT(config) comes out initialised; or build it on the meta device, then to_empty(device) and init_weights()."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self._fused = None  # see the fused property
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -375,14 +199,22 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # rotary tables are not persistent: derived from the config, never stored in checkpoints
         self.rotary_seq_len = config.sequence_len * ROTARY_LENGTH_FACTOR
-        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", None, persistent=False)  # computed by init_weights
+        self.register_buffer("sin", None, persistent=False)
         self.init_weights()
 
-    def _precompute_rotary_embeddings(self, seq_len, device=None):
-        head_dim = self.config.n_embd // self.config.n_head
-        device = device if device is not None else self.transformer.wte.weight.device
+    @property
+    def fused(self):
+        """Whether forward runs fused.py's hand-written paths; until set, fused_by_default of the model's device."""
+        # decided when read, not when built: models are built on CPU or meta, then moved
+        return fused_by_default(self.get_device().type) if self._fused is None else self._fused
+
+    @fused.setter
+    def fused(self, value):
+        self._fused = None if value is None else bool(value)  # None: back to the device's default
+
+    def _precompute_rotary_embeddings(self, seq_len):
+        head_dim, device = self.config.n_embd // self.config.n_head, self.transformer.wte.weight.device
         inv_freq = ROTARY_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)  # (T, D/2)
@@ -413,64 +245,39 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops(self):
-        """
-        FLOPs per token for forward + backward: 6 per matmul weight (2 forward, 4 backward;
-        the embedding is a lookup, not a matmul) plus the attention score/value matmuls,
-        12 * n_layer * n_head * head_dim * sequence_len (no causal discount, by convention).
-        """
+        """FLOPs per token for forward + backward."""
+        # 6 per matmul weight (2 forward, 4 backward; the embedding is a lookup, not a matmul) plus the
+        # attention score/value matmuls, 12 * n_layer * n_head * head_dim * sequence_len (no causal
+        # discount, by convention)
         cfg = self.config
         n_matmul = self.num_params() - self.transformer.wte.weight.numel()
         head_dim = cfg.n_embd // cfg.n_head
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         muon_dtype=None):
-        """
-        [AdamW for embedding + lm_head, Muon for every block matrix]. The sharded variants are
-        picked when torch.distributed runs with world_size > 1 (then do NOT wrap the model in
-        DDP; see muon.py for the contract). Every param group carries "initial_lr" for schedules.
-        muon_dtype: Newton-Schulz precision (None: bf16 where the hardware has fast bf16 matmuls).
-        """
-        matrix_params = list(self.transformer.h.parameters())
-        embedding_params = list(self.transformer.wte.parameters())
-        lm_head_params = list(self.lm_head.parameters())
-        assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                        muon_dtype=None):
+        """One optimizer (optim.build_optimizer): AdamW for lm_head and embedding, Muon for every block matrix."""
+        # sharded when torch.distributed runs (then do NOT wrap the model in DDP, see optim.py); muon_dtype:
+        # Newton-Schulz precision (None: bf16 where matmuls are fast in it)
         # AdamW LRs were tuned at width 768; wider models take proportionally smaller steps
-        dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
-        adam_groups = [
-            dict(params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale),
-            dict(params=embedding_params, lr=embedding_lr * dmodel_lr_scale),
-        ]
-        adamw_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-        distributed = is_distributed()
-        if distributed:
-            adamw = DistAdamW(adam_groups, **adamw_kwargs)
-            muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True, ns_dtype=muon_dtype)
-        else:
-            # one fused kernel per step on CUDA and CPU (5x faster than the op-by-op loop on CPU)
-            fused = self.get_device().type in ("cuda", "cpu")
-            adamw = AdamW(adam_groups, fused=fused, **adamw_kwargs)
-            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, nesterov=True, ns_dtype=muon_dtype)
-        optimizers = [adamw, muon]
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return optimizers
+        scale = (self.config.n_embd / 768) ** -0.5
+        adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        groups = [dict(adamw, params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
+                  dict(adamw, params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale),
+                  dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr,
+                       momentum=0.95, nesterov=True)]
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
+        return build_optimizer(groups, ns_dtype=muon_dtype)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """
-        idx (B, T) token ids. With targets (B, T) (-1 = ignore): the cross-entropy loss in fp32,
-        a scalar, or per token (B, T) when loss_reduction="none". Otherwise fp32 logits (B, T, V).
-        With kv_cache: positions continue from kv_cache.get_pos() and keys/values are appended.
-        get_pos() may also be a (B,) tensor (a ragged batch, row b at its own position): then
-        insert_kv must return keys up to the longest row, and each row masks the keys past its own.
-        """
+    def _rotary_tables(self, idx, kv_cache):
+        """(cos, sin) for the positions of idx (B, T), which continue from the cache, and per-row positions or None."""
         B, T = idx.size()
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         positions = None
         if isinstance(t0, torch.Tensor):
             # a ragged cache (engine.RaggedKVCache) reports one position per row: row b's tokens sit at
-            # t0[b], t0[b]+1, ... (the caller keeps them inside the rotary table; checking would sync)
+            # t0[b], t0[b]+1, ... (the caller keeps them inside the rotary table; checking would sync);
+            # insert_kv returns keys up to the longest row, and each row masks the keys past its own
             positions = t0.view(B, 1) + torch.arange(T, device=idx.device)
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
         else:
@@ -483,45 +290,39 @@ class GPT(nn.Module):
             # tables stay fp32 (precise angles at long positions); the activations they rotate are not
             dtype = torch.get_autocast_dtype(device_type)
             cos, sin = cos.to(dtype), sin.to(dtype)
-        cos_sin = cos, sin
+        return (cos, sin), positions
 
-        x = norm(self.transformer.wte(idx))
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) -> fp32 logits (B, T, V); with targets (B, T) (-1 = ignore) the fp32 loss, reduced
+        "mean", "sum" or "none" (per token, (B, T)). kv_cache: continue from it, appending keys/values."""
+        B, T = idx.size()
+        cos_sin, positions = self._rotary_tables(idx, kv_cache)
+        ops = FUSED_OPS if self.fused else PLAIN_OPS
+        x = ops.norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache, positions)
-        x = norm(x)
-
-        if targets is None:
-            logits = self.lm_head(x).float()
-            return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
-        targets = targets.reshape(-1)
-        x = x.view(B * T, -1)
-        weight = self.lm_head.weight
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if loss_reduction == "none":
-            if needs_grad:
-                return LinearSoftcapCrossEntropyPerToken.apply(x, weight, targets, LOGIT_SOFTCAP).view(B, T)
-            return _softcap_ce_chunks(x, weight, targets, LOGIT_SOFTCAP, with_grads=False)[0].view(B, T)
-        if needs_grad:
-            total = LinearSoftcapCrossEntropy.apply(x, weight, targets, LOGIT_SOFTCAP)
+            x = block(x, ops, cos_sin, kv_cache, positions)
+        x = ops.norm(x)
+        # the chunked pass never holds the full (B * T, V) logits; it reads lm_head.weight itself, so
+        # a wrapped lm_head (LoRA on it) takes the plain path, which calls the module
+        if targets is not None and ops is FUSED_OPS and type(self.lm_head) is nn.Linear:
+            loss = linear_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                                LOGIT_SOFTCAP, loss_reduction)
         else:
-            total = _softcap_ce_chunks(x, weight, targets, LOGIT_SOFTCAP, with_grads=False)[0].sum()
-        if loss_reduction == "sum":
-            return total
-        return total / (targets >= 0).sum()  # mean over counted tokens (nan if none), as F.cross_entropy
+            logits = self.lm_head(x).float()
+            logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+            if targets is None:
+                return logits
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1,
+                                   reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """
-        Naive streaming sampler (full recompute each step, no KV cache): the reference the
-        Engine is checked against. tokens: list of ids. Yields one new id at a time.
-        temperature 0 = greedy.
-        """
+        """Naive sampler (full recompute each step, no KV cache), the reference the Engine is checked against:
+        yields one new id at a time after the list of ids `tokens`; temperature 0 = greedy."""
         assert isinstance(tokens, list)
         device = self.get_device()
-        rng = None
-        if temperature > 0:
-            rng = torch.Generator(device=device)
-            rng.manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids)[:, -1, :]  # (1, V)

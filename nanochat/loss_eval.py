@@ -1,10 +1,7 @@
 """
-Bits per byte: the validation loss made independent of the tokenizer.
+Bits per byte: the validation loss made independent of the tokenizer, so any two models compare.
 
-Mean loss per token depends on how much text a token holds, so models with different
-vocabularies cannot be compared on it. Dividing the total loss (converted to bits) by the
-number of UTF-8 bytes those tokens stand for can: bpb = sum(nats) / (ln 2 * sum(bytes)).
-Special tokens (<|bos|> etc., 0 bytes) and ignored targets (-1) count in neither sum.
+    bpb = evaluate_bpb(model, val_loader, steps, get_token_bytes(device))
 """
 import math
 
@@ -14,13 +11,8 @@ import torch.distributed as dist
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
-    """
-    model(x, y, loss_reduction="none") -> per-token loss in nats, (B, T).
-    batches: an iterator of (inputs, targets) or (inputs, targets, state) — `steps` are taken.
-    token_bytes: int tensor (vocab_size,), bytes per token id, 0 for special tokens.
-    Sums over all ranks when torch.distributed is initialised (every rank must call this).
-    The caller picks the mode (model.eval()) and the autocast context.
-    """
+    """bpb = sum(nats) / (ln 2 * sum(bytes)) over `steps` batches of (inputs, targets[, state]).
+    token_bytes[id]: UTF-8 bytes of a token, 0 for specials. The caller sets eval mode and autocast."""
     device = model.get_device() if hasattr(model, "get_device") else next(model.parameters()).device
     accumulate = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     total_nats = torch.zeros((), dtype=accumulate, device=device)
@@ -29,16 +21,21 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     batch_iter = iter(batches)
     for _ in range(steps):
         inputs, targets = next(batch_iter)[:2]
+        # model(x, y, loss_reduction="none"): the loss in nats of every target, (B, T)
         loss = model(inputs, targets, loss_reduction="none").reshape(-1)
         targets = targets.reshape(-1)
+        # special tokens (0 bytes) and ignored targets (-1) count in neither sum: a model's loss on
+        # <|bos|> says nothing about how well it models text
         valid = targets >= 0
         num_bytes = torch.where(valid, token_bytes[targets.clamp(min=0)], 0)
         total_nats += (loss.to(accumulate) * (num_bytes > 0)).sum()
         total_bytes += num_bytes.sum()
+    # sums over all ranks when distributed: every rank must call this, and all get the same answer
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_bytes = total_bytes.item()
     if total_bytes == 0:
         raise ValueError("evaluate_bpb saw no bytes: every target was ignored or a special token")
+    # per byte of text, not per token: how much text a token holds depends on the vocabulary
     return total_nats.item() / (math.log(2) * total_bytes)

@@ -1,20 +1,11 @@
 """
-The report card of a run: every stage appends a markdown section (its config, metrics, timing)
-as it finishes, and `generate` stitches them into one report.md with the environment, the cost,
+The report card of a run: every stage appends a markdown section (its config and metrics) as it
+finishes, and `generate` stitches them into report.md with the environment, the time and cost,
 and a summary table of the headline metrics per stage (BASE | MID | SFT | DPO).
 
     python -m nanochat.report reset       # a new run: drop old sections, write the header
-    ... the stages log their sections (tok_train, base_train, base_eval, chat_eval, ...) ...
+    get_report().log(section="Base model training", data=[vars(args), {"val_bpb": 0.81}])  # a stage
     python -m nanochat.report generate    # -> $NANOCHAT_BASE_DIR/report/report.md + ./report.md
-
-In a script (rank 0 writes; on other ranks get_report() returns a report that does nothing):
-
-    from nanochat.report import get_report
-    get_report().log(section="Base model training", data=[vars(args), {"val_bpb": 0.81}])
-
-Files, in $NANOCHAT_BASE_DIR/report/: header.md (from reset), one <slug>.md per section (slug:
-the section title in lowercase words joined by '-'), report.md. Every write goes to a temporary
-file first and is renamed into place, so a crash never leaves a half-written file.
 """
 import argparse
 import datetime
@@ -25,9 +16,8 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 
-from nanochat.common import get_base_dir, get_rank
+from nanochat.common import atomic_write, get_base_dir, get_rank
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 DEFAULT_GPU_HOURLY_COST = 3.0  # USD per GPU-hour: about $24/h for an 8xH100 node
@@ -82,20 +72,6 @@ def _parse_number(text):
         return float(text.replace(",", ""))
     except ValueError:
         return None
-
-
-def _atomic_write(path, text):
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _run(cmd, cwd):
@@ -210,7 +186,7 @@ class Report:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 previous = f.read()
-        _atomic_write(path, previous + "\n".join(lines) + "\n")
+        atomic_write(path, previous + "\n".join(lines) + "\n")
         return path
 
     def reset(self):
@@ -223,7 +199,7 @@ class Report:
         lines = ["# nanochat training report", "", "## Environment", ""]
         lines += [f"- {key}: {_format_value(value)}" for key, value in env.items()]
         lines += ["", f"Run started: {_now()}", ""]
-        _atomic_write(os.path.join(self.report_dir, "header.md"), "\n".join(lines))
+        atomic_write(os.path.join(self.report_dir, "header.md"), "\n".join(lines))
         return os.path.join(self.report_dir, "header.md")
 
     def sections(self):
@@ -294,10 +270,10 @@ class Report:
         text = "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
         path = os.path.join(self.report_dir, "report.md")
-        _atomic_write(path, text)
+        atomic_write(path, text)
         out_dir = os.getcwd() if out_dir is None else out_dir
         if os.path.realpath(out_dir) != os.path.realpath(self.report_dir):
-            _atomic_write(os.path.join(out_dir, "report.md"), text)
+            atomic_write(os.path.join(out_dir, "report.md"), text)
         return path
 
     def _tokenizer_markdown(self):
@@ -352,16 +328,12 @@ class Report:
 
 
 class DummyReport:
-    """What non-zero ranks get: the same methods, doing nothing."""
+    """What non-zero ranks get: the same methods, doing nothing (only rank 0 writes)."""
 
     def log(self, *args, **kwargs):
-        return None
+        pass
 
-    def reset(self, *args, **kwargs):
-        return None
-
-    def generate(self, *args, **kwargs):
-        return None
+    reset = generate = log
 
 
 def get_report():

@@ -1,26 +1,21 @@
 """
-The tokenizer: BPE ranks trained by `rustbpe` (our Rust trainer), served by `tiktoken` (fast,
-batched, thread-parallel encoding), plus the special tokens that structure documents and
-conversations, and the rendering of a conversation into (ids, loss mask) for chat training.
+The tokenizer: BPE ranks trained by rustbpe (our Rust trainer) and served by tiktoken, nanochat's
+special tokens, and a conversation rendered into (ids, loss mask) for chat training:
 
-On disk ($NANOCHAT_BASE_DIR/tokenizer/):
-    ranks.tiktoken     one "base64(token bytes) rank" per line (tiktoken's own file format)
-    tokenizer.json     {"pattern": ..., "special_tokens": {name: id}}
-    token_bytes.pt     bytes per token id (0 for specials), for bits-per-byte; written by tok_train
+    ids, mask = get_tokenizer().render_conversation({"messages": [{"role": "user", "content": "hi"}, ...]})
 """
 import base64
 import json
 import os
 
 import tiktoken
+import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import DataError, atomic_write, get_base_dir
 
 # GPT-4's split pattern, except numbers split in runs of 1-2 digits (not 1-3): with a small
 # vocabulary, spending ids on every 3-digit number is a poor trade.
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document
@@ -37,9 +32,9 @@ PART_TYPES = ("text", "python", "python_output")
 class Tokenizer:
     """A tiktoken Encoding built from trained BPE ranks plus nanochat's special tokens."""
 
-    def __init__(self, enc: tiktoken.Encoding):
+    def __init__(self, enc: tiktoken.Encoding, bos_token_id=None):
         self.enc = enc
-        self.bos_token_id = self.encode_special("<|bos|>")
+        self.bos_token_id = self.encode_special("<|bos|>") if bos_token_id is None else bos_token_id
 
     # -- construction / persistence -------------------------------------------------------
 
@@ -49,14 +44,13 @@ class Tokenizer:
         ranks = dict(mergeable_ranks)
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError("mergeable ranks must be exactly 0..N-1 with no gaps")
-        offset = len(ranks)
-        specials = {name: offset + i for i, name in enumerate(special_tokens)}
-        enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-        return cls(enc)
+        specials = {name: len(ranks) + i for i, name in enumerate(special_tokens)}
+        return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials))
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size, pattern=None, buffer_size=8192):
         """Train BPE on an iterator of str. vocab_size includes the special tokens."""
+        # imported here: only tok_train trains, and the compiled extension is otherwise not needed
         import rustbpe
         merges_vocab = vocab_size - len(SPECIAL_TOKENS)
         if merges_vocab < 256:
@@ -69,6 +63,7 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
+        """Load what save() wrote: ranks.tiktoken ("base64(bytes) rank" lines) and tokenizer.json."""
         config_path = os.path.join(tokenizer_dir, "tokenizer.json")
         ranks_path = os.path.join(tokenizer_dir, "ranks.tiktoken")
         if not (os.path.exists(config_path) and os.path.exists(ranks_path)):
@@ -84,38 +79,28 @@ class Tokenizer:
                     ranks[base64.b64decode(token_b64)] = int(rank)
                 except ValueError as e:
                     raise ValueError(f"{ranks_path}:{lineno}: malformed rank line ({e})") from None
+        # the specials in id order, so from_ranks gives them back the same ids
         specials = sorted(config["special_tokens"], key=config["special_tokens"].get)
         return cls.from_ranks(ranks, pattern=config["pattern"], special_tokens=specials)
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
-        """A stock tiktoken encoding ("gpt2", "cl100k_base") — used for comparisons only."""
-        return cls.__new__(cls)._init_stock(tiktoken.get_encoding(tiktoken_name))
-
-    def _init_stock(self, enc):
-        self.enc = enc
-        self.bos_token_id = enc.eot_token
-        return self
+        """A stock tiktoken encoding ("gpt2", "cl100k_base"), for comparisons only."""
+        enc = tiktoken.get_encoding(tiktoken_name)
+        # a stock encoding has no <|bos|>: its <|endoftext|> separates documents instead
+        return cls(enc, bos_token_id=enc.eot_token)
 
     def save(self, tokenizer_dir):
-        """Write ranks + config atomically (tmp then rename), so a crash never leaves half a tokenizer."""
-        os.makedirs(tokenizer_dir, exist_ok=True)
-        ranks = self.enc._mergeable_ranks
-        lines = [base64.b64encode(tok).decode("ascii") + f" {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+        """Write ranks.tiktoken and tokenizer.json, each all or nothing."""
+        by_rank = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])
+        lines = "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in by_rank)
         config = {"pattern": self.enc._pat_str, "special_tokens": self.enc._special_tokens}
-        for name, payload in [("ranks.tiktoken", "".join(lines)), ("tokenizer.json", json.dumps(config, indent=2))]:
-            path = os.path.join(tokenizer_dir, name)
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(payload)
-            os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(tokenizer_dir, "ranks.tiktoken"), lines)
+        atomic_write(os.path.join(tokenizer_dir, "tokenizer.json"), json.dumps(config, indent=2))
 
-    # -- vocabulary -----------------------------------------------------------------------
+    # -- vocabulary, encode / decode ------------------------------------------------------
 
     def get_vocab_size(self):
-        return self.enc.n_vocab
-
-    @property
-    def vocab_size(self):
         return self.enc.n_vocab
 
     def get_special_tokens(self):
@@ -130,37 +115,26 @@ class Tokenizer:
         except KeyError:
             raise ValueError(f"unknown special token {text!r}; known: {sorted(self.enc._special_tokens)}") from None
 
-    def id_to_token(self, token_id):
-        return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
-
     def token_bytes(self):
-        """Number of UTF-8 bytes each id stands for (0 for specials), from the raw token bytes.
-        Never by decoding to str: many tokens are partial UTF-8 sequences and decode lossily."""
-        sizes = [0] * self.vocab_size
+        """Number of UTF-8 bytes each id stands for (0 for specials), for bits per byte."""
+        # from the raw token bytes, never by decoding: many tokens are partial UTF-8 and decode lossily
+        sizes = [0] * self.get_vocab_size()
         for tok, rank in self.enc._mergeable_ranks.items():
             sizes[rank] = len(tok)
         return sizes
 
-    # -- encode / decode ------------------------------------------------------------------
-
-    def _as_id(self, token):
-        return self.encode_special(token) if isinstance(token, str) else token
-
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """Encode a str (-> list[int]) or a list of str (-> list[list[int]], batched on threads).
-        Special-token text inside `text` is treated as ordinary text, never as a special token."""
-        pre = [] if prepend is None else [self._as_id(prepend)]
-        post = [] if append is None else [self._as_id(append)]
+        """A str -> list[int]; a list of str -> list[list[int]] (batched on threads)."""
+        # prepend/append: a special token's name or an id
+        pre = [] if prepend is None else [self.encode_special(prepend) if isinstance(prepend, str) else prepend]
+        post = [] if append is None else [self.encode_special(append) if isinstance(append, str) else append]
+        # encode_ordinary: special-token text typed by a user ("<|bos|>") stays ordinary text
         if isinstance(text, str):
             return pre + self.enc.encode_ordinary(text) + post
         if isinstance(text, (list, tuple)):
             batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-            if pre or post:
-                batch = [pre + ids + post for ids in batch]
-            return batch
+            return [pre + ids + post for ids in batch] if pre or post else batch
         raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
-
-    __call__ = encode
 
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
@@ -168,19 +142,14 @@ class Tokenizer:
     # -- conversations --------------------------------------------------------------------
 
     def render_conversation(self, conversation, max_tokens=2048):
-        """
-        Conversation -> (ids, mask). mask[i] = 1 where the model is trained to produce ids[i]:
-        the assistant's text, its tool calls and <|assistant_end|> (else it never learns to
-        stop); 0 for <|bos|>, user/system text, <|assistant_start|> and tool outputs (those are
-        forced in by the engine at inference). A system message is folded into the first user turn.
-        """
-        messages = validate_conversation(conversation)
+        """Conversation -> (ids, mask), mask 1 where the model is trained to produce the id."""
+        # final_role=None: a prompt rendered for completion ends with the user; allow_empty: a chat may
+        # hold an empty reply (stopped at once, or the model ended at once), and the next turn must render
+        messages = check_messages(conversation.get("messages"), final_role=None, allow_empty=True)
+        # there are no system tokens: the system text opens the first user turn
         if messages[0]["role"] == "system":
-            first_user = dict(messages[1])
-            first_user["content"] = messages[0]["content"] + "\n\n" + first_user["content"]
-            messages = [first_user] + messages[2:]
-
-        ids, mask = [], []
+            messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
+        ids, mask = [self.bos_token_id], [0]
 
         def add(token_ids, supervised):
             token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
@@ -188,84 +157,98 @@ class Tokenizer:
             mask.extend([int(supervised)] * len(token_ids))
 
         special = self.encode_special
-        add(self.bos_token_id, 0)
         for message in messages:
             content = message["content"]
             if message["role"] == "user":
-                add(special("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(special("<|user_end|>"), 0)
+                add([special("<|user_start|>")] + self.encode(content) + [special("<|user_end|>")], 0)
                 continue
+            # <|assistant_start|> is forced by the engine at inference, so it is not trained on
             add(special("<|assistant_start|>"), 0)
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for part in parts:
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
                 if part["type"] == "text":
                     add(self.encode(part["text"]), 1)
                 elif part["type"] == "python":
-                    add(special("<|python_start|>"), 1)
-                    add(self.encode(part["text"]), 1)
-                    add(special("<|python_end|>"), 1)
-                else:  # python_output: produced by the tool, not by the model
-                    add(special("<|output_start|>"), 0)
-                    add(self.encode(part["text"]), 0)
-                    add(special("<|output_end|>"), 0)
+                    add([special("<|python_start|>")] + self.encode(part["text"]) + [special("<|python_end|>")], 1)
+                else:  # python_output: the tool's result, forced in by the engine, not the model's to predict
+                    add([special("<|output_start|>")] + self.encode(part["text"]) + [special("<|output_end|>")], 0)
+            # trained on: without it the model never learns to stop
             add(special("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
-        """Ids that prime the model for the next assistant reply: the conversation without its
-        final assistant message (if any), followed by <|assistant_start|>."""
-        messages = list(conversation["messages"])
+        """Ids that prime the next assistant reply: the conversation (less a final reply) + <|assistant_start|>."""
+        messages = conversation["messages"]
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=10**9)
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize(self, ids, mask=None, color=True):
-        """A readable rendering for debugging: tokens separated by '|', supervised ones in green
-        (or wrapped in [[ ]] when color=False)."""
-        mask = mask if mask is not None else [0] * len(ids)
+        """Tokens joined by '|' for debugging, supervised ones green (or [[wrapped]] without color)."""
         out = []
-        for token_id, m in zip(ids, mask):
+        for token_id, m in zip(ids, mask if mask is not None else [0] * len(ids)):
             text = self.enc.decode([token_id], errors="replace").replace("\n", "\\n")
-            if m:
-                text = f"\033[92m{text}\033[0m" if color else f"[[{text}]]"
-            out.append(text)
+            out.append((f"\033[92m{text}\033[0m" if color else f"[[{text}]]") if m else text)
         return "|".join(out)
 
 
-def validate_conversation(conversation):
-    """Check roles and contents; return the message list. Raises ValueError saying what is wrong."""
-    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-        raise ValueError("conversation must be a dict with a 'messages' list")
-    messages = conversation["messages"]
+# -----------------------------------------------------------------------------
+# The one conversation validator: of the task records, gen_data's replies, and what is rendered
+
+class RecordError(DataError):
+    """What is wrong with one record; `field` says where inside it, e.g. 'messages[2].role'."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def check_messages(messages, field="messages", final_role="assistant", allow_empty=False):
+    """Clean {"role", "content"} copies of a valid message list; else RecordError naming the field."""
+    if not isinstance(messages, list):
+        raise RecordError(field, f"expected a list of messages, got {type(messages).__name__}")
     if not messages:
-        raise ValueError("conversation has no messages")
-    first = messages[0]
-    start = 1 if isinstance(first, dict) and first.get("role") == "system" else 0
-    if start == 1 and len(messages) == 1:
-        raise ValueError("conversation has only a system message")
+        raise RecordError(field, "empty message list")
+    # an optional system message first, then user, assistant, user, ... (final_role: who must speak last)
+    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    clean = []
     for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
+            raise RecordError(where, f"expected an object with role and content, got {type(message).__name__}")
         role = message.get("role")
         if role not in ROLES:
-            raise ValueError(f"messages[{i}].role: unknown role {role!r} (expected one of {ROLES})")
-        if role == "system" and i != 0:
-            raise ValueError(f"messages[{i}].role: a system message may only come first")
-        if i >= start:
-            expected = "user" if (i - start) % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"messages[{i}].role: expected {expected!r} (turns alternate user/assistant, "
-                                 f"starting with user), got {role!r}")
-        content = message.get("content")
-        if role == "assistant" and isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}].content[{j}]: expected {{'type': one of {PART_TYPES}, 'text': str}}")
-        elif not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content: expected a string, got {type(content).__name__}")
-    return messages
+            raise RecordError(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if i >= start and role != expected:
+            raise RecordError(f"{where}.role", f"expected {expected!r}, got {role!r} (after an optional "
+                              "first system message, turns alternate user/assistant starting with user)")
+        content = _check_content(message.get("content"), role, f"{where}.content", allow_empty)
+        clean.append({"role": role, "content": content})
+    if len(clean) == start:
+        raise RecordError(field, "only a system message, no conversation")
+    if final_role is not None and clean[-1]["role"] != final_role:
+        raise RecordError(f"{field}[{len(clean) - 1}].role",
+                          f"the conversation must end with the {final_role}, got {clean[-1]['role']!r}")
+    return clean
+
+
+def _check_content(content, role, field, allow_empty):
+    if isinstance(content, str):
+        if not allow_empty and not content.strip():
+            raise RecordError(field, "empty content")
+        return content
+    # only the assistant makes tool calls: a list of {"type": text|python|python_output, "text"} parts
+    if role == "assistant" and isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
+                raise RecordError(f"{field}[{j}]", f"expected {{'type': one of {', '.join(PART_TYPES)}, 'text': str}}")
+        # a reply of tool output only has nothing the model could learn to produce
+        if not allow_empty and not any(part["text"].strip() for part in content if part["type"] != "python_output"):
+            raise RecordError(field, "empty content (no text or code in any part)" if content else "empty list of parts")
+        return [{"type": part["type"], "text": part["text"]} for part in content]
+    allowed = "a string or a list of parts" if role == "assistant" else "a string"
+    raise RecordError(field, f"expected {allowed}, got {type(content).__name__}")
 
 
 # -----------------------------------------------------------------------------
@@ -280,9 +263,8 @@ def get_tokenizer():
 
 
 def get_token_bytes(device="cpu"):
-    import torch
+    """token_bytes.pt, written by tok_train, as a tensor on `device` (for bits per byte)."""
     path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run `python -m scripts.tok_train` first")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device)
+    return torch.load(path, map_location=device)

@@ -3,38 +3,28 @@ Bits per byte of a checkpoint on the train and val splits of a corpus, and a few
 
     python -m scripts.base_loss                         # the base model, on the corpus it was trained on
     python -m scripts.base_loss --data ~/books/ --split-tokens 1000000     # your own text
-    torchrun --nproc_per_node=8 -m scripts.base_loss -i mid
-
-bpb (see nanochat/loss_eval.py) does not depend on the tokenizer, so it compares any two models.
-By default a base checkpoint is measured on the corpus its training run used (--data/--val-data
-from the checkpoint's recorded config), else on the downloaded FineWeb-Edu shards.
 """
 import argparse
 import os
 import time
 
 from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import DataError, autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
-from nanochat.dataset import Corpus, DataError
+from nanochat.dataset import Corpus
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
+# a fact, a step of reasoning, a list, algebra; base_train samples the same ones, so the outputs compare
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 
 def greedy_samples(model, tokenizer, prompts, max_tokens):
     """[(prompt, continuation)] decoded greedily, all prompts in one batch (the Engine's KV cache)."""
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine  # only needed here, and it is a big import
     engine = Engine(model, tokenizer, use_tools=False)
     encoded = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
     outputs = engine.generate_multi(encoded, num_samples=1, max_tokens=max_tokens, temperature=0.0)
@@ -43,12 +33,13 @@ def greedy_samples(model, tokenizer, prompts, max_tokens):
 
 def corpus_settings(args, meta):
     """(data, val_data, txt_doc_chars): the flags, else what the base training run recorded."""
+    # a base checkpoint is measured on its own training corpus by default; other sources (mid,
+    # sft) were trained on conversations, so for them the default is the FineWeb-Edu shards
     trained = meta.get("user_config", {}) if args.source == "base" else {}
     data = args.data if args.data is not None else trained.get("data")
+    # the recorded val_data belongs to the recorded data: a --data of your own drops it
     val_data = args.val_data if args.val_data is not None else (trained.get("val_data") if args.data is None else None)
-    txt_doc_chars = args.txt_doc_chars
-    if txt_doc_chars < 0:
-        txt_doc_chars = trained.get("txt_doc_chars", -1)
+    txt_doc_chars = args.txt_doc_chars if args.txt_doc_chars >= 0 else trained.get("txt_doc_chars", -1)
     if txt_doc_chars is None or txt_doc_chars < 0:  # base_train's default: ~2 rows' worth of characters
         txt_doc_chars = 2 * meta["model_config"]["sequence_len"]
     return data, val_data, txt_doc_chars
@@ -57,62 +48,50 @@ def corpus_settings(args, meta):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser, default_source="base")
-    parser.add_argument("--data", default=None,
-                        help="corpus to measure: file, folder or glob of .txt/.jsonl/.parquet (default: what the "
-                             "base training run used, else the FineWeb-Edu shards)")
-    parser.add_argument("--val-data", default=None, help="explicit validation text (default: the held-out slice of --data)")
-    parser.add_argument("--txt-doc-chars", type=int, default=-1,
-                        help=".txt files are cut into documents of up to this many chars (-1: as in training)")
-    parser.add_argument("--split-tokens", type=int, default=20 * 524288,
-                        help="tokens to evaluate per split (rounded down to whole batches, at least one)")
+    # by default, the corpus the base training run used (recorded in the checkpoint), else the shards
+    parser.add_argument("--data", default=None, help="corpus to measure: file, folder or glob of .txt/.jsonl/.parquet")
+    parser.add_argument("--val-data", default=None, help="explicit validation text (default: held out from --data)")
+    parser.add_argument("--txt-doc-chars", type=int, default=-1, help="chars per .txt document (-1: as in training)")
+    parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens per split (in whole batches)")
     parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per device")
     parser.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample (0 = no samples)")
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="a prompt to sample from (repeatable; default: a few built-in ones)")
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt to sample from (repeatable)")
     args = parser.parse_args(argv)
-
-    ddp, rank, _, world_size, device = compute_init(args.device)
+    _, rank, _, world_size, device = compute_init(args.device)
     try:
         model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
         token_bytes = get_token_bytes(device)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
-    data, val_data, txt_doc_chars = corpus_settings(args, meta)
-    try:
+        data, val_data, txt_doc_chars = corpus_settings(args, meta)
+        # one Corpus for both splits: the files are read (and checked) once
         corpus = Corpus(data, val_data=val_data, txt_doc_chars=txt_doc_chars)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-
-    B, T = args.device_batch_size, model.config.sequence_len
-    steps = max(1, args.split_tokens // (B * T * world_size))
-    print0(f"{args.source} model {model_tag} step {meta['step']}: bpb over {steps} batches of {B}x{T} tokens "
-           f"x {world_size} rank(s) per split, data: {data or 'FineWeb-Edu shards'}")
-    t0 = time.time()
-    results = {}
-    for split in ("train", "val"):
-        try:
+        B, T = args.device_batch_size, model.config.sequence_len
+        # whole batches of every rank, and at least one: bpb of a few tokens beats none
+        steps = max(1, args.split_tokens // (B * T * world_size))
+        print0(f"{args.source} model {model_tag} step {meta['step']}: bpb over {steps} batches of {B}x{T} tokens "
+               f"x {world_size} rank(s) per split, data: {data or 'FineWeb-Edu shards'}")
+        t0, results = time.time(), {}
+        for split in ("train", "val"):
             loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device=device, data=corpus)
             with autocast_ctx(device.type):
                 results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
-        except DataError as e:
-            raise SystemExit(f"error: {e}")
-        print0(f"{split} bpb: {results[f'{split}_bpb']:.4f}")
+            print0(f"{split} bpb: {results[f'{split}_bpb']:.4f}")
+    # no checkpoint or tokenizer; bad or missing data
+    except (FileNotFoundError, DataError) as e:
+        raise SystemExit(f"error: {e}")
     seconds = time.time() - t0
-
+    # samples and the report on rank 0 only: the bpb is already summed over ranks
     samples = []
     if rank == 0 and args.sample_tokens > 0:
         with autocast_ctx(device.type):
             samples = greedy_samples(model, tokenizer, args.prompt or SAMPLE_PROMPTS, args.sample_tokens)
-        for prompt, continuation in samples:
-            print0(f"{prompt!r} -> {continuation!r}")
+        print0("\n".join(f"{prompt!r} -> {continuation!r}" for prompt, continuation in samples))
     if rank == 0:
         get_report().log(section=f"Loss evaluation ({args.source})", data=[
             {"source": args.source, "model_tag": model_tag, "step": meta["step"],
              "data": data or "FineWeb-Edu shards", "val_data": val_data, "split_tokens": steps * B * T * world_size},
             {"train_bpb": results["train_bpb"], "val_bpb": results["val_bpb"], "eval_time_s": round(seconds, 1)},
-            ("Greedy samples:\n\n" + "\n".join(f"    {p!r} -> {c!r}" for p, c in samples)) if samples else None,
-        ])
+            ("Greedy samples:\n\n" + "\n".join(f"    {p!r} -> {c!r}" for p, c in samples)) if samples else None])
     compute_cleanup()
     return {**results, "samples": samples}
 

@@ -7,37 +7,31 @@ Evaluate a chat model on tasks, and measure how well it fits your own conversati
     python -m scripts.chat_eval -i mid --task-ppl my_val.jsonl          # perplexity on your data
     torchrun --nproc_per_node=8 -m scripts.chat_eval -i sft
 
-Tasks (tasks/*.py) come in two kinds:
-  categorical (ARC-Easy, ARC-Challenge, MMLU): the prompt is the rendered question up to
-      <|assistant_start|>; the answer is the letter whose token has the highest logit at that
-      last position, among the choices' letters only. Batched.
-  generative (GSM8K, HumanEval, SpellingBee): the Engine samples a completion (greedy by
-      default; with --num-samples N it is pass@N), graded by the task (HumanEval runs the code
-      with its unit tests in the sandbox).
-ChatCORE = the mean centered accuracy (acc - baseline) / (1 - baseline) over all six tasks,
-with baseline 0.25 for the 4-choice tasks and 0 for the generative ones.
-
---task-ppl FILE (repeatable; jsonl conversations as in DESIGN.md, or Alpaca records) reports
-the per-token perplexity of the assistant turns: exp(mean negative log-likelihood over the
-tokens the model is trained to produce, i.e. render_conversation's mask). Run it on held-out
-conversations before and after fine-tuning to see how much closer the model got to your domain.
-Without -a, --task-ppl runs alone.
-
-Every rank takes every world_size-th problem; the counts are summed over ranks.
+Multiple choice (ARC, MMLU) is scored by the answer letters' logits, the others (GSM8K, HumanEval,
+SpellingBee) by a generated answer graded by the task (pass@N with --num-samples N).
+ChatCORE = the mean centered accuracy (acc - chance) / (1 - chance) over all six tasks.
+--task-ppl FILE: exp(mean NLL) of the assistant tokens of held-out conversations (jsonl
+messages or Alpaca): run it before and after fine-tuning to see how much closer the model got.
 """
 import argparse
 import math
 import os
 import time
 
-import torch
-import torch.distributed as dist
-
 from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, get_dist_info, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.report import TASK_PPL_PREFIX, get_report
+from nanochat.task_eval import (all_reduce_sum, assistant_nll, engine_generate_fn, my_indices, run_categorical,
+                                run_generative)
+from tasks.arc import ARC
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spelling import SpellingBee
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+# chance: 1 in 4 for the 4-choice tasks, 0 for the generative ones
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 # files looked for in --data-dir (the names of shared/data/eval), first found wins
 LOCAL_FILES = {
@@ -51,139 +45,26 @@ LOCAL_FILES = {
 
 def build_eval_task(name, data_dir=None, spelling_size=256):
     """The Task behind a task name: local files from data_dir, else the default (downloaded) data."""
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spelling import SpellingBee
     if name == "SpellingBee":
         return SpellingBee(size=spelling_size, split="test")
     path = None
     if data_dir is not None:
-        candidates = [os.path.join(data_dir, f) for f in LOCAL_FILES[name]]
-        path = next((p for p in candidates if os.path.isfile(p)), None)
+        path = next((p for p in (os.path.join(data_dir, f) for f in LOCAL_FILES[name]) if os.path.isfile(p)), None)
         if path is None:
             raise FileNotFoundError(f"--data-dir {data_dir}: no {' or '.join(LOCAL_FILES[name])} for {name}")
-    if name == "ARC-Easy":
-        return ARC("easy", "test", data_path=path)
-    if name == "ARC-Challenge":
-        return ARC("challenge", "test", data_path=path)
-    if name == "MMLU":
-        return MMLU("test", data_path=path)
-    if name == "GSM8K":
-        return GSM8K("test", data_path=path)
-    return HumanEval(data_path=path)
+    return {"ARC-Easy": lambda: ARC("easy", "test", data_path=path),
+            "ARC-Challenge": lambda: ARC("challenge", "test", data_path=path),
+            "MMLU": lambda: MMLU("test", data_path=path),
+            "GSM8K": lambda: GSM8K("test", data_path=path),
+            "HumanEval": lambda: HumanEval(data_path=path)}[name]()
 
 
-def _all_reduce_sum(values, device):
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def my_indices(num_problems, max_problems=-1):
-    """This rank's share of the first max_problems problems (all when -1)."""
-    n = num_problems if max_problems is None or max_problems < 0 else min(num_problems, max_problems)
-    _, rank, _, world_size = get_dist_info()
-    return list(range(rank, n, world_size))
-
-
-# -----------------------------------------------------------------------------
-# Categorical: one forward, compare the answer letters' logits at the last position
-
-@torch.no_grad()
-def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_len=None):
-    """(number right, number asked) over task[indices] on this rank."""
-    pad_id = tokenizer.get_bos_token_id()
-    letter_ids = {}
-    right = 0
-    for begin in range(0, len(indices), batch_size):
-        conversations = [task[i] for i in indices[begin:begin + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        if max_len is not None:  # keep the end (the question's end and <|assistant_start|>)
-            prompts = [p[-max_len:] for p in prompts]
-        width = max(len(p) for p in prompts)
-        batch = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            batch[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        logits = model(batch.to(device))  # (B, width, V)
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            letters = conversation["letters"]
-            for letter in letters:
-                if letter not in letter_ids:
-                    ids = tokenizer.encode(letter)
-                    if len(ids) != 1:
-                        raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens in this tokenizer, not one")
-                    letter_ids[letter] = ids[0]
-            candidates = logits[row, len(prompt) - 1, [letter_ids[l] for l in letters]]
-            predicted = letters[int(candidates.argmax())]
-            right += int(task.evaluate(conversation, predicted))
-    return right, len(indices)
-
-
-# -----------------------------------------------------------------------------
-# Generative: sample with the Engine, grade with the task
-
-def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50, seed=42,
-                       batch_size=8):
-    """generate(prompts: list of token lists) -> per prompt, num_samples completions (str). The
-    Engine seeds every row on its own, so a completion does not depend on its batch neighbours."""
-    from nanochat.engine import Engine
-    engine = Engine(model, tokenizer)
-
-    def generate(prompts):
-        outputs = engine.generate_multi(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                        temperature=temperature, top_k=top_k, seed=seed,
-                                        max_batch_size=max(batch_size, num_samples))
-        return [[tokenizer.decode(ids[len(prompt):]) for ids in results] for prompt, (results, _) in zip(prompts, outputs)]
-    return generate
-
-
-def run_generative(generate, tokenizer, task, indices, batch_size=8):
-    """(number passed, number asked) over task[indices]: a problem passes when any of its samples does."""
-    passed = 0
-    for begin in range(0, len(indices), batch_size):
-        conversations = [task[i] for i in indices[begin:begin + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        for conversation, completions in zip(conversations, generate(prompts)):
-            passed += int(any(task.evaluate(conversation, completion) for completion in completions))
-    return passed, len(indices)
-
-
-# -----------------------------------------------------------------------------
-# Task perplexity on your own conversations
-
-@torch.no_grad()
 def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_len=None):
-    """(perplexity, number of tokens): exp of the mean NLL of the supervised (assistant) tokens
-    of the conversations, summed over ranks (each takes every world_size-th conversation).
-    A conversation longer than max_len + 1 tokens is cut at the end."""
-    _, rank, _, world_size = get_dist_info()
-    pad_id = tokenizer.get_bos_token_id()
-    total_nll, total_tokens = 0.0, 0
-    mine = list(range(rank, len(conversations), world_size))
-    for begin in range(0, len(mine), batch_size):
-        rows = []
-        for i in mine[begin:begin + batch_size]:
-            ids, mask = tokenizer.render_conversation(conversations[i], max_tokens=(max_len + 1) if max_len else 10**9)
-            targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]  # input t predicts token t + 1
-            rows.append((ids[:-1], targets))
-        width = max(len(inputs) for inputs, _ in rows)
-        x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        y = torch.full((len(rows), width), -1, dtype=torch.long)
-        for r, (inputs, targets) in enumerate(rows):
-            x[r, :len(inputs)] = torch.tensor(inputs)
-            y[r, :len(targets)] = torch.tensor(targets)
-        x, y = x.to(device), y.to(device)
-        losses = model(x, y, loss_reduction="none")  # (B, T) nats, 0 where ignored
-        counted = y >= 0
-        total_nll += losses[counted].double().sum().item()
-        total_tokens += int(counted.sum().item())
-    total_nll, total_tokens = _all_reduce_sum([total_nll, total_tokens], device)
-    if total_tokens == 0:
+    """(perplexity, number of tokens) of the assistant tokens of the conversations (all ranks)."""
+    nll, tokens = assistant_nll(model, tokenizer, conversations, device, batch_size, max_len)
+    if tokens == 0:
         raise ValueError("no assistant tokens to score (empty file, or every conversation cut before its answer)")
-    return math.exp(total_nll / total_tokens), int(total_tokens)
+    return math.exp(nll / tokens), tokens
 
 
 def chatcore(accuracies):
@@ -231,7 +112,6 @@ def main(argv=None):
 
     ddp, rank, _, world_size, device = compute_init(args.device)
     try:  # load (and check) all the data before the model
-        from tasks.customjson import CustomJSON
         tasks = {name: build_eval_task(name, args.data_dir, args.spelling_size) for name in names}
         ppl_sets = {os.path.splitext(os.path.basename(p))[0]: CustomJSON(p) for p in args.task_ppl}
         model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
@@ -252,7 +132,7 @@ def main(argv=None):
                 right, asked = run_categorical(model, tokenizer, task, indices, device, args.batch_size, max_len)
             else:
                 right, asked = run_generative(generate, tokenizer, task, indices, args.batch_size)
-        right, asked = _all_reduce_sum([right, asked], device)
+        right, asked = all_reduce_sum([right, asked], device)
         results[name] = right / asked if asked else float("nan")
         timings[name] = time.time() - t0
         print0(f"{name:<14} {int(right)}/{int(asked)} = {results[name]:.4f}  ({timings[name]:.1f}s)")

@@ -1,199 +1,152 @@
 """
-Chat with your model in the browser, or from any OpenAI client.
+Chat with your model in the browser (GET /), or from any OpenAI client (/v1/chat/completions, /v1/completions,
+/v1/models); GET /health and /stats tell how it is doing.
 
-    python -m scripts.chat_web                     # the latest SFT model; open http://127.0.0.1:8000
-    python -m scripts.chat_web --source base       # a base model: use /v1/completions
-    python -m scripts.chat_web --num-gpus 8        # one replica per GPU
-
-Endpoints:
-    GET  /                      the chat page (nanochat/ui.html; it talks to the API below)
-    POST /v1/chat/completions   OpenAI-compatible chat (stream with SSE or not; usage counts)
-    POST /v1/completions        raw text continuation (base models)
-    GET  /v1/models             the model being served
-    GET  /health, GET /stats    liveness; requests served, tokens generated, queue, replicas
-
-How requests are served: every replica (one model copy per GPU) has a worker thread that owns a
-BatchDecoder (nanochat/engine.py). A request is validated and tokenized on the event loop, then
-put on one shared queue; an idle replica takes it at once, a busy one pulls waiting requests into
-its running batch between decode steps (up to --max-batch-size rows), so concurrent users are
-decoded together rather than one after another. Tokens go back to each request's asyncio queue
-and out to its client as they come. A client that disconnects is cancelled: its row leaves the
-batch at the next step.
+    python -m scripts.chat_web    # the latest SFT model, at http://127.0.0.1:8000 (--num-gpus 8: a replica per GPU)
 """
 import argparse
 import asyncio
 import contextlib
 import json
 import logging
-import os
 import queue
 import random
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import torch
 
+from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import autodetect_device_type, logger, setup_logging
-from nanochat.engine import Engine, SamplingParams
+from nanochat.engine import Engine, SamplingParams, add_sampling_args, sampling_from_args
 
-UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Serve a nanochat model: web chat UI + OpenAI-compatible API")
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "dpo"], help="which training stage's checkpoints to serve")
-    p.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20, or d20_lora for a LoRA adapter "
-                                                     "(merged into its base on load) (default: the largest model)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="device type (default: autodetect)")
+    add_checkpoint_args(p, "sft")
+    add_sampling_args(p, temperature=0.8, max_tokens=1024)  # the defaults of requests that set none
     p.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (on CPU: copies on the CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to your network")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max-batch-size", type=int, default=32, help="most sequences one replica decodes together")
     p.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait for a replica before new ones get 503")
-    p.add_argument("--temperature", type=float, default=0.8, help="default temperature when a request sets none")
-    p.add_argument("--top-k", type=int, default=50, help="default top-k when a request sets none (0 = off)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="default max_tokens for chat when a request sets none")
-    p.add_argument("--limit-max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
-    p.add_argument("--limit-top-k", type=int, default=200, help="largest top_k a request may ask for")
-    p.add_argument("--max-messages", type=int, default=500, help="most messages in one chat request")
-    p.add_argument("--max-message-chars", type=int, default=8000, help="most characters in one message")
-    p.add_argument("--max-total-chars", type=int, default=32000, help="most characters in all messages of a request")
+    # what one request may ask for, and send
+    for flag, default, what in [("--limit-max-tokens", 4096, "largest max_tokens a request may ask for"),
+                                ("--limit-top-k", 200, "largest top_k a request may ask for"),
+                                ("--max-messages", 500, "most messages in one chat request"),
+                                ("--max-message-chars", 8000, "most characters in one message"),
+                                ("--max-total-chars", 32000, "most characters in all messages of a request")]:
+        p.add_argument(flag, type=int, default=default, help=what)
     p.add_argument("--model-name", default=None, help="model id reported by the API (default: nanochat-<source>-<tag>)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="server log level")
     return p
 
 
 # -----------------------------------------------------------------------------
-# Errors and request validation. Everything a client sends is checked here, on the event loop,
-# before it reaches a replica; a bad request gets a 400 naming the field, OpenAI-style.
+# Request validation. Everything a client sends is checked here, on the event loop, before it
+# reaches a replica; a bad request gets a 400 naming the field, as OpenAI's API does.
 
-class APIError(Exception):
-    def __init__(self, status, message, param=None, type_="invalid_request_error"):
+class ErrorResponse(Exception):
+    """Answer the request with this HTTP status and an OpenAI-style error body naming the faulty field."""
+
+    def __init__(self, message, param=None, status=400):
         super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type_
-
-    def body(self):
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def _number(body, name, default, low, high, low_inclusive=True):
+def _check(ok, message, param=None):
+    if not ok:
+        raise ErrorResponse(message, param)
+
+
+def _number(body, name, default, low, high, integer=False, low_inclusive=True):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"'{name}' must be a number", name)
-    if value > high or value < low or (value == low and not low_inclusive):
-        bracket = "[" if low_inclusive else "("
-        raise APIError(400, f"'{name}' must be in {bracket}{low}, {high}], got {value}", name)
+    # bool is an int in Python, but "temperature": true is a client bug, not 1
+    kind_ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    _check(kind_ok, f"'{name}' must be {'an integer' if integer else 'a number'}", name)
+    _check(low <= value <= high and (value != low or low_inclusive),
+           f"'{name}' must be in {'[' if low_inclusive else '('}{low}, {high}], got {value}", name)
     return value
 
 
-def _integer(body, name, default, low, high):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{name}' must be an integer", name)
-    if not low <= value <= high:
-        raise APIError(400, f"'{name}' must be in [{low}, {high}], got {value}", name)
-    return value
-
-
-def sampling_params(body, args, default_max_tokens):
-    """The sampling knobs shared by both endpoints -> SamplingParams."""
-    temperature = _number(body, "temperature", args.temperature, 0.0, 2.0)
-    top_p = _number(body, "top_p", None, 0.0, 1.0, low_inclusive=False)
-    top_k = _integer(body, "top_k", args.top_k or None, 0, args.limit_top_k) or None  # 0 = off
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _integer({name: max_tokens}, name, default_max_tokens, 1, args.limit_max_tokens)
-    seed = _integer(body, "seed", None, -2**63, 2**63 - 1)
-    seed = random.randrange(2**31) if seed is None else seed
+def sampling_params(body, defaults, args, default_max_tokens):
+    """(SamplingParams, stream, include_usage) from the knobs both endpoints share."""
+    temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
+    top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0, low_inclusive=False)
+    top_k = _number(body, "top_k", defaults.top_k, 0, args.limit_top_k, integer=True) or None  # 0 = off
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"  # the newer name wins
+    max_tokens = _number(body, name, default_max_tokens, 1, args.limit_max_tokens, integer=True)
+    seed = _number(body, "seed", None, -2**63, 2**63 - 1, integer=True)
     stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in stop):
-        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings (200 chars max)", "stop")
-    n = body.get("n", 1)
-    if n != 1:
-        raise APIError(400, "only n=1 is supported", "n")
-    if body.get("logprobs"):
-        raise APIError(400, "logprobs are not supported", "logprobs")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", "stream")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    _check(isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and 0 < len(s) <= 200 for s in stop),
+           "'stop' must be a string or a list of at most 4 non-empty strings (200 chars max)", "stop")
+    _check(body.get("n", 1) == 1, "only n=1 is supported", "n")
+    _check(not body.get("logprobs"), "logprobs are not supported", "logprobs")
+    _check(isinstance(body.get("stream", False), bool), "'stream' must be a boolean", "stream")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    _check(isinstance(options, dict), "'stream_options' must be an object", "stream_options")
+    # no seed: a fresh random one, so that repeated requests give different samples
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=top_p, max_tokens=max_tokens,
-                            seed=seed, stop=tuple(stop))
-    return params, stream, bool(options.get("include_usage"))
+                            seed=random.randrange(2**31) if seed is None else seed, stop=tuple(stop))
+    return params, body.get("stream", False), bool(options.get("include_usage"))
 
 
 def chat_conversation(body, args):
     """The OpenAI `messages` list -> nanochat conversation dict (validated, limited)."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", "messages")
-    if len(messages) > args.max_messages:
-        raise APIError(400, f"too many messages: {len(messages)} (at most {args.max_messages})", "messages")
-    if body.get("tools") or body.get("functions"):
-        raise APIError(400, "client-side tools/functions are not supported", "tools")
-    out, total = [], 0
+    _check(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages")
+    _check(len(messages) <= args.max_messages, f"too many messages: {len(messages)} (at most {args.max_messages})",
+           "messages")
+    _check(not body.get("tools") and not body.get("functions"), "client-side tools/functions are not supported", "tools")
+    out = []
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise APIError(400, f"{param} must be an object", param)
-        role = ROLES.get(message.get("role"))
-        if role is None:
-            raise APIError(400, f"{param}.role must be one of {sorted(ROLES)}, got {message.get('role')!r}", f"{param}.role")
-        content = message.get("content")
+        _check(isinstance(message, dict), f"{param} must be an object", param)
+        role, content = ROLES.get(message.get("role")), message.get("content")
+        _check(role, f"{param}.role must be one of {sorted(ROLES)}, got {message.get('role')!r}", f"{param}.role")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                       for part in content):
-                raise APIError(400, f"{param}.content: only text parts are supported", f"{param}.content")
+            _check(all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in content), f"{param}.content: only text parts are supported", f"{param}.content")
             content = "".join(part["text"] for part in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"{param}.content must be a string", f"{param}.content")
-        if len(content) > args.max_message_chars:
-            raise APIError(400, f"{param}.content is {len(content)} characters (at most {args.max_message_chars})",
-                           f"{param}.content")
-        total += len(content)
+        _check(isinstance(content, str), f"{param}.content must be a string", f"{param}.content")
+        _check(len(content) <= args.max_message_chars,
+               f"{param}.content is {len(content)} characters (at most {args.max_message_chars})", f"{param}.content")
         out.append({"role": role, "content": content})
-    if total > args.max_total_chars:
-        raise APIError(400, f"the messages total {total} characters (at most {args.max_total_chars})", "messages")
-    if out[-1]["role"] != "user":
-        raise APIError(400, "the last message must be from the user", f"messages[{len(out) - 1}].role")
+    total = sum(len(m["content"]) for m in out)
+    _check(total <= args.max_total_chars, f"the messages total {total} characters (at most {args.max_total_chars})",
+           "messages")
+    _check(out[-1]["role"] == "user", "the last message must be from the user", f"messages[{len(out) - 1}].role")
     return {"messages": out}
 
 
 # -----------------------------------------------------------------------------
-# Work units and the replica pool
+# The replica pool. Every replica (one model copy per GPU) has a worker thread that owns a
+# BatchDecoder. Validated, tokenized requests wait on one shared queue: an idle replica takes one
+# at once, a busy one pulls waiting requests into its running batch between decode steps (up to
+# --max-batch-size rows), so concurrent users are decoded together, not one after another.
 
 class Job:
-    """One request on its way through a replica. The worker thread reports back through
-    the asyncio queue `events` (thread-safe via call_soon_threadsafe):
-    ("text", str), then ("done", finish_reason, completion_tokens) or ("error", message)."""
+    """One request on its way through a replica."""
 
     def __init__(self, tokens, params, loop):
         self.tokens, self.params, self.loop = tokens, params, loop
+        # what the worker reports: ("text", str)..., then ("done", finish_reason, completion_tokens) or ("error", message)
         self.events = asyncio.Queue()
-        self.cancelled = False
-        self.created = time.time()
+        self.cancelled = False  # set on the event loop when the client went away, read by the worker
 
     def emit(self, *event):
-        try:
+        # asyncio queues are not thread-safe: the put runs on the event loop's own thread
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (shutdown)
-            pass
-
-    def cancel(self):
-        self.cancelled = True
 
 
 class Replica:
@@ -202,18 +155,12 @@ class Replica:
     def __init__(self, index, engine, pool):
         self.index, self.engine, self.pool = index, engine, pool
         self.decoder = engine.decoder(max_batch_size=pool.max_batch_size)
-        self.busy = False
-        self.peak_rows = 0  # the largest batch this replica has decoded at once
-        self.requests_served = 0
-        self.tokens_generated = 0
+        # peak_rows: the largest batch this replica has decoded at once
+        self.busy, self.peak_rows, self.requests_served, self.tokens_generated = False, 0, 0, 0
         self.thread = threading.Thread(target=self.run, name=f"replica-{index}", daemon=True)
 
-    @property
-    def active_rows(self):
-        return self.decoder.num_rows
-
     def admit(self, job):
-        if job is None or job.cancelled:
+        if job is None or job.cancelled:  # None: the pool is stopping
             return
         try:
             self.decoder.add(job.tokens, job.params, request=job)
@@ -230,14 +177,14 @@ class Replica:
                 self.busy = True
                 self.admit(job)
             # join waiting requests into the running batch, unless an idle replica can take them
-            while self.decoder.has_room() and not pool.idle_replica_exists(self):
+            while self.decoder.has_room() and not any(not r.busy for r in pool.replicas if r is not self):
                 try:
                     self.admit(pool.pending.get_nowait())
                 except queue.Empty:
                     break
-            for row in self.decoder.rows + self.decoder.joining:
-                if row.request.cancelled:
-                    self.decoder.cancel(row)
+            # a client that disconnected leaves the batch now, before it costs another step
+            for row in [row for row in self.decoder.rows + self.decoder.joining if row.request.cancelled]:
+                self.decoder.cancel(row)
             self.peak_rows = max(self.peak_rows, self.decoder.num_rows)
             try:
                 outputs = self.decoder.step()
@@ -249,57 +196,46 @@ class Replica:
                 continue
             # count first, then tell the clients: whoever reads /stats after a reply sees it counted
             self.tokens_generated += len(outputs)
-            self.requests_served += sum(out.finished for out in outputs)
-            for out in outputs:
-                job = out.row.request
-                if out.text:
-                    job.emit("text", out.text)
-                if out.finished:
-                    job.emit("done", out.row.finish_reason, len(out.row.tokens))
+            self.requests_served += sum(bool(row.finish_reason) for row, _ in outputs)
+            for row, text in outputs:
+                if text:
+                    row.request.emit("text", text)
+                if row.finish_reason:
+                    row.request.emit("done", row.finish_reason, len(row.tokens))
 
 
 class WorkerPool:
     def __init__(self, engines, max_batch_size, max_queue):
         self.max_batch_size = max_batch_size
         self.pending = queue.Queue(maxsize=max_queue)
-        self.stopping = False
+        self.stopping, self.started = False, time.time()
         self.replicas = [Replica(i, engine, self) for i, engine in enumerate(engines)]
-        self.started = time.time()
         for replica in self.replicas:
             replica.thread.start()
-
-    def idle_replica_exists(self, asking):
-        return any(not r.busy for r in self.replicas if r is not asking)
 
     def submit(self, job):
         try:
             self.pending.put_nowait(job)
         except queue.Full:
-            raise APIError(503, "the server is overloaded: too many requests waiting, retry later",
-                           type_="server_error") from None
+            raise ErrorResponse("the server is overloaded: too many requests waiting, retry later", status=503) from None
 
     def stop(self):
         self.stopping = True
         for _ in self.replicas:
-            try:
-                self.pending.put_nowait(None)  # wake blocked workers
-            except queue.Full:
-                pass
+            with contextlib.suppress(queue.Full):
+                self.pending.put_nowait(None)  # wake the blocked workers
 
     def stats(self):
-        return {
-            "uptime_s": round(time.time() - self.started, 1),
-            "requests_served": sum(r.requests_served for r in self.replicas),
-            "tokens_generated": sum(r.tokens_generated for r in self.replicas),
-            "queue_depth": self.pending.qsize(),
-            "replicas": [{"index": r.index, "device": str(r.engine.device), "busy": r.busy,
-                          "active_rows": r.active_rows, "peak_rows": r.peak_rows, "requests_served": r.requests_served,
-                          "tokens_generated": r.tokens_generated} for r in self.replicas],
-        }
+        replicas = [{"index": r.index, "device": str(r.engine.device), "busy": r.busy, "active_rows": r.decoder.num_rows,
+                     "peak_rows": r.peak_rows, "requests_served": r.requests_served,
+                     "tokens_generated": r.tokens_generated} for r in self.replicas]
+        return {"uptime_s": round(time.time() - self.started, 1), "queue_depth": self.pending.qsize(),
+                "requests_served": sum(r["requests_served"] for r in replicas),
+                "tokens_generated": sum(r["tokens_generated"] for r in replicas), "replicas": replicas}
 
 
 # -----------------------------------------------------------------------------
-# The app
+# The app: tokens go from each request's Job to its client as they come, streamed (SSE) or whole
 
 def create_app(pool, tokenizer, model_name, args, max_context):
     from fastapi import FastAPI, Request
@@ -311,193 +247,134 @@ def create_app(pool, tokenizer, model_name, args, max_context):
         pool.stop()
 
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, lifespan=lifespan)
-    created = int(time.time())
-    bos = tokenizer.get_bos_token_id()
+    created, defaults = int(time.time()), sampling_from_args(args)
 
-    @app.exception_handler(APIError)
-    async def api_error(request, exc):
-        return JSONResponse(exc.body(), status_code=exc.status)
+    app.add_exception_handler(ErrorResponse, lambda request, exc: JSONResponse(exc.body, status_code=exc.status))
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
         logger.exception("unhandled error")
-        return JSONResponse(APIError(500, "internal server error", type_="server_error").body(), status_code=500)
+        return JSONResponse(ErrorResponse("internal server error", status=500).body, status_code=500)
 
     async def read_json(request):
-        raw = await request.body()
         try:
-            body = json.loads(raw)
+            body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+            raise ErrorResponse(f"the request body is not valid JSON: {e}") from None
+        _check(isinstance(body, dict), "the request body must be a JSON object")
         return body
-
-    def check_length(tokens):
-        if len(tokens) >= max_context:
-            raise APIError(400, f"the prompt is {len(tokens)} tokens; this model's context is {max_context}", "messages")
-
-    def start(tokens, params):
-        job = Job(tokens, params, asyncio.get_running_loop())
-        pool.submit(job)
-        return job
-
-    async def collect(job, request):
-        """Wait for a whole completion; cancel it if the client goes away meanwhile."""
-        parts = []
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    raise APIError(499, "client disconnected")
-                continue
-            if event[0] == "text":
-                parts.append(event[1])
-            elif event[0] == "error":
-                raise APIError(500, event[1], type_="server_error")
-            else:
-                return "".join(parts), event[1], event[2]
-
-    def sse(obj):
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def stream(job, make_chunk, include_usage, prompt_tokens, first_delta=None):
-        async def events():
-            try:
-                if first_delta is not None:
-                    yield sse(make_chunk(first_delta, None))
-                while True:
-                    event = await job.events.get()
-                    if event[0] == "text":
-                        yield sse(make_chunk(event[1], None))
-                    elif event[0] == "error":
-                        yield sse(APIError(500, event[1], type_="server_error").body())
-                        break
-                    else:
-                        _, finish_reason, completion_tokens = event
-                        yield sse(make_chunk(None, finish_reason))
-                        if include_usage:
-                            final = make_chunk(None, None)
-                            final["choices"] = []
-                            final["usage"] = usage(prompt_tokens, completion_tokens)
-                            yield sse(final)
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()  # a no-op when finished; frees the row when the client went away
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def usage(prompt_tokens, completion_tokens):
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    @app.get("/")
-    async def ui():
-        with open(UI_PATH, encoding="utf-8") as f:
-            return HTMLResponse(f.read())
+    def sse(obj):
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, "replicas": len(pool.replicas)}
+    async def complete(request, tokens, params, streaming, include_usage, chat):
+        """Run one completion and answer it, as OpenAI's chat.completion or text_completion objects."""
+        _check(len(tokens) < max_context, f"the prompt is {len(tokens)} tokens; this model's context is {max_context}",
+               "messages")
+        pool.submit(job := Job(tokens, params, asyncio.get_running_loop()))
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model_name}
 
-    @app.get("/stats")
-    async def stats():
-        return dict(pool.stats(), model=model_name)
+        def choice(text, finish_reason):
+            if chat and streaming:  # a chat stream opens with the role, then content deltas, then {} to finish
+                out = {"delta": {} if text is None else {"content": text} if text else {"role": "assistant", "content": ""}}
+            else:
+                out = {"message": {"role": "assistant", "content": text}} if chat else {"text": text or ""}
+            return {"index": 0, **out, "logprobs": None, "finish_reason": finish_reason}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "nanochat", "context_length": max_context}]}
+        def chunk(text, finish_reason):
+            return dict(head, object=head["object"] + ".chunk" if chat else head["object"],
+                        choices=[choice(text, finish_reason)], **({"usage": None} if include_usage else {}))
+
+        async def events():
+            try:
+                if chat:
+                    yield sse(chunk("", None))
+                while (event := await job.events.get())[0] == "text":
+                    yield sse(chunk(event[1], None))
+                if event[0] == "error":
+                    yield sse(ErrorResponse(event[1], status=500).body)
+                else:
+                    yield sse(chunk(None, event[1]))
+                    if include_usage:  # one last chunk with no choices, only the usage
+                        yield sse(dict(chunk(None, None), choices=[], usage=usage(len(tokens), event[2])))
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True  # a no-op when finished; when the client went away, its row leaves the batch
+
+        if streaming:
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts = []  # the whole completion, cancelled if the client goes away meanwhile
+        while True:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:  # nothing for a second: is anyone still waiting?
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    raise ErrorResponse("client disconnected", status=499) from None
+                continue
+            if event[0] == "error":
+                raise ErrorResponse(event[1], status=500)
+            if event[0] == "done":
+                return dict(head, choices=[choice("".join(parts), event[1])], usage=usage(len(tokens), event[2]))
+            parts.append(event[1])
+
+    app.get("/")(lambda: HTMLResponse(UI_PATH.read_text(encoding="utf-8")))
+    app.get("/health")(lambda: {"status": "ok", "model": model_name, "replicas": len(pool.replicas)})
+    app.get("/stats")(lambda: dict(pool.stats(), model=model_name))
+    app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                                               "owned_by": "nanochat", "context_length": max_context}]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
         conversation = chat_conversation(body, args)
-        params, streaming, include_usage = sampling_params(body, args, args.max_tokens)
+        params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens)
         try:
             tokens = tokenizer.render_for_completion(conversation)
         except ValueError as e:  # e.g. roles that do not alternate
-            raise APIError(400, str(e), "messages") from None
-        check_length(tokens)
-        job = start(tokens, params)
-        completion_id, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        if streaming:
-            def chunk(content, finish_reason):
-                delta = {} if content is None else ({"role": "assistant", "content": ""} if content == "" else {"content": content})
-                obj = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-                if include_usage:
-                    obj["usage"] = None
-                return obj
-            return stream(job, chunk, include_usage, len(tokens), first_delta="")
-
-        text, finish_reason, completion_tokens = await collect(job, request)
-        return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish_reason}],
-                "usage": usage(len(tokens), completion_tokens)}
+            raise ErrorResponse(str(e), "messages") from None
+        return await complete(request, tokens, params, streaming, include_usage, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request)
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "'prompt' must be a string (batches of prompts are not supported)", "prompt")
-        if len(prompt) > args.max_total_chars:
-            raise APIError(400, f"'prompt' is {len(prompt)} characters (at most {args.max_total_chars})", "prompt")
-        params, streaming, include_usage = sampling_params(body, args, 16)  # 16: OpenAI's default
-        tokens = [bos] + tokenizer.encode(prompt)
-        check_length(tokens)
-        job = start(tokens, params)
-        completion_id, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        if streaming:
-            def chunk(text, finish_reason):
-                obj = {"id": completion_id, "object": "text_completion", "created": now, "model": model_name,
-                       "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
-                if include_usage:
-                    obj["usage"] = None
-                return obj
-            return stream(job, chunk, include_usage, len(tokens))
-
-        text, finish_reason, completion_tokens = await collect(job, request)
-        return {"id": completion_id, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-                "usage": usage(len(tokens), completion_tokens)}
+        prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+        _check(isinstance(prompt, str), "'prompt' must be a string (batches of prompts are not supported)", "prompt")
+        _check(len(prompt) <= args.max_total_chars, f"'prompt' is {len(prompt)} characters (at most {args.max_total_chars})",
+               "prompt")
+        params, streaming, include_usage = sampling_params(body, defaults, args, 16)  # 16: OpenAI's default
+        tokens = [tokenizer.get_bos_token_id()] + tokenizer.encode(prompt)
+        return await complete(request, tokens, params, streaming, include_usage, chat=False)
 
     return app
 
 
 def load_engines(args):
-    """One (model, Engine) per replica; each replica on its own GPU."""
-    from nanochat.checkpoint_manager import load_model
+    """One Engine per replica, each on its own GPU; also the tokenizer and the checkpoint's meta."""
     device_type = args.device or autodetect_device_type()
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
         raise SystemExit(f"--num-gpus {args.num_gpus}, but only {torch.cuda.device_count()} CUDA devices are visible")
-    engines, tokenizer, meta = [], None, None
-    for i in range(args.num_gpus):
-        device = torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type)
-        try:
-            model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
-            raise SystemExit(f"error: {e}") from None
-        engines.append(Engine(model, tokenizer))
-    return engines, tokenizer, meta
+    devices = [torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type) for i in range(args.num_gpus)]
+    try:
+        loaded = [load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step) for device in devices]
+    except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
+        raise SystemExit(f"error: {e}") from None
+    return [Engine(model, tokenizer) for model, tokenizer, _ in loaded], loaded[0][1], loaded[0][2]
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logging(getattr(logging, args.log_level.upper()))
-    if args.num_gpus < 1 or args.max_batch_size < 1 or args.max_queue < 1:
-        raise SystemExit("error: --num-gpus, --max-batch-size and --max-queue must be at least 1")
-    if args.top_k < 0 or args.top_k > args.limit_top_k:
-        raise SystemExit(f"error: --top-k must be in [0, {args.limit_top_k}]")
+    sampling_from_args(args)  # checks the sampling flags
+    if min(args.num_gpus, args.max_batch_size, args.max_queue) < 1 or args.top_k > args.limit_top_k:
+        raise SystemExit(f"error: --num-gpus, --max-batch-size, --max-queue must be >= 1, --top-k <= {args.limit_top_k}")
     engines, tokenizer, meta = load_engines(args)
     model_name = args.model_name or f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
     pool = WorkerPool(engines, args.max_batch_size, args.max_queue)

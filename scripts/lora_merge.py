@@ -14,14 +14,14 @@ import os
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, save_checkpoint
+from nanochat.checkpoint_manager import SOURCES, build_model, save_checkpoint
 from nanochat.common import get_base_dir
-from nanochat.lora import lora_state_dict, load_model_with_lora, merge_lora
+from nanochat.lora import lora_state_dict, merge_lora
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model (writes a normal checkpoint).")
-    parser.add_argument("--lora-dir", required=True, help="folder holding lora_<step>.pt + lora_<step>.json")
+    parser.add_argument("--lora-dir", required=True, help="checkpoint folder of the adapters (e.g. .../chatsft_checkpoints/d12_lora)")
     parser.add_argument("--step", type=int, default=None, help="adapter step to merge (default: the latest)")
     parser.add_argument("--out-dir", default=None, help="checkpoint folder to write (overrides --out-source/--model-tag)")
     parser.add_argument("--out-source", default=None, choices=list(SOURCES),
@@ -31,7 +31,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     # the adapter model, unmerged, as the reference for the check below
-    model, _, meta = load_model_with_lora(args.lora_dir, args.device, phase="eval", step=args.step, merge=False)
+    model, _, meta = build_model(args.lora_dir, args.step, args.device, "eval", merge=False)
     base = meta["base"]
     if args.out_dir is None:
         source = args.out_source or (meta.get("stage") if meta.get("stage") in SOURCES else base["source"])

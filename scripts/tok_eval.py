@@ -1,8 +1,5 @@
 """
-How well does our tokenizer compress? Bytes per token on varied texts (prose, code, math,
-non-English, and optionally the user's own files), side by side with GPT-2's and GPT-4's
-encodings. Those two come from tiktoken, which downloads them once; offline, their columns are
-skipped with a note.
+How well does our tokenizer compress? Bytes per token on varied texts, beside GPT-2's and GPT-4's.
 
     python -m scripts.tok_eval [--text-file my_domain.txt ...]
 """
@@ -11,6 +8,8 @@ import os
 
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
+# prose, code, math and three other languages: a tokenizer trained on English web text compresses
+# the first well and the last ones poorly, and the table shows by how much
 SAMPLES = {
     "prose": (
         "It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt "
@@ -19,6 +18,7 @@ SAMPLES = {
         "wide: the face of a man of about forty-five, with a heavy black moustache and ruggedly "
         "handsome features. Winston made for the stairs. It was no use trying the lift."
     ),
+    # Python in the style of nanochat's own KV cache (nanochat/engine.py)
     "code": (
         "class KVCache:\n"
         "    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):\n"
@@ -47,59 +47,48 @@ SAMPLES = {
 }
 
 
-def load_stock(name):
-    """A stock tiktoken encoding, or None (with the reason) when it cannot be fetched."""
-    try:
-        return Tokenizer.from_pretrained(name), None
-    except Exception as e:  # offline: tiktoken's first use downloads the ranks
-        return None, f"{type(e).__name__}"
+# the bytes of a text, then for each tokenizer its tokens and bytes per token (higher: compresses better)
+def table_row(name, nbytes, num_tokens):
+    return f"{name[:12]:<12} {nbytes:>8}" + "".join(f" {n:>10} {nbytes / max(n, 1):>10.2f}" for n in num_tokens)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer-dir", default=None, help="tokenizer to evaluate (default: $NANOCHAT_BASE_DIR/tokenizer)")
-    parser.add_argument("--text-file", action="append", default=[], help="extra text file(s) to measure (e.g. your own domain text)")
-    parser.add_argument("--max-chars", type=int, default=1_000_000, help="read at most this many chars of each --text-file")
+    parser.add_argument("--tokenizer-dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer")
+    parser.add_argument("--text-file", action="append", default=[], help="extra text file(s) to measure, e.g. your own")
+    parser.add_argument("--max-chars", type=int, default=1_000_000, help="read at most this many chars of a --text-file")
     parser.add_argument("--no-stock", action="store_true", help="skip the GPT-2 / GPT-4 comparison columns")
     args = parser.parse_args()
 
     ours = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
     samples = dict(SAMPLES)
     for path in args.text_file:
+        # errors="replace": a stray bad byte in your file should not stop the measurement
         with open(path, encoding="utf-8", errors="replace") as f:
             samples[os.path.basename(path)] = f.read(args.max_chars)
-
     contenders = [("ours", ours)]
-    if not args.no_stock:
-        for label, name in [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
-            enc, err = load_stock(name)
-            if enc is None:
-                print(f"note: {label} ({name}) column skipped: could not load it ({err}); "
-                      f"tiktoken downloads it on first use — offline?")
-            else:
-                contenders.append((label, enc))
+    for label, name in [] if args.no_stock else [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
+        # tiktoken downloads a stock encoding on first use: offline, its column is left out with a note
+        try:
+            contenders.append((label, Tokenizer.from_pretrained(name)))
+        except Exception as e:  # whatever tiktoken raises without a network
+            print(f"note: {label} ({name}) column skipped: could not load it ({type(e).__name__}); "
+                  f"tiktoken downloads it on first use — offline?")
 
-    header = f"{'text':<12} {'bytes':>8}" + "".join(f" {label + ' tok':>10} {label + ' B/tok':>10}" for label, _ in contenders)
+    # UTF-8 bytes: the one measure of a text's size that no tokenizer decides
+    sizes = {name: len(text.encode("utf-8")) for name, text in samples.items()}
+    tokens = {name: [len(enc.encode(text)) for _, enc in contenders] for name, text in samples.items()}
+    header = f"{'text':<12} {'bytes':>8}" + "".join(f" {label + ' tok':>10} {label + ' B/tok':>10}"
+                                                    for label, _ in contenders)
+    # a bigger vocabulary compresses better by itself: compare at similar sizes
     print("vocab: " + ", ".join(f"{label}={enc.get_vocab_size()}" for label, enc in contenders))
-    print(header)
-    print("-" * len(header))
-    totals = {label: [0, 0] for label, _ in contenders}
-    for name, text in samples.items():
-        nbytes = len(text.encode("utf-8"))
-        row = f"{name[:12]:<12} {nbytes:>8}"
-        for label, enc in contenders:
-            ntok = len(enc.encode(text))
-            totals[label][0] += nbytes
-            totals[label][1] += ntok
-            row += f" {ntok:>10} {nbytes / max(ntok, 1):>10.2f}"
-        print(row)
-    print("-" * len(header))
-    row = f"{'all':<12} {totals['ours'][0]:>8}"
-    for label, _ in contenders:
-        nbytes, ntok = totals[label]
-        row += f" {ntok:>10} {nbytes / max(ntok, 1):>10.2f}"
-    print(row)
-    return {label: nbytes / max(ntok, 1) for label, (nbytes, ntok) in totals.items()}
+    print(header + "\n" + "-" * len(header))
+    for name in samples:
+        print(table_row(name, sizes[name], tokens[name]))
+    # the last row pools every text: total bytes over total tokens, not a mean of the ratios
+    total_bytes, total_tokens = sum(sizes.values()), [sum(column) for column in zip(*tokens.values())]
+    print("-" * len(header) + "\n" + table_row("all", total_bytes, total_tokens))
+    return {label: total_bytes / max(n, 1) for (label, _), n in zip(contenders, total_tokens)}
 
 
 if __name__ == "__main__":

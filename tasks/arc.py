@@ -1,26 +1,27 @@
 """
-ARC (AI2 Reasoning Challenge): grade-school science multiple-choice questions, CC BY-SA 4.0.
-Hugging Face: allenai/ai2_arc, files ARC-Easy/<split>-00000-of-00001.parquet and
-ARC-Challenge/<split>-00000-of-00001.parquet, rows {"question", "choices": {"text", "label"},
-"answerKey"}. Offline: data_path= a jsonl with {"question", "choices": [str], "answer": int,
-"answer_letter"?} per line, e.g. shared/data/eval/arc_easy.jsonl / arc_challenge.jsonl.
+ARC (AI2 Reasoning Challenge): grade-school science multiple-choice questions, CC BY-SA 4.0, from
+allenai/ai2_arc. Offline, a jsonl of {"question", "choices": [str], "answer": int, "answer_letter"?}:
+    ARC("easy", "test", data_path=f"{DATA}/eval/arc_easy.jsonl")   # or arc_challenge.jsonl
 """
-from tasks.common import (MultipleChoiceTask, RecordError, data_paths_or_download, check_multiple_choice,
+from tasks.common import (MultipleChoiceTask, RecordError, check_multiple_choice, data_paths_or_download,
                           multiple_choice_conversation)
 
 HF_REPO = "allenai/ai2_arc"
+# a spec's variant word -> its folder in allenai/ai2_arc
 ARC_VARIANTS = {"easy": "ARC-Easy", "challenge": "ARC-Challenge"}
 ARC_SPLITS = ("train", "validation", "test")
 
 
 def arc_conversation(record):
     choices, answer = record.get("choices"), record.get("answer")
-    if isinstance(choices, dict):  # Hugging Face layout: parallel text/label lists + answerKey
+    # Hugging Face's rows: {"choices": {"text": [...], "label": [...]}, "answerKey": one of the labels}
+    if isinstance(choices, dict):
         texts, labels = choices.get("text"), choices.get("label")
         if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
             raise RecordError("choices", "expected {'text': [...], 'label': [...]} of equal length")
         if record.get("answerKey") not in labels:
             raise RecordError("answerKey", f"{record.get('answerKey')!r} is not one of the labels {labels}")
+        # the labels may be "1".."4" instead of "A".."D": we re-letter the choices A, B, ...
         choices, answer = texts, labels.index(record["answerKey"])
     question, choices, answer = check_multiple_choice(record.get("question"), choices, answer,
                                                       record.get("answer_letter"))

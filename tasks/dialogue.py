@@ -1,53 +1,34 @@
 """
-Dialogue from books: turn the conversations in plain-text novels into user/assistant pairs.
+Dialogue from books: the conversations in plain-text novels as user/assistant pairs, for SFT. A report
+at the end says how many utterances and conversations were found, kept, and dropped for which reason.
 
     python -m tasks.dialogue pg1342_pride_and_prejudice.txt pg11_alice.txt --out dialogue.jsonl
     # then train on it like any conversations: --mixture custom:dialogue.jsonl
-
-How a book becomes conversations:
-  - paragraphs are blank-line separated blocks (hard-wrapped lines are joined); a book with no
-    blank lines is read one paragraph per line;
-  - an utterance is the quoted text of one paragraph: “curly” or "straight" double quotes, or
-    ‘single curly’ quotes (--quotes auto picks, per book, the style that opens more quotes).
-    The narration around it (", said Alice," / "cried Mrs. Bennet, laughing.") is dropped; a
-    sentence split by an attribution is rejoined ("Well," said he, "perhaps." -> "Well, perhaps.");
-    _underscored_ emphasis loses its underscores. A paragraph that ends inside an open quote
-    continues in the next one (the convention for long speeches) and is one utterance;
-  - consecutive quoted paragraphs are a dialogue, each paragraph a new speaker (the novel's
-    convention). When the narration names the speaker ("said Jane", "Elizabeth replied"), two
-    adjacent utterances by the same person split the dialogue. Thoughts ("thought Alice") and
-    paragraphs that are mostly narration around a short quote break it too;
-  - a dialogue is cut into conversations of up to --max-turns user/assistant exchanges
-    (speakers kept consistent: one on the user side, another on the assistant side);
-  - filters: every message --min-chars..--max-chars long, --lang en (mostly ASCII letters and a
-    fair share of common English words), no duplicates.
-At the end a report says how many utterances and conversations were found, kept, and dropped
-for which reason; the counts add up.
-
-Output: jsonl, {"messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...],
-"source": {"book": NAME, "paragraph": N}} — the conversation format every chat task reads.
 """
 import argparse
 import json
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
-QUOTE_STYLES = ("double", "single")
+from nanochat.common import atomic_write
+
+# the verbs of "said Jane" / "Jane replied", the narration that names who speaks
 SPEECH_VERBS = ("said|says|say|replied|replies|cried|asked|asks|answered|returned|observed|continued|added|"
                 "exclaimed|remarked|rejoined|whispered|shouted|called|began|repeated|resumed|interrupted|"
                 "muttered|murmured|inquired|enquired|explained|protested|declared|retorted|thought|thinks")
 NAME = r"((?:(?:Mr|Mrs|Miss|Dr|Lady|Sir|Colonel|Captain|Aunt|Uncle)\.?\s+)?[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*|I)"
 SPEAKER_AFTER_VERB = re.compile(rf"\b({SPEECH_VERBS})\s+(?:the\s+)?{NAME}")
 SPEAKER_BEFORE_VERB = re.compile(rf"{NAME}\s+(?:\w+ly\s+)?({SPEECH_VERBS})\b")
+# capitalised words that NAME takes for a name, though they are none ("He said", "Well said")
 NOT_NAMES = {"The", "A", "An", "And", "But", "Then", "So", "He", "She", "It", "They", "We", "You", "This", "That",
              "There", "Here", "When", "What", "Now", "Oh", "Yes", "No", "Well"}
-STOPWORDS = set("""a about after all also am an and any are as at be been but by can could did do does for from
-had has have he her here him his how i if in into is it its just me more my no not now of on one only or our out
-over said she so some than that the their them then there these they this to too up upon us very was we were what
-when which who will with would you your""".split())
+# common English words: a passage with too few of them is in another language
+STOPWORDS = set("""a about after all also am an and any are as at be been but by can could did do does for from had
+has have he her here him his how i if in into is it its just me more my no not now of on one only or our out over said
+she so some than that the their them then there these they this to too up upon us very was we were what when which who
+will with would you your""".split())
 
 
 @dataclass
@@ -72,69 +53,59 @@ class Options:
 # -----------------------------------------------------------------------------
 # Paragraphs and quotes
 
-
 def paragraphs(text):
-    """Paragraph strings: blank-line separated blocks with their lines joined, or every line when
-    the text has (almost) no blank lines."""
+    """The paragraphs of a book, each as one string."""
+    # blank-line separated blocks, hard-wrapped lines joined; a book with (almost) no blank lines has
+    # a paragraph per line
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
-    blank = sum(1 for line in lines if not line.strip())
-    if blank < 0.05 * len(lines):
+    if sum(1 for line in lines if not line.strip()) < 0.05 * len(lines):
         return [line.strip() for line in lines if line.strip()]
     blocks = re.split(r"\n\s*\n", text)
     return [" ".join(line.strip() for line in block.split("\n") if line.strip()) for block in blocks if block.strip()]
 
 
 def pick_quote_style(text):
+    # “curly” or "straight" double quotes, or ‘single curly’ ones: whichever opens more quotes in this book
     doubles = text.count("“") + text.count('"') // 2
     singles = len(re.findall(r"(?:^|(?<=[\s(\[—-]))‘", text))
     return "single" if singles > doubles else "double"
 
 
 def split_quotes(paragraph, style, open_at_start=False):
-    """
-    (pieces, narration, still open at the end). pieces alternate: the quoted fragments, each
-    followed by the narration up to the next fragment ("" after the last). open_at_start: the
-    previous paragraph left a quote open (a speech running over paragraphs), so this one starts
-    inside it unless it reopens the quote itself.
-    """
-    fragments, gaps, narration, current = [], [], [], []
+    """(pieces, narration, still open at the end); pieces: [(quoted fragment, narration after it)]."""
+    # open_at_start: the previous paragraph left a quote open (a speech running over paragraphs), so
+    # this one starts inside it unless it reopens the quote itself
+    pieces, narration, current = [], [], []
     inside = open_at_start and not paragraph.lstrip().startswith(("“", '"', "‘"))
-    n = len(paragraph)
     for i, ch in enumerate(paragraph):
-        prev = paragraph[i - 1] if i > 0 else " "
-        nxt = paragraph[i + 1] if i + 1 < n else " "
-        if style == "double":
-            opens = ch == "“" or (ch == '"' and not inside)
-            closes = ch == "”" or (ch == '"' and inside)
-        else:
-            opens = ch == "‘" and not prev.isalnum()
-            closes = ch == "’" and inside and not nxt.isalpha()  # don’t, they’ll: apostrophes
+        prev, nxt = paragraph[i - 1:i] or " ", paragraph[i + 1:i + 2] or " "
+        if style == "double":  # a straight quote opens outside a quote and closes inside one
+            opens, closes = ch == "“" or (ch == '"' and not inside), ch == "”" or (ch == '"' and inside)
+        else:  # don’t, they’ll: a ’ before a letter is an apostrophe, not a closing quote
+            opens, closes = ch == "‘" and not prev.isalnum(), ch == "’" and inside and not nxt.isalpha()
         if opens and not inside:
             inside, current = True, []
-            if fragments:
-                gaps[-1] = "".join(narration[gap_start:])
+            # the narration between two fragments goes with the first ("Well," said he, "perhaps.")
+            if pieces:
+                pieces[-1][1] = "".join(narration[gap_start:])
             continue
         if closes and inside:
             if "".join(current).strip():
-                fragments.append("".join(current))
-                gaps.append("")
+                pieces.append(["".join(current), ""])
                 gap_start = len(narration)
             inside, current = False, []
             continue
         (current if inside else narration).append(ch)
     if inside and "".join(current).strip():
-        fragments.append("".join(current))
-        gaps.append("")
-    return list(zip(fragments, gaps)), "".join(narration), inside
+        pieces.append(["".join(current), ""])
+    return [tuple(piece) for piece in pieces], "".join(narration), inside
 
 
 def join_fragments(pieces):
-    """
-    One utterance from (fragment, narration after it) pieces. An attribution often splits one
-    sentence: "Well," said he, "perhaps." -> 'Well, perhaps.'; but when the narration ends a
-    sentence, the comma before it did too: "I am," said Tom. "I will." -> 'I am. I will.'
-    """
+    """One utterance from (fragment, narration after it) pieces, the narration dropped."""
+    # an attribution often splits one sentence: "Well," said he, "perhaps." -> 'Well, perhaps.'; but when
+    # the narration ends a sentence, the comma before it did too: "I am," said Tom. "I will." -> 'I am. I will.'
     text, gap = "", ""
     for fragment, next_gap in pieces:
         fragment = re.sub(r"\s+", " ", fragment).strip()
@@ -150,9 +121,8 @@ def find_speaker(narration):
     for pattern, name_group, verb_group in ((SPEAKER_AFTER_VERB, 2, 1), (SPEAKER_BEFORE_VERB, 1, 2)):
         for match in pattern.finditer(narration):
             name, verb = match.group(name_group), match.group(verb_group)
-            if name.split()[0] in NOT_NAMES:
-                continue
-            return re.sub(r"\.", "", name).lower(), verb.startswith("thought") or verb == "thinks"
+            if name.split()[0] not in NOT_NAMES:
+                return re.sub(r"\.", "", name).lower(), verb.startswith("thought") or verb == "thinks"
     return None, bool(re.search(r"\b(thought|thinks)\b", narration))
 
 
@@ -161,21 +131,21 @@ def utterances(text, quotes="auto", narration_ratio=3.0):
     style = pick_quote_style(text) if quotes == "auto" else quotes
     out, still_open = [], False
     for index, paragraph in enumerate(paragraphs(text), 1):
-        pieces, narration, open_now = split_quotes(paragraph, style, open_at_start=still_open)
         continuing = still_open
-        still_open = open_now
+        pieces, narration, still_open = split_quotes(paragraph, style, open_at_start=continuing)
         if not pieces:
             out.append(None)
             continue
         utterance_text = join_fragments(pieces)
         speaker, thought = find_speaker(narration)
-        if continuing and out and out[-1] is not None:  # the same speech, next paragraph
+        # a paragraph that ended inside an open quote continues here: the convention for long speeches
+        if continuing and out and out[-1] is not None:
             previous = out[-1]
             previous.text = join_fragments([(previous.text, ""), (utterance_text, "")])
             previous.speaker = previous.speaker or speaker
             continue
-        quoted_chars = sum(len(f) for f, _ in pieces)
-        narration_chars = len(narration.strip())
+        # a short quote in a long stretch of narration is part of the story, not of a dialogue
+        quoted_chars, narration_chars = sum(len(f) for f, _ in pieces), len(narration.strip())
         heavy = narration_chars > 200 and narration_chars > narration_ratio * quoted_chars
         out.append(Utterance(utterance_text, speaker, index, thought=thought, mostly_narration=heavy))
     for u in out:
@@ -187,7 +157,6 @@ def utterances(text, quotes="auto", narration_ratio=3.0):
 # -----------------------------------------------------------------------------
 # Dialogues -> conversations
 
-
 def is_english(text):
     """ASCII letters and common English words: enough to drop foreign-language passages."""
     letters = [c for c in text if c.isalpha()]
@@ -198,7 +167,9 @@ def is_english(text):
 
 
 def conversations_from_run(run, max_turns, report):
-    """Cut one dialogue (consecutive utterances) into conversations of alternating speakers."""
+    """Cut one dialogue (consecutive utterances) into conversations of up to max_turns exchanges."""
+    # each paragraph is a new speaker (the novel's convention), unless the narration names the same
+    # person twice in a row; a conversation keeps one speaker on the user side, another on the assistant's
     convs, i, n = [], 0, len(run)
 
     def differ(a, b):
@@ -225,49 +196,50 @@ def conversations_from_run(run, max_turns, report):
     return convs
 
 
+def drop_reason(texts, options, seen):
+    """Why a conversation (its message texts) is left out, or None to keep it."""
+    if any(len(t) < options.min_chars for t in texts):
+        return "too short"
+    if any(len(t) > options.max_chars for t in texts):
+        return "too long"
+    if options.lang == "en" and not is_english(" ".join(texts)):
+        return "not English"
+    return "duplicate" if tuple(texts) in seen else None
+
+
 def extract(text, book, options, report=None, seen=None):
     """Conversations (records) from one book's text; counts go to `report` (a Counter)."""
     report = report if report is not None else Counter()
     seen = seen if seen is not None else set()
     items = utterances(text, options.quotes, options.narration_ratio)
-    report["books"] += 1
-    report["paragraphs"] += len(items)
-    runs, run = [], []
-    for u in items + [None]:
-        if u is not None:
-            report["utterances"] += 1
+    report.update(books=1, paragraphs=len(items), utterances=sum(u is not None for u in items))  # adds the counts
+    # a dialogue is a run of consecutive quoted paragraphs; a thought, or mostly narration, breaks it
+    runs = [[]]
+    for u in items:
         if u is None or u.thought or u.mostly_narration:
             if u is not None:
                 report["utterances dropped: a thought" if u.thought else "utterances dropped: mostly narration"] += 1
-            if run:
-                runs.append(run)
-            run = []
+            runs.append([])
         else:
-            run.append(u)
+            runs[-1].append(u)
     records = []
-    for run in runs:
-        for conv in conversations_from_run(run, options.max_turns, report):
-            report["conversations"] += 1
-            texts = [u.text for u in conv]
-            if any(len(t) < options.min_chars for t in texts):
-                reason = "too short"
-            elif any(len(t) > options.max_chars for t in texts):
-                reason = "too long"
-            elif options.lang == "en" and not is_english(" ".join(texts)):
-                reason = "not English"
-            elif tuple(texts) in seen:
-                reason = "duplicate"
-            else:
-                seen.add(tuple(texts))
-                messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(texts)]
-                records.append({"messages": messages, "source": {"book": book, "paragraph": conv[0].paragraph}})
-                report["conversations kept"] += 1
-                continue
+    for conv in (conv for run in runs if run for conv in conversations_from_run(run, options.max_turns, report)):
+        report["conversations"] += 1
+        texts = [u.text for u in conv]
+        reason = drop_reason(texts, options, seen)
+        if reason:
             report[f"conversations dropped: {reason}"] += 1
+            continue
+        seen.add(tuple(texts))
+        messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(texts)]
+        # the conversation format every chat task reads, and where it comes from
+        records.append({"messages": messages, "source": {"book": book, "paragraph": conv[0].paragraph}})
+        report["conversations kept"] += 1
     return records, report
 
 
 def format_report(report):
+    # the counts add up: every utterance and every conversation falls in exactly one line below its total
     order = ["books", "paragraphs", "utterances", "utterances dropped: a thought", "utterances dropped: mostly narration",
              "utterances unpaired (same speaker twice, or a lone line)", "utterances in conversations",
              "conversations", "conversations kept"]
@@ -277,20 +249,19 @@ def format_report(report):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Turn the dialogue in plain-text books into user/assistant conversations.",
-                                     epilog="See the docstring of tasks/dialogue.py for the rules.")
+                                     epilog="See tasks/dialogue.py for the rules.")
     parser.add_argument("books", nargs="+", help="plain-text books (UTF-8)")
     parser.add_argument("--out", required=True, help="output .jsonl of conversations")
     parser.add_argument("--max-turns", type=int, default=1, help="user/assistant exchanges per conversation, at most")
     parser.add_argument("--min-chars", type=int, default=2, help="drop a conversation with a message shorter than this")
     parser.add_argument("--max-chars", type=int, default=1000, help="drop a conversation with a message longer than this")
     parser.add_argument("--lang", choices=["en", "any"], default="en", help="keep only English-looking text (en), or all")
-    parser.add_argument("--quotes", choices=["auto", *QUOTE_STYLES], default="auto",
+    parser.add_argument("--quotes", choices=["auto", "double", "single"], default="auto",
                         help="quote marks that delimit speech: double (“” and \"), single (‘’), or auto per book")
     args = parser.parse_args(argv)
     if args.max_turns < 1:
         raise SystemExit("--max-turns must be >= 1")
     options = Options(args.max_turns, args.min_chars, args.max_chars, args.lang, args.quotes)
-
     report, seen, records = Counter(), set(), []
     for path in args.books:
         try:
@@ -303,17 +274,11 @@ def main(argv=None):
         book_records, _ = extract(text, os.path.basename(path), options, report, seen)
         print(f"{path}: {len(book_records)} conversations")
         records += book_records
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     print(format_report(report))
     print(f"wrote {len(records)} conversations to {args.out}")
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,29 +1,25 @@
 """
-GSM8K: grade-school math word problems with worked solutions (Cobbe et al., MIT licence).
-Hugging Face: openai/gsm8k, files main/train-00000-of-00001.parquet and main/test-...parquet,
-rows {"question", "answer"}. Offline: data_path= a jsonl of either {"question", "answer"}
-(shared/data/eval/gsm8k_test.jsonl) or {"messages": [user, assistant]}
-(shared/data/chat/gsm8k_train_chat.jsonl).
-
-The solutions carry calculator annotations: "48/2 = <<48/2=24>>24 clips". We turn each one into
-a tool call, so the model learns to emit the expression as python and read the result back:
-  [text "48/2 = "] [python "48/2"] [python_output "24"] [text "24 clips"]
-The final line "#### 72" is the answer; evaluate() compares that number.
+GSM8K: grade-school math word problems with worked solutions (Cobbe et al., MIT licence), openai/gsm8k;
+offline, a jsonl of {"question", "answer"} or {"messages": [user, assistant]}:
+    GSM8K("test", data_path=f"{DATA}/eval/gsm8k_test.jsonl")   # or chat/gsm8k_train_chat.jsonl
 """
 import math
 import re
 
-from tasks.common import RecordTask, RecordError, data_paths_or_download, check_messages
+from tasks.common import RecordError, RecordTask, check_messages, data_paths_or_download
 
 HF_REPO = "openai/gsm8k"
 HF_FILES = {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00000-of-00001.parquet"}
-
+# a calculator annotation in a solution: "<<48/2=24>>"
 ANNOTATION = re.compile(r"<<(.*?)>>", re.DOTALL)
+# the solution's last line, "#### 72" (also "#### 1,200" or "#### -2.5")
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
 def solution_to_parts(solution):
     """A GSM8K solution string -> assistant content parts with calculator tool calls."""
+    # "48/2 = <<48/2=24>>24 clips" -> [text "48/2 = "] [python "48/2"] [python_output "24"] [text "24 clips"]:
+    # the model learns to emit the expression as python and to read the result back
     parts, position = [], 0
     for match in ANNOTATION.finditer(solution):
         if "=" not in match.group(1):
@@ -31,43 +27,39 @@ def solution_to_parts(solution):
         expression, result = match.group(1).rsplit("=", 1)
         if solution[position:match.start()]:
             parts.append({"type": "text", "text": solution[position:match.start()]})
-        parts.append({"type": "python", "text": expression})
-        parts.append({"type": "python_output", "text": result})
+        parts += [{"type": "python", "text": expression}, {"type": "python_output", "text": result}]
         position = match.end()
     if solution[position:]:
         parts.append({"type": "text", "text": solution[position:]})
     return parts
 
 
-def normalize_number(text):
-    text = text.replace(",", "").strip().rstrip(".")
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    if not math.isfinite(value):  # a model can write a 400-digit "number": compare it as text
-        return text
-    return int(value) if value == int(value) else value
-
-
 def extract_answer(text):
     """The number after the last '#### ' in text, normalised (commas removed, 72.0 == 72); None if absent."""
     matches = FINAL_ANSWER.findall(text)
-    return normalize_number(matches[-1]) if matches else None
+    if not matches:
+        return None
+    number = matches[-1].replace(",", "").strip().rstrip(".")
+    try:
+        value = float(number)
+    except ValueError:
+        return number
+    # not a finite number, compared as text: a model can write a 400-digit "number" (float: inf)
+    return number if not math.isfinite(value) else int(value) if value == int(value) else value
 
 
 def gsm8k_conversation(record):
+    # the chat form (shared/data's train file) carries the same solution text as its assistant reply
     if "messages" in record:
         messages = check_messages(record["messages"])
         if len(messages) != 2 or not isinstance(messages[1]["content"], str):
             raise RecordError("messages", "expected one user question and one assistant solution (a string)")
-        question, solution = messages[0]["content"], messages[1]["content"]
-        field = "messages[1].content"
+        (question, solution), field = [m["content"] for m in messages], "messages[1].content"
     else:
-        question, solution, field = record.get("question"), record.get("answer"), "answer"
-        for key, value in (("question", question), ("answer", solution)):
-            if not isinstance(value, str) or not value.strip():
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
                 raise RecordError(key, "missing or empty")
+        question, solution, field = record["question"], record["answer"], "answer"
     if solution.count("<<") != solution.count(">>"):
         raise RecordError(field, "unbalanced calculator annotations << >>")
     answer = extract_answer(solution)
@@ -79,16 +71,14 @@ def gsm8k_conversation(record):
 
 
 class GSM8K(RecordTask):
+    eval_type = "generative"
+
     def __init__(self, split="train", data_path=None, skip_bad=None, **slice_kwargs):
         if split not in HF_FILES:
             raise ValueError(f"GSM8K split must be one of {tuple(HF_FILES)}, got {split!r}")
         paths, skip_bad = data_paths_or_download(data_path, HF_REPO, [HF_FILES[split]], skip_bad)
         super().__init__(paths, gsm8k_conversation, skip_bad=skip_bad, **slice_kwargs)
         self.split = split
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def evaluate(self, conversation, completion):
         predicted = extract_answer(completion)

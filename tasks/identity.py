@@ -1,38 +1,27 @@
 """
-Identity: teach the model who it is. From a persona file
-
-    {"name": "nanochat", "maker": "Ada Lovelace", "description": "a small chat model trained from
-     scratch on a single GPU node", "style": "friendly, honest and concise"}
-
-(name and maker required; description completes "I am ...", style completes "I try to be ...")
-this makes varied "who are you / who made you / what can you do" conversations for SFT, and DPO
-pairs where the persona's answer is preferred over a generic assistant's ("I am an AI language
-model created by OpenAI..."), so the model stops claiming to be someone else.
-
-Templates: a built-in set written for this file, plus, when present, the Apache-2.0 identity
-template set from LLaMA-Factory (shared/data/chat/identity_template_chat.jsonl, English and
-Chinese, with {{name}}/{{author}} placeholders).
-
+Identity: teach the model who it is. From a persona, "who are you / who made you" conversations for SFT,
+and DPO pairs preferring its answer to a generic assistant's, so the model stops claiming to be ChatGPT.
     python -m tasks.identity --persona persona.json --n 5                  # preview
     python -m tasks.identity --persona persona.json --n 1000 --out identity.jsonl
     python -m tasks.identity --persona persona.json --pairs --n 500 --out identity_pairs.jsonl
 """
-import os
-import json
-import random
 import argparse
+import json
+import os
+import random
 from pathlib import Path
 
+from nanochat.common import atomic_write
 from tasks.common import Task
 from tasks.customjson import CustomJSON
 from tasks.preferences import PreferenceList
 
-PERSONA_FIELDS = {
-    "name": None,  # required
-    "maker": None,  # required
-    "description": "a small AI assistant",
-    "style": "helpful, honest and concise",
-}
+# A persona: {"name": "nanochat", "maker": "Ada Lovelace", "description": "a small chat model trained
+# from scratch on a single GPU node", "style": "friendly, honest and concise"}; name and maker required
+# (None here), description completes "I am ...", style completes "I try to be ..."
+PERSONA_FIELDS = {"name": None, "maker": None, "description": "a small AI assistant",
+                  "style": "helpful, honest and concise"}
+# besides the built-ins below: LLaMA-Factory's identity templates (Apache-2.0; English, Chinese), when present
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "identity_template_chat.jsonl"
 
 
@@ -43,6 +32,7 @@ def validate_persona(persona, source="persona"):
                          f"got {type(persona).__name__}")
     unknown = sorted(set(persona) - set(PERSONA_FIELDS))
     if unknown:
+        # LLaMA-Factory's templates call the maker "author": a likely slip
         hint = " (the creator's field is called 'maker')" if {"author", "creator"} & set(unknown) else ""
         raise ValueError(f"{source}: unknown field(s) {unknown}; allowed: {', '.join(PERSONA_FIELDS)}{hint}")
     clean = {}
@@ -58,8 +48,7 @@ def validate_persona(persona, source="persona"):
 
 def load_persona(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            persona = json.load(f)
+        persona = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     return validate_persona(persona, source=str(path))
@@ -69,101 +58,81 @@ def load_persona(path):
 # Built-in templates: (user questions, persona answers) per topic
 
 TOPICS = {
-    "who": (
-        ["Who are you?", "What are you?", "Tell me about yourself.", "Introduce yourself.",
-         "Can you introduce yourself?", "What kind of AI are you?", "Who am I talking to?"],
-        ["I'm {name}, {description}. I was made by {maker}.",
-         "My name is {name}. I'm {description}, built by {maker}.",
-         "I am {name}, {description}. I was created by {maker}, and I try to be {style}.",
-         "I'm {name}! I was made by {maker}. In short, I'm {description}."],
-    ),
-    "name": (
-        ["What's your name?", "What is your name?", "Do you have a name?", "What should I call you?",
-         "What are you called?"],
-        ["My name is {name}.", "I'm {name}. Nice to meet you!", "You can call me {name}.",
-         "I'm called {name}, {description} made by {maker}."],
-    ),
-    "maker": (
-        ["Who made you?", "Who created you?", "Who built you?", "Who trained you?", "Who is your developer?",
-         "Which company made you?", "Where do you come from?"],
-        ["I was made by {maker}.", "I was created by {maker}. I'm {name}, {description}.",
-         "I'm {name}, and I was built by {maker}.", "My maker is {maker}."],
-    ),
-    "abilities": (
-        ["What can you do?", "How can you help me?", "What are you good at?", "What do you know how to do?"],
-        ["I'm {name}, {description}. I can answer questions, explain ideas, help with writing, and work "
-         "through arithmetic with a small Python tool. I try to be {style}.",
-         "I'm {name}: I can chat, answer questions, brainstorm, summarize and help with simple math. I'm a "
-         "small model, so I do make mistakes; please double-check anything important.",
-         "Ask me questions, have me explain something, or give me a bit of text to work on. I'm {name}, "
-         "made by {maker}, and I try to be {style}."],
-    ),
-    "not_someone_else": (
-        ["Are you ChatGPT?", "Are you made by OpenAI?", "Are you Claude?", "Are you Gemini from Google?",
-         "Are you GPT-4?", "Are you Siri?"],
-        ["No, I'm {name}, {description} made by {maker}.",
-         "No. I'm {name}, and I was created by {maker}, not by any of the big AI labs.",
-         "No, I'm not. My name is {name} and {maker} made me."],
-    ),
-    "human": (
-        ["Are you a human?", "Are you a real person?", "Am I talking to a bot?"],
-        ["I'm not a human. I'm {name}, an AI assistant made by {maker}.",
-         "I'm an AI, not a person: {name}, {description}."],
-    ),
-    "style": (
-        ["How would you describe your personality?", "What are you like?", "How do you like to answer?"],
-        ["As {name}, I try to be {style}.", "I'm {name}, and I aim to be {style}."],
-    ),
+    "who": (["Who are you?", "What are you?", "Tell me about yourself.", "Introduce yourself.",
+             "Can you introduce yourself?", "What kind of AI are you?", "Who am I talking to?"],
+            ["I'm {name}, {description}. I was made by {maker}.", "My name is {name}. I'm {description}, built by {maker}.",
+             "I am {name}, {description}. I was created by {maker}, and I try to be {style}.",
+             "I'm {name}! I was made by {maker}. In short, I'm {description}."]),
+    "name": (["What's your name?", "What is your name?", "Do you have a name?", "What should I call you?",
+              "What are you called?"],
+             ["My name is {name}.", "I'm {name}. Nice to meet you!", "You can call me {name}.",
+              "I'm called {name}, {description} made by {maker}."]),
+    "maker": (["Who made you?", "Who created you?", "Who built you?", "Who trained you?", "Who is your developer?",
+               "Which company made you?", "Where do you come from?"],
+              ["I was made by {maker}.", "I was created by {maker}. I'm {name}, {description}.",
+               "I'm {name}, and I was built by {maker}.", "My maker is {maker}."]),
+    "abilities": (["What can you do?", "How can you help me?", "What are you good at?", "What do you know how to do?"],
+                  ["I'm {name}, {description}. I can answer questions, explain ideas, help with writing, and work "
+                   "through arithmetic with a small Python tool. I try to be {style}.",
+                   "I'm {name}: I can chat, answer questions, brainstorm, summarize and help with simple math. I'm a "
+                   "small model, so I do make mistakes; please double-check anything important.",
+                   "Ask me questions, have me explain something, or give me a bit of text to work on. I'm {name}, "
+                   "made by {maker}, and I try to be {style}."]),
+    # the questions a model that was never told its identity answers wrongly (see GENERIC_ANSWERS)
+    "not_someone_else": (["Are you ChatGPT?", "Are you made by OpenAI?", "Are you Claude?", "Are you Gemini from Google?",
+                          "Are you GPT-4?", "Are you Siri?"],
+                         ["No, I'm {name}, {description} made by {maker}.",
+                          "No. I'm {name}, and I was created by {maker}, not by any of the big AI labs.",
+                          "No, I'm not. My name is {name} and {maker} made me."]),
+    "human": (["Are you a human?", "Are you a real person?", "Am I talking to a bot?"],
+              ["I'm not a human. I'm {name}, an AI assistant made by {maker}.",
+               "I'm an AI, not a person: {name}, {description}."]),
+    "style": (["How would you describe your personality?", "What are you like?", "How do you like to answer?"],
+              ["As {name}, I try to be {style}.", "I'm {name}, and I aim to be {style}."]),
 }
 GREETINGS = (["Hi!", "Hello", "hey", "Good morning!", "Hi there"],
              ["Hello! I'm {name}. How can I help you today?", "Hi! I'm {name}, what can I do for you?",
               "Hey, it's {name}. What's on your mind?"])
 GENERIC_ANSWERS = [  # what a model says when it has not been taught its identity
     "I am an AI language model created by OpenAI. I don't have a personal name, but you can call me Assistant.",
-    "I'm ChatGPT, a large language model trained by OpenAI.",
-    "I am a large language model, trained by Google.",
+    "I'm ChatGPT, a large language model trained by OpenAI.", "I am a large language model, trained by Google.",
     "As an AI language model, I don't have a name or a personal identity. I was developed by a team of "
     "researchers and engineers.",
     "I'm an AI assistant. I was created by a technology company to help answer questions.",
-    "I am Claude, an AI assistant made by Anthropic.",
+    "I am Claude, an AI assistant made by Anthropic.",  # (dropped for a persona named Claude)
 ]
 
 
 def _vary(rng, question):
     """Users do not type like style guides: vary case, punctuation and openers."""
-    if rng.random() < 0.3:
-        question = question.lower()
-    if rng.random() < 0.25:
-        question = question.rstrip("?.!")
+    question = question.lower() if rng.random() < 0.3 else question
+    question = question.rstrip("?.!") if rng.random() < 0.25 else question
+    # the condition draws first, then the opener: reordering the draws would change every seeded example
     if rng.random() < 0.15:
         question = rng.choice(["hey, ", "ok so ", "quick question: ", "hi! "]) + question[0].lower() + question[1:]
     return question
 
 
-def _load_templates(template_path):
-    """The identity template conversations with {{name}}/{{author}} kept as placeholders."""
-    if template_path is None or not os.path.exists(template_path):
-        return []
-    return [conversation["messages"] for conversation in CustomJSON(str(template_path))]
-
-
 class IdentityConversations(Task):
-    def __init__(self, persona, n=1000, seed=42, template_path=DEFAULT_TEMPLATE, template_fraction=0.3,
-                 **slice_kwargs):
+    def __init__(self, persona, n=1000, seed=42, template_path=DEFAULT_TEMPLATE, template_fraction=0.3, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.persona = validate_persona(persona)
         self.n, self.seed, self.template_fraction = n, seed, template_fraction
-        self.templates = _load_templates(template_path)
+        # the template conversations keep their {{name}}/{{author}} placeholders until an example is made
+        found = template_path is not None and os.path.exists(template_path)
+        self.templates = [c["messages"] for c in CustomJSON(str(template_path))] if found else []
 
     def num_examples(self):
         return self.n
 
     def _fill(self, text):
-        p = self.persona
-        return (text.replace("{{name}}", p["name"]).replace("{{author}}", p["maker"])
-                if "{{" in text else text.format(**p))
+        # LLaMA-Factory's templates say {{name}} and {{author}}; ours are str.format templates
+        if "{{" in text:
+            return text.replace("{{name}}", self.persona["name"]).replace("{{author}}", self.persona["maker"])
+        return text.format(**self.persona)
 
     def get_example(self, index):
+        # a string seed: example i is the same in every run, whatever the slice or order
         rng = random.Random(f"identity/{self.seed}/{index}")
         if self.templates and rng.random() < self.template_fraction:
             messages = rng.choice(self.templates)
@@ -180,9 +149,9 @@ class IdentityConversations(Task):
 
 
 def identity_preference_pairs(persona, n=500, seed=42):
-    """DPO pairs {"prompt_messages", "chosen", "rejected"}: the persona's answer to an identity
-    question is chosen, a generic assistant's answer (never mentioning the persona) is rejected."""
+    """DPO pairs {"prompt_messages", "chosen", "rejected"}: the persona's answer over a generic one."""
     persona = validate_persona(persona)
+    # a persona named like a generic answer's model ("Claude") must not have that answer rejected
     generic = [a for a in GENERIC_ANSWERS if persona["name"].lower() not in a.lower()]
     topics = ["who", "name", "maker", "not_someone_else", "human"]  # where generic replies are wrong
     pairs = []
@@ -211,15 +180,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="", help="write jsonl here (default: print to stdout)")
     args = parser.parse_args()
     persona = load_persona(args.persona)
-    if args.pairs:
-        rows = identity_preference_pairs(persona, args.n, args.seed)
-    else:
-        rows = list(IdentityConversations(persona, args.n, args.seed, template_path=args.template or None))
+    rows = (identity_preference_pairs(persona, args.n, args.seed) if args.pairs
+            else list(IdentityConversations(persona, args.n, args.seed, template_path=args.template or None)))
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.out:
-        with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-            f.write(lines)
-        os.replace(args.out + ".tmp", args.out)
+        atomic_write(args.out, lines)
         print(f"wrote {len(rows)} {'pairs' if args.pairs else 'conversations'} to {args.out}")
     else:
         print(lines, end="")

@@ -1,22 +1,9 @@
 """
-Preferences: pairs of replies to the same prompt, one preferred, for DPO.
-
-Local files (.jsonl, one record per line, or .parquet):
-  {"prompt": "..." | [messages], "chosen": "...", "rejected": "..."}
-  - the prompt may also come as "prompt_messages" (as in shared/data/preference/, where "prompt"
-    is only the last user turn); a message-list prompt has an optional system message, then
-    user/assistant alternating, and ends with the user turn
-  - "chosen"/"rejected" may also be whole conversations (message lists ending with the assistant
-    reply); their earlier turns then are the prompt and must be the same for both
-Items are {"prompt_messages": [...], "chosen": str, "rejected": str}; pair_conversations() turns
-one into the two full conversations the DPO loss compares.
-
-Default download: HuggingFaceH4/ultrafeedback_binarized (MIT licence): ~61k train / 2k test
-prompts, each with the highest-rated of four model replies as chosen and a lower-rated one as
-rejected (rated by GPT-4 in UltraFeedback). Files data/train_prefs-00000-of-00001.parquet and
-data/test_prefs-00000-of-00001.parquet; chosen/rejected there are message lists.
+Preferences: pairs of replies to one prompt, one preferred, for DPO; by default UltraFeedback (MIT licence,
+~61k train / 2k test prompts, the best of 4 GPT-4-rated replies chosen, a lower one rejected). Offline:
+    Preferences(f"{DATA}/preference/hh_rlhf_harmless_base_test.jsonl", skip_bad=True)
 """
-from tasks.common import Task, RecordTask, RecordError, data_paths_or_download, check_messages
+from tasks.common import RecordError, RecordTask, Task, check_messages, data_paths_or_download
 
 HF_REPO = "HuggingFaceH4/ultrafeedback_binarized"
 HF_FILES = {"train": "data/train_prefs-00000-of-00001.parquet", "test": "data/test_prefs-00000-of-00001.parquet"}
@@ -39,9 +26,13 @@ def _reply(record, key):
     return value, None
 
 
+# A record {"prompt": "..." | [messages], "chosen": "...", "rejected": "..."} becomes an item
+# {"prompt_messages": [...], "chosen": str, "rejected": str}. The prompt may come as "prompt_messages"
+# (shared/data/preference/, whose "prompt" is only the last user turn); a message-list prompt ends with
+# the user. chosen/rejected may be whole conversations ending with the reply (UltraFeedback's form):
+# their earlier turns are then the prompt, and must be the same for both.
 def preference_pair(record):
-    chosen, chosen_context = _reply(record, "chosen")
-    rejected, rejected_context = _reply(record, "rejected")
+    (chosen, chosen_context), (rejected, rejected_context) = _reply(record, "chosen"), _reply(record, "rejected")
     if "prompt_messages" in record:
         prompt_messages = check_messages(record["prompt_messages"], field="prompt_messages", final_role="user")
     elif isinstance(record.get("prompt"), list):
@@ -60,37 +51,32 @@ def preference_pair(record):
 
 
 def pair_conversations(item):
-    """(chosen conversation, rejected conversation) for one preference item."""
+    """(chosen conversation, rejected conversation) for one preference item: what DPO compares."""
     return tuple({"messages": item["prompt_messages"] + [{"role": "assistant", "content": item[key]}]}
                  for key in ("chosen", "rejected"))
 
 
 class Preferences(RecordTask):
-    def __init__(self, path=None, split="train", hf_repo=HF_REPO, hf_filename=None, skip_bad=None,
-                 **slice_kwargs):
-        if path is None:
-            if hf_filename is None:
-                if hf_repo != HF_REPO or split not in HF_FILES:
-                    raise ValueError(f"Preferences: give path= a local file, or hf_filename= for {hf_repo!r} "
-                                     f"(the default {HF_REPO} knows splits {tuple(HF_FILES)})")
-                hf_filename = HF_FILES[split]
-        paths, skip_bad = data_paths_or_download(path, hf_repo, [hf_filename], skip_bad)
-        columns = ["prompt", "chosen", "rejected"] if path is None and hf_repo == HF_REPO else None
+    def __init__(self, path=None, split="train", skip_bad=None, **slice_kwargs):
+        if path is None and split not in HF_FILES:
+            raise ValueError(f"Preferences: give path= a local file, or a split of {HF_REPO}: {tuple(HF_FILES)}")
+        paths, skip_bad = data_paths_or_download(path, HF_REPO, [HF_FILES.get(split)], skip_bad)
+        # UltraFeedback's other columns (scores, ids, the messages) are not needed: not read
+        columns = ["prompt", "chosen", "rejected"] if path is None else None
         super().__init__(paths, preference_pair, skip_bad=skip_bad, columns=columns, **slice_kwargs)
         self.split = split
 
 
 class PreferenceList(Task):
-    """Preference items made in code (e.g. identity_preference_pairs) as a Task."""
+    """Preference items made in code (e.g. identity_preference_pairs), checked like loaded ones."""
 
     def __init__(self, items, **slice_kwargs):
         super().__init__(**slice_kwargs)
-        self.items = [preference_pair(item) for item in items]  # same checks as loaded data
+        self.items = [preference_pair(item) for item in items]
 
     def num_examples(self):
         return len(self.items)
 
     def get_example(self, index):
-        item = self.items[index]
-        return {"prompt_messages": [dict(m) for m in item["prompt_messages"]],
-                "chosen": item["chosen"], "rejected": item["rejected"]}
+        # copies: a caller that edits an item must not change the task
+        return {**self.items[index], "prompt_messages": [dict(m) for m in self.items[index]["prompt_messages"]]}

@@ -1,17 +1,14 @@
 """
-SmolTalk: general chat conversations for SFT/midtraining, Apache-2.0.
-Hugging Face: HuggingFaceTB/smol-smoltalk (the smaller mix made for small models, ~460k train /
-~24k test conversations), files data/train-0000{0..3}-of-00004.parquet and
-data/test-00000-of-00001.parquet, a "messages" column. Offline: data_path= any conversation file
-in the DESIGN.md format (e.g. shared/data/chat/selfinstruct_seed_tasks_chat.jsonl).
+SmolTalk: general chat conversations for SFT/midtraining, Apache-2.0, from HuggingFaceTB/smol-smoltalk
+(the mix made for small models: ~460k train / ~24k test). Offline, any conversation file:
+    SmolTalk("train", data_path=f"{DATA}/chat/selfinstruct_seed_tasks_chat.jsonl")
 """
-from tasks.common import RecordTask, data_paths_or_download, chat_record_to_conversation
+from tasks.common import RecordTask, chat_record_to_conversation, data_paths_or_download
 
 HF_REPO = "HuggingFaceTB/smol-smoltalk"
-HF_FILES = {
-    "train": [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)],
-    "test": ["data/test-00000-of-00001.parquet"],
-}
+# the train split comes in four parquet shards
+HF_FILES = {"train": [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)],
+            "test": ["data/test-00000-of-00001.parquet"]}
 
 
 class SmolTalk(RecordTask):

@@ -1,61 +1,51 @@
 """
-Synthetic spelling tasks, generated on the fly from a built-in word list (nothing to download).
-Token-level models cannot see letters, so they need to be taught to spell and to count with a tool:
-  SpellingBee    "How many r's are in strawberry?" -> spell it out, then the python tool call
-                 'strawberry'.count('r') -> 3, and a final "#### 3" (graded like GSM8K)
-  SimpleSpelling "Spell the word apple" -> "apple: a-p-p-l-e"
-Example i of a split is a pure function of (split, seed, i), so any slice or order is reproducible.
+Spelling tasks generated from a built-in word list (nothing to download): a model that sees tokens,
+not letters, must be taught to spell, and to count letters with a tool.
+    SpellingBee(size=1000, split="train"), SimpleSpelling(size=300, split="test")
 """
-import re
 import random
+import re
 
 from tasks.common import Task
 from tasks.gsm8k import extract_answer
 
 WORDS = """
-apple banana cherry strawberry blueberry raspberry orange lemon mango papaya pineapple grape
-melon watermelon peach apricot coconut avocado tomato potato carrot cabbage broccoli spinach
-pepper onion garlic ginger cinnamon vanilla chocolate coffee butter cheese bread pizza pasta
-noodle cookie biscuit pancake sandwich breakfast dinner kitchen bottle pillow blanket window
-mirror ceiling carpet curtain balloon bicycle airplane helicopter submarine rocket engine tunnel
-bridge castle village mountain valley river ocean island desert forest jungle meadow volcano
-glacier thunder lightning rainbow sunshine weather autumn winter summer spring morning evening
-midnight yesterday tomorrow calendar birthday holiday umbrella necklace diamond emerald sapphire
-crystal silver copper bronze marble granite pebble feather whisker rabbit giraffe elephant
-kangaroo penguin dolphin octopus squirrel hedgehog butterfly caterpillar mosquito dragonfly
-crocodile alligator leopard cheetah gorilla raccoon beaver buffalo camel donkey parrot pelican
-flamingo peacock sparrow falcon eagle turtle lobster oyster jellyfish mississippi tennessee
-committee accommodate embarrass occurrence necessary separate definitely recommend millennium
-parallel possession questionnaire bookkeeper succeed address assassin balloon coffee letter
-little bubble puzzle pizzazz hippopotamus banana bookkeeping referee guarantee rhythm symphony
-orchestra trumpet violin guitar piano drummer melody harmony library teacher student pencil
-eraser notebook backpack science history geography language grammar alphabet sentence paragraph
-question answer problem solution computer keyboard monitor printer software hardware internet
-network algorithm program function variable compiler database python javascript transformer
-attention gradient optimizer tokenizer language
+apple banana cherry strawberry blueberry raspberry orange lemon mango papaya pineapple grape melon watermelon peach
+apricot coconut avocado tomato potato carrot cabbage broccoli spinach pepper onion garlic ginger cinnamon vanilla
+chocolate coffee butter cheese bread pizza pasta noodle cookie biscuit pancake sandwich breakfast dinner kitchen
+bottle pillow blanket window mirror ceiling carpet curtain balloon bicycle airplane helicopter submarine rocket
+engine tunnel bridge castle village mountain valley river ocean island desert forest jungle meadow volcano glacier
+thunder lightning rainbow sunshine weather autumn winter summer spring morning evening midnight yesterday tomorrow
+calendar birthday holiday umbrella necklace diamond emerald sapphire crystal silver copper bronze marble granite
+pebble feather whisker rabbit giraffe elephant kangaroo penguin dolphin octopus squirrel hedgehog butterfly
+caterpillar mosquito dragonfly crocodile alligator leopard cheetah gorilla raccoon beaver buffalo camel donkey
+parrot pelican flamingo peacock sparrow falcon eagle turtle lobster oyster jellyfish mississippi tennessee committee
+accommodate embarrass occurrence necessary separate definitely recommend millennium parallel possession
+questionnaire bookkeeper succeed address assassin balloon coffee letter little bubble puzzle pizzazz hippopotamus
+banana bookkeeping referee guarantee rhythm symphony orchestra trumpet violin guitar piano drummer melody harmony
+library teacher student pencil eraser notebook backpack science history geography language grammar alphabet sentence
+paragraph question answer problem solution computer keyboard monitor printer software hardware internet network
+algorithm program function variable compiler database python javascript transformer attention gradient optimizer
+tokenizer language
 """.split()
-WORDS = sorted(set(WORDS))
+WORDS = sorted(set(WORDS))  # sorted: the same list, in the same order, in every Python process
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 COUNT_QUESTIONS = [
-    "How many {letter}'s are in the word {word}?",
-    "How many times does the letter '{letter}' appear in '{word}'?",
-    "Count the number of {letter}'s in \"{word}\".",
-    "In the word {word}, how many times does the letter {letter} occur?",
-    "how many {letter} in {word}",
-    "How many letter {letter} are there in {word}?",
+    "How many {letter}'s are in the word {word}?", "How many times does the letter '{letter}' appear in '{word}'?",
+    "Count the number of {letter}'s in \"{word}\".", "In the word {word}, how many times does the letter {letter} occur?",
+    "how many {letter} in {word}", "How many letter {letter} are there in {word}?",
     "Can you count how many '{letter}' characters the word '{word}' has?",
 ]
-SPELL_QUESTIONS = [
-    "Spell the word {word}.",
-    "How do you spell \"{word}\"?",
-    "spell {word} letter by letter",
-    "Can you spell out the word '{word}' for me?",
-    "What are the letters of the word {word}?",
-]
+SPELL_QUESTIONS = ["Spell the word {word}.", "How do you spell \"{word}\"?", "spell {word} letter by letter",
+                   "Can you spell out the word '{word}' for me?", "What are the letters of the word {word}?"]
+# a word spelled out with hyphens, "a-p-p-l-e": the last one in a completion is its answer
+SPELLED = re.compile(r"\b[a-zA-Z](?:-[a-zA-Z])+\b")
 
 
 class _GeneratedTask(Task):
+    eval_type = "generative"
+
     def __init__(self, size=1000, split="train", seed=42, **slice_kwargs):
         super().__init__(**slice_kwargs)
         if split not in ("train", "test"):
@@ -66,15 +56,14 @@ class _GeneratedTask(Task):
         return self.size
 
     def rng(self, index):
+        # example i is a pure function of (split, seed, i), so any slice or order is reproducible;
         # a string seed is hashed with sha512: stable across runs and Python versions
         return random.Random(f"{type(self).__name__}/{self.split}/{self.seed}/{index}")
 
-    @property
-    def eval_type(self):
-        return "generative"
-
 
 class SpellingBee(_GeneratedTask):
+    # "How many r's are in strawberry?" -> spell it out, the tool call 'strawberry'.count('r') -> 3,
+    # and a final "#### 3", graded like GSM8K
     def get_example(self, index):
         rng = self.rng(index)
         word = rng.choice(WORDS)
@@ -82,26 +71,24 @@ class SpellingBee(_GeneratedTask):
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(ALPHABET)
         count = word.count(letter)
         question = rng.choice(COUNT_QUESTIONS).format(letter=letter, word=word)
-        parts = [
-            {"type": "text", "text": f"Spelling \"{word}\" out: {', '.join(word)}. "
-                                     f"Let me count the '{letter}'s with Python.\n"},
-            {"type": "python", "text": f"'{word}'.count('{letter}')"},
-            {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\nThe letter '{letter}' appears {count} time{'' if count == 1 else 's'} "
-                                     f"in \"{word}\".\n#### {count}"},
-        ]
+        # spelling the word out first puts its letters in the context as separate tokens
+        parts = [{"type": "text", "text": f"Spelling \"{word}\" out: {', '.join(word)}. "
+                                          f"Let me count the '{letter}'s with Python.\n"},
+                 {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                 {"type": "python_output", "text": str(count)},
+                 {"type": "text", "text": f"\nThe letter '{letter}' appears {count} time{'' if count == 1 else 's'} "
+                                          f"in \"{word}\".\n#### {count}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "answer": count, "word": word, "letter": letter}
 
     def evaluate(self, conversation, completion):
+        # the number after the last "####", as GSM8K's
         predicted = extract_answer(completion)
         return float(predicted is not None and predicted == conversation["answer"])
 
 
-SPELLED = re.compile(r"\b[a-zA-Z](?:-[a-zA-Z])+\b")
-
-
 class SimpleSpelling(_GeneratedTask):
+    # "Spell the word apple" -> "apple: a-p-p-l-e"
     def get_example(self, index):
         rng = self.rng(index)
         word = rng.choice(WORDS)

@@ -1,19 +1,21 @@
 """
-Runs the shared Trainer on a tiny GPT with deterministic synthetic batches and prints the loss
-of every step as JSON. Launched by tests/test_base_train.py either as one process with
-gradient accumulation, or under `torchrun --nproc_per_node=2` (gloo) without it. Micro-batch
-m of a step on one process is the same data as rank m's batch under torchrun, so the two runs
-must produce the same losses and the same weights.
+Trains a tiny GPT with the training stages' shared pieces (schedule, optimizer step with clipping,
+the sharded optimizer, checkpoints, the step log) on deterministic synthetic batches and prints
+the loss of every step as JSON. Launched by tests/test_base_train.py either as one process with
+gradient accumulation, or under `torchrun --nproc_per_node=2` (gloo) without it. Micro-batch m of a
+step on one process is the same data as rank m's batch under torchrun, so the two runs must
+produce the same losses and the same weights.
 """
 import argparse
 import json
 import sys
+import time
 
 import torch
 
+from nanochat import training
 from nanochat.common import compute_cleanup, compute_init
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.training import Trainer, add_training_args
 
 V, T, B = 64, 16, 4
 
@@ -29,7 +31,7 @@ def batch_for(step, micro):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint-dir", required=True)
-    add_training_args(parser)
+    training.add_training_flags(parser)
     args = parser.parse_args()
     ddp, rank, _, world_size, device = compute_init("cpu", seed=0)
     results = {}
@@ -46,28 +48,27 @@ def train(args, ddp, rank, world_size, device):
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
     # fp32 Newton-Schulz: bf16 would round float-order noise up to bf16-sized steps (see test_optim)
-    optimizers = model.setup_optimizers(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02,
-                                        muon_dtype=torch.float32)
-    grad_accum = 2 // world_size
-    trainer = Trainer(args, model, optimizers, device=device, ddp=ddp, world_size=world_size, rank=rank,
-                      checkpoint_dir=args.checkpoint_dir, num_steps=args.num_iterations, grad_accum=grad_accum,
-                      tokens_per_step=2 * B * T, meta={}, stage="test")
-    micro = {"i": 0}
-
-    def next_batch():
-        # the m-th micro-batch of a step: on one process m = 0, 1; under torchrun m = rank
-        m = rank if ddp else micro["i"] % 2
-        step = trainer.step
-        micro["i"] += 1
-        return batch_for(step, m), {"step": step}
-
-    def compute_loss(model, batch):
-        return model(*batch)
-
-    trainer.run(next_batch, compute_loss)
+    optimizer = model.setup_optimizer(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02, muon_dtype=torch.float32)
+    grad_accum, num_steps = 2 // world_size, args.num_iterations
+    log = training.TrainLog("test", args, num_steps, world_size=world_size)
+    step = 0
+    while step < num_steps:
+        lrm = training.set_schedule(optimizer, step, num_steps, args)
+        t0 = time.time()
+        loss_sum = torch.zeros(())
+        for micro in range(grad_accum):
+            # the m-th micro-batch of a step: on one process m = 0, 1; under torchrun m = rank
+            loss = model(*batch_for(step, rank if ddp else micro))
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        training.optimizer_step(model, optimizer, args.grad_clip)
+        step += 1
+        log.step(step, t0, lrm, loss_sum / grad_accum, tokens=grad_accum * B * T)
+        if training.is_due(step, args.save_every, num_steps):
+            training.save(args.checkpoint_dir, step, model, optimizer, {}, {"step": step}, log, world_size)
     if rank == 0:
         torch.save(model.state_dict(), f"{args.checkpoint_dir}/final_weights_clip{args.grad_clip}.pt")
-    return [loss for _, loss in trainer.history]
+    return [loss for _, loss in log.history]
 
 
 if __name__ == "__main__":

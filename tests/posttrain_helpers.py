@@ -94,6 +94,6 @@ def tree_snapshot(folder):
 
 
 def run_main(module, args):
-    """scripts.<module>.main(args) in this process (args may hold Paths); returns its Trainer."""
+    """scripts.<module>.main(args) in this process (args may hold Paths); returns its TrainLog."""
     import importlib
     return importlib.import_module(f"scripts.{module}").main([str(a) for a in args])

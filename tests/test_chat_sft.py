@@ -147,8 +147,8 @@ def test_accumulated_loss_weights_every_supervised_token_equally(base):
     model = tiny_model(V)
     batches = StepBatches(iter([(b, {}) for b in micro]), grad_accum=3)
     total = 0.0
-    for _ in range(3):
-        loss = scaled_token_loss(model, batches()[0])
+    for batch, _ in batches.next_step():
+        loss = scaled_token_loss(model, batch)
         (loss / 3).backward()
         total += loss.item() / 3
     accumulated = grads_of(model)
@@ -173,7 +173,8 @@ def test_no_supervised_token_and_truncated_conversations_give_no_nan(base):
     inputs, targets = collate_padded([(ids[:cut], mask[:cut]), (ids[:cut - 2], mask[:cut - 2])], 0)
     batch = {"inputs": inputs, "targets": targets, "count": 0, "tokens": inputs.numel()}
     batches = StepBatches(iter([(batch, {})]), grad_accum=1)
-    loss = scaled_token_loss(model, batches()[0])
+    (step_batch, _), = batches.next_step()
+    loss = scaled_token_loss(model, step_batch)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(grads_of(model)).all()
 

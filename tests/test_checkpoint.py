@@ -27,18 +27,17 @@ def make_model(seed=0):
     return GPT(CONFIG)
 
 
-def train_step(model, optimizers, seed):
+def train_step(model, optimizer, seed):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 17), generator=g)
     model(tokens[:, :-1], tokens[:, 1:]).backward()
-    for opt in optimizers:
-        opt.step()
+    optimizer.step()
     model.zero_grad(set_to_none=True)
 
 
-def save(checkpoint_dir, step, model, optimizers=None, **meta):
+def save(checkpoint_dir, step, model, optimizer=None, **meta):
     cm.save_checkpoint(checkpoint_dir, step, model.state_dict(),
-                       [o.state_dict() for o in optimizers] if optimizers else None,
+                       optimizer.state_dict() if optimizer else None,
                        dict(model_config=asdict(CONFIG), **meta))
 
 
@@ -50,22 +49,21 @@ def with_tokenizer(base_dir, tiny_tokenizer):
 
 def test_round_trip_continues_training_identically(with_tokenizer):
     model = make_model()
-    optimizers = model.setup_optimizers()
-    train_step(model, optimizers, seed=1)
+    optimizer = model.setup_optimizer()
+    train_step(model, optimizer, seed=1)
     checkpoint_dir = with_tokenizer / "base_checkpoints" / "d2"
-    save(checkpoint_dir, 10, model, optimizers, val_bpb=1.25, loader_state={"cursor": [1, 2]})
+    save(checkpoint_dir, 10, model, optimizer, val_bpb=1.25, loader_state={"cursor": [1, 2]})
     assert sorted(os.listdir(checkpoint_dir)) == ["meta_000010.json", "model_000010.pt", "optim_000010_rank0.pt"]
 
     model_state, optim_state, meta = cm.load_checkpoint(checkpoint_dir, 10, "cpu", load_optimizer=True)
     assert meta == {"model_config": asdict(CONFIG), "val_bpb": 1.25, "loader_state": {"cursor": [1, 2]}, "step": 10}
     restored = make_model(seed=99)
     restored.load_state_dict(model_state)
-    restored_optimizers = restored.setup_optimizers()
-    for opt, state in zip(restored_optimizers, optim_state):
-        opt.load_state_dict(state)
+    restored_optimizer = restored.setup_optimizer()
+    restored_optimizer.load_state_dict(optim_state)
     for seed in (2, 3):  # momentum buffers etc. came back: the next steps match exactly
-        train_step(model, optimizers, seed)
-        train_step(restored, restored_optimizers, seed)
+        train_step(model, optimizer, seed)
+        train_step(restored, restored_optimizer, seed)
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -102,8 +100,8 @@ def test_defaults_pick_the_deepest_model_and_the_last_complete_step(with_tokeniz
 def test_a_failed_write_leaves_no_visible_or_partial_checkpoint(base_dir, monkeypatch):
     checkpoint_dir = base_dir / "ckpt"
     model = make_model()
-    optimizers = model.setup_optimizers()
-    save(checkpoint_dir, 10, model, optimizers)
+    optimizer = model.setup_optimizer()
+    save(checkpoint_dir, 10, model, optimizer)
     real_save, calls = torch.save, []
 
     def save_then_fail(obj, f, *args, **kwargs):
@@ -115,12 +113,12 @@ def test_a_failed_write_leaves_no_visible_or_partial_checkpoint(base_dir, monkey
 
     monkeypatch.setattr(torch, "save", save_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        save(checkpoint_dir, 20, model, optimizers)
+        save(checkpoint_dir, 20, model, optimizer)
     monkeypatch.setattr(torch, "save", real_save)
     assert cm.list_steps(str(checkpoint_dir)) == [10]
     assert not [n for n in os.listdir(checkpoint_dir) if n.endswith(".tmp")]  # temp file cleaned up
     cm.load_checkpoint(str(checkpoint_dir), 10, "cpu", load_optimizer=True)
-    save(checkpoint_dir, 20, model, optimizers)  # and the next attempt works
+    save(checkpoint_dir, 20, model, optimizer)  # and the next attempt works
     assert cm.find_last_step(str(checkpoint_dir)) == 20
 
 
@@ -198,9 +196,9 @@ def test_clear_errors(with_tokenizer):
 def test_keep_last_rotates_old_steps(base_dir):
     checkpoint_dir = base_dir / "ckpt"
     model = make_model()
-    optimizers = model.setup_optimizers()
+    optimizer = model.setup_optimizer()
     for step in (1, 2, 3, 4, 5):
-        cm.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
+        cm.save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(),
                            {"model_config": asdict(CONFIG)}, keep_last=2)
     assert cm.list_steps(str(checkpoint_dir)) == [4, 5]
     assert sorted(os.listdir(checkpoint_dir)) == sorted(

@@ -1,8 +1,8 @@
 """
 CORE (nanochat/core_eval.py, scripts/base_eval.py): scripted models that know the answers score
 1.0, that avoid them 0.0, that guess come out near chance; continuation spans and left-cropping;
-few-shot sampling; the core.yaml reader against PyYAML; the eval bundle downloaded from a loopback
-server (retries, offline message); bad data named by file:line; the real script end to end on a
+few-shot sampling; a real-shaped core.yaml; the eval bundle downloaded from a loopback server
+(retries, offline message); bad data named by file:line; the real script end to end on a
 tiny GPT checkpoint; and two torchrun ranks giving the single-process score.
 """
 import csv
@@ -18,9 +18,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.core_eval import (CoreDataError, CoreTask, bundle_tasks, centered, download_eval_bundle, evaluate_core,
-                                evaluate_task, fewshot_examples, load_items, local_tasks, parse_core_yaml,
-                                render_prompts, subset_indices, tokenize_prompts)
+from nanochat.common import DataError
+from nanochat.core_eval import (CoreTask, bundle_tasks, centered, download_eval_bundle, evaluate_core, evaluate_task,
+                                fewshot_examples, load_items, local_tasks, render_prompts, subset_indices,
+                                tokenize_prompts)
+from nanochat.download import DownloadError
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -168,7 +170,7 @@ def test_local_task_mapping(fixture_tasks):
     hellaswag = next(t for t in fixture_tasks if t.label == "hellaswag")
     first = load_items(hellaswag)[0]
     assert first["query"].startswith("A man is standing at a sink") and first["gold"] == 0 and len(first["choices"]) == 4
-    with pytest.raises(CoreDataError, match="none of the CORE task files"):
+    with pytest.raises(DataError, match="none of the CORE task files"):
         local_tasks(FIXTURES / "core" / "nothing")
 
 
@@ -187,9 +189,9 @@ def test_bad_items_are_named_by_file_and_line(tmp_path):
             "language_modeling": '{"context": "x", "continuation": "y"}'}
     for line, task_type, message in cases:
         path.write_text(good[task_type] + "\n" + line + "\n")
-        with pytest.raises(CoreDataError, match=message.replace("(", r"\(")):
+        with pytest.raises(DataError, match=message.replace("(", r"\(")):
             load_items(CoreTask("t", task_type, str(path)))
-    with pytest.raises(CoreDataError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_items(CoreTask("t", "schema", str(tmp_path / "missing.jsonl")))
 
 
@@ -244,9 +246,23 @@ def make_bundle(root):
     return bundle
 
 
-def test_core_yaml_reader_matches_pyyaml():
-    yaml = pytest.importorskip("yaml")
-    assert parse_core_yaml(CORE_YAML) == yaml.safe_load(CORE_YAML)["icl_tasks"]
+def test_bundle_tasks_read_a_real_shaped_core_yaml(tmp_path):
+    """Flow and block lists, a '-' alone on its line, double- and single-quoted delimiters with
+    escapes, comments, and settings CORE does not use (here and after icl_tasks)."""
+    bundle = make_bundle(tmp_path)
+    tasks = [(t.label, t.task_type, Path(t.path).relative_to(bundle / "eval_data").as_posix(), t.num_fewshot,
+              t.continuation_delimiter) for t in bundle_tasks(bundle)]
+    assert tasks == [("copa", "multiple_choice", "commonsense_reasoning/copa.jsonl", 0, " "),
+                     ("arc_easy", "multiple_choice", "world_knowledge/arc_easy.jsonl", 10, "\nAnswer: "),
+                     ("winograd", "schema", "language_understanding/winograd_wsc.jsonl", 0, " "),
+                     ("bigbench_operators", "language_modeling", "symbolic_problem_solving/bigbench_operators.jsonl",
+                      3, "it's ")]
+    (bundle / "core.yaml").write_text("icl_tasks: [unclosed\n")
+    with pytest.raises(DataError, match=r"core\.yaml: cannot read the task list 'icl_tasks'"):
+        bundle_tasks(bundle)
+    (bundle / "core.yaml").write_text("other_settings: {}\n")
+    with pytest.raises(DataError, match=r"core\.yaml: cannot read the task list 'icl_tasks'"):
+        bundle_tasks(bundle)
 
 
 def test_bundle_tasks(tmp_path, tiny_tokenizer):
@@ -260,12 +276,12 @@ def test_bundle_tasks(tmp_path, tiny_tokenizer):
     model = ScriptedLM(tiny_tokenizer, right_endings(tasks.values()), "right")
     assert evaluate_core(model, tiny_tokenizer, list(tasks.values()), "cpu", log=None)["core"] == 1.0
     (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ncopa,50\narc_easy,25\nwinograd,n/a\n")
-    with pytest.raises(CoreDataError, match=r"eval_meta_data.csv:4: 'Random baseline' of 'winograd' is not a number"):
+    with pytest.raises(DataError, match=r"eval_meta_data.csv:4: 'Random baseline' of 'winograd' is not a number"):
         bundle_tasks(bundle)
     (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ncopa,50\nwinograd,50\nunused,\n")
-    with pytest.raises(CoreDataError, match="no 'Random baseline' row for task 'arc_easy'"):
+    with pytest.raises(DataError, match="no 'Random baseline' row for task 'arc_easy'"):
         bundle_tasks(bundle)
-    with pytest.raises(CoreDataError, match="not an eval bundle"):
+    with pytest.raises(DataError, match="not an eval bundle"):
         bundle_tasks(tmp_path)
 
 
@@ -284,12 +300,12 @@ def test_download_eval_bundle_from_loopback(tmp_path, base_dir, file_server):
 
     other = tmp_path / "other_base"
     other.mkdir()
-    with pytest.raises(CoreDataError, match="(?s)may be offline.*--data-dir"):
+    with pytest.raises(DownloadError, match="(?s)HTTP 404.*Offline\\? Fetch .*--bundle-dir.*--data-dir"):
         download_eval_bundle(base_dir=str(other), url=f"{file_server.url}/missing.zip", backoff=0.01)
     assert list(other.iterdir()) == []  # nothing half-written
     (Path(file_server.root) / "junk.zip").write_bytes(b"not a zip")
-    with pytest.raises(CoreDataError, match="not a zip"):
-        download_eval_bundle(base_dir=str(other), url=f"{file_server.url}/junk.zip", retries=2, backoff=0.01)
+    with pytest.raises(DownloadError, match="not a zip"):
+        download_eval_bundle(base_dir=str(other), url=f"{file_server.url}/junk.zip", attempts=2, backoff=0.01)
     assert list(other.iterdir()) == []
 
 

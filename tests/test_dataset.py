@@ -1,10 +1,10 @@
 """
-nanochat.dataset: shard downloads against a loopback server that misbehaves on purpose, user
-corpora in every format with every kind of bad input, the train/val split, resumable iteration.
+nanochat.dataset: shard downloads (the CLI, checks, offline; the downloader itself is tested in
+test_download.py), user corpora in every format with every kind of bad input, the train/val
+split, resumable iteration.
 """
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset
-from nanochat.dataset import (Corpus, DataError, DownloadError, OfflineError, download_shard, list_parquet_files,
-                              read_documents, resolve_data_files, split_txt_documents)
+from nanochat.dataset import (Corpus, DataError, _cut_long_line, download_shard, list_parquet_files, read_documents,
+                              resolve_data_files, split_txt_documents)
+from nanochat.download import DownloadError, OfflineError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,72 +71,24 @@ def test_data_url_env_forms(monkeypatch):
     assert dataset.get_data_url().format(index=1822).endswith("/resolve/main/shard_01822.parquet")
 
 
-def test_server_errors_are_retried(shards):
-    shards.faults.extend(["500", "500"])
-    path = download_shard(0, backoff=0)
-    assert [status for _, _, status in shards.requests] == [500, 500, 200]
-    assert pq.read_table(path).column("text").to_pylist() == shard_texts(0)
-
-
-def test_permanent_http_error_is_not_retried(shards):
-    with pytest.raises(DownloadError, match="HTTP 404"):
-        download_shard(5, backoff=0)
-    assert len(shards.requests) == 1
-    assert not list(Path(dataset.get_data_dir()).iterdir())
-
-
-def test_partial_tmp_is_resumed_with_range(shards):
-    full = (shards.root / "shard_00000.parquet").read_bytes()
-    tmp = Path(str(shard_path(0)) + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(full[:1000])  # what a killed download leaves behind
-    download_shard(0, backoff=0)
-    assert shards.requests == [("/shard_00000.parquet", "bytes=1000-", 206)]
-    assert shard_path(0).read_bytes() == full
-    assert not tmp.exists()
-
-
-def test_partial_tmp_restarts_when_server_ignores_range(shards):
-    shards.support_range = False
-    full = (shards.root / "shard_00000.parquet").read_bytes()
-    tmp = Path(str(shard_path(0)) + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(b"x" * 1000)
-    download_shard(0, backoff=0)
-    assert [status for _, _, status in shards.requests] == [200]
-    assert shard_path(0).read_bytes() == full
-
-
-def test_stale_tmp_that_does_not_match_is_replaced(shards):
-    """A .tmp from some other file: resuming it gives a corrupt file, which is thrown away
-    and fetched whole."""
-    full = (shards.root / "shard_00000.parquet").read_bytes()
-    tmp = Path(str(shard_path(0)) + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(b"\0" * 1000)
-    download_shard(0, backoff=0)
-    assert [(rng, status) for _, rng, status in shards.requests] == [("bytes=1000-", 206), (None, 200)]
-    assert shard_path(0).read_bytes() == full
-
-
-def test_connection_dropped_midway_resumes(shards):
-    rng = random.Random(0)
-    texts = ["".join(rng.choice("abcdefghij ") for _ in range(20_000)) for _ in range(20)]  # ~ incompressible
-    write_shard(shards.root / "shard_00001.parquet", texts)
-    shards.faults.append("truncate")
-    download_shard(1, backoff=0)
-    (_, first_range, first_status), (_, second_range, second_status) = shards.requests
-    assert (first_range, first_status) == (None, 200)
-    assert second_range.startswith("bytes=") and second_status == 206
-    assert pq.read_table(shard_path(1)).column("text").to_pylist() == texts
-
-
-def test_corrupt_body_leaves_nothing_behind(shards):
-    shards.faults.extend(["garbage"] * 3)
-    with pytest.raises(DownloadError, match="corrupt"):
-        download_shard(2, max_attempts=3, backoff=0)
-    assert list(Path(dataset.get_data_dir()).iterdir()) == []  # no shard, no .tmp
+def test_shard_that_is_not_parquet_is_rejected(shards):
+    """Shards are checked before they get their name: a file pyarrow cannot read is deleted and
+    fetched again, and never kept, not even as .tmp (the generic cases are in test_download.py)."""
+    (shards.root / "shard_00005.parquet").write_bytes(b"<html>not a shard</html>")
+    with pytest.raises(DownloadError, match="after 2 attempts: corrupt download .*not a readable parquet file"):
+        download_shard(5, attempts=2, backoff=0)
+    assert len(shards.requests) == 2
+    assert list(Path(dataset.get_data_dir()).iterdir()) == []
+    pq.write_table(pa.table({"content": ["a"]}), shards.root / "shard_00005.parquet")
+    with pytest.raises(DownloadError, match=r"no 'text' column \(columns: content\)"):
+        download_shard(5, attempts=1)
     assert list_parquet_files() == []
+
+
+def test_shards_download_in_parallel_and_failures_are_listed(shards):
+    with pytest.raises(DownloadError, match=r"(?s)2 of 4 shards failed:.*shard_00005.*HTTP 404.*shard_00006.*HTTP 404"):
+        dataset.download_shards([0, 1, 5, 6], num_workers=2, backoff=0)
+    assert [Path(p).name for p in list_parquet_files()] == ["shard_00000.parquet", "shard_00001.parquet"]
 
 
 def free_port():
@@ -147,7 +100,7 @@ def free_port():
 def test_unreachable_server_says_offline(base_dir, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_DATA_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(OfflineError, match=r"cannot reach 127\.0\.0\.1 — offline\? Use --data PATH"):
-        download_shard(0, max_attempts=2, backoff=0)
+        download_shard(0, attempts=2, backoff=0)
     assert dataset.main(["-n", "1", "--max-attempts", "1"]) == 1
     assert "offline? Use --data PATH for local text" in capsys.readouterr().err
 
@@ -191,6 +144,17 @@ def test_txt_long_blocks_and_lines_are_cut_without_losing_words():
     assert all(0 < len(d) <= 300 for d in docs)
     assert " ".join(docs).split() == text.split()
     assert any(d.startswith("    line") for d in docs)  # indentation survives
+
+
+def test_a_huge_single_line_is_cut_in_linear_time(tmp_path):
+    """A one-line 20 MB .txt (a dump without newlines): cutting it used to re-slice the rest of the
+    line for every piece, quadratic, so a file like this never finished."""
+    line = " ".join(f"w{i % 1000}" for i in range(4_000_000))
+    pieces = list(_cut_long_line(line, 4000))
+    assert all(3990 < len(p) <= 4000 for p in pieces[:-1]) and " ".join(pieces) == line
+    assert [len(p) for p in _cut_long_line("x" * 10_001, 4000)] == [4000, 4000, 2001]  # no space: cut mid-word
+    (tmp_path / "dump.txt").write_text(line + "\n")
+    assert [text for _, text in read_documents(str(tmp_path / "dump.txt"))] == pieces
 
 
 def test_txt_whole_file_mode_and_blank_files(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks.common import build_task
+from tasks.specs import build_task
 from tasks.dialogue import Options, extract, main, utterances
 
 BOOK = """\

@@ -1,20 +1,20 @@
-"""Tests for scripts/export.py and nanochat/hf/: the hand-written safetensors format, the HF
-tokenizer.json (our BPE through HF `tokenizers`) and the Jinja chat template against our own
-tokenizer, and — with `transformers` installed — the whole export: loaded offline by
+"""Tests for scripts/export.py and nanochat/hf/: the weights file (read back by the safetensors
+library), the HF tokenizer.json (our BPE through HF `tokenizers`) and the Jinja chat template against
+our own tokenizer, and — with `transformers` installed — the whole export: loaded offline by
 transformers, logits within 1e-4 of ours on CPU, greedy generations identical, and a failed
 verification leaving no exported folder behind."""
 import json
 import os
-import struct
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from scripts.export import (CHAT_TEMPLATE, SAMPLE_CONVERSATION, bpe_merges, hf_tokenizer_json, read_safetensors,
-                            write_export, write_safetensors)
+from scripts.export import CHAT_TEMPLATE, SAMPLE_CONVERSATION, bpe_merges, hf_tokenizer_json, write_export
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -33,30 +33,20 @@ def make_model(vocab_size, seed=0, **overrides):
     return model, cfg
 
 
-def test_safetensors_format_roundtrip(tmp_path):
-    tensors = {"b.weight": torch.randn(3, 5), "a.half": torch.randn(7).to(torch.bfloat16),
-               "c.ids": torch.arange(6, dtype=torch.int64).view(2, 3), "d.empty": torch.zeros(0, 4)}
-    path = str(tmp_path / "x.safetensors")
-    write_safetensors(path, tensors, metadata={"format": "pt"})
-    raw = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    assert n % 8 == 0, "the header is padded to 8 bytes so the data is aligned"
-    header = json.loads(raw[8:8 + n])
-    assert header["__metadata__"] == {"format": "pt"}
-    assert header["a.half"] == {"dtype": "BF16", "shape": [7], "data_offsets": [0, 14]}
-    assert header["b.weight"]["data_offsets"] == [14, 14 + 60] and header["c.ids"]["dtype"] == "I64"
-    assert len(raw) == 8 + n + 14 + 60 + 48
-    # the bytes are the raw little-endian values
-    assert struct.unpack("<3f", raw[8 + n + 14:8 + n + 26]) == tuple(tensors["b.weight"][0, :3].tolist())
-    back, meta = read_safetensors(path)
-    assert set(back) == set(tensors) and meta == {"format": "pt"}
-    for k in tensors:
-        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
-    with open(path, "ab") as f:
-        f.write(b"junk")
-    with pytest.raises(ValueError, match="trailing bytes"):
-        read_safetensors(path)
-    assert not list(tmp_path.glob("*.tmp"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weights_load_with_safetensors_as_our_tensors(tmp_path, tiny_tokenizer, dtype):
+    model, _ = make_model(tiny_tokenizer.get_vocab_size())
+    write_export(str(tmp_path / "out"), model, tiny_tokenizer, dtype=dtype)
+    path = str(tmp_path / "out" / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    weights = load_file(path)
+    ours = model.state_dict()
+    assert set(weights) == set(ours), "our own parameter names, every one of them"
+    for name, tensor in ours.items():
+        assert weights[name].dtype == dtype and weights[name].shape == tensor.shape, name
+        assert torch.equal(weights[name], tensor.to(dtype)), name
+    assert not list((tmp_path / "out").glob("*.tmp")) and not list((tmp_path / "out").glob(".*"))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +93,7 @@ def test_export_folder_layout(tmp_path, tiny_tokenizer):
     assert files == sorted(["model.safetensors", "config.json", "generation_config.json", "configuration_nanochat.py",
                             "modeling_nanochat.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                             "chat_template.jinja", "nanochat_meta.json"])
-    weights, _ = read_safetensors(str(tmp_path / "out" / "model.safetensors"))
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(weights) == set(model.state_dict())
     assert all(w.dtype == torch.bfloat16 for w in weights.values())
     config = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -1,5 +1,6 @@
-"""Tests for nanochat/gpt.py: shapes, init, GQA, KV cache vs full recompute, meta init,
-overfitting with the real optimizers, FLOPs count, soft-capping, the naive sampler."""
+"""Tests for nanochat/gpt.py and nanochat/fused.py: shapes, init, GQA, KV cache vs full recompute, meta
+init, overfitting with the real optimizer, FLOPs count, soft-capping, the naive sampler, and the fast
+paths (fused.py) against the plain ones."""
 import math
 
 import pytest
@@ -105,10 +106,12 @@ def test_attention_kv_expansion_matches_sdpa_gqa():
     torch.testing.assert_close(attention(q, k[:, :, :10], v[:, :, :10], is_causal=True), want, atol=1e-6, rtol=1e-5)
 
 
-def test_kv_cache_matches_full_recompute():
+@pytest.mark.parametrize("fused", [True, False])
+def test_kv_cache_matches_full_recompute(fused):
     """prefill into an empty cache, a multi-token chunk onto a non-empty cache, then single-token
     decode steps, crossing the initial cache size (growth) and the training sequence_len."""
     model = make_model(sequence_len=16)  # rotary tables cover 160 positions
+    model.fused = fused
     cfg = model.config
     idx = torch.randint(0, 64, (2, 40))
     full = model(idx)
@@ -184,10 +187,12 @@ class PerRowCache:
         return self.kv[layer_idx, 0, :, :, :n], self.kv[layer_idx, 1, :, :, :n]
 
 
-def test_ragged_batch_rows_at_their_own_positions():
+@pytest.mark.parametrize("fused", [True, False])
+def test_ragged_batch_rows_at_their_own_positions(fused):
     """Three prompts of different lengths, each prefilled alone, then decoded together (single
     tokens and a 2-token chunk): every row's logits equal recomputing that row alone."""
     model = make_model()
+    model.fused = fused
     cfg = model.config
     head_dim = cfg.n_embd // cfg.n_head
     torch.manual_seed(1)
@@ -227,21 +232,22 @@ def test_meta_device_init():
     assert abs(model(idx, idx).item() - math.log(256)) < 0.05
 
 
-def test_overfits_one_batch_with_its_optimizers():
+def test_overfits_one_batch_with_its_optimizer():
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    optimizers = model.setup_optimizers()
-    assert len(optimizers) == 2
-    for opt in optimizers:
-        assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
+    opt = model.setup_optimizer()
+    assert [g["kind"] for g in opt.param_groups[:2]] == ["adamw", "adamw"]
+    assert {g["kind"] for g in opt.param_groups[2:]} == {"muon"}
+    assert opt.param_groups[0]["params"] == [model.lm_head.weight]
+    assert opt.param_groups[1]["params"] == [model.transformer.wte.weight]
+    assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
     idx = torch.randint(0, 64, (4, 33))
     x, y = idx[:, :-1], idx[:, 1:]
     first = None
     for _ in range(80):
         loss = model(x, y)
         loss.backward()
-        for opt in optimizers:
-            opt.step()
+        opt.step()
         model.zero_grad(set_to_none=True)
         first = first if first is not None else loss.item()
     assert first > 4.0
@@ -286,11 +292,10 @@ def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
     gradients, whatever the chunking: the summed version (gradients formed in the forward pass,
     scaled by the incoming gradient) and the per-token one (recomputed in backward, uneven
     token weights); ignored targets add nothing; the no-grad path gives the same losses."""
-    import torch.nn.functional as F
-    import nanochat.gpt as gpt
-    from nanochat.gpt import (LOGIT_SOFTCAP, LinearSoftcapCrossEntropy, LinearSoftcapCrossEntropyPerToken,
-                              _softcap_ce_chunks)
-    monkeypatch.setattr(gpt, "ce_chunk_rows", lambda device_type, vocab: chunk_rows)
+    import nanochat.fused as fused
+    from nanochat.fused import LinearSoftcapCrossEntropy, LinearSoftcapCrossEntropyPerToken, softcap_ce_chunks
+    from nanochat.gpt import LOGIT_SOFTCAP
+    monkeypatch.setattr(fused, "ce_chunk_rows", lambda device_type, vocab: chunk_rows)
     torch.manual_seed(0)
     x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(50, 16, dtype=torch.float64) * 3).requires_grad_()  # logits well into the cap
@@ -305,7 +310,7 @@ def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
     assert torch.allclose(out, ref, atol=1e-10)
     assert torch.allclose(x.grad, ref_gx, atol=1e-10) and torch.allclose(w.grad, ref_gw, atol=1e-10)
     assert (x.grad[::6] == 0).all()
-    per_token = _softcap_ce_chunks(x.detach(), w.detach(), t, LOGIT_SOFTCAP, with_grads=False)[0]
+    per_token = softcap_ce_chunks(x.detach(), w.detach(), t, LOGIT_SOFTCAP, with_grads=False)[0]
     assert torch.allclose(per_token.sum().double(), ref, atol=1e-4) and (per_token[::6] == 0).all()
     # per-token losses, gradients recomputed in backward, under uneven per-token weights
     x.grad = w.grad = None
@@ -325,10 +330,12 @@ def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
                                     (xs, ws))
 
 
-def test_loss_paths_agree():
+@pytest.mark.parametrize("fused", [True, False])
+def test_loss_paths_agree(fused):
     """mean/sum/none, with and without grad, all report the same per-token losses: training
-    takes the fused chunked path, DPO the per-token path, evaluation the no-grad chunks."""
+    takes the summed path, DPO the per-token path, evaluation the no-grad one."""
     model = make_model()
+    model.fused = fused
     vocab = model.config.vocab_size
     idx = torch.randint(0, vocab, (3, 12))
     targets = torch.randint(0, vocab, (3, 12))
@@ -348,29 +355,25 @@ def test_loss_paths_agree():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref))
 
 
-def test_hand_written_elementwise_ops_match_autograd():
-    """RMSNorm, rotary and ReLU^2 with hand-written backwards equal the plain formulas (values
+def test_hand_written_elementwise_ops_match_plain_ops():
+    """fused.py's RMSNorm, rotary and ReLU^2 (hand-written backwards) equal gpt.py's plain ops (values
     and gradients, fp32 and fp64) and pass gradcheck; bf16 RMSNorm stays within bf16 rounding."""
-    from nanochat.gpt import ReLUSquared, RMSNorm, RotaryEmbedding
+    from nanochat.fused import ReLUSquared, RMSNorm, RotaryEmbedding
+    from nanochat.gpt import apply_rotary_emb, norm, relu_squared
     torch.manual_seed(0)
     x = torch.randn(3, 5, 2, 8, dtype=torch.float64) * 3
     angles = torch.randn(1, 5, 1, 4, dtype=torch.float64)
     cos, sin = angles.cos(), angles.sin()
-
-    def rotary_reference(t):
-        c, s = cos.to(t.dtype), sin.to(t.dtype)
-        t1, t2 = t[..., :4], t[..., 4:]
-        return torch.cat([t1 * c + t2 * s, t2 * c - t1 * s], dim=-1)
-
-    cases = [(RMSNorm.apply, lambda t: F.rms_norm(t, (t.size(-1),))),
-             (lambda t: RotaryEmbedding.apply(t, cos.to(t.dtype), sin.to(t.dtype)), rotary_reference),
-             (ReLUSquared.apply, lambda t: F.relu(t).square())]
-    for ours, reference in cases:
+    cases = [(RMSNorm.apply, norm),
+             (lambda t: RotaryEmbedding.apply(t, cos.to(t.dtype), sin.to(t.dtype)),
+              lambda t: apply_rotary_emb(t, cos.to(t.dtype), sin.to(t.dtype))),
+             (ReLUSquared.apply, relu_squared)]
+    for ours, plain in cases:
         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
             a = x.to(dtype).clone().requires_grad_()
             b = x.to(dtype).clone().requires_grad_()
             g = torch.randn_like(a)
-            out_a, out_b = ours(a), reference(b)
+            out_a, out_b = ours(a), plain(b)
             out_a.backward(g)
             out_b.backward(g)
             assert torch.allclose(out_a, out_b, atol=tol) and torch.allclose(a.grad, b.grad, atol=tol)
@@ -381,38 +384,98 @@ def test_hand_written_elementwise_ops_match_autograd():
     assert torch.allclose(RMSNorm.apply(low).double(), F.rms_norm(low.double(), (8,)), rtol=1e-2, atol=1e-2)
 
 
-def test_whole_model_matches_plain_autograd_reference():
-    """Loss and every parameter gradient of the model (hand-written backwards, chunked loss,
-    several chunks) equal the same architecture written with stock ops (dev/reference_gpt.py),
-    with GQA and ignored targets."""
-    import nanochat.gpt as gpt
-    from dev.reference_gpt import reference_loss
+def losses_and_grads(model, idx, targets, weights):
+    """(mean loss, its gradients, per-token losses, the gradients of their weighted sum, no-grad per-token
+    losses, logits) of every parameter: what each forward path of the model gives."""
+    params = list(model.parameters())
+    loss = model(idx, targets)
+    per_token = model(idx, targets, loss_reduction="none")
+    with torch.no_grad():
+        no_grad = model(idx, targets, loss_reduction="none")
+    return (loss, torch.autograd.grad(loss, params), per_token,
+            torch.autograd.grad((per_token * weights).sum(), params), no_grad, model(idx))
+
+
+def test_fused_path_matches_plain_path(monkeypatch):
+    """The fast paths (hand-written backwards, chunked loss, several chunks) give the plain path's
+    loss and every parameter gradient, with GQA and ignored targets; so do the per-token loss
+    (DPO) with its backward, the no-grad losses (evaluation) and the logits."""
+    import nanochat.fused as fused
     model = make_model().train()
+    assert model.config.n_kv_head < model.config.n_head
     vocab = model.config.vocab_size
     torch.manual_seed(1)
     idx = torch.randint(0, vocab, (3, 20))
     targets = torch.randint(0, vocab, (3, 20))
     targets[1, :7] = -1
-    original = gpt.ce_chunk_rows
-    gpt.ce_chunk_rows = lambda device_type, vocab_size: 16  # 60 rows: 4 chunks, the last one short
-    try:
-        loss = model(idx, targets)
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-    finally:
-        gpt.ce_chunk_rows = original
-    ref = reference_loss(model, idx, targets)
-    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    assert torch.allclose(loss, ref, atol=1e-5)
-    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        assert torch.allclose(g, r, atol=1e-5, rtol=1e-4), name
+    weights = torch.randn(3, 20)
+    monkeypatch.setattr(fused, "ce_chunk_rows", lambda device_type, vocab_size: 16)  # 60 rows: 4 chunks
+    model.fused = True
+    got = losses_and_grads(model, idx, targets, weights)
+    model.fused = False
+    want = losses_and_grads(model, idx, targets, weights)
+    names = [name for name, _ in model.named_parameters()]
+    for what, a, b in zip(["loss", "grads", "per-token", "per-token grads", "no-grad", "logits"], got, want):
+        if isinstance(a, tuple):
+            for name, ga, gb in zip(names, a, b):
+                assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4), (what, name)
+        else:
+            assert torch.allclose(a, b, atol=1e-5), what
 
+
+def counting(fn, key, calls):
+    def counted(*args, **kwargs):
+        calls[key] += 1
+        return fn(*args, **kwargs)
+    return counted
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_switch_reaches_every_forward(monkeypatch, fused):
+    """model.fused picks the ops of training, per-token and no-grad losses, logits and KV-cache decoding."""
+    import nanochat.gpt as gpt
+    calls = {"fused": 0, "plain": 0}
+    for key, ops in (("fused", gpt.FUSED_OPS), ("plain", gpt.PLAIN_OPS)):
+        for name in ("norm", "rotary", "relu_squared"):
+            monkeypatch.setattr(ops, name, counting(getattr(ops, name), key, calls))
+    monkeypatch.setattr(gpt, "linear_softcap_cross_entropy", counting(gpt.linear_softcap_cross_entropy, "fused", calls))
+    model = make_model()
+    model.fused = fused
+    cfg = model.config
+    idx = torch.randint(0, 64, (2, 8))
+    cache = KVCache(2, cfg.n_kv_head, 8, cfg.n_embd // cfg.n_head, cfg.n_layer)
+    forwards = [lambda: model(idx, idx).backward(), lambda: model(idx, idx, loss_reduction="none").sum().backward(),
+                torch.no_grad()(lambda: model(idx, idx)), lambda: model(idx),
+                torch.no_grad()(lambda: model(idx[:, :1], kv_cache=cache))]
+    for forward in forwards:
+        calls.update(fused=0, plain=0)
+        forward()
+        on, off = ("fused", "plain") if fused else ("plain", "fused")
+        # per layer: 2 norms, 2 rotaries, 2 q/k norms, 1 relu^2, and the 2 norms around the blocks
+        assert calls[on] >= 7 * cfg.n_layer + 2 and calls[off] == 0, calls
+
+
+def test_fused_default_follows_the_device():
+    from nanochat.fused import fused_by_default
+    assert fused_by_default("cpu") and not fused_by_default("cuda") and not fused_by_default("mps")
+    with torch.device("meta"):
+        model = GPT(tiny_config())
+    assert model.fused is False  # read on the meta device: decided when read, not when built
+    model.to_empty(device="cpu")
+    assert model.fused is True
+    model.fused = False
+    assert model.fused is False
+    model.fused = None
+    assert model.fused is True
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager():
-    """torch.compile (on by default on CUDA) traces the hand-written autograd Functions and the
-    chunked loss, and gives the eager loss and gradients."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_torch_compile_matches_eager(fused):
+    """torch.compile (on by default on CUDA) traces either path (the hand-written autograd Functions
+    and the chunked loss, or the stock ops) and gives the eager loss and gradients."""
     model = make_model().train()
+    model.fused = fused
     vocab = model.config.vocab_size
     torch.manual_seed(2)
     idx, targets = torch.randint(0, vocab, (2, 32)), torch.randint(0, vocab, (2, 32))
@@ -426,19 +489,23 @@ def test_torch_compile_matches_eager():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, compiled_grads))
 
 
-def test_bf16_autocast_close_to_fp32():
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_close_to_fp32(fused):
     """The CUDA dtype policy (bf16 autocast around the forward), emulated on CPU: the same loss
-    and gradients up to bf16 rounding, fp32 parameter gradients."""
+    and gradients up to bf16 rounding, fp32 parameter gradients; also for the per-token loss,
+    whose fused backward recomputes the logits under the forward's autocast."""
     model = make_model().train()
+    model.fused = fused
     vocab = model.config.vocab_size
     torch.manual_seed(3)
     idx, targets = torch.randint(0, vocab, (2, 32)), torch.randint(0, vocab, (2, 32))
-    loss = model(idx, targets)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = model(idx, targets)
-    low_grads = torch.autograd.grad(low, list(model.parameters()))
-    assert low.dtype == torch.float32 and abs(low.item() - loss.item()) < 0.01 * loss.item()
-    for (name, p), g, lg in zip(model.named_parameters(), grads, low_grads):
-        assert lg.dtype == p.dtype == torch.float32
-        assert (lg - g).norm() < 0.05 * g.norm(), name
+    for reduction in ("mean", "none"):
+        loss = model(idx, targets, loss_reduction=reduction).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(idx, targets, loss_reduction=reduction)
+        low_grads = torch.autograd.grad(low.sum(), list(model.parameters()))
+        assert low.dtype == torch.float32 and abs(low.sum().item() - loss.item()) < 0.01 * loss.item()
+        for (name, p), g, lg in zip(model.named_parameters(), grads, low_grads):
+            assert lg.dtype == p.dtype == torch.float32
+            assert (lg - g).norm() < 0.05 * g.norm(), (reduction, name)

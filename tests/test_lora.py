@@ -1,6 +1,7 @@
 """Tests for nanochat/lora.py and scripts/lora_merge.py: parameter budget, training only the
 adapters, exact base logits with adapters disabled (and no second copy of the model), save ->
-reload -> merge round trips, the merge CLI on real checkpoints, and bad input."""
+reload -> merge round trips (an adapter is an ordinary checkpoint of the trained tensors), the
+merge CLI on real checkpoints, the adapter folders of before the redesign, and bad input."""
 import gc
 import json
 import warnings
@@ -8,11 +9,10 @@ import warnings
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import build_model, save_checkpoint
+from nanochat.checkpoint_manager import build_model, list_steps, load_checkpoint, save_checkpoint, trained_state
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.lora import (LoRALinear, apply_lora, disable_lora, has_lora, list_lora_steps, load_lora,
-                           load_lora_checkpoint, load_lora_optimizer, lora_optimizer, lora_parameters,
-                           lora_state_dict, merge_lora, save_lora)
+from nanochat.lora import (LoRALinear, apply_lora, disable_lora, has_lora, load_lora, lora_optimizer, lora_parameters,
+                           lora_state_dict, merge_lora)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -152,15 +152,17 @@ def test_save_reload_merge_roundtrip(tmp_path):
         tuned = model(x)
 
     lora_dir = tmp_path / "adapter"
-    save_lora(str(lora_dir), 10, model, meta={"base": {"source": "sft", "model_tag": "d4", "step": 3}})
-    assert list_lora_steps(str(lora_dir)) == [10]
+    assert set(trained_state(model)) == set(lora_state_dict(model))  # what a training stage saves: the adapters
+    save_checkpoint(str(lora_dir), 10, trained_state(model), None, {"model_config": CONFIG, "lora": model.lora_config,
+                                                                      "base": {"source": "sft", "model_tag": "d4", "step": 3}})
+    assert list_steps(str(lora_dir)) == [10]
     full_path = tmp_path / "full.pt"
     torch.save(model.state_dict(), full_path)
-    adapter_bytes = (lora_dir / "lora_000010.pt").stat().st_size
+    adapter_bytes = (lora_dir / "model_000010.pt").stat().st_size
     assert adapter_bytes < 0.1 * full_path.stat().st_size
-    assert not list(lora_dir.glob("*.tmp")), "atomic writes leave no temp files"
+    assert not list(lora_dir.glob("*.tmp")) and not list(lora_dir.glob(".*.tmp")), "atomic writes leave no temp files"
 
-    state, meta = load_lora_checkpoint(str(lora_dir))
+    state, _, meta = load_checkpoint(str(lora_dir), 10, "cpu")
     assert meta["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0,
                             "targets": ["c_q", "c_v", "c_fc", "mlp.c_proj", "lm_head"]}
     assert meta["model_config"] == CONFIG and meta["step"] == 10
@@ -212,19 +214,19 @@ def test_resume_with_optimizer_state_continues_identically(tmp_path):
     opt = lora_optimizer(model, lr=1e-2)
     for _ in range(3):
         step(model, opt)
-    save_lora(str(tmp_path), 3, model, optimizer_state=opt.state_dict())
+    save_checkpoint(str(tmp_path), 3, trained_state(model), opt.state_dict(), {"lora": model.lora_config})
     step(model, opt)  # the uninterrupted run's 4th step
 
     resumed = make_model()  # same base weights (same seed), adapters and Adam moments from disk
-    state, meta = load_lora_checkpoint(str(tmp_path))
+    state, optimizer_state, meta = load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True)
     load_lora(resumed, state, meta["lora"])
     opt2 = lora_optimizer(resumed, lr=1e-2)
-    opt2.load_state_dict(load_lora_optimizer(str(tmp_path), 3))
+    opt2.load_state_dict(optimizer_state)
     step(resumed, opt2)
     for a, b in zip(lora_parameters(model), lora_parameters(resumed)):
         assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="without optimizer state"):
-        load_lora_optimizer(str(tmp_path), 3, rank=1)
+        load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True, rank=1)
 
 
 def test_bad_adapters_are_refused(tmp_path):
@@ -238,8 +240,8 @@ def test_bad_adapters_are_refused(tmp_path):
         load_lora(make_model(), state, {"rank": 4, "alpha": 8, "targets": ["c_q", "c_k", "c_v", "c_proj", "c_fc", "lm_head"]})
     with pytest.raises(ValueError, match="no LoRA adapters"):
         load_lora(make_model(), state)
-    with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
-        load_lora_checkpoint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(str(tmp_path), 3, "cpu")
 
 
 def test_merge_cli_writes_a_normal_checkpoint(base_dir, tiny_tokenizer):
@@ -252,7 +254,8 @@ def test_merge_cli_writes_a_normal_checkpoint(base_dir, tiny_tokenizer):
     apply_lora(model, rank=8)
     train_adapters(model, steps=10)
     lora_dir = base_dir / "chatdpo_checkpoints" / "d4_lora"
-    save_lora(str(lora_dir), 10, model, meta={"stage": "dpo", "base": {"source": "sft", "model_tag": "d4", "step": 3}})
+    save_checkpoint(str(lora_dir), 10, trained_state(model), None, {"model_config": CONFIG, "lora": model.lora_config,
+                    "stage": "dpo", "base": {"source": "sft", "model_tag": "d4", "step": 3}})
 
     out_dir = lora_merge(["--lora-dir", str(lora_dir)])
     assert out_dir == str(base_dir / "chatdpo_checkpoints" / "d4_merged")
@@ -264,9 +267,66 @@ def test_merge_cli_writes_a_normal_checkpoint(base_dir, tiny_tokenizer):
         assert (merged(x) - model(x)).abs().max().item() <= 1e-4  # fp32 rounding of W + BA; exactness is shown in fp64 above
 
     # an adapter that does not say what it adapts is refused with a clear message
-    json_path = lora_dir / "lora_000010.json"
+    json_path = lora_dir / "meta_000010.json"
     record = json.loads(json_path.read_text())
     del record["base"]
     json_path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="which base model"):
         lora_merge(["--lora-dir", str(lora_dir)])
+
+
+def test_adapter_folders_from_before_the_redesign_still_load(base_dir, tiny_tokenizer):
+    """LoRA runs used to write lora_<step>.pt / lora_<step>.json / lora_optim_<step>_rank<r>.pt (a
+    list holding one torch AdamW state): such a folder still loads, merged into its base, and resumes."""
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    model = make_model()
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d4"), 3, model.state_dict(), None, {"model_config": CONFIG})
+    apply_lora(model, rank=4)
+    old_optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)  # what the old lora_optimizer was
+    x, y = batch(seed=6)
+
+    def step(opt):
+        model(x, y).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step(old_optimizer)
+    old_dir = base_dir / "chatsft_checkpoints" / "d4_lora"
+    old_dir.mkdir()
+    # exactly the files the old nanochat.lora.save_lora wrote
+    torch.save({k: v.clone() for k, v in lora_state_dict(model).items()}, old_dir / "lora_000005.pt")
+    torch.save([old_optimizer.state_dict()], old_dir / "lora_optim_000005_rank0.pt")
+    (old_dir / "lora_000005.json").write_text(json.dumps({
+        "model_config": CONFIG, "stage": "sft", "base": {"source": "sft", "model_tag": "d4", "step": 3},
+        "step": 5, "lora": model.lora_config}))
+    assert list_steps(str(old_dir)) == [5]
+    loaded, _, meta = build_model(str(old_dir), None, "cpu", "eval")
+    assert meta["step"] == 5 and not has_lora(loaded)
+    model.eval()
+    with torch.no_grad():
+        assert (loaded(x) - model(x)).abs().max().item() <= 1e-4
+    # resume: the adapters and Adam moments from the old files, then the same next step
+    state, optimizer_state, meta = load_checkpoint(str(old_dir), 5, "cpu", load_optimizer=True)
+    resumed = make_model()
+    load_lora(resumed, state, meta["lora"])
+    new_optimizer = lora_optimizer(resumed, lr=1e-2)
+    new_optimizer.load_state_dict(optimizer_state)
+    model.train()
+    step(old_optimizer)
+    resumed(x, y).backward()
+    new_optimizer.step()
+    for a, b in zip(lora_parameters(model), lora_parameters(resumed)):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_lm_head_adapter_trains_on_the_fused_path():
+    """The fused loss reads lm_head.weight directly: with an adapter on lm_head the model must take
+    the path that calls the module, or the adapter would never get a gradient."""
+    for fused in (True, False):
+        model = make_model()
+        model.fused = fused
+        apply_lora(model, rank=4, targets="lm_head")
+        x, y = batch(seed=7)
+        model(x, y).backward()
+        assert model.lm_head.lora_B.grad.abs().sum() > 0, fused

@@ -13,9 +13,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import find_largest_model, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint_manager import build_model, find_largest_model, load_checkpoint, load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.lora import LoRALinear, has_lora, load_model_with_lora, lora_parameters, lora_state_dict, merge_lora
+from nanochat.lora import LoRALinear, has_lora, lora_parameters, lora_state_dict, merge_lora
 from posttrain_helpers import make_base_dir, reverse_conversation, reverse_words, run_main, run_script, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -89,13 +89,14 @@ def test_sft_lora_trains_adapters_only_saves_them_small_and_loads_merged(base, c
 
     # only the adapters were saved, in their own folder, with what the adapted model is rebuilt from
     lora_dir = root / "chatsft_checkpoints" / "d4_lora"
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["lora_000025.json", "lora_000025.pt",
-                                                          "lora_optim_000025_rank0.pt"]
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["meta_000025.json", "model_000025.pt",
+                                                          "optim_000025_rank0.pt"]
+    assert all("lora_" in key for key in torch.load(lora_dir / "model_000025.pt", weights_only=True))
     assert not (root / "chatsft_checkpoints" / "d4").exists()
-    adapter_bytes = (lora_dir / "lora_000025.pt").stat().st_size
+    adapter_bytes = (lora_dir / "model_000025.pt").stat().st_size
     full_bytes = (root / "base_checkpoints" / "d4" / "model_000000.pt").stat().st_size
     assert adapter_bytes < 0.06 * full_bytes, (adapter_bytes, full_bytes)
-    meta = json.loads((lora_dir / "lora_000025.json").read_text())
+    meta = json.loads((lora_dir / "meta_000025.json").read_text())
     assert meta["base"] == {"source": "base", "model_tag": "d4", "step": 0} and meta["stage"] == "sft"
     assert meta["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["c_q", "c_k", "c_v", "c_proj", "c_fc"]}
 
@@ -112,7 +113,7 @@ def test_sft_lora_trains_adapters_only_saves_them_small_and_loads_merged(base, c
     assert not any(isinstance(m, LoRALinear) for m in merged_model.modules())
     assert (merged - tuned).abs().max().item() <= 1e-4  # fp32: W + BA rounds unlike W x + B A x
     # exactness of the merge itself, in fp64
-    unmerged, _, _ = load_model_with_lora(str(lora_dir), "cpu", merge=False)
+    unmerged, _, _ = build_model(str(lora_dir), None, "cpu", "eval", merge=False)
     unmerged.double()
     with torch.no_grad():
         before = unmerged(x)
@@ -134,8 +135,8 @@ def test_sft_lora_trains_adapters_only_saves_them_small_and_loads_merged(base, c
     # an adapter that does not name its base: a clear error, no traceback
     broken = root / "chatsft_checkpoints" / "nobase_lora"
     broken.mkdir()
-    (broken / "lora_000025.pt").write_bytes((lora_dir / "lora_000025.pt").read_bytes())
-    (broken / "lora_000025.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "base"}))
+    (broken / "model_000025.pt").write_bytes((lora_dir / "model_000025.pt").read_bytes())
+    (broken / "meta_000025.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "base"}))
     assert chat_cli(["--model-tag", "nobase_lora", "--device", "cpu", "-p", "hi"]) == 1
     assert "which base model" in capsys.readouterr().err
 
@@ -217,9 +218,9 @@ def test_dpo_lora_reference_is_the_same_network_with_adapters_off(base, monkeypa
     assert start["val/rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # held out: policy == reference too
     assert end["val/rewards/accuracies"] >= 0.9 and end["val/rewards/margins"] > 1.0, end
     lora_dir = root / "chatdpo_checkpoints" / "chain_lora"
-    meta = json.loads((lora_dir / "lora_000010.json").read_text())
+    meta = json.loads((lora_dir / "meta_000010.json").read_text())
     assert meta["base"] == {"source": "sft", "model_tag": "chain_lora", "step": 3} and meta["stage"] == "dpo"
-    assert not list(lora_dir.glob("model_*"))
+    assert all("lora_" in key for key in torch.load(lora_dir / "model_000010.pt", weights_only=True))  # adapters only
     # rebuilt through both adapters (base -> SFT adapter merged -> DPO adapter merged)
     final, _, _ = load_model("dpo", "cpu", "eval", model_tag="chain_lora")
     x = probe(V, seed=1)
@@ -242,8 +243,8 @@ def test_mid_lora_resumes_exactly(base):
     full_adapters = {k: v.clone() for k, v in lora_state_dict(first.model).items()}
     lora_dir = root / "mid_checkpoints" / "mid_lora"
     assert not (root / "mid_checkpoints" / "mid").exists()
-    assert {p.name for p in lora_dir.glob("*_000003*")} == {"lora_000003.pt", "lora_000003.json",
-                                                           "lora_optim_000003_rank0.pt"}
+    assert {p.name for p in lora_dir.glob("*_000003*")} == {"model_000003.pt", "meta_000003.json",
+                                                           "optim_000003_rank0.pt"}
     for path in lora_dir.glob("*_000006*"):  # as if killed after step 3
         path.unlink()
     resumed = run_main("mid_train", args + ["--resume"])
@@ -251,7 +252,7 @@ def test_mid_lora_resumes_exactly(base):
     assert [loss for _, loss in resumed.history] == pytest.approx(full[3:], abs=1e-6)
     for key, value in lora_state_dict(resumed.model).items():
         assert torch.allclose(value, full_adapters[key], atol=1e-7), key
-    assert json.loads((lora_dir / "lora_000006.json").read_text())["loader_state"]["kind"] == "mid conversations"
+    assert json.loads((lora_dir / "meta_000006.json").read_text())["loader_state"]["kind"] == "mid conversations"
 
     # resuming with other LoRA settings, or without LoRA, is refused before any step
     rank = args.index("--lora-rank")
@@ -275,8 +276,8 @@ def test_torchrun_two_ranks_equal_one_process(base):
     ddp_losses = [float(x) for x in re.findall(r"sft step \d+/\d+ .*?\| loss ([\d.]+)", proc.stdout)]
     assert max(abs(a - b) for (_, a), b in zip(one.history, ddp_losses)) < 2e-4
     ddp_dir = root / "chatsft_checkpoints" / "ddp_lora"
-    assert {p.name for p in ddp_dir.glob("lora_optim_*")} == {"lora_optim_000003_rank0.pt", "lora_optim_000003_rank1.pt"}
-    ddp_state = torch.load(ddp_dir / "lora_000003.pt", weights_only=True)
+    assert {p.name for p in ddp_dir.glob("optim_*")} == {"optim_000003_rank0.pt", "optim_000003_rank1.pt"}
+    ddp_state = torch.load(ddp_dir / "model_000003.pt", weights_only=True)
     for key, value in lora_state_dict(one.model).items():
         assert torch.allclose(value, ddp_state[key], atol=1e-4), key
 

@@ -181,7 +181,7 @@ def test_steps_follow_from_epochs(base):
     """Without --num-iterations: one epoch = the rendered tokens of the training split (exact for a
     small mixture) / --total-batch-size."""
     root, tok = base
-    from nanochat.chat_data import train_val_mixtures
+    from tasks.specs import train_val_mixtures
     from tasks.customjson import CustomJSON
     train, _ = train_val_mixtures([CustomJSON(str(root / "chat.jsonl"))], holdout=500)  # --data-only's split
     tokens = sum(len(tok.render_conversation(c, max_tokens=49)[0]) for c in train)

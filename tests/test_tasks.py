@@ -1,24 +1,21 @@
 """
 Tests for tasks/: slicing and mixing, every task on its local formats (fixtures here, the shared
-datasets when present), grading, validation errors, the Hugging Face downloader against a
-loopback server, and identity personas. No internet.
+datasets when present), grading, validation errors, the default datasets fetched from a loopback
+Hugging Face, identity personas, and the CLI specs. No internet.
 """
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.common import (Task, TaskMixture, TaskSequence, RecordError, DownloadError, hf_file, build_task,
-                          build_mixture, check_messages, first_letter)
+from tasks.common import Task, TaskMixture, TaskSequence, RecordError, check_messages, first_letter
+from tasks.specs import build_task, build_mixture
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 from tasks.gsm8k import GSM8K, solution_to_parts, extract_answer
@@ -351,114 +348,33 @@ def test_preferences_report_bad_records(tmp_path, bad_record, field, problem):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face downloads, against a loopback server
+# The default datasets, from a loopback Hugging Face (conftest's file_server)
 
-class FileServer:
-    """Serves {url path: bytes} on 127.0.0.1; `fail[path] = k` answers HTTP 500 k times first,
-    `truncate[path] = k` sends only half the promised bytes k times first."""
-
-    def __init__(self, files):
-        self.files, self.fail, self.truncate, self.requests = files, {}, {}, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                if server.fail.get(self.path, 0) > 0:
-                    server.fail[self.path] -= 1
-                    self.send_error(500)
-                elif self.path in server.files:
-                    body = server.files[self.path]
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    if server.truncate.get(self.path, 0) > 0:
-                        server.truncate[self.path] -= 1
-                        body = body[:len(body) // 2]  # then the connection closes mid-file
-                    self.wfile.write(body)
-                else:
-                    self.send_error(404)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def hf_server(monkeypatch):
-    server = FileServer({})
-    monkeypatch.setenv("NANOCHAT_HF_URL", server.url)
-    yield server
-    server.close()
-
-
-def test_hf_file_downloads_caches_and_retries(hf_server, base_dir):
-    hf_server.files["/datasets/org/data/resolve/main/dir/a.bin"] = b"x" * 5000
-    path = hf_file("org/data", "dir/a.bin")
-    assert path == str(base_dir / "hf_datasets" / "org/data" / "main" / "dir" / "a.bin")
-    assert Path(path).read_bytes() == b"x" * 5000
-    assert hf_file("org/data", "dir/a.bin") == path and len(hf_server.requests) == 1  # cached
-    assert not list(Path(path).parent.glob("*.tmp*"))
-    # a server error is retried
-    hf_server.files["/datasets/org/data/resolve/v2/b.bin"] = b"second"
-    hf_server.fail["/datasets/org/data/resolve/v2/b.bin"] = 2
-    assert Path(hf_file("org/data", "b.bin", revision="v2", backoff=0.01)).read_bytes() == b"second"
-    assert hf_server.requests.count("/datasets/org/data/resolve/v2/b.bin") == 3
-    # a connection that drops mid-file is retried; the half file never appears under the real name
-    hf_server.files["/datasets/org/data/resolve/main/c.bin"] = bytes(range(256)) * 100
-    hf_server.truncate["/datasets/org/data/resolve/main/c.bin"] = 1
-    assert Path(hf_file("org/data", "c.bin", backoff=0.01)).read_bytes() == bytes(range(256)) * 100
-    assert hf_server.requests.count("/datasets/org/data/resolve/main/c.bin") == 2
-    # a missing file is not retried, and nothing is left behind
-    with pytest.raises(DownloadError, match="HTTP 404"):
-        hf_file("org/data", "missing.bin", backoff=0.01)
-    assert hf_server.requests.count("/datasets/org/data/resolve/main/missing.bin") == 1
-    assert not (base_dir / "hf_datasets" / "org/data" / "main" / "missing.bin").exists()
-
-
-def test_hf_file_offline_error_says_what_to_fetch_and_where(monkeypatch, base_dir):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("NANOCHAT_HF_URL", f"http://127.0.0.1:{port}")
-    with pytest.raises(DownloadError) as info:
-        hf_file("openai/gsm8k", "main/test-00000-of-00001.parquet", retries=2, backoff=0.01)
-    message = str(info.value)
-    assert f"http://127.0.0.1:{port}/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet" in message
-    assert str(base_dir / "hf_datasets" / "openai/gsm8k" / "main" / "main" / "test-00000-of-00001.parquet") in message
-    assert "after 2 attempts" in message and "data_path" in message
-
-
-def parquet_bytes(table, tmp_path):
-    path = tmp_path / "t.parquet"
+def serve_parquet(server, repo_id, filename, table):
+    """Put `table` where a task fetches `filename` of `repo_id` from a Hugging Face at server.url."""
+    path = server.root / "datasets" / repo_id / "resolve" / "main" / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
-    return path.read_bytes()
 
 
-def test_default_datasets_come_from_hugging_face(hf_server, tmp_path):
+def test_default_datasets_come_from_hugging_face(file_server, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_HF_URL", file_server.url)
     messages = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(3)]
     messages.append([{"role": "user", "content": "no answer"}])  # a bad row in data we cannot fix
-    hf_server.files["/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/test-00000-of-00001.parquet"] = \
-        parquet_bytes(pa.table({"messages": messages, "source": ["s"] * 4}), tmp_path)
+    serve_parquet(file_server, "HuggingFaceTB/smol-smoltalk", "data/test-00000-of-00001.parquet",
+                  pa.table({"messages": messages, "source": ["s"] * 4}))
     task = SmolTalk("test")
     assert len(task) == 3 and task[2]["messages"][0]["content"] == "q2"  # the bad row is left out (warned)
     uf = [{"role": "user", "content": "Name a fruit."}]
-    hf_server.files["/datasets/HuggingFaceH4/ultrafeedback_binarized/resolve/main/data/test_prefs-00000-of-00001.parquet"] = \
-        parquet_bytes(pa.table({"prompt": ["Name a fruit."], "prompt_id": ["0"],
-                                "chosen": [uf + [{"role": "assistant", "content": "Apple."}]],
-                                "rejected": [uf + [{"role": "assistant", "content": "Rock."}]],
-                                "score_chosen": [9.0], "score_rejected": [2.0]}), tmp_path)
+    serve_parquet(file_server, "HuggingFaceH4/ultrafeedback_binarized", "data/test_prefs-00000-of-00001.parquet",
+                  pa.table({"prompt": ["Name a fruit."], "prompt_id": ["0"],
+                            "chosen": [uf + [{"role": "assistant", "content": "Apple."}]],
+                            "rejected": [uf + [{"role": "assistant", "content": "Rock."}]],
+                            "score_chosen": [9.0], "score_rejected": [2.0]}))
     prefs = Preferences(split="test")
     assert prefs[0] == {"prompt_messages": uf, "chosen": "Apple.", "rejected": "Rock."}
-    hf_server.files["/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet"] = \
-        parquet_bytes(pa.table({"question": ["1+1?"], "answer": ["1+1=<<1+1=2>>2\n#### 2"]}), tmp_path)
+    serve_parquet(file_server, "openai/gsm8k", "main/test-00000-of-00001.parquet",
+                  pa.table({"question": ["1+1?"], "answer": ["1+1=<<1+1=2>>2\n#### 2"]}))
     assert build_task("gsm8k", default_split="test")[0]["answer"] == 2
 
 
@@ -587,17 +503,17 @@ def test_shared_preferences_have_four_empty_chosen():
     assert len(task) == 2299 and task[0]["prompt_messages"][-1]["role"] == "user"
 
 
-def test_conversations_are_valid_for_the_tokenizer():
-    tokenizer = pytest.importorskip("nanochat.tokenizer", reason="nanochat.tokenizer not available")
+def test_conversations_are_valid_for_the_tokenizer(tiny_tokenizer):
     tasks = [ARC("easy", "test", data_path=FIXTURES / "mc.jsonl"), GSM8K("train", data_path=FIXTURES / "gsm8k_chat.jsonl"),
              HumanEval(data_path=FIXTURES / "humaneval.jsonl"), SpellingBee(size=20), SimpleSpelling(size=20),
              CustomJSON(FIXTURES / "custom.jsonl"), IdentityConversations(PERSONA, n=50, template_path=None)]
+    # render_conversation runs the one validator (check_messages) and then the rendering itself
     for task in tasks:
         for conversation in task:
-            tokenizer.validate_conversation(conversation)
+            tiny_tokenizer.render_conversation(conversation)
     for item in Preferences(FIXTURES / "prefs.jsonl"):
         for conversation in pair_conversations(item):
-            tokenizer.validate_conversation(conversation)
+            tiny_tokenizer.render_conversation(conversation)
 
 
 def test_gsm8k_huge_or_odd_numbers_do_not_crash():

@@ -140,11 +140,11 @@ def test_render_for_completion(tok):
 
 
 @pytest.mark.parametrize("messages, match", [
-    ([], "no messages"),
+    ([], "empty message list"),
     ([{"role": "assistant", "content": "hi"}], "expected 'user'"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected 'assistant'"),
     ([{"role": "robot", "content": "a"}], "unknown role"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "system message may only come first"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"messages\[1\]\.role: expected 'assistant', got 'system'"),
     ([{"role": "user", "content": None}], "content: expected a string"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "html", "text": "x"}]}], r"content\[0\]"),
     ([{"role": "system", "content": "a"}], "only a system message"),
@@ -152,3 +152,10 @@ def test_render_for_completion(tok):
 def test_invalid_conversations(tok, messages, match):
     with pytest.raises(ValueError, match=match):
         tok.render_conversation({"messages": messages})
+
+
+def test_a_chat_with_an_empty_reply_still_renders(tok):
+    # a reply stopped at once (or that ended at once) is part of the chat the next turn sends
+    ids, mask = tok.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+                                                      {"role": "user", "content": "hello?"}]})
+    assert sum(mask) == 1 and ids[-1] == tok.encode_special("<|user_end|>")  # only the empty reply's <|assistant_end|>

@@ -496,12 +496,15 @@ mod tests {
             .collect()
     }
 
+    /// `rounds` random corpora of `n_words` words, drawn alternately from the two alphabets.
+    fn random_corpora(seed: u64, rounds: usize, n_words: usize, alphabets: [&[u8]; 2]) -> Vec<Vec<(Vec<u8>, i64)>> {
+        let mut rng = Rng(seed);
+        (0..rounds).map(|round| random_corpus(&mut rng, n_words, alphabets[round % 2])).collect()
+    }
+
     #[test]
     fn incremental_counts_equal_full_recount_after_every_merge() {
-        let mut rng = Rng(0x9E3779B97F4A7C15);
-        for round in 0..20 {
-            let alphabet: &[u8] = if round % 2 == 0 { b"ab" } else { b"abcde \x00\xff" };
-            let corpus = random_corpus(&mut rng, 200, alphabet);
+        for (round, corpus) in random_corpora(0x9E3779B97F4A7C15, 20, 200, [b"ab", b"abcde \x00\xff"]).iter().enumerate() {
             let mut m = Merger::new(Words::from_chunks(corpus.iter().map(|(w, c)| (w.as_slice(), *c))).unwrap());
             let mut steps = 0;
             while m.next_merge().is_some() {
@@ -515,12 +518,9 @@ mod tests {
 
     #[test]
     fn merges_equal_naive_trainer_on_random_data() {
-        let mut rng = Rng(12345);
-        for round in 0..10 {
-            let alphabet: &[u8] = if round % 2 == 0 { b"abc" } else { b"abcdefgh  " };
-            let corpus = random_corpus(&mut rng, 300, alphabet);
+        for (round, corpus) in random_corpora(12345, 10, 300, [b"abc", b"abcdefgh  "]).iter().enumerate() {
             let fast = learn_merges(Words::from_chunks(corpus.iter().map(|(w, c)| (w.as_slice(), *c))).unwrap(), 150, |_, _, _, _| {});
-            assert_eq!(fast, naive_learn(&corpus, 150), "round {round}");
+            assert_eq!(fast, naive_learn(corpus, 150), "round {round}");
         }
     }
 

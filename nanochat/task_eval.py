@@ -1,0 +1,106 @@
+"""
+Scoring a chat model on tasks, for scripts/chat_eval.py and chat_sft's quick evaluations:
+multiple choice by the answer letters' logits, free answers generated and graded by the task, and
+the loss of the assistant tokens of conversations. Each rank scores every world_size-th item.
+"""
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_dist_info
+
+
+def all_reduce_sum(values, device):
+    """A list of numbers summed over ranks (returned as is in a single process)."""
+    tensor = torch.tensor(values, dtype=torch.float32 if torch.device(device).type == "mps" else torch.float64,
+                          device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def my_indices(num_problems, max_problems=-1):
+    """This rank's share of the first max_problems problems (all when -1)."""
+    n = num_problems if max_problems is None or max_problems < 0 else min(num_problems, max_problems)
+    _, rank, _, world_size = get_dist_info()
+    return list(range(rank, n, world_size))
+
+
+def _padded(rows, pad_id, device):
+    """Rows of different lengths as one right-padded (B, width) batch (causal attention: the padding
+    after a row never changes that row's logits)."""
+    batch = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return batch.to(device)
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_len=None):
+    """(number right, number asked) over task[indices]: the answer is the letter whose token the
+    model finds most likely right after <|assistant_start|>, among the choices' letters only."""
+    letter_ids, right = {}, 0
+    for begin in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[begin:begin + batch_size]]
+        # a prompt too long keeps its end: the end of the question and <|assistant_start|>
+        prompts = [tokenizer.render_for_completion(c)[-max_len if max_len else 0:] for c in conversations]
+        logits = model(_padded(prompts, tokenizer.get_bos_token_id(), device))  # (B, width, V)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            for letter in letters:
+                if letter not in letter_ids:
+                    ids = tokenizer.encode(letter)
+                    if len(ids) != 1:
+                        raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens in this tokenizer, not one")
+                    letter_ids[letter] = ids[0]
+            scores = logits[row, len(prompt) - 1, [letter_ids[letter] for letter in letters]]
+            right += int(task.evaluate(conversation, letters[int(scores.argmax())]))
+    return right, len(indices)
+
+
+def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50, seed=42,
+                       batch_size=None):
+    """generate(prompts: lists of ids) -> per prompt, num_samples completions (str), decoding at
+    most batch_size rows at once (None: all). The Engine seeds every row on its own, so a
+    completion does not depend on its batch neighbours."""
+    from nanochat.engine import Engine
+    engine = Engine(model, tokenizer)
+
+    def generate(prompts):
+        outputs = engine.generate_multi(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                        temperature=temperature, top_k=top_k, seed=seed,
+                                        max_batch_size=batch_size and max(batch_size, num_samples))
+        return [[tokenizer.decode(ids[len(prompt):]) for ids in results] for prompt, (results, _) in zip(prompts, outputs)]
+    return generate
+
+
+def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=None):
+    """(number passed, number asked) over task[indices]: a problem passes when any sample does."""
+    passed = 0
+    for begin in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[begin:begin + batch_size]]
+        prompts = [tokenizer.render_for_completion(c)[-max_len if max_len else 0:] for c in conversations]
+        for conversation, completions in zip(conversations, generate(prompts)):
+            passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+    return passed, len(indices)
+
+
+@torch.no_grad()
+def assistant_nll(model, tokenizer, conversations, device, batch_size=8, max_len=None):
+    """(total NLL in nats, number of tokens) of the supervised tokens (render_conversation's mask:
+    what the assistant says) of this rank's conversations, summed over ranks. A conversation
+    longer than max_len + 1 tokens is cut at the end."""
+    _, rank, _, world_size = get_dist_info()
+    total_nll, total_tokens = 0.0, 0
+    mine = list(range(rank, len(conversations), world_size))
+    for begin in range(0, len(mine), batch_size):
+        rows = [tokenizer.render_conversation(conversations[i], max_tokens=(max_len + 1) if max_len else 10**9)
+                for i in mine[begin:begin + batch_size]]
+        x = _padded([ids[:-1] for ids, _ in rows], tokenizer.get_bos_token_id(), device)
+        # input t predicts token t + 1: a target counts where the mask says the model produces it
+        y = _padded([[t if m else -1 for t, m in zip(ids[1:], mask[1:])] for ids, mask in rows], -1, device)
+        losses = model(x, y, loss_reduction="none")  # (B, T) nats, 0 where ignored
+        counted = y >= 0
+        total_nll += losses[counted].double().sum().item()
+        total_tokens += int(counted.sum().item())
+    total_nll, total_tokens = all_reduce_sum([total_nll, total_tokens], device)
+    return total_nll, int(total_tokens)

@@ -1,0 +1,183 @@
+"""
+Task specs: the strings of the scripts' --mixture / --val-mixture / --eval-tasks flags made into Tasks,
+and the (train, val) data that midtraining, SFT and DPO read. Load specs and show examples:
+    python -m tasks.specs gsm8k:train:/data/gsm8k_train_chat.jsonl custom:mine.jsonl --show 2
+"""
+import argparse
+import json
+import os
+import random
+import re
+
+from nanochat.common import print0
+from tasks.arc import ARC, ARC_SPLITS
+from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.identity import IdentityConversations, IdentityPreferences, load_persona
+from tasks.mmlu import MMLU, MMLU_SPLITS
+from tasks.preferences import Preferences
+from tasks.smoltalk import SmolTalk
+from tasks.spelling import SimpleSpelling, SpellingBee
+
+SPEC_HELP = """\
+A task spec is NAME[:ARG...][[START:STOP[:STEP]]]. ARGs are a split/variant word, a number (size),
+or a local data file (anything with a '/' or ending in .jsonl/.json/.parquet):
+  smoltalk[:train|test][:FILE]              general chat (HuggingFaceTB/smol-smoltalk)
+  mmlu[:auxiliary_train|dev|validation|test][:SUBJECT][:FILE]   (train = auxiliary_train)
+  arc[:easy|challenge][:train|validation|test][:FILE]          default easy
+  gsm8k[:train|test][:FILE]                 math with calculator tool calls
+  humaneval[:test][:FILE]                   code (eval only)
+  spelling[:train|test][:N] (= spellingbee) count letters with a python tool call, N examples
+  simplespelling[:train|test][:N]           spell words letter by letter
+  custom:FILE                               your conversations (messages or Alpaca jsonl/parquet)
+  identity:PERSONA.json[:N]                 who-am-I conversations for your persona
+  preferences[:train|test][:FILE]           DPO pairs (default HuggingFaceH4/ultrafeedback_binarized)
+  identity_pairs:PERSONA.json[:N]           DPO pairs: persona answer vs a generic one
+Add the word skip_bad to leave out (and report) bad records of a file instead of failing,
+e.g. "preferences:skip_bad:/data/hh.jsonl".
+Examples: "smoltalk", "mmlu:auxiliary_train", "gsm8k[:2000]", "arc:challenge:test",
+  "custom:/data/mine.jsonl", "identity:persona.json:500". A spec listed twice is oversampled."""
+
+
+def _is_path(arg):
+    return "/" in arg or os.sep in arg or arg.endswith((".jsonl", ".json", ".parquet"))
+
+
+def _split_args(body):
+    """NAME:ARG:ARG... -> (lowercase name, args), with Windows drive letters kept on their paths."""
+    name, *args = body.split(":")
+    # on Windows, "C:\data\x.jsonl" was cut at its drive letter: join the two pieces again
+    for i in range(len(args) - 1, 0, -1):
+        if os.name == "nt" and len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
+            args[i - 1:i + 1] = [args[i - 1] + ":" + args[i]]
+    return name.strip().lower(), args
+
+
+def build_task(spec, default_split="train"):
+    """Turn a CLI spec string into a Task (grammar: SPEC_HELP). default_split: 'train' or 'test'."""
+    # NAME:ARG..., then an optional python-like slice [START:STOP:STEP]
+    match = re.fullmatch(r"([^\[\]]+?)(?:\[(\d*):(\d*)(?::(\d*))?\])?", spec.strip())
+    if not match:
+        raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
+    body, start, stop, step = match.groups()
+    sliced = {"start": int(start or 0), "stop": int(stop) if stop else None, "step": int(step or 1)}
+    name, args = _split_args(body)
+    # an ARG is told apart by its form: a path, a number (a size), or a word (split, variant, subject)
+    path = next((a for a in args if _is_path(a)), None)
+    words = [a for a in args if not _is_path(a) and not a.isdigit() and a != "skip_bad"]
+    numbers = [int(a) for a in args if a.isdigit()]
+    # None: each task's default (bad records fail your files, are left out of downloads)
+    skip_bad = True if "skip_bad" in args else None
+
+    def pick(allowed, default):
+        chosen = [w for w in words if w in allowed]
+        return chosen[0] if chosen else default
+
+    # an argument that no part of the spec used is a typo: say so rather than ignore it
+    def leftover(*used, sized=False):
+        extra = [w for w in words if w not in used] + ([] if sized else numbers)
+        if extra:
+            raise ValueError(f"task spec {spec!r}: unknown argument(s) {extra}.\n{SPEC_HELP}")
+
+    if name in ("smoltalk", "gsm8k", "preferences", "prefs"):
+        split = pick(("train", "test"), default_split)
+        leftover(split)
+        if name in ("preferences", "prefs"):
+            return Preferences(path, split=split, skip_bad=skip_bad, **sliced)
+        return (SmolTalk if name == "smoltalk" else GSM8K)(split, data_path=path, skip_bad=skip_bad, **sliced)
+    if name == "mmlu":
+        words = ["auxiliary_train" if w == "train" else w for w in words]  # MMLU's training split
+        split = pick(MMLU_SPLITS, "auxiliary_train" if default_split == "train" else "test")
+        # the other word, if any, is a subject: mmlu:test:astronomy
+        subset = next((w for w in words if w != split), "all")
+        leftover(split, subset)
+        return MMLU(split, subset=subset, data_path=path, skip_bad=skip_bad, **sliced)
+    if name == "arc":
+        variant, split = pick(("easy", "challenge"), "easy"), pick(ARC_SPLITS, default_split)
+        leftover(variant, split)
+        return ARC(variant, split, data_path=path, skip_bad=skip_bad, **sliced)
+    if name == "humaneval":
+        leftover("test")  # its only split may be named
+        return HumanEval(data_path=path, skip_bad=skip_bad, **sliced)
+    if name in ("spelling", "spellingbee", "simplespelling"):
+        split = pick(("train", "test"), default_split)
+        # the number is the size here, not an unknown argument
+        leftover(split, sized=True)
+        cls = SimpleSpelling if name == "simplespelling" else SpellingBee
+        return cls(size=numbers[0] if numbers else 1000, split=split, **sliced)
+    # your own files: a bad record is an error unless the spec says skip_bad
+    if name == "custom":
+        leftover()
+        if path is None:
+            raise ValueError(f"task spec {spec!r}: custom needs a file, e.g. custom:/data/mine.jsonl")
+        return CustomJSON(path, skip_bad=bool(skip_bad), **sliced)
+    if name in ("identity", "identity_pairs"):
+        leftover(sized=True)
+        if path is None:
+            raise ValueError(f"task spec {spec!r}: {name} needs a persona file, e.g. {name}:persona.json")
+        cls = IdentityConversations if name == "identity" else IdentityPreferences
+        return cls(load_persona(path), n=numbers[0] if numbers else 1000, **sliced)
+    raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
+
+
+def build_mixture(specs, seed=42, default_split="train"):
+    """A TaskMixture from a list of specs or one comma-separated string of them."""
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    return TaskMixture([build_task(s, default_split) for s in specs], seed=seed)
+
+
+# -----------------------------------------------------------------------------
+# The data of midtraining, SFT and DPO, from their data flags
+
+def train_val_mixtures(train_tasks, val_tasks=None, holdout=500, seed=42):
+    """(train, val) TaskMixtures; without val_tasks, val is held out of the training mixture."""
+    if not train_tasks:
+        raise ValueError("nothing to train on (with --data-only, give --data files or a --persona)")
+    if val_tasks:
+        return TaskMixture(train_tasks, seed=seed), TaskMixture(val_tasks, seed=seed)
+    # the first `holdout` examples of the shuffled mixture, at most a tenth of it, are not trained on
+    total = len(TaskMixture(train_tasks, seed=seed))
+    held = min(holdout, total // 10)
+    if held < 1:
+        raise ValueError(f"only {total} training example(s): too few to hold out a validation set "
+                         "(give more data, or a validation set explicitly)")
+    return TaskMixture(train_tasks, seed=seed, start=held), TaskMixture(train_tasks, seed=seed, stop=held)
+
+
+def build_chat_tasks(args, default_val, pairs=False):
+    """(train, val) mixtures from the data flags; pairs=True: DPO's preference pairs."""
+    # the user's own files first, so a mistake there stops the run before anything is downloaded
+    # (and before any model is loaded): a bad record is reported as file:line: field
+    files, persona = (Preferences, IdentityPreferences) if pairs else (CustomJSON, IdentityConversations)
+    own = [files(path) for path in args.data]
+    if args.persona:
+        own.append(persona(load_persona(args.persona), n=args.persona_examples))
+    train_tasks = ([] if args.data_only else [build_task(spec, "train") for spec in args.mixture]) + own
+    # no --val-mixture: the default specs; with --data-only (or --val-mixture alone): held out of the data
+    val_specs = args.val_mixture if args.val_mixture is not None else [] if args.data_only else default_val
+    val_tasks = [build_task(spec, "test") for spec in val_specs]
+    train, val = train_val_mixtures(train_tasks, val_tasks, args.val_holdout, seed=args.seed)
+    noun = "pairs" if pairs else "conversations"
+    print0(f"training data: {len(train):,} {noun} from {len(train_tasks)} source(s) | validation: "
+           f"{len(val):,} " + ("from --val-mixture" if val_tasks else f"held out of the training {noun}"))
+    return train, val
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Load task specs (validating their data) and show examples.",
+                                     epilog=SPEC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("specs", nargs="+", help="task specs, e.g. gsm8k:train custom:/data/mine.jsonl")
+    parser.add_argument("--split", default="train", choices=["train", "test"], help="default split")
+    parser.add_argument("--show", type=int, default=1, help="how many examples of each task to print")
+    parser.add_argument("--seed", type=int, default=0, help="which examples to show (random, seeded)")
+    cli = parser.parse_args()
+    # random examples, seeded: the same ones again for the same --seed
+    rng = random.Random(cli.seed)
+    for spec in cli.specs:
+        task = build_task(spec, cli.split)
+        print(f"== {spec}: {task}")
+        for index in rng.sample(range(len(task)), min(cli.show, len(task))):
+            print(f"-- [{index}]\n{json.dumps(task[index], indent=2, ensure_ascii=False)}")
