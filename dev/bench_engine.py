@@ -17,7 +17,6 @@ from nanochat.common import autodetect_device_type, synchronize
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig
 
-
 def get_parser():
     p = argparse.ArgumentParser(description="Benchmark the inference engine (KV cache, batching)")
     add_checkpoint_args(p, None)  # no --source: random weights, which are as fast as trained ones
@@ -31,7 +30,6 @@ def get_parser():
     p.add_argument("--url", default=None, help="also measure a running chat_web server at this URL")
     return p
 
-
 def bench_tokenizer(vocab_size):
     """Just enough tokenizer for the Engine on a random model: special ids at the top of the vocabulary, bytes below."""
     # text quality is irrelevant for timing; the Engine only needs these calls to work
@@ -43,7 +41,6 @@ def bench_tokenizer(vocab_size):
                            decode=lambda seq: bytes(i % 256 for i in seq).decode("utf-8", errors="replace"),
                            enc=SimpleNamespace(decode_single_token_bytes=lambda i: bytes([i % 256])))
 
-
 def timed(fn, device_type, repeats):
     """The best wall time of `repeats` calls of fn (the device synchronized around each)."""
     def once():
@@ -53,7 +50,6 @@ def timed(fn, device_type, repeats):
         synchronize(device_type)
         return time.perf_counter() - t0
     return min(once() for _ in range(repeats))
-
 
 def bench_server(url, texts, max_tokens, concurrency):
     """{n: (tokens generated, seconds)} for 1 and `concurrency` simultaneous chat requests."""
@@ -71,7 +67,6 @@ def bench_server(url, texts, max_tokens, concurrency):
         with ThreadPoolExecutor(n) as pool:
             return sum(pool.map(one, range(n))), time.perf_counter() - t0
     return {n: run(n) for n in (1, concurrency)}
-
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
@@ -124,7 +119,6 @@ def main(argv=None):
             print(f"server, {n:2d} concurrent : {toks / dt:8.1f} tok/s aggregate ({toks} tokens in {dt:.2f}s)")
     print(json.dumps({"naive_tok_s": tokens / t_naive, "kv_tok_s": tokens / t_one,
                       f"batched_{args.concurrency}_tok_s": args.concurrency * tokens / t_many}))
-
 
 if __name__ == "__main__":
     main()

@@ -26,10 +26,8 @@ WORDS = ("the a of and to in is that it for on with as was he she they be at by 
          "called just where most know get through back much before go good new write our used me man too any "
          "day same right look think also around another came come work three word must because does part").split()
 
-
 def sentence(rng, n):
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +127,6 @@ def main():
     dt, tokens, useful = timed(dpo_step)
     print(f"DPO step:        {dt / args.steps * 1000:7.0f} ms | {tokens / dt:9,.0f} tok/s | "
           f"{useful / dt:9,.0f} answer tok/s | {args.batch_size * args.steps / dt:6.1f} pairs/s")
-
 
 if __name__ == "__main__":
     main()

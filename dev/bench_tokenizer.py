@@ -22,7 +22,6 @@ DEFAULT_VENV = REPO_ROOT / "dev" / "bench_out" / "pypi_rustbpe_venv"
 PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 CONTENDERS = ["ours", "hf", "pypi_rustbpe"]
 
-
 def json_strings(value):
     """Every string inside a parsed JSON value, depth first."""
     if isinstance(value, str):
@@ -30,7 +29,6 @@ def json_strings(value):
     elif isinstance(value, (dict, list)):
         for v in value.values() if isinstance(value, dict) else value:
             yield from json_strings(v)
-
 
 def load_corpus(data):
     """All texts under `data` (a file or a folder), used as they are (never repeated to look bigger):
@@ -52,10 +50,8 @@ def load_corpus(data):
                 raise SystemExit(f"{path}:{line_no}: invalid JSON: {e}")
     return [t for t in texts if t]
 
-
 def peak_rss_mb():  # of this process so far; Linux reports KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 # -----------------------------------------------------------------------------
 # The child side: train one contender, write its merges and measurements as JSON. Each trains in a
@@ -68,7 +64,6 @@ def train_rustbpe(texts, vocab_size):
     tok.train_from_iterator(iter(texts), vocab_size, pattern=PATTERN)
     seconds = time.perf_counter() - t0
     return seconds, [token.hex() for token, _ in sorted(tok.get_mergeable_ranks(), key=lambda item: item[1])[256:]]
-
 
 def train_hf(texts, vocab_size):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -84,7 +79,6 @@ def train_hf(texts, vocab_size):
     merges = json.loads(tok.to_str())["model"]["merges"]  # pairs of byte-level characters: the parent maps them back
     return seconds, ["".join(m if isinstance(m, list) else m.split(" ")) for m in merges]
 
-
 def run_worker(args):
     texts = load_corpus(args.data)
     baseline = peak_rss_mb()
@@ -92,7 +86,6 @@ def run_worker(args):
     Path(args.out).write_text(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
                                           "merges": merges, "n_texts": len(texts),
                                           "n_bytes": sum(len(t.encode("utf-8")) for t in texts)}))
-
 
 # -----------------------------------------------------------------------------
 # The parent side: run every contender in its own process, print a table
@@ -113,7 +106,6 @@ def python_for(contender, venv):
                          "Or leave it out: --contenders ours,hf")
     return str(python)
 
-
 def run_contender(contender, args):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -131,11 +123,9 @@ def run_contender(contender, args):
         result["merges"] = [bytes(byte_of[c] for c in m).hex() for m in result["merges"]]
     return result
 
-
 def first_difference(a, b):
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     return i if i is not None or len(a) == len(b) else min(len(a), len(b))
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +163,6 @@ def main():
         same = "-" if contender == "ours" else "yes" if diff is None else f"no, first differs at merge {diff}"
         print(f"| {contender:<13} | {r['seconds']:8.2f} | {r['seconds'] / ours['seconds']:6.2f}x | "
               f"{r['peak_rss_mb']:11.1f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:15.1f} | {len(r['merges']):6d} | {same} |")
-
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ from nanochat.gpt import GPT, GPTConfig
 
 NAMES = {"fused": "nanochat GPT, fused path", "plain": "same GPT, plain path", "classic": "classic GPT-2 style"}
 
-
 class ClassicGPT(nn.Module):
     """GPT-2: learned positions, pre-LayerNorm blocks of fused-QKV attention and a 4x GELU MLP, biases."""
 
@@ -48,12 +47,10 @@ class ClassicGPT(nn.Module):
         logits = self.head(self.ln_f(x)).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
-
 def rss_mib(field="VmRSS"):
     # current (VmRSS) or peak (VmHWM) resident memory of this process, MiB (Linux)
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
 
 def step_memory_mib_cpu(key):
     """Peak RSS a training step adds on top of its model and optimizer, on CPU."""
@@ -62,7 +59,6 @@ def step_memory_mib_cpu(key):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     found = re.findall(r"^STEP_PEAK_MIB ([\d.]+)$", out.stdout, re.M)
     return float(found[-1]) if found else None
-
 
 def time_steps(model, opt, args, device):
     """Median seconds of one optimizer step (args.grad_accum micro-batches)."""
@@ -86,7 +82,6 @@ def time_steps(model, opt, args, device):
             times.append(time.time() - t0)
     return sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
 
-
 def build_contenders(args, device, dim, n_head):
     """[(key, module to call, optimizer, FLOPs per token or None)] (just args.only if set)."""
     wanted = [args.only] if args.only else ["fused"] + ([] if args.no_baseline else ["plain", "classic"])
@@ -107,7 +102,6 @@ def build_contenders(args, device, dim, n_head):
         contenders.append((key, torch.compile(model) if args.compile else model, opt, flops))
     return contenders
 
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --grad-accum: training uses many micro-batches, which share the optimizer's fixed cost (large for Muon)
@@ -126,7 +120,6 @@ def parse_args():
     parser.add_argument("--only", choices=list(NAMES), help=argparse.SUPPRESS)
     return parser.parse_args()
 
-
 def measure(contenders, args, device):
     """{key: best step seconds}, {key: step MiB} of every contender."""
     # all models stay alive and are timed in alternating rounds (best round kept): whichever ran
@@ -143,7 +136,6 @@ def measure(contenders, args, device):
     if device.type == "cpu":
         memory = {key: step_memory_mib_cpu(key) for key, *_ in contenders}
     return best, memory
-
 
 def main():
     args = parse_args()
@@ -182,7 +174,6 @@ def main():
     how = ("peak RSS growth, each model alone in a fresh process" if device.type == "cpu"
            else "max allocated, parameters and optimizer state included")
     print(f"step MiB: peak memory of a step over the model and optimizer state ({how})")
-
 
 if __name__ == "__main__":
     main()

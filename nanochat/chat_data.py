@@ -12,7 +12,6 @@ from nanochat.dataloader import BestFitBuffer
 
 STATE_VERSION = 1
 
-
 def _state_for_rank(state, rank, world_size, what):
     """This rank's loader state: checkpoints hold a list of them under DDP, else one dict."""
     if isinstance(state, (list, tuple)):
@@ -24,7 +23,6 @@ def _state_for_rank(state, rank, world_size, what):
         raise ValueError(f"cannot resume: the checkpoint's loader state is not a {what} state")
     return state
 
-
 def _check_identity(state, identity, what):
     # a state from other data or settings would resume "somewhere": refuse it, saying what differs
     mismatched = {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}
@@ -32,10 +30,8 @@ def _check_identity(state, identity, what):
         raise ValueError(f"cannot resume the {what} exactly, it was saved with different settings or data: "
                          + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
 
-
 def epoch_permutation(num_items, epoch, seed):
     return np.random.default_rng([seed, epoch]).permutation(num_items)
-
 
 # -----------------------------------------------------------------------------
 # Padded rows (SFT, DPO)
@@ -43,7 +39,6 @@ def epoch_permutation(num_items, epoch, seed):
 def masked_targets(ids, mask):
     """Next-token targets of a rendered row: ids[i+1] where mask[i+1] is 1, else -1."""
     return [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-
 
 def collate_padded(rows, pad_id, device="cpu"):
     """(inputs, targets) of (B, L-1), L the longest of the (ids, mask) rows: inputs = ids[:-1]
@@ -60,7 +55,6 @@ def collate_padded(rows, pad_id, device="cpu"):
     if pin:
         inputs, targets = inputs.pin_memory(), targets.pin_memory()
     return inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
-
 
 class MicroBatchOrder:
     """The global stream of micro-batches: epoch e visits a seeded permutation of the examples, cut
@@ -82,7 +76,6 @@ class MicroBatchOrder:
             self._perm = (epoch, epoch_permutation(self.num_items, epoch, self.seed))
         return self._perm[1][j * self.batch_size:(j + 1) * self.batch_size].tolist(), epoch
 
-
 def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, resume_state=None,
                    what="padded batches"):
     """(items, state) forever: items = [(index, render(task[index]))] of this rank's next micro-batch.
@@ -102,7 +95,6 @@ def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, r
             g += world_size
             yield [(i, render(task[i])) for i in indices], dict(identity, next=g, epoch=epoch)
     return generate(g)
-
 
 # -----------------------------------------------------------------------------
 # Packed rows (midtraining)
@@ -181,7 +173,6 @@ class PackedConversations:
                  "count": int((targets >= 0).sum()), "tokens": inputs.numel()}
         return batch, state
 
-
 # -----------------------------------------------------------------------------
 # One optimizer step at a time, with the step's supervised count known to every micro-batch
 
@@ -216,7 +207,6 @@ class StepBatches:
         for batch, _ in step:
             batch["loss_scale"] = scale
         return step
-
 
 def scaled_token_loss(model, batch):
     """The micro-batch's share of the step's mean loss per supervised token."""

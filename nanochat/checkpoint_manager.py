@@ -26,7 +26,6 @@ SOURCES = {
 }
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the model and prefixes every key with this
 
-
 def _paths(checkpoint_dir, step, rank=0):
     """(model, optimizer, meta) file names of a step, in the layout the folder uses."""
     new = [os.path.join(checkpoint_dir, name) for name in
@@ -35,7 +34,6 @@ def _paths(checkpoint_dir, step, rank=0):
     old = [os.path.join(checkpoint_dir, name) for name in
            (f"lora_{step:06d}.pt", f"lora_optim_{step:06d}_rank{rank}.pt", f"lora_{step:06d}.json")]
     return old if os.path.exists(old[2]) and not os.path.exists(new[2]) else new
-
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None):
     """Save one step; in a distributed run, on EVERY rank (each writes its optimizer shard; None:
@@ -55,7 +53,6 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
         for old in list_steps(checkpoint_dir)[:-keep_last] if keep_last else []:
             delete_checkpoint(checkpoint_dir, old)
 
-
 def delete_checkpoint(checkpoint_dir, step):
     """Remove a step, meta first, so it is never seen half-deleted."""
     model_path, _, meta_path = _paths(checkpoint_dir, step)
@@ -63,7 +60,6 @@ def delete_checkpoint(checkpoint_dir, step):
         os.remove(meta_path)
     for path in [model_path] + glob.glob(os.path.join(checkpoint_dir, f"*optim_{step:06d}_rank*.pt")):
         os.remove(path)
-
 
 def list_steps(checkpoint_dir):
     """Sorted steps that are complete (meta and model both present)."""
@@ -73,13 +69,11 @@ def list_steps(checkpoint_dir):
              if (m := re.fullmatch(r"(?:meta|lora)_(\d+)\.json", name))}
     return sorted(s for s in steps if os.path.exists(_paths(checkpoint_dir, s)[0]))
 
-
 def find_last_step(checkpoint_dir):
     steps = list_steps(checkpoint_dir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
     return steps[-1]
-
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """(model_state, optimizer_state or None, meta) of a complete step."""
@@ -99,7 +93,6 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         optimizer_state = torch.load(optim_path, map_location=device, weights_only=True)
     return model_state, optimizer_state, meta
 
-
 def trained_state(model):
     """What a training stage saves: the whole state_dict, or only the tensors that train when
     part of the model is frozen (LoRA: the adapters; the meta's "base" names the rest)."""
@@ -110,12 +103,10 @@ def trained_state(model):
         return state
     return {name: state[name] for name in trained}
 
-
 def strip_compile_prefix(state_dict):
     """Undo torch.compile's key prefix. removeprefix, never lstrip: lstrip("_orig_mod.") strips
     any leading run of those *characters* and would turn e.g. "mod.weight" into "weight"."""
     return {key.removeprefix(COMPILE_PREFIX): value for key, value in state_dict.items()}
-
 
 def build_model(checkpoint_dir, step, device, phase, merge=True):
     """(model, tokenizer, meta) of a checkpoint (step None: the last); phase "train" or "eval".
@@ -159,7 +150,6 @@ def build_model(checkpoint_dir, step, device, phase, merge=True):
                          f"only {config.vocab_size}: it was trained with a different tokenizer")
     return model, tokenizer, meta
 
-
 def find_largest_model(checkpoints_root):
     """The model tag to load by default: the deepest `d<N>`, else the most recently modified.
     LoRA folders (<tag>_lora) count only when there is no full checkpoint."""
@@ -174,7 +164,6 @@ def find_largest_model(checkpoints_root):
         return max(depths)[1]
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_root, t)))
 
-
 def add_checkpoint_args(parser, default_source):
     """The flags that pick a checkpoint to load: -i/--source, --model-tag, --step, --device."""
     parser.add_argument("-i", "--source", default=default_source, choices=list(SOURCES),
@@ -183,7 +172,6 @@ def add_checkpoint_args(parser, default_source):
                                                           "adapters (merged into their base on load) (default: the largest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
-
 
 def load_model(source, device, phase, model_tag=None, step=None):
     """(model, tokenizer, meta) of stage `source` (base, mid, sft, dpo): by default the largest

@@ -11,7 +11,6 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-
 # -----------------------------------------------------------------------------
 # Logging and printing
 
@@ -21,17 +20,14 @@ def setup_logging(level=logging.INFO):
 
 logger = logging.getLogger("nanochat")
 
-
 def get_rank():
     # from torchrun's environment, so it works before (and without) a process group
     return int(os.environ.get("RANK", 0))
-
 
 def print0(*args, **kwargs):
     """print() only on rank 0, so multi-process runs do not repeat every line N times."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
-
 
 def format_eta(seconds):
     seconds = max(0, int(seconds))
@@ -39,10 +35,8 @@ def format_eta(seconds):
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
-
 class DataError(ValueError):
     """Bad or missing input data; the message names the file, line and field."""
-
 
 # -----------------------------------------------------------------------------
 # Where artifacts live, and writing them so that a crash never leaves half a file
@@ -52,7 +46,6 @@ def get_base_dir():
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base, exist_ok=True)
     return base
-
 
 def atomic_write(path, data):
     """Write `data` (bytes, str, or a function f(file) that writes) to `path` all or nothing."""
@@ -74,7 +67,6 @@ def atomic_write(path, data):
             os.remove(tmp)
         raise
 
-
 # -----------------------------------------------------------------------------
 # Device and dtype policy (the one place that decides)
 
@@ -85,7 +77,6 @@ def autodetect_device_type():
         return "mps"
     return "cpu"
 
-
 # Params stay fp32 everywhere; on CUDA the forward runs under bf16 autocast. CPU and MPS compute
 # in fp32 through the very same code, which is why what the CPU tests prove holds on GPU.
 def get_compute_dtype(device_type):
@@ -93,7 +84,6 @@ def get_compute_dtype(device_type):
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
         return torch.bfloat16
     return torch.float32
-
 
 def autocast_ctx(device_type):
     """Autocast context for forward passes: bf16 on capable GPUs, a no-op otherwise."""
@@ -103,13 +93,11 @@ def autocast_ctx(device_type):
         return contextlib.nullcontext()
     return torch.amp.autocast(device_type=device_type, dtype=dtype)
 
-
 def synchronize(device_type):
     if device_type == "cuda":
         torch.cuda.synchronize()
     elif device_type == "mps":
         torch.mps.synchronize()
-
 
 def get_peak_flops(device_type):
     """Peak dense bf16 FLOP/s of one device, for MFU. None when unknown (CPU/MPS)."""
@@ -123,20 +111,17 @@ def get_peak_flops(device_type):
             return flops
     return None
 
-
 # -----------------------------------------------------------------------------
 # Distributed init
 
 def is_ddp():
     return int(os.environ.get("RANK", -1)) != -1 and "WORLD_SIZE" in os.environ
 
-
 def get_dist_info():
     """(ddp, rank, local_rank, world_size) from torchrun's environment."""
     if is_ddp():
         return True, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
-
 
 def compute_init(device_type=None, seed=42):
     """Device (cuda -> mps -> cpu unless told), process group when launched by torchrun, seeds,
@@ -169,11 +154,9 @@ def compute_init(device_type=None, seed=42):
         logger.info("device=%s world_size=%d", device, world_size)
     return ddp, rank, local_rank, world_size, device
 
-
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
 
 # -----------------------------------------------------------------------------
 # Optional remote logging
@@ -183,7 +166,6 @@ class DummyWandb:
 
     def log(self, *args, **kwargs):
         pass
-
 
 def init_wandb(run_name, project, config, master_process):
     # only rank 0 reports; wandb finishes the run itself when the process exits

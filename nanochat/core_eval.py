@@ -35,7 +35,6 @@ FEWSHOT_SEED = 1234         # item i draws its examples with random.Random(FEWSH
 SUBSET_SEED = 1337          # --max-per-task takes the first N items of a seeded shuffle
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
-
 @dataclass
 class CoreTask:
     label: str
@@ -45,7 +44,6 @@ class CoreTask:
     continuation_delimiter: str = " "
     random_baseline: float = 0.0   # chance accuracy, as a fraction
     fields: dict = field(default_factory=dict)  # our field name -> the record's (e.g. query <- ctx)
-
 
 # -----------------------------------------------------------------------------
 # Where the tasks come from: local files in the shared format (offline), or the eval bundle
@@ -73,7 +71,6 @@ LOCAL_TASKS = [
     ("bigbench_operators", "core/bigbench_operators.jsonl", LM, 10,    " ",       0.0,      {}),
 ]
 
-
 def local_tasks(data_dir):
     """The LOCAL_TASKS found under data_dir (or directly in data_dir instead of data_dir/core/)."""
     tasks = []
@@ -86,7 +83,6 @@ def local_tasks(data_dir):
         raise DataError(f"{data_dir}: none of the CORE task files is there (expected e.g. "
                         f"{', '.join(t[1] for t in LOCAL_TASKS[:4])}, ...)")
     return tasks
-
 
 # The eval bundle nanochat uses (22 tasks): core.yaml (the task list), eval_meta_data.csv (random
 # baselines) and eval_data/**.jsonl, downloaded once into $NANOCHAT_BASE_DIR/eval_bundle
@@ -134,7 +130,6 @@ def bundle_tasks(bundle_dir):
                               str(config.get("continuation_delimiter", " ")), baseline))
     return tasks
 
-
 def download_eval_bundle(base_dir=None, url=None, **kwargs):
     """$NANOCHAT_BASE_DIR/eval_bundle, downloaded and extracted on first use; kwargs go to download_file."""
     base_dir = base_dir or get_base_dir()
@@ -170,7 +165,6 @@ def download_eval_bundle(base_dir=None, url=None, **kwargs):
     print0(f"CORE eval bundle ready in {bundle_dir}")
     return bundle_dir
 
-
 # -----------------------------------------------------------------------------
 # Items: read, check, render, tokenize. Bad data raises a DataError naming file:line and the field.
 
@@ -199,7 +193,6 @@ def _check_item(record, task_type):
         return {"context_options": context_options, "continuation": text("continuation"), "gold": gold}
     return {"context": text("context", allow_empty=True), "continuation": text("continuation")}
 
-
 def load_items(task):
     """All items of a task, validated (DataError names file:line and the field)."""
     if not os.path.isfile(task.path):
@@ -222,7 +215,6 @@ def load_items(task):
         raise DataError(f"{task.path}: no items")
     return items
 
-
 # A prompt: num_fewshot solved examples of the same task, separated by blank lines, then the
 # item; the task's continuation_delimiter joins context and continuation
 def render_prompts(item, task_type, delimiter, fewshot=()):
@@ -239,7 +231,6 @@ def render_prompts(item, task_type, delimiter, fewshot=()):
     context = prefix + item["context"].rstrip() + delimiter
     return [(context, context + item["continuation"])]
 
-
 def fewshot_examples(items, index, num_fewshot):
     """num_fewshot other items, the same for item `index` whatever the rank or subset."""
     if num_fewshot <= 0:
@@ -249,10 +240,8 @@ def fewshot_examples(items, index, num_fewshot):
     picks = rng.sample(range(len(items)), min(num_fewshot + 1, len(items)))
     return [items[j] for j in picks if j != index][:num_fewshot]
 
-
 def _common_prefix_len(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
 
 def tokenize_prompts(tokenizer, prompts, max_len=None):
     """[(ids, start, end)]: <|bos|> + full text, with the continuation at ids[start:end]."""
@@ -271,7 +260,6 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
             full_ids, start, end = full_ids[cut:], max(start - cut, 1), max_len
         out.append((full_ids, start, end))
     return out
-
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -295,7 +283,6 @@ def score_item(model, sequences, task_type, gold, device, pad_id):
                                for row, (_, start, end) in enumerate(sequences)])
     predicted = int(mean_losses.argmin().item())
     return predicted == gold, predicted
-
 
 def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indices=None):
     """Accuracy of `model` on `task` (items: all of its items, which few-shot examples come from;
@@ -323,11 +310,9 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indic
     correct, total = counts.tolist()
     return correct / total if total else float("nan")
 
-
 # centered accuracy: 0 is chance and 1 perfect, so tasks with 2 and with 4 choices average fairly
 def centered(accuracy, random_baseline):
     return (accuracy - random_baseline) / (1.0 - random_baseline)
-
 
 def subset_indices(num_items, max_per_task):
     """All indices, or max_per_task of them: the first of a seeded shuffle (a fair sample, the same every run)."""
@@ -336,7 +321,6 @@ def subset_indices(num_items, max_per_task):
     order = list(range(num_items))
     random.Random(SUBSET_SEED).shuffle(order)
     return sorted(order[:max_per_task])
-
 
 def evaluate_core(model, tokenizer, tasks, device, max_per_task=-1, max_seq_len=None, log=print0):
     """Evaluate every task; returns {"results": {label: {accuracy, centered, random_baseline,

@@ -16,7 +16,6 @@ from nanochat.dataset import Corpus
 STATE_VERSION = 1
 WARN_CROPPED = 0.25  # warn once if more than this fraction of the tokens read is cropped away
 
-
 # Every row starts with a whole document (<|bos|> first) and is packed best-fit, without padding.
 # Little is cropped when documents are shorter than a row: on public domain books, vocab 4096, 9%
 # of the tokens at T=2048 with the default 4000-char .txt passages, 7-14% for T=256..2048 with
@@ -54,7 +53,6 @@ class BestFitBuffer:
     def refs(self):
         """The documents in arrival order: adding them again in this order rebuilds this very buffer."""
         return [list(ref) for _, ref in self.docs.values()]
-
 
 def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device="cpu", data=None,
                                                   resume_state_dict=None, tokenizer_threads=4,
@@ -138,7 +136,6 @@ def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device
         state_dict = dict(identity, epoch=cursor["epoch"], cursor=dict(cursor), buffer=buffer.refs(), stats=dict(stats))
         yield inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin), state_dict
 
-
 def _state_for_rank(state, rank, world_size):
     # a list holds every rank's state (see gather_state_dicts): each rank picks its own
     if isinstance(state, (list, tuple)):
@@ -149,7 +146,6 @@ def _state_for_rank(state, rank, world_size):
         raise DataError("resume_state_dict is not a dataloader state (expected the dict yielded with a batch)")
     return state
 
-
 def gather_state_dicts(state_dict):
     """Every rank's loader state, in rank order, for rank 0 to save in the checkpoint. Call on every rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -158,11 +154,9 @@ def gather_state_dicts(state_dict):
     dist.all_gather_object(states, state_dict)
     return states
 
-
 def tokenizing_distributed_data_loader(*args, **kwargs):
     """Like tokenizing_distributed_data_loader_with_state, yielding just (inputs, targets)."""
     return ((inputs, targets) for inputs, targets, _ in tokenizing_distributed_data_loader_with_state(*args, **kwargs))
-
 
 def cropped_fraction(state_dict):
     """Fraction of the tokens read that were cropped away so far (packing waste)."""

@@ -29,33 +29,27 @@ DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/re
 NUM_SHARDS = 1823              # shard_00000 .. shard_01822
 VAL_SHARD = NUM_SHARDS - 1     # the last shard is the validation split
 
-
 def get_data_url():
     """The shard URL template: $NANOCHAT_DATA_URL (a mirror, a test server) or DATA_URL."""
     url = os.environ.get("NANOCHAT_DATA_URL") or DATA_URL
     # a template with {index}, or a base URL that the shard's file name is appended to
     return url if "{index" in url else url.rstrip("/") + "/shard_{index:05d}.parquet"
 
-
 def get_data_dir():
     return os.path.join(get_base_dir(), "base_data")
-
 
 def shard_filename(index):
     return f"shard_{index:05d}.parquet"
 
-
 def list_parquet_files(data_dir=None):
     """Sorted paths of the downloaded shards (complete ones only: a download in progress is a .tmp)."""
     return sorted(glob.glob(os.path.join(glob.escape(data_dir or get_data_dir()), "*.parquet")))
-
 
 def _parquet_problem(path):
     try:
         _open_parquet(path)
     except DataError as e:
         return str(e)
-
 
 def download_shard(index, data_dir=None, **kwargs):
     """The path of shard `index`, downloaded (and checked) unless present; kwargs go to download_file."""
@@ -64,7 +58,6 @@ def download_shard(index, data_dir=None, **kwargs):
         return download_file(get_data_url().format(index=index), path, check=_parquet_problem, **kwargs)
     except OfflineError as e:
         raise OfflineError(f"{e} Use --data PATH for local text") from None
-
 
 def download_shards(indices, data_dir=None, num_workers=4, **kwargs):
     """Download shards in parallel threads; raises DownloadError listing every shard that failed."""
@@ -84,7 +77,6 @@ def download_shards(indices, data_dir=None, num_workers=4, **kwargs):
     if failures:
         raise DownloadError(f"{len(failures)} of {len(indices)} shards failed:\n  " + "\n  ".join(sorted(failures)))
 
-
 # -----------------------------------------------------------------------------
 # Reading one file of a user corpus: .txt, .jsonl ({"text": ...} per line), .parquet (a `text`
 # column). Documents are numbered the same way every time, so a (file, doc) pair points back
@@ -94,7 +86,6 @@ SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 # ~1k tokens: a .txt book becomes a run of long contiguous passages that fit a training row
 DEFAULT_TXT_DOC_CHARS = 4000
 _SPACES = re.compile(" *")
-
 
 def _cut_long_line(line, max_chars):
     # pieces of at most max_chars, cut at the last space before the limit when there is one; walk an
@@ -108,7 +99,6 @@ def _cut_long_line(line, max_chars):
         start = _SPACES.match(line, cut).end()  # the spaces at a cut belong to neither piece
     if start < len(line):
         yield line[start:]
-
 
 def split_txt_documents(lines, max_chars=DEFAULT_TXT_DOC_CHARS):
     """Group lines into documents of at most max_chars; streams (memory O(max_chars) for any file)."""
@@ -133,7 +123,6 @@ def split_txt_documents(lines, max_chars=DEFAULT_TXT_DOC_CHARS):
     if doc:
         yield doc
 
-
 def _utf8_error(path):
     # a DataError naming the line of the first bad byte, called only after decoding failed: line by
     # line is exact, as the byte of "\n" never occurs inside a multi-byte UTF-8 character
@@ -148,7 +137,6 @@ def _utf8_error(path):
             offset += len(raw)
     return DataError(f"{path}: not valid UTF-8; convert the file to UTF-8")
 
-
 # The readers share one signature, (path, txt_doc_chars, start): read_documents picks one by extension
 def _read_txt(path, txt_doc_chars, start):
     with open(path, encoding="utf-8-sig") as f:
@@ -157,7 +145,6 @@ def _read_txt(path, txt_doc_chars, start):
         for i, doc in enumerate(docs):
             if i >= start and doc:
                 yield i, doc
-
 
 def _read_jsonl(path, _txt_doc_chars, start):
     with open(path, encoding="utf-8-sig") as f:
@@ -181,7 +168,6 @@ def _read_jsonl(path, _txt_doc_chars, start):
             if record["text"]:
                 yield index, record["text"]
 
-
 def _open_parquet(path):
     try:
         pf = pq.ParquetFile(path)
@@ -195,7 +181,6 @@ def _open_parquet(path):
         raise DataError(f"{path}: column 'text' must hold strings, got {kind}")
     return pf
 
-
 def _read_parquet(path, _txt_doc_chars, start):
     # document index = row index; null and empty rows are skipped
     pf = _open_parquet(path)
@@ -205,7 +190,6 @@ def _read_parquet(path, _txt_doc_chars, start):
         if end > start:
             texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
             yield from ((i, text) for i, text in enumerate(texts, end - len(texts)) if i >= start and text)
-
 
 def read_documents(path, txt_doc_chars=DEFAULT_TXT_DOC_CHARS, start=0):
     """Yield (doc_index, text) for the documents of one file, from index `start` on."""
@@ -218,7 +202,6 @@ def read_documents(path, txt_doc_chars=DEFAULT_TXT_DOC_CHARS, start=0):
         raise _utf8_error(path) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-
 
 def resolve_data_files(spec):
     """A corpus spec (a path or glob, or a list of them) as sorted [(path, key)]."""
@@ -249,13 +232,11 @@ def resolve_data_files(spec):
         found.update((os.path.abspath(p), os.path.relpath(p, root or ".")) for p in matched)
     return sorted(found.items())
 
-
 def _hash_fraction(key, index):
     # a stable pseudo-random number in [0, 1) for a document, below val_fraction means val; blake2b,
     # not hash(): that one is salted per process, and the split must never move
     digest = hashlib.blake2b(f"{key}\0{index}".encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0 ** 64
-
 
 # -----------------------------------------------------------------------------
 # The corpus: files, the train/val split, and resumable iteration
@@ -265,7 +246,6 @@ class SourceFile(NamedTuple):
     key: str      # identity for the hash split (relative path or shard name)
     split: str    # "train", "val", or "hash" (per document, by _hash_fraction)
     num_docs: int # number of document indices (upper bound; some may be empty and skipped)
-
 
 # A position is all a reader needs to resume right after a document, and (file, doc) is all
 # fetch_documents needs to read it back: the dataloader's state holds these, never text.
@@ -279,7 +259,6 @@ class DocPosition(NamedTuple):
     def resume_point(self):
         """The `start` of an iteration that continues right after this document."""
         return {"epoch": self.epoch, "order": self.order, "doc": self.doc + 1, "count": self.count + 1}
-
 
 class Corpus:
     """A pretraining corpus with a train and a val split: Corpus() for the FineWeb-Edu shards,
@@ -410,7 +389,6 @@ class Corpus:
         chars = f"\ncharacters in .txt/.jsonl files: {self.num_chars:,}" if self.num_chars else ""
         return f"{len(self.files)} file(s)\ndocuments: {counts['train']:,} train, {counts['val']:,} val" + chars
 
-
 # -----------------------------------------------------------------------------
 # Command line: download shards, or check a local corpus
 
@@ -442,7 +420,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted (partial downloads are kept as .tmp and resumed next time)", file=sys.stderr, flush=True)
         os._exit(130)  # do not wait for the download threads still running
-
 
 if __name__ == "__main__":
     sys.exit(main())

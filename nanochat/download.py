@@ -18,21 +18,17 @@ HF_URL = "https://huggingface.co"
 CHUNK_BYTES = 1 << 16      # a dropped connection loses at most this much of a resumable download
 BAR_MIN_BYTES = 1 << 20    # smaller files arrive before a progress bar would say anything
 
-
 class DownloadError(RuntimeError):
     """A file could not be downloaded; the message names the URL and why."""
 
-
 class OfflineError(DownloadError):
     """No server ever answered: no network, no DNS, or the host is down."""
-
 
 # one attempt failed in a way that another attempt may fix
 class _TryAgain(Exception):
     def __init__(self, problem, answered=True):
         super().__init__(problem)
         self.answered = answered  # False: no HTTP response at all (maybe offline)
-
 
 def _fetch(url, tmp, timeout, desc):
     """One attempt: continue a partial `tmp` with an HTTP Range request, else fetch the whole file."""
@@ -73,7 +69,6 @@ def _fetch(url, tmp, timeout, desc):
         if total is not None and os.path.getsize(tmp) != total:
             raise _TryAgain(f"transfer interrupted at {os.path.getsize(tmp)} of {total} bytes")
 
-
 def download_file(url, path, check=None, attempts=5, backoff=1.0, timeout=(10, 60), tmp=None):
     """`path`, downloaded from `url` unless it is already there. check(tmp) -> None or what is wrong.
     Raises OfflineError when no server ever answered, DownloadError for every other failure."""
@@ -107,7 +102,6 @@ def download_file(url, path, check=None, attempts=5, backoff=1.0, timeout=(10, 6
         raise OfflineError(f"no answer from {url} after {attempts} attempts: "
                            f"cannot reach {urlparse(url).hostname or url} — offline?")
     raise DownloadError(f"failed to download {url} after {attempts} attempts: {problem}")
-
 
 def hf_dataset_file(repo_id, filename, revision="main", **kwargs):
     """Local path of `filename` of the Hugging Face dataset `repo_id`, downloaded on first use into

@@ -17,7 +17,6 @@ from nanochat.chat_data import collate_padded
 LOSS_TYPES = ("sigmoid", "ipo")
 DROP_REASONS = ("empty", "identical", "too_long", "identical_after_truncation")
 
-
 # -----------------------------------------------------------------------------
 # Pairs into token ids, truncated to fit
 
@@ -40,7 +39,6 @@ def truncate_pair(prompt, chosen, rejected, max_seq_len, min_prompt_tokens=2, mi
     if room < min_response_tokens:
         return None
     return prompt, chosen[:room], rejected[:room], "response"
-
 
 def tokenize_pairs(items, tokenizer, max_seq_len, min_prompt_tokens=32, min_response_tokens=16):
     """(pairs, counts) of preference items {"prompt_messages", "chosen", "rejected"}: pairs are
@@ -73,24 +71,20 @@ def tokenize_pairs(items, tokenizer, max_seq_len, min_prompt_tokens=32, min_resp
         pairs.append((prompt, chosen, rejected))
     return pairs, counts
 
-
 def describe_counts(counts):
     dropped = ", ".join(f"{counts[f'dropped_{r}']} {r.replace('_', ' ')}" for r in DROP_REASONS)
     return (f"{counts['kept']} pairs kept ({counts['truncated_prompt']} with the prompt cut from the left, "
             f"{counts['truncated_response']} with the answers cut) | dropped: {dropped}")
-
 
 def pair_rows(pair):
     """The two rows of a pair as (ids, mask), mask 1 on the answer's tokens."""
     prompt, chosen, rejected = pair
     return [(prompt + answer, [0] * len(prompt) + [1] * len(answer)) for answer in (chosen, rejected)]
 
-
 def collate_pairs(pairs, pad_id, device="cpu"):
     """inputs/targets (2B, L): rows 0..B-1 the chosen answers, rows B..2B-1 the rejected ones."""
     rows = [pair_rows(p) for p in pairs]
     return collate_padded([r[0] for r in rows] + [r[1] for r in rows], pad_id, device)
-
 
 # -----------------------------------------------------------------------------
 # Log-probabilities and the loss
@@ -99,7 +93,6 @@ def answer_logps(model, inputs, targets):
     """(sum of log-probs of the supervised targets per row, number of them per row)."""
     per_token = model(inputs, targets, loss_reduction="none")  # nats; 0 where the target is -1
     return -per_token.sum(dim=1), (targets >= 0).sum(dim=1)
-
 
 @torch.no_grad()
 def reference_logps(model, pairs, batch_size, pad_id, device, rank=0, world_size=1, autocast=None):
@@ -125,7 +118,6 @@ def reference_logps(model, pairs, batch_size, pad_id, device, rank=0, world_size
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 
-
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid"):
     """Per-pair losses and the implicit rewards (chosen, rejected), each of shape (B,)."""
     chosen_ratio = policy_chosen - ref_chosen
@@ -138,7 +130,6 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     else:
         raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {LOSS_TYPES}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-
 
 def pair_losses(model, batch, beta, loss_type="sigmoid", length_norm=False, sft_weight=0.0):
     """The loss of every pair of a collated batch {"inputs", "targets", "ref" (B, 2)} and the

@@ -25,14 +25,12 @@ _STRING_METHODS = {"count", "find", "index", "rfind", "startswith", "endswith", 
                    "strip", "lstrip", "rstrip", "replace", "split", "join", "isdigit", "isalpha"}
 MAX_CALC_EXPR_CHARS, MAX_CALC_VALUE_CHARS = 200, 1000
 
-
 def _check_size(value):
     # 3 bits per digit is generous (a digit is 3.3 bits): numbers stay near MAX_CALC_VALUE_CHARS digits
     if (isinstance(value, int) and value.bit_length() > 3 * MAX_CALC_VALUE_CHARS
             or isinstance(value, (str, list, tuple)) and len(value) > MAX_CALC_VALUE_CHARS):
         raise ValueError("too large")
     return value
-
 
 def _evaluate(node):
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
@@ -61,7 +59,6 @@ def _evaluate(node):
                 return _check_size(getattr(target, node.func.attr)(*args))
     raise ValueError("not allowed")
 
-
 def use_calculator(expr):
     """The value of a tool-call expression as text, or None when it is refused or fails."""
     if len(expr.strip()) > MAX_CALC_EXPR_CHARS:
@@ -74,7 +71,6 @@ def use_calculator(expr):
         # 48/2 -> "24", as GSM8K writes its answers; other floats to 10 significant digits
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.10g}"
     return str(value)
-
 
 # -----------------------------------------------------------------------------
 # Sampling. Every row has its own seeded torch.Generator, so a request's output does not
@@ -89,7 +85,6 @@ class SamplingParams:
     seed: int = 42                 # row i of a request samples with its own generator seeded seed + i
     stop: tuple | str = ()         # stop string(s): generation ends when the text contains one (not included)
 
-
 def add_sampling_args(parser, temperature, max_tokens):
     """The sampling flags of chat_cli and chat_web (the server's defaults for requests that set none)."""
     parser.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0 = greedy)")
@@ -97,14 +92,12 @@ def add_sampling_args(parser, temperature, max_tokens):
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
     parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens per reply")
 
-
 def sampling_from_args(args, seed=42):
     """SamplingParams from add_sampling_args' flags; SystemExit when one is out of range."""
     if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1 or not (args.top_p is None or 0 < args.top_p <= 1):
         raise SystemExit("error: need --temperature >= 0, --top-k >= 0, --max-tokens >= 1, --top-p in (0, 1]")
     return SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                           max_tokens=args.max_tokens, seed=seed)
-
 
 def sample_token(logits, params, rng):
     """One token id from a (V,) row of logits, in the order of GPT.generate (the reference)."""
@@ -119,7 +112,6 @@ def sample_token(logits, params, rng):
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
         probs = probs.scatter(0, order[drop], 0.0)
     return int(torch.multinomial(probs[None], num_samples=1, generator=rng))
-
 
 # -----------------------------------------------------------------------------
 # Tokens -> text that is safe to show
@@ -163,7 +155,6 @@ class TextStream:
         text, self.pending = self._release() + self.pending, ""
         return text
 
-
 # -----------------------------------------------------------------------------
 # KV caches. A prompt is run through the model once (its prefill); after that each new token
 # costs one forward of length 1 that reads the cached keys/values instead of the whole prefix.
@@ -180,7 +171,6 @@ class _Prefill(list):
     def insert_kv(self, layer_idx, k, v):
         self.append((k, v))
         return k, v
-
 
 class RaggedKVCache:
     """Keys/values of unrelated sequences in one batch, row b at its own length lengths[b]."""
@@ -244,7 +234,6 @@ class RaggedKVCache:
             self.pos = self.pos + T
         return layer[0, :B, :, :num_keys], layer[1, :B, :, :num_keys]
 
-
 # -----------------------------------------------------------------------------
 # Continuous batching. A BatchDecoder holds many unrelated sequences (prompts, lengths, sampling
 # settings) in one RaggedKVCache; each step decodes one token for all of them in one forward.
@@ -265,7 +254,6 @@ class Row:
     forced: deque = field(default_factory=deque)
     python_tokens: list | None = None  # the expression being written between python_start/end
     finish_reason: str | None = None   # "stop" (end token or stop string), "length", "cancelled"
-
 
 class BatchDecoder:
     """Continuous batching over one model: add() prompts at any time, step() until num_rows is 0."""
@@ -363,7 +351,6 @@ class BatchDecoder:
         if row.finish_reason:
             text += row.text.flush()
         return row, text
-
 
 # -----------------------------------------------------------------------------
 # The engine

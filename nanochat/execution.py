@@ -13,7 +13,6 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
-
 @dataclass
 class ExecResult:
     success: bool             # the code ran to the end (or exited with status 0)
@@ -23,7 +22,6 @@ class ExecResult:
     timed_out: bool = False
     memory_exceeded: bool = False
     truncated: bool = False   # stdout or stderr went over max_output_bytes
-
 
 # The code runs in a fresh interpreter (`python -I`: no user site, no PYTHON* variables) in its own
 # process group and a throwaway working directory. This bootstrap, run with `python -I -c`, reads the
@@ -126,7 +124,6 @@ report("ok")
 os._exit(0)
 '''
 
-
 def _drain(stream, limit, out):
     """Read a pipe to EOF, keeping the first `limit` bytes (reading on, so the child never blocks)."""
     kept, overflow = bytearray(), False
@@ -135,7 +132,6 @@ def _drain(stream, limit, out):
         kept += chunk[:max(room, 0)]
         overflow = overflow or len(chunk) > room
     out["data"], out["overflow"] = bytes(kept), overflow
-
 
 def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_output_bytes=64 * 1024,
                  max_file_bytes=16 * 1024 * 1024):
@@ -204,7 +200,6 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
     else:
         result.error = status["message"]
     return result
-
 
 def _kill_group(proc):
     # SIGKILL cannot be caught or ignored; the group may have exited by itself already

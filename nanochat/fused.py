@@ -4,7 +4,6 @@ cross-entropy computed in row chunks. Same maths as the plain path; GPT.fused pi
 """
 import torch
 
-
 def fused_by_default(device_type):
     """The default of GPT.fused: the hand-written paths on CPU, the plain ops elsewhere."""
     # Eager CPU fuses nothing, so every elementwise op of the plain graph is a pass over memory
@@ -13,7 +12,6 @@ def fused_by_default(device_type):
     # fuses the elementwise ops itself; there it is the default candidate, but nothing here has
     # been timed on a GPU (dev/bench_train.py --device cuda compares both).
     return device_type == "cpu"
-
 
 class RMSNorm(torch.autograd.Function):
     """Parameter-free RMSNorm over the last dim (F.rms_norm's maths and eps), hand-written backward."""
@@ -38,7 +36,6 @@ class RMSNorm(torch.autograd.Function):
         mean_gy = torch.linalg.vecdot(grad_y, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
         return torch.addcmul(grad_y, y, mean_gy.to(y.dtype), value=-1.0).mul_(r.to(y.dtype))
 
-
 class ReLUSquared(torch.autograd.Function):
     """relu(x)^2 with backward 2 relu(x) g."""
 
@@ -55,7 +52,6 @@ class ReLUSquared(torch.autograd.Function):
         r, = ctx.saved_tensors
         return (r + r).mul_(grad_out)
 
-
 def _rotate(x, cos, sin):
     """(x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin) on the two halves of the last dim."""
     d = x.size(-1) // 2
@@ -66,7 +62,6 @@ def _rotate(x, cos, sin):
     out[..., :d].copy_(x1).mul_(cos).addcmul_(x2, sin)
     out[..., d:].copy_(x2).mul_(cos).addcmul_(x1, sin, value=-1.0)
     return out
-
 
 class RotaryEmbedding(torch.autograd.Function):
     """Rotary rotation of x (B, T, H, D) by the angles in the cos, sin tables."""
@@ -82,7 +77,6 @@ class RotaryEmbedding(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         return _rotate(grad_out, cos, -sin), None, None
 
-
 def ce_chunk_rows(device_type, vocab_size):
     """Rows of logits the chunked loss materialises at once."""
     # GPU: ~64M elements (few kernel launches, still far below the full logits)
@@ -92,7 +86,6 @@ def ce_chunk_rows(device_type, vocab_size):
     # chunk also adds its share into the lm_head gradient, a (V x D) read and write, which wants rows to
     # grow with V: V/64 rows balances the two (128 rows at V=8192, 512 at V=32768)
     return max(1, vocab_size // 64, 2 ** 20 // vocab_size)
-
 
 def softcap_ce_chunks(x, weight, targets, cap, with_grads, row_weights=None):
     """Per-token CE(cap * tanh(x W^T / cap), t) of x (N, D), weight (V, D), a chunk of rows at a time;
@@ -129,7 +122,6 @@ def softcap_ce_chunks(x, weight, targets, cap, with_grads, row_weights=None):
                 grad_w.addmm_(probs.mT, xc)
     return losses, grad_x, grad_w
 
-
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
     """sum_i CE(cap * tanh(x_i W^T / cap), t_i): lm_head, soft-cap and cross-entropy in one chunked pass."""
 
@@ -147,7 +139,6 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_total.to(grad_x.dtype), grad_w * grad_total, None, None
-
 
 class LinearSoftcapCrossEntropyPerToken(torch.autograd.Function):
     """The per-token losses (N,) of the same computation, for losses that weigh tokens unevenly (DPO)."""
@@ -170,7 +161,6 @@ class LinearSoftcapCrossEntropyPerToken(torch.autograd.Function):
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             _, grad_x, grad_w = softcap_ce_chunks(x, weight, targets, ctx.cap, with_grads=True, row_weights=grad_losses)
         return grad_x, grad_w, None, None
-
 
 def linear_softcap_cross_entropy(x, weight, targets, cap, reduction="mean"):
     """CE(cap * tanh(x W^T / cap), targets) of x (N, D), targets (N,) (-1 = ignore), reduced like F.cross_entropy."""

@@ -19,7 +19,6 @@ LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 10000
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover this many times sequence_len
 
-
 @dataclass
 class GPTConfig:
     sequence_len: int = 1024
@@ -29,14 +28,11 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when < n_head)
     n_embd: int = 768
 
-
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
-
 def relu_squared(x):
     return F.relu(x).square()
-
 
 def apply_rotary_emb(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, T, H, D) by position-dependent angles."""
@@ -44,11 +40,9 @@ def apply_rotary_emb(x, cos, sin):
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
-
 # the model's elementwise ops, stock (autograd differentiates them) or with hand-written backwards
 PLAIN_OPS = SimpleNamespace(norm=norm, rotary=apply_rotary_emb, relu_squared=relu_squared)
 FUSED_OPS = SimpleNamespace(norm=RMSNorm.apply, rotary=RotaryEmbedding.apply, relu_squared=ReLUSquared.apply)
-
 
 def attention(q, k, v, is_causal=False, attn_mask=None):
     """SDPA over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D); query head h reads kv head h // (Hq // Hkv)."""
@@ -61,7 +55,6 @@ def attention(q, k, v, is_causal=False, attn_mask=None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-
 
 class KVCache:
     """Keys and values of every layer for incremental decoding, one (layers, 2, B, kv_heads, T, head_dim) tensor."""
@@ -123,7 +116,6 @@ class KVCache:
         self.kv[:, :, :, :, :other.pos] = other.kv[:, :, :, :, :other.pos]
         self.pos = other.pos
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -162,7 +154,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -171,7 +162,6 @@ class MLP(nn.Module):
 
     def forward(self, x, ops):
         return self.c_proj(ops.relu_squared(self.c_fc(x)))
-
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
@@ -183,7 +173,6 @@ class Block(nn.Module):
         x = x + self.attn(ops.norm(x), ops, cos_sin, kv_cache, positions)
         x = x + self.mlp(ops.norm(x), ops)
         return x
-
 
 class GPT(nn.Module):
     """GPT(config) comes out initialised; or build it on the meta device, then to_empty(device) and init_weights()."""

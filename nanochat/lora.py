@@ -24,7 +24,6 @@ from nanochat.optim import build_optimizer
 ALL_TARGETS = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "lm_head")
 DEFAULT_TARGETS = ("c_q", "c_k", "c_v", "c_proj", "c_fc")
 
-
 class LoRALinear(nn.Linear):
     """An nn.Linear plus a low-rank adapter. It takes over the base layer's weight Parameter (no
     copy), so the state_dict keeps its ".weight" keys and gains ".lora_A"/".lora_B"."""
@@ -73,20 +72,16 @@ class LoRALinear(nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"alpha={self.alpha}, dropout={self.dropout_p}")
 
-
 def lora_modules(model):
     """(qualified name, LoRALinear) of every adapted layer."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
-
 def has_lora(model):
     return bool(lora_modules(model))
-
 
 def _replace(model, name, module):
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
 
 def apply_lora(model, rank, alpha=None, dropout=0.0, targets=DEFAULT_TARGETS):
     """Wrap every targeted nn.Linear in a LoRALinear, in place, and freeze everything else.
@@ -113,16 +108,13 @@ def apply_lora(model, rank, alpha=None, dropout=0.0, targets=DEFAULT_TARGETS):
     model.lora_config = {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": list(targets)}
     return adapted
 
-
 def lora_parameters(model):
     """The trainable adapter parameters (A and B of every adapted layer), in a stable order."""
     return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
-
 def lora_state_dict(model):
     """Only the adapter tensors, keyed like the model's state_dict ('<module>.lora_A')."""
     return {f"{name}.{part}": getattr(m, part).detach() for name, m in lora_modules(model) for part in ("lora_A", "lora_B")}
-
 
 def load_lora(model, state, config=None):
     """Load adapter tensors, first applying LoRA with `config` (a meta's "lora": rank, alpha,
@@ -145,7 +137,6 @@ def load_lora(model, state, config=None):
             target.copy_(state[key])
     return model
 
-
 def merge_lora(model):
     """Fold every adapter into its base weight and put plain nn.Linear layers back, in place:
     an ordinary GPT whose state_dict loads anywhere, trainable again."""
@@ -156,7 +147,6 @@ def merge_lora(model):
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
-
 
 @contextlib.contextmanager
 def disable_lora(model):
@@ -171,7 +161,6 @@ def disable_lora(model):
         for m, was in zip(modules, previous):
             m.lora_enabled = was
 
-
 def lora_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
     """AdamW over the adapters (sharded under torchrun), with "initial_lr" for the schedule."""
     # Not Muon, although A and B are matrices: Muon's orthogonalised update has a fixed spectral
@@ -182,7 +171,6 @@ def lora_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-
     if not params:
         raise ValueError("the model has no LoRA adapters (call apply_lora first)")
     return build_optimizer([dict(kind="adamw", params=params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)])
-
 
 def apply_lora_from_args(model, args):
     """apply_lora with the --lora-* flags (a bad flag stops the script); returns a summary line."""
@@ -197,7 +185,6 @@ def apply_lora_from_args(model, args):
     cfg = model.lora_config
     return (f"LoRA rank {cfg['rank']} alpha {cfg['alpha']:g} on {len(adapted)} layers ({','.join(cfg['targets'])}): "
             f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the rest frozen")
-
 
 def lora_tag(tag):
     """Where a LoRA run writes: <tag>_lora, beside (never mixed with) the full checkpoints of <tag>."""

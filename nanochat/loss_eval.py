@@ -8,7 +8,6 @@ import math
 import torch
 import torch.distributed as dist
 
-
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
     """bpb = sum(nats) / (ln 2 * sum(bytes)) over `steps` batches of (inputs, targets[, state]).

@@ -19,16 +19,13 @@ DEFAULTS = dict(adamw=dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
 # Set True (tests do) to force the portable path: all_reduce + list all_gather.
 FORCE_PORTABLE_COLLECTIVES = False
 
-
 def dist_world_size():
     """World size of the default process group, 1 when torch.distributed is not initialized."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-
 def has_tensor_collectives():
     """Whether the process group has reduce_scatter_tensor and all_gather_into_tensor (NCCL; Gloo only lately)."""
     return not FORCE_PORTABLE_COLLECTIVES and _probe_tensor_collectives(dist.get_backend())
-
 
 @functools.cache
 def _probe_tensor_collectives(backend):
@@ -43,7 +40,6 @@ def _probe_tensor_collectives(backend):
         return True
     except (RuntimeError, NotImplementedError, ValueError):
         return False
-
 
 @torch.no_grad()
 def all_reduce_gradients(model_or_params):
@@ -63,7 +59,6 @@ def all_reduce_gradients(model_or_params):
     torch._foreach_mul_(grads, 1.0 / ws)
     return True
 
-
 def newton_schulz_dtype(device):
     """bf16 where matmuls have bf16 hardware (CUDA; CPUs with AVX512-BF16/AMX), fp32 elsewhere."""
     # bf16 is ~8x faster than fp32 on such CPUs, and precise enough for an update direction
@@ -76,7 +71,6 @@ def newton_schulz_dtype(device):
         except (AttributeError, RuntimeError):  # a torch build without the oneDNN query
             pass
     return torch.float32
-
 
 def newton_schulz(G, steps=5, dtype=None):
     """Approximate orthogonalisation of G (..., rows, cols), batched over leading dims, computed and returned
@@ -102,7 +96,6 @@ def newton_schulz(G, steps=5, dtype=None):
             X = torch.baddbmm(X, B, X, beta=a)
     return X.reshape(shape)
 
-
 def _param_groups(groups):
     """The groups with their kind's defaults and "initial_lr" (for LR schedules); Muon groups split by shape."""
     out = []
@@ -124,7 +117,6 @@ def _param_groups(groups):
         out += [dict(group, params=ps) for ps in by_shape.values()]
     return out
 
-
 def _merge_states(states):
     """One state dict out of several, in order, as the old [AdamW state, Muon state] checkpoints hold."""
     groups, state, offset = [], {}, 0
@@ -137,7 +129,6 @@ def _merge_states(states):
         state.update({offset + i: s for i, s in sd["state"].items()})
         offset += sum(len(g["params"]) for g in sd["param_groups"])
     return dict(state=state, param_groups=groups)
-
 
 class MuonAdamW(torch.optim.Optimizer):
     """AdamW and Muon in one process, over param groups of kind "adamw" or "muon" (2-D params only)."""
@@ -202,12 +193,10 @@ class MuonAdamW(torch.optim.Optimizer):
         scale = max(1.0, rows / cols) ** 0.5  # keeps the per-element update size comparable for tall matrices
         torch._foreach_add_(params, list(X.unbind(0)), alpha=-group["lr"] * scale)
 
-
 def _padded_flat(t, ws):
     """t (detached) viewed flat and zero-padded to a multiple of ws: a copy only when padding is needed."""
     pad = -t.numel() % ws
     return F.pad(t.detach().reshape(-1), (0, pad)) if pad else t.detach().view(-1)
-
 
 def _launch_reduce(full):
     """Start summing `full` over ranks, this rank wanting only its block of dim 0: (that block, the work)."""
@@ -217,7 +206,6 @@ def _launch_reduce(full):
         return mine, dist.reduce_scatter_tensor(mine, full, op=dist.ReduceOp.SUM, async_op=True)
     # no reduce_scatter on this backend (old Gloo): sum everything, keep the block
     return full.chunk(ws)[rank], dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
-
 
 class DistMuonAdamW(MuonAdamW):
     """MuonAdamW sharded across ranks (ZeRO-2 style): each rank updates, and keeps state for, its share only."""
@@ -308,7 +296,6 @@ class DistMuonAdamW(MuonAdamW):
             outputs = list(chunk) + [torch.empty_like(chunk[0]) for _ in range(ws - len(chunk))]
             gathers.append((dist.all_gather(outputs, outputs[rank], async_op=True), None, None))
         return gathers
-
 
 def build_optimizer(groups, ns_dtype=None):
     """DistMuonAdamW when torch.distributed runs with world_size > 1, else MuonAdamW."""

@@ -44,14 +44,11 @@ SUMMARY_ROWS = [
 ]
 TASK_PPL_PREFIX = "task_ppl:"  # chat_eval logs one "task_ppl:<file stem>" per --task-ppl file
 
-
 def slugify(section):
     return "-".join(re.findall(r"[a-z0-9]+", section.lower())) or "section"
 
-
 def _now():
     return datetime.datetime.now().strftime(TIME_FORMAT)
-
 
 def _format_value(value):
     if isinstance(value, bool) or value is None:
@@ -66,20 +63,17 @@ def _format_value(value):
         return json.dumps(value, default=str)
     return str(value).replace("\n", " ")
 
-
 def _parse_number(text):
     try:
         return float(text.replace(",", ""))
     except ValueError:
         return None
 
-
 def _run(cmd, cwd):
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
 
 # -----------------------------------------------------------------------------
 # The environment
@@ -113,13 +107,11 @@ def environment():
         env["gpu_count"] = 0
     return env
 
-
 def _memory_gb():
     try:
         return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
     except (ValueError, OSError, AttributeError):
         return None
-
 
 # -----------------------------------------------------------------------------
 # Reading sections back
@@ -139,19 +131,16 @@ def parse_blocks(text):
         blocks.append((title, timestamp, values))
     return blocks
 
-
 def _parse_time(text):
     try:
         return datetime.datetime.strptime(text, TIME_FORMAT)
     except (TypeError, ValueError):
         return None
 
-
 def _format_duration(seconds):
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
 
 # -----------------------------------------------------------------------------
 # The report
@@ -326,7 +315,6 @@ class Report:
             lines.append("- total wall clock time: unknown (run `python -m nanochat.report reset` before the first stage)")
         return "\n".join(lines)
 
-
 class DummyReport:
     """What non-zero ranks get: the same methods, doing nothing (only rank 0 writes)."""
 
@@ -335,13 +323,11 @@ class DummyReport:
 
     reset = generate = log
 
-
 def get_report():
     """The run's report on rank 0; a DummyReport on the other ranks, so only one process writes."""
     if get_rank() != 0:
         return DummyReport()
     return Report(os.path.join(get_base_dir(), "report"))
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The run's report card: reset at the start, generate at the end.")
@@ -359,7 +345,6 @@ def main(argv=None):
         path = report.generate(gpu_hourly_cost=args.gpu_hourly_cost, out_dir=args.out_dir)
         print(f"wrote {path}" + ("" if args.out_dir == os.path.dirname(path) else
                                  f" and {os.path.join(args.out_dir or os.getcwd(), 'report.md')}"))
-
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 from nanochat.common import get_dist_info
 
-
 def all_reduce_sum(values, device):
     """A list of numbers summed over ranks (returned as is in a single process)."""
     tensor = torch.tensor(values, dtype=torch.float32 if torch.device(device).type == "mps" else torch.float64,
@@ -17,13 +16,11 @@ def all_reduce_sum(values, device):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
 
-
 def my_indices(num_problems, max_problems=-1):
     """This rank's share of the first max_problems problems (all when -1)."""
     n = num_problems if max_problems is None or max_problems < 0 else min(num_problems, max_problems)
     _, rank, _, world_size = get_dist_info()
     return list(range(rank, n, world_size))
-
 
 def _padded(rows, pad_id, device):
     """Rows of different lengths as one right-padded (B, width) batch (causal attention: the padding
@@ -32,7 +29,6 @@ def _padded(rows, pad_id, device):
     for i, row in enumerate(rows):
         batch[i, :len(row)] = torch.tensor(row, dtype=torch.long)
     return batch.to(device)
-
 
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_len=None):
@@ -56,7 +52,6 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_l
             right += int(task.evaluate(conversation, letters[int(scores.argmax())]))
     return right, len(indices)
 
-
 def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50, seed=42,
                        batch_size=None):
     """generate(prompts: lists of ids) -> per prompt, num_samples completions (str), decoding at
@@ -72,7 +67,6 @@ def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temp
         return [[tokenizer.decode(ids[len(prompt):]) for ids in results] for prompt, (results, _) in zip(prompts, outputs)]
     return generate
 
-
 def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=None):
     """(number passed, number asked) over task[indices]: a problem passes when any sample does."""
     passed = 0
@@ -82,7 +76,6 @@ def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=Non
         for conversation, completions in zip(conversations, generate(prompts)):
             passed += int(any(task.evaluate(conversation, completion) for completion in completions))
     return passed, len(indices)
-
 
 @torch.no_grad()
 def assistant_nll(model, tokenizer, conversations, device, batch_size=8, max_len=None):

@@ -28,7 +28,6 @@ SPECIAL_TOKENS = [
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "python", "python_output")
 
-
 class Tokenizer:
     """A tiktoken Encoding built from trained BPE ranks plus nanochat's special tokens."""
 
@@ -191,7 +190,6 @@ class Tokenizer:
             out.append((f"\033[92m{text}\033[0m" if color else f"[[{text}]]") if m else text)
         return "|".join(out)
 
-
 # -----------------------------------------------------------------------------
 # The one conversation validator: of the task records, gen_data's replies, and what is rendered
 
@@ -201,7 +199,6 @@ class RecordError(DataError):
     def __init__(self, field, message):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
-
 
 def check_messages(messages, field="messages", final_role="assistant", allow_empty=False):
     """Clean {"role", "content"} copies of a valid message list; else RecordError naming the field."""
@@ -232,7 +229,6 @@ def check_messages(messages, field="messages", final_role="assistant", allow_emp
                           f"the conversation must end with the {final_role}, got {clean[-1]['role']!r}")
     return clean
 
-
 def _check_content(content, role, field, allow_empty):
     if isinstance(content, str):
         if not allow_empty and not content.strip():
@@ -250,17 +246,14 @@ def _check_content(content, role, field, allow_empty):
     allowed = "a string or a list of parts" if role == "assistant" else "a string"
     raise RecordError(field, f"expected {allowed}, got {type(content).__name__}")
 
-
 # -----------------------------------------------------------------------------
 # The project's trained tokenizer
 
 def get_tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")
 
-
 def get_tokenizer():
     return Tokenizer.from_directory(get_tokenizer_dir())
-
 
 def get_token_bytes(device="cpu"):
     """token_bytes.pt, written by tok_train, as a tensor on `device` (for bits per byte)."""

@@ -16,7 +16,6 @@ from nanochat.common import format_eta, get_base_dir, get_peak_flops, init_wandb
 from nanochat.lora import apply_lora_from_args, lora_optimizer, lora_tag
 from nanochat.optim import all_reduce_gradients
 
-
 def add_training_flags(parser):
     """The flags every stage has; a stage changes their defaults with parser.set_defaults."""
     g = parser.add_argument_group("runtime")
@@ -51,7 +50,6 @@ def add_training_flags(parser):
     g.add_argument("--model-tag", default=None, help="checkpoint sub-folder name (default: d<depth>)")
     g.add_argument("--log-every", type=int, default=1, help="print a progress line every N steps")
 
-
 def add_finetuning_flags(parser, default_mixture, default_val, noun="conversations"):
     """The flags mid, SFT and DPO share: where the model comes from, the data, and LoRA."""
     g = parser.add_argument_group("starting model and output")
@@ -81,7 +79,6 @@ def add_finetuning_flags(parser, default_mixture, default_val, noun="conversatio
                    help="comma-separated Linear names to adapt (c_q,c_k,c_v,c_proj,c_fc,lm_head; or attn.c_proj)")
     g.add_argument("--lora-lr", type=float, default=1e-3, help="AdamW learning rate of the adapters")
 
-
 # -----------------------------------------------------------------------------
 # The schedule and the optimizer step
 
@@ -95,7 +92,6 @@ def lr_multiplier(step, num_steps, warmup_ratio, warmdown_ratio, final_lr_frac):
     progress = (num_steps - step) / warmdown  # 1 at the start of the warmdown, 0 at the end
     return progress + (1 - progress) * final_lr_frac
 
-
 def set_schedule(optimizer, step, num_steps, args):
     """Set every group's LR for this step; returns the multiplier (for the log)."""
     lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -105,7 +101,6 @@ def set_schedule(optimizer, step, num_steps, args):
             # momentum 0.85 -> 0.95 over the first 300 steps: the first, noisy updates stick less
             group["momentum"] = 0.85 + 0.10 * min(step / 300, 1.0)
     return lrm
-
 
 def optimizer_step(model, optimizer, grad_clip):
     """Clip (optionally) and step, then drop the gradients."""
@@ -118,13 +113,11 @@ def optimizer_step(model, optimizer, grad_clip):
     optimizer.step(grads_averaged=synced)
     model.zero_grad(set_to_none=True)
 
-
 def grad_accum_steps(total, per_micro_batch, what):
     """Micro-batches per optimizer step, when `total` must be a whole number of them."""
     if total % per_micro_batch != 0:
         raise SystemExit(f"{what}={total} must be a multiple of {per_micro_batch} (a micro-batch on every rank)")
     return total // per_micro_batch
-
 
 def build_optimizer(args, model):
     """Muon for the block matrices, AdamW for the embedding and lm_head, LRs from the flags."""
@@ -133,11 +126,9 @@ def build_optimizer(args, model):
     return model.setup_optimizer(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
                                  matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay, muon_dtype=muon_dtype)
 
-
 def is_due(step, every, num_steps):
     """True every `every` steps (every <= 0: never) and always at the last step."""
     return step == num_steps or (every > 0 and step % every == 0)
-
 
 def maybe_compile(model, args, device, dynamic):
     """The fused-kernel switch, then torch.compile when --compile says so (CUDA by default)."""
@@ -146,7 +137,6 @@ def maybe_compile(model, args, device, dynamic):
     if args.compile == "1" or (args.compile == "auto" and device.type == "cuda"):
         return torch.compile(model, dynamic=dynamic)
     return model
-
 
 # -----------------------------------------------------------------------------
 # Where a fine-tuning stage starts from and saves to
@@ -173,7 +163,6 @@ def load_starting_model(args, source, stage, device):
         optimizer = build_optimizer(args, model)
     return model, optimizer, tokenizer, os.path.join(get_base_dir(), SOURCES[stage][0], output_tag), meta
 
-
 # -----------------------------------------------------------------------------
 # Checkpoints: save and resume
 
@@ -187,7 +176,6 @@ def save(checkpoint_dir, step, model, optimizer, meta, loader_state, log, world_
     meta = dict(meta, step=step, loader_state=loader_state, trainer=log.state())
     save_checkpoint(checkpoint_dir, step, trained_state(model), optimizer.state_dict(), meta, rank=dist_rank())
     print0(f"saved checkpoint: {checkpoint_dir} step {step}")
-
 
 def resume(checkpoint_dir, model, optimizer, meta, device):
     """(step, loader state, saved meta) of the last checkpoint in checkpoint_dir, loaded into the
@@ -212,10 +200,8 @@ def resume(checkpoint_dir, model, optimizer, meta, device):
     print0(f"resumed from {checkpoint_dir} at step {step}")
     return step, saved.get("loader_state"), saved
 
-
 def dist_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
 
 # -----------------------------------------------------------------------------
 # The progress line

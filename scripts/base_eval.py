@@ -18,7 +18,6 @@ from nanochat.core_eval import bundle_tasks, download_eval_bundle, evaluate_core
 from nanochat.download import DownloadError
 from nanochat.report import get_report
 
-
 def load_tasks(args, ddp, rank):
     # --data-dir: local files, offline; --bundle-dir: a bundle unzipped by hand; neither: download it once
     if args.data_dir:
@@ -39,7 +38,6 @@ def load_tasks(args, ddp, rank):
         raise DataError(f"--tasks: unknown task(s) {unknown}; available: {', '.join(by_label)}")
     return [by_label[name] for name in names]
 
-
 def csv_text(results, core):
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -49,7 +47,6 @@ def csv_text(results, core):
     # the score itself as a last row, so a spreadsheet of several runs lines them up
     writer.writerow(["CORE", "", "", "", "", "", f"{core:.6f}"])
     return buffer.getvalue()
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,7 +89,6 @@ def main(argv=None):
             {"CORE": round(core, 4), "eval_time_s": round(seconds, 1)}])
     compute_cleanup()
     return out
-
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
-
 def greedy_samples(model, tokenizer, prompts, max_tokens):
     """[(prompt, continuation)] decoded greedily, all prompts in one batch (the Engine's KV cache)."""
     from nanochat.engine import Engine  # only needed here, and it is a big import
@@ -29,7 +28,6 @@ def greedy_samples(model, tokenizer, prompts, max_tokens):
     encoded = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
     outputs = engine.generate_multi(encoded, num_samples=1, max_tokens=max_tokens, temperature=0.0)
     return [(p, tokenizer.decode(results[0][len(ids):])) for p, ids, (results, _) in zip(prompts, encoded, outputs)]
-
 
 def corpus_settings(args, meta):
     """(data, val_data, txt_doc_chars): the flags, else what the base training run recorded."""
@@ -43,7 +41,6 @@ def corpus_settings(args, meta):
     if txt_doc_chars is None or txt_doc_chars < 0:  # base_train's default: ~2 rows' worth of characters
         txt_doc_chars = 2 * meta["model_config"]["sequence_len"]
     return data, val_data, txt_doc_chars
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +91,6 @@ def main(argv=None):
             ("Greedy samples:\n\n" + "\n".join(f"    {p!r} -> {c!r}" for p, c in samples)) if samples else None])
     compute_cleanup()
     return {**results, "samples": samples}
-
 
 if __name__ == "__main__":
     main()

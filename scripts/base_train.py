@@ -23,7 +23,6 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from scripts.base_loss import SAMPLE_PROMPTS
 
-
 def model_config_from_args(args, vocab_size):
     """GPTConfig from --depth: width = depth × aspect ratio, cut into heads of --head-dim."""
     model_dim = args.depth * args.aspect_ratio
@@ -37,7 +36,6 @@ def model_config_from_args(args, vocab_size):
         raise SystemExit(f"--num-kv-heads={num_kv_heads} must divide the number of heads ({num_heads})")
     return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
                      n_head=num_heads, n_kv_head=num_kv_heads, n_embd=model_dim)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,7 +153,6 @@ def main(argv=None):
     compute_cleanup()
     log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
     return log
-
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, add_sampling_args, sampling_from_args
 
-
 def get_parser():
     p = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
@@ -21,7 +20,6 @@ def get_parser():
     add_sampling_args(p, temperature=0.6, max_tokens=1024)
     p.add_argument("--seed", type=int, default=42, help="sampling seed (the n-th reply uses seed + n)")
     return p
-
 
 def stream_reply(engine, tokens, params):
     """Generate after `tokens`, printing the text as it comes; returns the generated ids."""
@@ -32,7 +30,6 @@ def stream_reply(engine, tokens, params):
             print(text, end="", flush=True)
     print()
     return row.tokens
-
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
@@ -89,7 +86,6 @@ def main(argv=None):
         params.seed += 1  # the n-th reply samples with seed + n
         # a reply cut off by --max-tokens still closes its turn
         history = tokens + generated + ([] if generated[-1:] == [assistant_end] else [assistant_end])
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,7 +31,6 @@ DEFAULT_VAL = ["preferences:test"]
 STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
               "logps/chosen", "logps/rejected")
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +177,6 @@ def main(argv=None):
     compute_cleanup()
     log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
     return log
-
 
 if __name__ == "__main__":
     main()

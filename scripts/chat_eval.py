@@ -42,7 +42,6 @@ LOCAL_FILES = {
     "HumanEval": ["humaneval.jsonl"],
 }
 
-
 def build_eval_task(name, data_dir=None, spelling_size=256):
     """The Task behind a task name: local files from data_dir, else the default (downloaded) data."""
     if name == "SpellingBee":
@@ -58,7 +57,6 @@ def build_eval_task(name, data_dir=None, spelling_size=256):
             "GSM8K": lambda: GSM8K("test", data_path=path),
             "HumanEval": lambda: HumanEval(data_path=path)}[name]()
 
-
 def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_len=None):
     """(perplexity, number of tokens) of the assistant tokens of the conversations (all ranks)."""
     nll, tokens = assistant_nll(model, tokenizer, conversations, device, batch_size, max_len)
@@ -66,13 +64,11 @@ def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_l
         raise ValueError("no assistant tokens to score (empty file, or every conversation cut before its answer)")
     return math.exp(nll / tokens), tokens
 
-
 def chatcore(accuracies):
     """Mean centered accuracy over ALL_TASKS; None unless every one of them was evaluated."""
     if not all(name in accuracies for name in ALL_TASKS):
         return None
     return sum((accuracies[n] - BASELINES[n]) / (1 - BASELINES[n]) for n in ALL_TASKS) / len(ALL_TASKS)
-
 
 def parse_task_list(text):
     names = [n.strip() for n in text.replace(",", "|").split("|") if n.strip()]
@@ -84,7 +80,6 @@ def parse_task_list(text):
     if unknown:
         raise SystemExit(f"error: -a: unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)} (or all, none)")
     return names
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,7 +158,6 @@ def main(argv=None):
         ])
     compute_cleanup()
     return {"results": results, "ChatCORE": score, "task_ppl": ppl}
-
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,6 @@ DEFAULT_MIXTURE = ["arc:easy:train", "arc:challenge:train", "gsm8k:train", "smol
 DEFAULT_VAL = ["smoltalk:test"]
 DEFAULT_EVAL_TASKS = ["mmlu:test", "arc:easy:test"]
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +155,6 @@ def main(argv=None):
     compute_cleanup()
     log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
     return log
-
 
 if __name__ == "__main__":
     main()

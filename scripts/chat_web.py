@@ -25,7 +25,6 @@ from nanochat.engine import Engine, SamplingParams, add_sampling_args, sampling_
 UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
-
 def get_parser():
     p = argparse.ArgumentParser(description="Serve a nanochat model: web chat UI + OpenAI-compatible API")
     add_checkpoint_args(p, "sft")
@@ -46,7 +45,6 @@ def get_parser():
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="server log level")
     return p
 
-
 # -----------------------------------------------------------------------------
 # Request validation. Everything a client sends is checked here, on the event loop, before it
 # reaches a replica; a bad request gets a 400 naming the field, as OpenAI's API does.
@@ -59,11 +57,9 @@ class ErrorResponse(Exception):
         kind = "server_error" if status >= 500 else "invalid_request_error"
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
-
 def _check(ok, message, param=None):
     if not ok:
         raise ErrorResponse(message, param)
-
 
 def _number(body, name, default, low, high, integer=False, low_inclusive=True):
     value = body.get(name)
@@ -75,7 +71,6 @@ def _number(body, name, default, low, high, integer=False, low_inclusive=True):
     _check(low <= value <= high and (value != low or low_inclusive),
            f"'{name}' must be in {'[' if low_inclusive else '('}{low}, {high}], got {value}", name)
     return value
-
 
 def sampling_params(body, defaults, args, default_max_tokens):
     """(SamplingParams, stream, include_usage) from the knobs both endpoints share."""
@@ -98,7 +93,6 @@ def sampling_params(body, defaults, args, default_max_tokens):
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=top_p, max_tokens=max_tokens,
                             seed=random.randrange(2**31) if seed is None else seed, stop=tuple(stop))
     return params, body.get("stream", False), bool(options.get("include_usage"))
-
 
 def chat_conversation(body, args):
     """The OpenAI `messages` list -> nanochat conversation dict (validated, limited)."""
@@ -127,7 +121,6 @@ def chat_conversation(body, args):
     _check(out[-1]["role"] == "user", "the last message must be from the user", f"messages[{len(out) - 1}].role")
     return {"messages": out}
 
-
 # -----------------------------------------------------------------------------
 # The replica pool. Every replica (one model copy per GPU) has a worker thread that owns a
 # BatchDecoder. Validated, tokenized requests wait on one shared queue: an idle replica takes one
@@ -147,7 +140,6 @@ class Job:
         # asyncio queues are not thread-safe: the put runs on the event loop's own thread
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
 
 class Replica:
     """A model copy and the thread that decodes all of its requests in one continuous batch."""
@@ -203,7 +195,6 @@ class Replica:
                 if row.finish_reason:
                     row.request.emit("done", row.finish_reason, len(row.tokens))
 
-
 class WorkerPool:
     def __init__(self, engines, max_batch_size, max_queue):
         self.max_batch_size = max_batch_size
@@ -232,7 +223,6 @@ class WorkerPool:
         return {"uptime_s": round(time.time() - self.started, 1), "queue_depth": self.pending.qsize(),
                 "requests_served": sum(r["requests_served"] for r in replicas),
                 "tokens_generated": sum(r["tokens_generated"] for r in replicas), "replicas": replicas}
-
 
 # -----------------------------------------------------------------------------
 # The app: tokens go from each request's Job to its client as they come, streamed (SSE) or whole
@@ -355,7 +345,6 @@ def create_app(pool, tokenizer, model_name, args, max_context):
 
     return app
 
-
 def load_engines(args):
     """One Engine per replica, each on its own GPU; also the tokenizer and the checkpoint's meta."""
     device_type = args.device or autodetect_device_type()
@@ -367,7 +356,6 @@ def load_engines(args):
     except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
         raise SystemExit(f"error: {e}") from None
     return [Engine(model, tokenizer) for model, tokenizer, _ in loaded], loaded[0][1], loaded[0][2]
-
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
@@ -383,7 +371,6 @@ def main(argv=None):
                 len(engines), args.host, args.port)
     import uvicorn
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,6 @@ def bytes_to_unicode():
     moved = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
-
 def bpe_merges(ranks):
     """The merge that makes each multi-byte token, in rank order: replay BPE on the token's own
     bytes using only lower-ranked tokens (what tiktoken does) until two parts are left."""
@@ -49,7 +48,6 @@ def bpe_merges(ranks):
             raise ValueError(f"token {token!r} (rank {rank}) cannot be built by merging lower-ranked tokens")
         merges.append((parts[0], parts[1]))
     return merges
-
 
 def hf_tokenizer_json(tokenizer):
     """tokenizer.json contents equivalent to our tiktoken encoding (checked by verify_tokenizer)."""
@@ -87,7 +85,6 @@ def hf_tokenizer_json(tokenizer):
                   "vocab": vocab, "merges": merges},
     }
 
-
 # The conversation format of Tokenizer.render_conversation, in Jinja: <|bos|>, a system message
 # folded into the first user turn, user turns, assistant turns (text, or parts with tool calls).
 CHAT_TEMPLATE = (
@@ -107,7 +104,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
 )
 
-
 # -----------------------------------------------------------------------------
 # The folder:
 #   model.safetensors         the weights, under nanochat's own parameter names
@@ -120,7 +116,6 @@ CHAT_TEMPLATE = (
 
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
 
 def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     """Write every file of the HF folder into out_dir (created)."""
@@ -159,7 +154,6 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     atomic_write(os.path.join(out_dir, "chat_template.jinja"), CHAT_TEMPLATE)
     write_json(os.path.join(out_dir, "nanochat_meta.json"), meta or {})
 
-
 # -----------------------------------------------------------------------------
 # Verification
 
@@ -175,15 +169,12 @@ SAMPLE_CONVERSATION = {"messages": [  # a system message, two turns, and a tool 
                                       {"type": "python_output", "text": "84"}, {"type": "text", "text": " It is 84."}]},
     {"role": "user", "content": "Thanks! And 84 minus 2?"}, {"role": "assistant", "content": "82."}]}
 
-
 class VerificationError(RuntimeError):
     pass
-
 
 def _verify(ok, message):
     if not ok:
         raise VerificationError(message)
-
 
 def verify_tokenizer_json(out_dir, tokenizer, texts=SAMPLE_TEXTS):
     """HF `tokenizers` with our tokenizer.json encodes like our tokenizer (no transformers needed)."""
@@ -195,7 +186,6 @@ def verify_tokenizer_json(out_dir, tokenizer, texts=SAMPLE_TEXTS):
         _verify(hf.encode(text).ids == [tokenizer.get_bos_token_id()] + ours, "tokenizer.json does not prepend <|bos|>")
         _verify(hf.decode(theirs) == text, f"tokenizer.json does not decode {text[:40]!r} back")
     return len(texts)
-
 
 def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_tokens=16, tolerance=1e-4):
     """A report of how the folder, loaded by transformers, matches our model; VerificationError where it does not."""
@@ -257,9 +247,7 @@ def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_
     report["generation_tokens_compared"] = new_tokens
     return report
 
-
 # -----------------------------------------------------------------------------
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face transformers folder (verified).")
@@ -319,7 +307,6 @@ def main(argv=None):
     shutil.rmtree(old, ignore_errors=True)
     print(f"exported to {out_dir}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,14 +30,11 @@ from tasks.preferences import preference_pair
 
 STOP = threading.Event()  # set when the run is stopping: workers give up instead of retrying
 
-
 class FatalAPIError(RuntimeError):
     """Retrying cannot help (bad key, unknown model or URL): stop the whole run."""
 
-
 class APIError(RuntimeError):
     """This request failed (after retries, or with a reply we cannot use)."""
-
 
 def retry_after_seconds(value):
     """Retry-After as seconds (a number, or an HTTP date); None when absent or unreadable."""
@@ -49,7 +46,6 @@ def retry_after_seconds(value):
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
-
 
 class ChatClient:
     RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
@@ -107,7 +103,6 @@ class ChatClient:
                 self.counters["retried"] += 1
             STOP.wait(delay)  # wakes at once when the run stops
 
-
 def make_client(args, prefix, counters):
     """The ChatClient of the --{prefix}api-base/--{prefix}model/--{prefix}api-key-env flags."""
     api_base, model, flag = getattr(args, f"{prefix}api_base"), getattr(args, f"{prefix}model"), prefix.replace("_", "-")
@@ -117,7 +112,6 @@ def make_client(args, prefix, counters):
                       timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff,
                       max_backoff=args.max_backoff, counters=counters)
 
-
 # -----------------------------------------------------------------------------
 # Resumable jsonl output. Every record carries a stable "id" (a hash of what produced it): a re-run
 # reads the ids already in --out and skips them, so a killed run is simply started again. Items that
@@ -125,7 +119,6 @@ def make_client(args, prefix, counters):
 
 def stable_id(*parts):
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
-
 
 def read_records(path):
     """Records of an existing jsonl output; a torn last line (what a killed writer leaves) is cut off the file."""
@@ -152,7 +145,6 @@ def read_records(path):
             raise SystemExit(f"{path}:{lineno}: expected a JSON object")
     return records
 
-
 def append(path, record):
     # one line, on disk before the next is written: a kill loses at most this one (read_records repairs that)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -160,7 +152,6 @@ def append(path, record):
         f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
-
 
 def run_parallel(jobs, work, on_result, args, counters, desc):
     """work(job) on --concurrency threads, on_result(job, result) in this thread (the only writer)."""
@@ -192,14 +183,12 @@ def run_parallel(jobs, work, on_result, args, counters, desc):
     if counters["failed"]:
         print(f"{counters['failed']} of {len(jobs)} failed; run the same command again to retry them")
 
-
 def read_text(path, what):
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
         raise SystemExit(f"{what} file not found: {path}") from None
-
 
 # -----------------------------------------------------------------------------
 # generate. --template is a text file with {name} placeholders (other braces, say a JSON example,
@@ -209,7 +198,6 @@ def read_text(path, what):
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n(.*?)\n?```", re.DOTALL)
 THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
-
 
 def read_topics(path):
     """[(line number, line text, placeholder values)] of a --topics file."""
@@ -230,17 +218,14 @@ def read_topics(path):
         raise SystemExit(f"{path}: no topics (one per line)")
     return topics
 
-
 def render(template, values):
     return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
 
 def check_placeholders(template, template_path, topics, topics_path):
     for lineno, _, values in topics:
         if missing := set(PLACEHOLDER.findall(template)) - set(values) - {"sample"}:
             raise SystemExit(f"{topics_path}:{lineno}: no value for the placeholder(s) "
                              f"{', '.join('{' + n + '}' for n in sorted(missing))} used in {template_path}")
-
 
 def reply_to_messages(reply, question, fmt="auto"):
     """The conversation a model's reply stands for; ValueError if it is not a valid one."""
@@ -265,7 +250,6 @@ def reply_to_messages(reply, question, fmt="auto"):
         return chat_record_to_conversation(data)["messages"]  # user first, alternating, ending with the assistant
     except RecordError as e:
         raise ValueError(f"reply is not a valid conversation: {e}") from None
-
 
 def generate(args):
     template = read_text(args.template, "--template")
@@ -316,7 +300,6 @@ def generate(args):
     print(f"skipped {skipped} already done; output in {args.out}")
     return counters
 
-
 # -----------------------------------------------------------------------------
 # judge. Every pair of the --num-answers answers to a prompt is shown to the judge with the --rubric;
 # the judge must end with a line "VERDICT: A", "VERDICT: B" or "VERDICT: TIE". Ties, unparseable
@@ -335,7 +318,6 @@ equally good (or equally bad), say TIE."""
 
 VERDICT_LINE = re.compile(r"^[\s*_#>`]*verdict[\s*_`]*[:：][\s*_`]*(A|B|TIE)[\s*_`.!]*$", re.IGNORECASE)
 
-
 def judge_prompt(rubric, prompt_messages, answer_a, answer_b):
     conversation = "\n\n".join(f"{m['role'].upper()}: {m['content']}" for m in prompt_messages)
     return (f"{rubric.strip()}\n\n[Conversation]\n{conversation}\n[End of conversation]\n\n"
@@ -343,13 +325,11 @@ def judge_prompt(rubric, prompt_messages, answer_a, answer_b):
             "Explain your comparison briefly. Then end your reply with a final line that is exactly one of:\n"
             "VERDICT: A\nVERDICT: B\nVERDICT: TIE")
 
-
 def parse_verdict(text):
     """("A" | "B" | "TIE", reason) from the judge's reply, or (None, text) when its last line is no verdict."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     match = VERDICT_LINE.match(lines[-1]) if lines else None
     return (match.group(1).upper(), "\n".join(lines[:-1]).strip()) if match else (None, text)
-
 
 def prompt_messages(record):
     """The prompt of a --prompts .jsonl record, as a list of messages."""
@@ -369,7 +349,6 @@ def prompt_messages(record):
         messages = messages[:-1]
     return check_messages(messages, field="messages", final_role="user")
 
-
 def read_prompts(path):
     """[(where, prompt messages)] from a .txt (one prompt per line) or .jsonl file."""
     jsonl, prompts = path.endswith((".jsonl", ".json")), []
@@ -386,7 +365,6 @@ def read_prompts(path):
     if not prompts and jsonl:
         raise SystemExit(f"{path}: no prompts")
     return prompts
-
 
 def make_answerer(args, counters):
     """(name, answers(prompt messages, seed) -> --num-answers texts), from an endpoint or from our checkpoint."""
@@ -411,7 +389,6 @@ def make_answerer(args, counters):
         return [tokenizer.decode(r[len(ids):]).strip() for r in results]
     return f"{args.source}:{args.model_tag or 'default'}@{meta['step']}", answers
 
-
 def judge_pair(args, ask_judge, answer_source, messages, pair_id, x, y):
     """The output record of one pair of answers: a kept pair, or a dropped one that says why."""
     if not x or not y or x == y:
@@ -431,7 +408,6 @@ def judge_pair(args, ask_judge, answer_source, messages, pair_id, x, y):
     return {"id": pair_id, "prompt": messages[0]["content"] if len(messages) == 1 else messages, "chosen": winners[0],
             "rejected": y if winners[0] == x else x, "reason": next((r for r in reasons if r), ""),
             "judge_model": args.judge_model, "answer_source": answer_source}
-
 
 def judge(args):
     rubric = read_text(args.rubric, "--rubric") if args.rubric else DEFAULT_RUBRIC
@@ -475,7 +451,6 @@ def judge(args):
           f"{counters['identical']} identical answers")
     return counters
 
-
 # -----------------------------------------------------------------------------
 
 def add_client_args(parser, prefix="", what="the generator"):
@@ -485,7 +460,6 @@ def add_client_args(parser, prefix="", what="the generator"):
     parser.add_argument(f"--{prefix}model", dest=f"{dest}model", default=None, help=f"model name of {what}")
     parser.add_argument(f"--{prefix}api-key-env", dest=f"{dest}api_key_env", default="OPENAI_API_KEY",
                         help=f"environment variable holding the API key of {what} (unset = no key)")
-
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="Details: the comments "
@@ -527,14 +501,12 @@ def build_parser():
         p.add_argument("--max-backoff", type=float, default=60.0, help="longest retry delay (unless Retry-After asks more)")
     return parser
 
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.concurrency < 1:
         raise SystemExit("--concurrency must be >= 1")
     counters = generate(args) if args.command == "generate" else judge(args)
     return 1 if counters["failed"] else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,6 @@ from nanochat.checkpoint_manager import SOURCES, build_model, save_checkpoint
 from nanochat.common import get_base_dir
 from nanochat.lora import lora_state_dict, merge_lora
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model (writes a normal checkpoint).")
     parser.add_argument("--lora-dir", required=True, help="checkpoint folder of the adapters (e.g. .../chatsft_checkpoints/d12_lora)")
@@ -58,7 +57,6 @@ def main(argv=None):
     print(f"merged {n_adapter:,} adapter parameters into {base} (max logit change check {diff:.1e}); "
           f"wrote {args.out_dir} step {step}")
     return args.out_dir
-
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,6 @@ DEFAULT_MIXTURE = ["smoltalk:train", "mmlu:auxiliary_train", "gsm8k:train", "sim
                    "spelling:train:80000"]
 DEFAULT_VAL = ["smoltalk:test", "mmlu:test[:5200]", "gsm8k:test[:420]"]
 
-
 def estimate_tokens(task, tokenizer, max_tokens, sample=2000, seed=0):
     """Tokens in one pass over `task` (each conversation cut to a row): exact for a small task,
     else extrapolated from a random sample (rendering 1M conversations just to count is slow)."""
@@ -37,7 +36,6 @@ def estimate_tokens(task, tokenizer, max_tokens, sample=2000, seed=0):
     indices = range(n) if n <= sample else random.Random(seed).sample(range(n), sample)
     counted = sum(len(tokenizer.render_conversation(task[i], max_tokens=max_tokens)[0]) for i in indices)
     return round(counted * n / len(indices)), n <= sample
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
@@ -143,7 +141,6 @@ def main(argv=None):
     compute_cleanup()
     log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
     return log
-
 
 if __name__ == "__main__":
     main()

@@ -46,11 +46,9 @@ SAMPLES = {
     "chinese": "北京是中华人民共和国的首都，也是全国的政治中心、文化中心、国际交往中心和科技创新中心。",
 }
 
-
 # the bytes of a text, then for each tokenizer its tokens and bytes per token (higher: compresses better)
 def table_row(name, nbytes, num_tokens):
     return f"{name[:12]:<12} {nbytes:>8}" + "".join(f" {n:>10} {nbytes / max(n, 1):>10.2f}" for n in num_tokens)
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +87,6 @@ def main():
     total_bytes, total_tokens = sum(sizes.values()), [sum(column) for column in zip(*tokens.values())]
     print("-" * len(header) + "\n" + table_row("all", total_bytes, total_tokens))
     return {label: total_bytes / max(n, 1) for (label, _), n in zip(contenders, total_tokens)}
-
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,6 @@ from nanochat.dataset import Corpus
 from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 
-
 def text_iterator(data, max_chars, doc_cap):
     """Training documents, each cropped to doc_cap chars, until max_chars in total."""
     nchars = 0
@@ -25,7 +24,6 @@ def text_iterator(data, max_chars, doc_cap):
         nchars += min(len(document), doc_cap)
         if nchars >= max_chars:
             return
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +57,6 @@ def main():
            f"{int((token_bytes == 0).sum())} special tokens")
     get_report().log(section="Tokenizer training", data=[vars(args), {"vocab_size": tokenizer.get_vocab_size(),
                      "train_time_s": round(train_time, 2), "token_bytes_mean": round(nonzero.mean().item(), 3)}])
-
 
 if __name__ == "__main__":
     main()

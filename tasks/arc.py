@@ -11,7 +11,6 @@ HF_REPO = "allenai/ai2_arc"
 ARC_VARIANTS = {"easy": "ARC-Easy", "challenge": "ARC-Challenge"}
 ARC_SPLITS = ("train", "validation", "test")
 
-
 def arc_conversation(record):
     choices, answer = record.get("choices"), record.get("answer")
     # Hugging Face's rows: {"choices": {"text": [...], "label": [...]}, "answerKey": one of the labels}
@@ -26,7 +25,6 @@ def arc_conversation(record):
     question, choices, answer = check_multiple_choice(record.get("question"), choices, answer,
                                                       record.get("answer_letter"))
     return multiple_choice_conversation(question, choices, answer)
-
 
 class ARC(MultipleChoiceTask):
     def __init__(self, variant="easy", split="test", data_path=None, skip_bad=None, **slice_kwargs):

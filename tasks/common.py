@@ -67,12 +67,10 @@ class Task:
     def __repr__(self):
         return f"{type(self).__name__}(len={len(self)})"
 
-
 def _locate(offsets, index):
     """(which part, index within it) for parts laid end to end, part i starting at offsets[i]."""
     which = bisect.bisect_right(offsets, index) - 1
     return which, index - offsets[which]
-
 
 class TaskMixture(Task):
     """All examples of all tasks in one seeded shuffled order; a task listed twice is seen twice."""
@@ -100,7 +98,6 @@ class TaskMixture(Task):
         task, local_index = self.locate(index)
         return task[local_index]
 
-
 class TaskSequence(Task):
     """The tasks one after another, unshuffled (e.g. a curriculum, or one eval pass over several)."""
 
@@ -115,7 +112,6 @@ class TaskSequence(Task):
     def get_example(self, index):
         which, local_index = _locate(self.offsets, index)
         return self.tasks[which][local_index]
-
 
 # -----------------------------------------------------------------------------
 # Reading records from jsonl / parquet files, and validating all of them up front
@@ -163,7 +159,6 @@ class Records:
                 for batch in data.to_batches(max_chunksize=4096):
                     yield from batch.to_pylist()
 
-
 def _read_jsonl(path):
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -177,7 +172,6 @@ def _read_jsonl(path):
             except json.JSONDecodeError as e:
                 rows.append((line_number, e))
     return rows
-
 
 def check_all(records, convert, keep=None, skip_bad=False, max_listed=10):
     """Indices of the records to use: `convert` (raising RecordError) passes them, and `keep` if given."""
@@ -208,7 +202,6 @@ def check_all(records, convert, keep=None, skip_bad=False, max_listed=10):
         print0(f"WARNING: leaving out {len(bad)} bad records (skip_bad): {summary}")
     return indices
 
-
 class RecordTask(Task):
     """A Task over records in files: every record is checked when loading, converted on access."""
 
@@ -226,7 +219,6 @@ class RecordTask(Task):
     def get_example(self, index):
         return self.convert(self.records[self.indices[index]])
 
-
 def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None, revision="main"):
     """(paths, skip_bad): the user's local file(s), else the task's default Hugging Face files."""
     if data_path is not None:
@@ -234,7 +226,6 @@ def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None, revisio
     paths = [hf_dataset_file(repo_id, name, revision) for name in filenames]
     # skip_bad=None: bad records are an error in your files, left out (warned) of a download you cannot fix
     return paths, True if skip_bad is None else skip_bad
-
 
 # -----------------------------------------------------------------------------
 # The chat record formats
@@ -249,7 +240,6 @@ def _nonempty_str(record, key, optional=False):
         raise RecordError(key, "empty")
     return value
 
-
 def chat_record_to_conversation(record):
     """{"messages": [...]} as is (validated), or Alpaca {"instruction", "input", "output"}."""
     if "messages" in record:
@@ -263,12 +253,10 @@ def chat_record_to_conversation(record):
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
     raise RecordError("messages", "missing (expected 'messages', or Alpaca-style 'instruction'/'input'/'output')")
 
-
 # -----------------------------------------------------------------------------
 # Multiple choice (MMLU, ARC): a lettered prompt; the assistant answers with the letter
 
 LETTERS = "ABCDEFGHIJ"
-
 
 def multiple_choice_conversation(question, choices, answer, **extras):
     letters = LETTERS[:len(choices)]
@@ -278,7 +266,6 @@ def multiple_choice_conversation(question, choices, answer, **extras):
     # the letters travel with the conversation: the grader accepts only those as answers
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": letters[answer]}],
             "letters": list(letters), **extras}
-
 
 def check_multiple_choice(question, choices, answer, answer_letter=None):
     """Validate the common MC fields; returns (question, choices, answer_index)."""
@@ -299,14 +286,12 @@ def check_multiple_choice(question, choices, answer, answer_letter=None):
         raise RecordError("answer_letter", f"{answer_letter!r} disagrees with answer={answer}")
     return question, choices, answer
 
-
 def first_letter(completion, letters):
     """The answer letter in a completion like 'B', ' B.', '(B) Paris' or 'B: Paris'; None if absent."""
     # a letter not followed by another letter: 'B' and 'B.' are answers, 'Because' is not
     match = re.match(r"\s*\(?([A-Za-z])(?![A-Za-z])", completion)
     letter = match.group(1).upper() if match else None
     return letter if letter in letters else None
-
 
 class MultipleChoiceTask(RecordTask):
     eval_type = "categorical"

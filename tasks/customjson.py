@@ -11,7 +11,6 @@ from tasks.common import RecordTask, chat_record_to_conversation
 #   {"instruction": "...", "input": "...", "output": "..."} (Alpaca style, input optional):
 #       user = instruction + "\n\n" + input (when there is an input), assistant = output
 
-
 class CustomJSON(RecordTask):
     # skip_bad=False: a bad record of your own file stops the run, naming file:line: field, for you to fix
     def __init__(self, path, skip_bad=False, **slice_kwargs):

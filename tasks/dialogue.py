@@ -30,7 +30,6 @@ has have he her here him his how i if in into is it its just me more my no not n
 she so some than that the their them then there these they this to too up upon us very was we were what when which who
 will with would you your""".split())
 
-
 @dataclass
 class Utterance:
     text: str
@@ -38,7 +37,6 @@ class Utterance:
     paragraph: int       # 1-based index of the paragraph it starts in
     thought: bool = False
     mostly_narration: bool = False
-
 
 @dataclass
 class Options:
@@ -48,7 +46,6 @@ class Options:
     lang: str = "en"
     quotes: str = "auto"
     narration_ratio: float = 3.0  # a paragraph with this many times more narration than quote (and > 200 chars) is narrative
-
 
 # -----------------------------------------------------------------------------
 # Paragraphs and quotes
@@ -64,13 +61,11 @@ def paragraphs(text):
     blocks = re.split(r"\n\s*\n", text)
     return [" ".join(line.strip() for line in block.split("\n") if line.strip()) for block in blocks if block.strip()]
 
-
 def pick_quote_style(text):
     # “curly” or "straight" double quotes, or ‘single curly’ ones: whichever opens more quotes in this book
     doubles = text.count("“") + text.count('"') // 2
     singles = len(re.findall(r"(?:^|(?<=[\s(\[—-]))‘", text))
     return "single" if singles > doubles else "double"
-
 
 def split_quotes(paragraph, style, open_at_start=False):
     """(pieces, narration, still open at the end); pieces: [(quoted fragment, narration after it)]."""
@@ -101,7 +96,6 @@ def split_quotes(paragraph, style, open_at_start=False):
         pieces.append(["".join(current), ""])
     return [tuple(piece) for piece in pieces], "".join(narration), inside
 
-
 def join_fragments(pieces):
     """One utterance from (fragment, narration after it) pieces, the narration dropped."""
     # an attribution often splits one sentence: "Well," said he, "perhaps." -> 'Well, perhaps.'; but when
@@ -115,7 +109,6 @@ def join_fragments(pieces):
         gap = next_gap
     return re.sub(r"_([^_]+)_", r"\1", text).strip()  # Gutenberg's _emphasis_
 
-
 def find_speaker(narration):
     """(speaker or None, is_thought) from the narration of a paragraph."""
     for pattern, name_group, verb_group in ((SPEAKER_AFTER_VERB, 2, 1), (SPEAKER_BEFORE_VERB, 1, 2)):
@@ -124,7 +117,6 @@ def find_speaker(narration):
             if name.split()[0] not in NOT_NAMES:
                 return re.sub(r"\.", "", name).lower(), verb.startswith("thought") or verb == "thinks"
     return None, bool(re.search(r"\b(thought|thinks)\b", narration))
-
 
 def utterances(text, quotes="auto", narration_ratio=3.0):
     """The utterances of a book, in order, with None between dialogues (a narrative paragraph)."""
@@ -153,7 +145,6 @@ def utterances(text, quotes="auto", narration_ratio=3.0):
             u.text = u.text[:-1] + "."
     return out
 
-
 # -----------------------------------------------------------------------------
 # Dialogues -> conversations
 
@@ -164,7 +155,6 @@ def is_english(text):
         return False
     words = re.findall(r"[a-z']+", text.lower())
     return len(words) < 6 or sum(w in STOPWORDS for w in words) >= 0.15 * len(words)
-
 
 def conversations_from_run(run, max_turns, report):
     """Cut one dialogue (consecutive utterances) into conversations of up to max_turns exchanges."""
@@ -195,7 +185,6 @@ def conversations_from_run(run, max_turns, report):
     report["utterances unpaired (same speaker twice, or a lone line)"] += n - i
     return convs
 
-
 def drop_reason(texts, options, seen):
     """Why a conversation (its message texts) is left out, or None to keep it."""
     if any(len(t) < options.min_chars for t in texts):
@@ -205,7 +194,6 @@ def drop_reason(texts, options, seen):
     if options.lang == "en" and not is_english(" ".join(texts)):
         return "not English"
     return "duplicate" if tuple(texts) in seen else None
-
 
 def extract(text, book, options, report=None, seen=None):
     """Conversations (records) from one book's text; counts go to `report` (a Counter)."""
@@ -237,7 +225,6 @@ def extract(text, book, options, report=None, seen=None):
         report["conversations kept"] += 1
     return records, report
 
-
 def format_report(report):
     # the counts add up: every utterance and every conversation falls in exactly one line below its total
     order = ["books", "paragraphs", "utterances", "utterances dropped: a thought", "utterances dropped: mostly narration",
@@ -245,7 +232,6 @@ def format_report(report):
              "conversations", "conversations kept"]
     keys = order + sorted(k for k in report if k not in order)
     return "\n".join(f"  {k:<58} {report[k]:>8,}" for k in keys)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Turn the dialogue in plain-text books into user/assistant conversations.",
@@ -278,7 +264,6 @@ def main(argv=None):
     print(format_report(report))
     print(f"wrote {len(records)} conversations to {args.out}")
     return report
-
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ ANNOTATION = re.compile(r"<<(.*?)>>", re.DOTALL)
 # the solution's last line, "#### 72" (also "#### 1,200" or "#### -2.5")
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
-
 def solution_to_parts(solution):
     """A GSM8K solution string -> assistant content parts with calculator tool calls."""
     # "48/2 = <<48/2=24>>24 clips" -> [text "48/2 = "] [python "48/2"] [python_output "24"] [text "24 clips"]:
@@ -33,7 +32,6 @@ def solution_to_parts(solution):
         parts.append({"type": "text", "text": solution[position:]})
     return parts
 
-
 def extract_answer(text):
     """The number after the last '#### ' in text, normalised (commas removed, 72.0 == 72); None if absent."""
     matches = FINAL_ANSWER.findall(text)
@@ -46,7 +44,6 @@ def extract_answer(text):
         return number
     # not a finite number, compared as text: a model can write a 400-digit "number" (float: inf)
     return number if not math.isfinite(value) else int(value) if value == int(value) else value
-
 
 def gsm8k_conversation(record):
     # the chat form (shared/data's train file) carries the same solution text as its assistant reply
@@ -68,7 +65,6 @@ def gsm8k_conversation(record):
     return {"messages": [{"role": "user", "content": question},
                          {"role": "assistant", "content": solution_to_parts(solution)}],
             "answer": answer}
-
 
 class GSM8K(RecordTask):
     eval_type = "generative"

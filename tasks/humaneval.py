@@ -14,12 +14,10 @@ FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 # a markdown code block, ```python or bare; an unclosed one runs to the end of the completion
 CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
-
 def extract_code(completion):
     """The code in the first code block of `completion`; the completion itself when it has none."""
     match = CODE_BLOCK.search(completion)
     return match.group(1) if match else completion
-
 
 def humaneval_conversation(record):
     for key in FIELDS:
@@ -30,14 +28,12 @@ def humaneval_conversation(record):
                          {"role": "assistant", "content": record["prompt"] + record["canonical_solution"]}],
             **{key: record[key] for key in ("task_id", "prompt", "test", "entry_point")}}
 
-
 def humaneval_program(conversation, completion):
     """The program that passes iff the completion is right: prompt + code + tests + check(entry_point)."""
     # the prompt first keeps its imports and helpers; a full def in the completion simply redefines
     # the stub (whose body is just the docstring), and a bare body continues the stub
     return (conversation["prompt"] + "\n" + extract_code(completion) + "\n\n"
             + conversation["test"] + f"\n\ncheck({conversation['entry_point']})\n")
-
 
 class HumanEval(RecordTask):
     eval_type = "generative"

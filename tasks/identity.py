@@ -24,7 +24,6 @@ PERSONA_FIELDS = {"name": None, "maker": None, "description": "a small AI assist
 # besides the built-ins below: LLaMA-Factory's identity templates (Apache-2.0; English, Chinese), when present
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "identity_template_chat.jsonl"
 
-
 def validate_persona(persona, source="persona"):
     """A checked persona dict with defaults filled in; ValueError naming the bad field otherwise."""
     if not isinstance(persona, dict):
@@ -45,14 +44,12 @@ def validate_persona(persona, source="persona"):
         clean[field] = value.strip().rstrip(".")  # the fields are spliced into sentences
     return clean
 
-
 def load_persona(path):
     try:
         persona = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     return validate_persona(persona, source=str(path))
-
 
 # -----------------------------------------------------------------------------
 # Built-in templates: (user questions, persona answers) per topic
@@ -102,7 +99,6 @@ GENERIC_ANSWERS = [  # what a model says when it has not been taught its identit
     "I am Claude, an AI assistant made by Anthropic.",  # (dropped for a persona named Claude)
 ]
 
-
 def _vary(rng, question):
     """Users do not type like style guides: vary case, punctuation and openers."""
     question = question.lower() if rng.random() < 0.3 else question
@@ -111,7 +107,6 @@ def _vary(rng, question):
     if rng.random() < 0.15:
         question = rng.choice(["hey, ", "ok so ", "quick question: ", "hi! "]) + question[0].lower() + question[1:]
     return question
-
 
 class IdentityConversations(Task):
     def __init__(self, persona, n=1000, seed=42, template_path=DEFAULT_TEMPLATE, template_fraction=0.3, **slice_kwargs):
@@ -147,7 +142,6 @@ class IdentityConversations(Task):
                          {"role": "assistant", "content": self._fill(rng.choice(answers))}]
         return {"messages": messages}
 
-
 def identity_preference_pairs(persona, n=500, seed=42):
     """DPO pairs {"prompt_messages", "chosen", "rejected"}: the persona's answer over a generic one."""
     persona = validate_persona(persona)
@@ -163,11 +157,9 @@ def identity_preference_pairs(persona, n=500, seed=42):
                       "rejected": rng.choice(generic)})
     return pairs
 
-
 class IdentityPreferences(PreferenceList):
     def __init__(self, persona, n=500, seed=42, **slice_kwargs):
         super().__init__(identity_preference_pairs(persona, n, seed), **slice_kwargs)
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Make identity conversations (or DPO pairs) for a persona.")

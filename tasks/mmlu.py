@@ -10,14 +10,12 @@ HF_REPO = "cais/mmlu"
 # validation and test are for evaluation
 MMLU_SPLITS = ("auxiliary_train", "dev", "validation", "test")
 
-
 def mmlu_conversation(record):
     if isinstance(record.get("train"), dict):  # the separate auxiliary_train config nests each row
         record = record["train"]
     question, choices, answer = check_multiple_choice(record.get("question"), record.get("choices"),
                                                       record.get("answer"), record.get("answer_letter"))
     return multiple_choice_conversation(question, choices, answer, subject=record.get("subject") or "")
-
 
 class MMLU(MultipleChoiceTask):
     def __init__(self, split="test", subset="all", data_path=None, skip_bad=None, **slice_kwargs):

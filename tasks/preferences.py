@@ -8,7 +8,6 @@ from tasks.common import RecordError, RecordTask, Task, check_messages, data_pat
 HF_REPO = "HuggingFaceH4/ultrafeedback_binarized"
 HF_FILES = {"train": "data/train_prefs-00000-of-00001.parquet", "test": "data/test_prefs-00000-of-00001.parquet"}
 
-
 def _reply(record, key):
     """(reply text, earlier turns or None) of record[key], a string or a conversation."""
     value = record.get(key)
@@ -24,7 +23,6 @@ def _reply(record, key):
     if not value.strip():
         raise RecordError(key, "empty")
     return value, None
-
 
 # A record {"prompt": "..." | [messages], "chosen": "...", "rejected": "..."} becomes an item
 # {"prompt_messages": [...], "chosen": str, "rejected": str}. The prompt may come as "prompt_messages"
@@ -49,12 +47,10 @@ def preference_pair(record):
         raise RecordError("rejected", "identical to chosen (a pair must differ to say anything)")
     return {"prompt_messages": prompt_messages, "chosen": chosen, "rejected": rejected}
 
-
 def pair_conversations(item):
     """(chosen conversation, rejected conversation) for one preference item: what DPO compares."""
     return tuple({"messages": item["prompt_messages"] + [{"role": "assistant", "content": item[key]}]}
                  for key in ("chosen", "rejected"))
-
 
 class Preferences(RecordTask):
     def __init__(self, path=None, split="train", skip_bad=None, **slice_kwargs):
@@ -65,7 +61,6 @@ class Preferences(RecordTask):
         columns = ["prompt", "chosen", "rejected"] if path is None else None
         super().__init__(paths, preference_pair, skip_bad=skip_bad, columns=columns, **slice_kwargs)
         self.split = split
-
 
 class PreferenceList(Task):
     """Preference items made in code (e.g. identity_preference_pairs), checked like loaded ones."""

@@ -10,7 +10,6 @@ HF_REPO = "HuggingFaceTB/smol-smoltalk"
 HF_FILES = {"train": [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)],
             "test": ["data/test-00000-of-00001.parquet"]}
 
-
 class SmolTalk(RecordTask):
     def __init__(self, split="train", data_path=None, skip_bad=None, **slice_kwargs):
         if split not in HF_FILES:

@@ -40,10 +40,8 @@ e.g. "preferences:skip_bad:/data/hh.jsonl".
 Examples: "smoltalk", "mmlu:auxiliary_train", "gsm8k[:2000]", "arc:challenge:test",
   "custom:/data/mine.jsonl", "identity:persona.json:500". A spec listed twice is oversampled."""
 
-
 def _is_path(arg):
     return "/" in arg or os.sep in arg or arg.endswith((".jsonl", ".json", ".parquet"))
-
 
 def _split_args(body):
     """NAME:ARG:ARG... -> (lowercase name, args), with Windows drive letters kept on their paths."""
@@ -53,7 +51,6 @@ def _split_args(body):
         if os.name == "nt" and len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
             args[i - 1:i + 1] = [args[i - 1] + ":" + args[i]]
     return name.strip().lower(), args
-
 
 def build_task(spec, default_split="train"):
     """Turn a CLI spec string into a Task (grammar: SPEC_HELP). default_split: 'train' or 'test'."""
@@ -121,13 +118,11 @@ def build_task(spec, default_split="train"):
         return cls(load_persona(path), n=numbers[0] if numbers else 1000, **sliced)
     raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
 
-
 def build_mixture(specs, seed=42, default_split="train"):
     """A TaskMixture from a list of specs or one comma-separated string of them."""
     if isinstance(specs, str):
         specs = [s for s in specs.split(",") if s.strip()]
     return TaskMixture([build_task(s, default_split) for s in specs], seed=seed)
-
 
 # -----------------------------------------------------------------------------
 # The data of midtraining, SFT and DPO, from their data flags
@@ -146,7 +141,6 @@ def train_val_mixtures(train_tasks, val_tasks=None, holdout=500, seed=42):
                          "(give more data, or a validation set explicitly)")
     return TaskMixture(train_tasks, seed=seed, start=held), TaskMixture(train_tasks, seed=seed, stop=held)
 
-
 def build_chat_tasks(args, default_val, pairs=False):
     """(train, val) mixtures from the data flags; pairs=True: DPO's preference pairs."""
     # the user's own files first, so a mistake there stops the run before anything is downloaded
@@ -164,7 +158,6 @@ def build_chat_tasks(args, default_val, pairs=False):
     print0(f"training data: {len(train):,} {noun} from {len(train_tasks)} source(s) | validation: "
            f"{len(val):,} " + ("from --val-mixture" if val_tasks else f"held out of the training {noun}"))
     return train, val
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load task specs (validating their data) and show examples.",

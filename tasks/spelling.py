@@ -42,7 +42,6 @@ SPELL_QUESTIONS = ["Spell the word {word}.", "How do you spell \"{word}\"?", "sp
 # a word spelled out with hyphens, "a-p-p-l-e": the last one in a completion is its answer
 SPELLED = re.compile(r"\b[a-zA-Z](?:-[a-zA-Z])+\b")
 
-
 class _GeneratedTask(Task):
     eval_type = "generative"
 
@@ -59,7 +58,6 @@ class _GeneratedTask(Task):
         # example i is a pure function of (split, seed, i), so any slice or order is reproducible;
         # a string seed is hashed with sha512: stable across runs and Python versions
         return random.Random(f"{type(self).__name__}/{self.split}/{self.seed}/{index}")
-
 
 class SpellingBee(_GeneratedTask):
     # "How many r's are in strawberry?" -> spell it out, the tool call 'strawberry'.count('r') -> 3,
@@ -85,7 +83,6 @@ class SpellingBee(_GeneratedTask):
         # the number after the last "####", as GSM8K's
         predicted = extract_answer(completion)
         return float(predicted is not None and predicted == conversation["answer"])
-
 
 class SimpleSpelling(_GeneratedTask):
     # "Spell the word apple" -> "apple: a-p-p-l-e"

@@ -13,14 +13,12 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-
 @pytest.fixture
 def shared_data():
     """/work/shared/data (../shared/data from the repo root), or skip when it is absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATA}")
     return SHARED_DATA
-
 
 @pytest.fixture(scope="module")
 def one_intra_op_thread():
@@ -31,7 +29,6 @@ def one_intra_op_thread():
     yield
     torch.set_num_threads(previous)
 
-
 @pytest.fixture
 def base_dir(tmp_path, monkeypatch):
     """A fresh $NANOCHAT_BASE_DIR, so no test writes to ~/.cache."""
@@ -39,7 +36,6 @@ def base_dir(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
     return path
-
 
 # -----------------------------------------------------------------------------
 # A loopback HTTP server that can misbehave on purpose
@@ -115,7 +111,6 @@ class FileServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-
 @pytest.fixture
 def file_server(tmp_path):
     """A FileServer over a fresh folder (tmp_path/"served"): put files there, then GET them."""
@@ -124,7 +119,6 @@ def file_server(tmp_path):
     server = FileServer(root)
     yield server
     server.close()
-
 
 # -----------------------------------------------------------------------------
 # A tiny real tokenizer (vocab 512, trained in well under a second)
@@ -137,7 +131,6 @@ def sample_texts():
     rng = random.Random(0)
     words = "the of and to in is was that for it with as his on be at by had are but from or have an they which one you were her all she there would their we him been has when who will more no if out so said what up its about into than them can only other new some could time these two may then do first any my now such like our over man me even most made after also did many before must through back years where much your way well down should because each just those people how too little state good very make world still own see men work long get here between both life being under never day same another know while last might us great old year off come since against go came right used take three".split()
     return [" ".join(rng.choice(words) for _ in range(30_000))]
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

@@ -19,14 +19,12 @@ from nanochat.gpt import GPT, GPTConfig
 
 V, T, B = 64, 16, 4
 
-
 def batch_for(step, micro):
     g = torch.Generator().manual_seed(1000 * step + micro)
     # a learnable pattern: each row counts up from a random start, mod V
     start = torch.randint(0, V, (B, 1), generator=g)
     rows = (start + torch.arange(T + 1)) % V
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
 
 def main():
     parser = argparse.ArgumentParser()
@@ -42,7 +40,6 @@ def main():
         print("RESULT " + json.dumps({str(clip): losses for clip, losses in results.items()}))
         sys.stdout.flush()
     compute_cleanup()
-
 
 def train(args, ddp, rank, world_size, device):
     torch.manual_seed(0)
@@ -69,7 +66,6 @@ def train(args, ddp, rank, world_size, device):
     if rank == 0:
         torch.save(model.state_dict(), f"{args.checkpoint_dir}/final_weights_clip{args.grad_clip}.pt")
     return [loss for _, loss in log.history]
-
 
 if __name__ == "__main__":
     main()

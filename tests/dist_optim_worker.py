@@ -24,31 +24,25 @@ CONFIG = GPTConfig(sequence_len=SEQ, vocab_size=64, n_layer=3, n_head=4, n_kv_he
 ODD_SHAPES = [(15,), (7, 3), (1,)]  # flat sizes that do not divide by world_size: the AdamW slices pad
 COLLECTIVES = ("reduce_scatter_tensor", "all_reduce", "all_gather_into_tensor", "all_gather")
 
-
 def make_model():
     torch.manual_seed(0)
     return GPT(CONFIG)
-
 
 def batch(step, rank):
     g = torch.Generator().manual_seed(1000 * step + rank)
     idx = torch.randint(0, CONFIG.vocab_size, (BATCH, SEQ + 1), generator=g)
     return idx[:, :-1], idx[:, 1:]
 
-
 def make_odd_params():
     torch.manual_seed(1)
     return [torch.nn.Parameter(torch.randn(s)) for s in ODD_SHAPES]
-
 
 def odd_grads(step, rank):
     g = torch.Generator().manual_seed(5000 + 1000 * step + rank)
     return [torch.randn(s, generator=g) for s in ODD_SHAPES]
 
-
 # the LoRA optimizer's form: AdamW groups only, no Muon
 ODD_ADAMW_KWARGS = dict(lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
-
 
 class RecordedWork:
     """An async collective's work whose wait() is logged."""
@@ -59,7 +53,6 @@ class RecordedWork:
     def wait(self):
         self.events.append(("wait", self.name))
         return self.work.wait()
-
 
 def record_collectives(dist, events):
     """Make every collective launch and wait append to events; returns the originals to restore."""
@@ -74,7 +67,6 @@ def record_collectives(dist, events):
     for name in COLLECTIVES:
         setattr(dist, name, recorded(name))
     return originals
-
 
 def main(out_dir):
     import torch.distributed as dist
@@ -123,7 +115,6 @@ def main(out_dir):
 
     dist.barrier()
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main(sys.argv[1])

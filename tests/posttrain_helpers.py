@@ -22,17 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 LETTERS = "abcdefgh"
 
-
 def reverse_conversation(word):
     """'reverse: c a f' -> 'f a c' (letters separated by spaces, so each is its own token)."""
     return {"messages": [{"role": "user", "content": "reverse: " + " ".join(word)},
                          {"role": "assistant", "content": " ".join(reversed(word))}]}
 
-
 def reverse_words(n, seed):
     rng = random.Random(seed)
     return ["".join(rng.choice(LETTERS) for _ in range(3)) for _ in range(n)]
-
 
 def tokenizer_texts():
     """Text for the tiny tokenizer: the words the tasks use, so they get tokens of their own."""
@@ -42,7 +39,6 @@ def tokenizer_texts():
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
     lines += ["reverse: " + " ".join(w) + " -> " + " ".join(reversed(w)) for w in reverse_words(200, 1)]
     return lines
-
 
 def make_base_dir(root, tags=("d2",), seq_len=48, n_embd=64, n_layer=2):
     """root as $NANOCHAT_BASE_DIR: a trained tokenizer and untrained tiny GPT base checkpoints."""
@@ -55,7 +51,6 @@ def make_base_dir(root, tags=("d2",), seq_len=48, n_embd=64, n_layer=2):
                         n_embd=n_embd, n_layer=n_layer)
     return tok
 
-
 def save_tiny_model(checkpoint_dir, vocab_size, seed=0, seq_len=48, n_embd=64, n_layer=2, step=0):
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_embd // 32,
@@ -64,16 +59,13 @@ def save_tiny_model(checkpoint_dir, vocab_size, seed=0, seq_len=48, n_embd=64, n
     save_checkpoint(str(checkpoint_dir), step, model.state_dict(), None, {"model_config": asdict(config)})
     return model
 
-
 def write_jsonl(path, rows):
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
-
 def env_for(base_dir):
     return {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
 
 def run_script(module, base_dir, args, nproc=1, timeout=300):
     """Run `python -m scripts.<module>` (nproc=1) or under torchrun with nproc gloo ranks."""
@@ -85,13 +77,11 @@ def run_script(module, base_dir, args, nproc=1, timeout=300):
     return subprocess.run([*launcher, f"scripts.{module}", *map(str, args)], cwd=REPO, env=env_for(base_dir),
                           capture_output=True, text=True, timeout=timeout)
 
-
 def tree_snapshot(folder):
     """{relative path: (size, mtime_ns, bytes)} of every file under folder, to show it was not touched."""
     folder = Path(folder)
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 def run_main(module, args):
     """scripts.<module>.main(args) in this process (args may hold Paths); returns its TrainLog."""

@@ -21,7 +21,6 @@ SHARED = REPO.parent / "shared" / "data"
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
         "--device-batch-size", "4", "--total-batch-size", "512", "--eval-tokens", "1024", "--device", "cpu"]
 
-
 def make_corpus(folder, n_docs=300, seed=0):
     """Small generated text with learnable structure (a tiny grammar), a few documents per file."""
     rng = random.Random(seed)
@@ -37,7 +36,6 @@ def make_corpus(folder, n_docs=300, seed=0):
         (folder / f"part{f}.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     return folder
 
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A base dir with a trained tokenizer and a corpus."""
@@ -49,16 +47,13 @@ def base_dir(tmp_path_factory):
     torch.save(torch.tensor(tok.token_bytes()), root / "tokenizer" / "token_bytes.pt")
     return root
 
-
 def run_script(base_dir, args, timeout=300, **kw):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
 
-
 def step_losses(stdout):
     return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"base step (\d+)/\d+ .*?\| loss ([\d.]+)", stdout)}
-
 
 def test_lr_schedule_ramps_the_right_way():
     n = 100
@@ -67,7 +62,6 @@ def test_lr_schedule_ramps_the_right_way():
     assert all(m == 1.0 for m in lrm[10:70])  # flat
     assert lrm[70] > lrm[85] > lrm[99] >= 0.1  # warmdown goes down, towards final_lr_frac
     assert abs(lrm[99] - (0.1 + 0.9 / 30)) < 1e-9
-
 
 def test_loss_falls_and_checkpoint_loads(base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
@@ -83,7 +77,6 @@ def test_loss_falls_and_checkpoint_loads(base_dir, monkeypatch):
     x = torch.tensor([tok.encode("The cat sees the river.", prepend="<|bos|>")])
     assert model(x[:, :-1], x[:, 1:]).item() < losses[0]
 
-
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
 def test_loss_falls_on_real_text(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -95,7 +88,6 @@ def test_loss_falls_on_real_text(tmp_path, monkeypatch):
     trainer = base_train.main(TINY + ["--data", str(book), "--num-iterations", "30", "--eval-every", "-1"])
     losses = [loss for _, loss in trainer.history]
     assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 1.0
-
 
 def test_torchrun_matches_gradient_accumulation(tmp_path):
     """2 ranks × 1 micro-batch (gloo, sharded optimizers) == 1 process × 2 micro-batches,
@@ -126,7 +118,6 @@ def test_torchrun_matches_gradient_accumulation(tmp_path):
         assert single_losses[-1] < single_losses[0]
     # clipping at 0.05 really changed the run (else the clip path would be untested)
     assert results["single"]["0.0"] != results["single"]["0.05"]
-
 
 @pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(base_dir):
@@ -159,7 +150,6 @@ def test_sigkill_then_resume_continues_exactly(base_dir):
     for step in range(1, 17):
         loss = after.get(step, before.get(step))
         assert loss == pytest.approx(reference[step], abs=1e-6), (step, loss, reference[step])
-
 
 def test_bad_input_fails_before_training(base_dir, tmp_path):
     empty = tmp_path / "empty"

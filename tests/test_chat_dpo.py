@@ -19,7 +19,6 @@ TINY = ["--source", "base", "--device", "cpu", "--log-every", "1", "--min-prompt
         "--min-response-tokens", "2"]
 WORDS = ["the", "cat", "dog", "runs", "fast", "very", "nice", "hello"]
 
-
 def preference_pairs(n, seed):
     """Chosen answers end in 'good', rejected ones in 'bad'; otherwise the same words."""
     rng = random.Random(seed)
@@ -29,7 +28,6 @@ def preference_pairs(n, seed):
         pairs.append({"prompt": "say something " + rng.choice(WORDS), "chosen": body + " good",
                       "rejected": body + " bad"})
     return pairs
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -41,7 +39,6 @@ def base(tmp_path_factory):
         write_jsonl(root / "pairs.jsonl", preference_pairs(320, seed=0))
         write_jsonl(root / "val_pairs.jsonl", preference_pairs(48, seed=1))
         yield root, tok
-
 
 def test_loss_formulas():
     torch.manual_seed(0)
@@ -58,7 +55,6 @@ def test_loss_formulas():
     assert torch.allclose(dpo_loss(pc, pr, pc, pr, beta, "ipo")[0], torch.full((16,), 1 / (4 * beta ** 2)))
     with pytest.raises(ValueError, match="unknown DPO loss"):
         dpo_loss(pc, pr, rc, rr, beta, "hinge")
-
 
 def test_truncation_never_empties_an_answer():
     rng = random.Random(0)
@@ -82,7 +78,6 @@ def test_truncation_never_empties_an_answer():
         if cut == "response":  # the prompt was cut first, as far as allowed
             assert len(p) == min(len(prompt), min_prompt)
 
-
 def test_dropped_pairs_are_counted(base):
     _, tok = base
     prompt = [{"role": "user", "content": "say something"}]
@@ -103,7 +98,6 @@ def test_dropped_pairs_are_counted(base):
     prompt_ids, chosen, rejected = pairs[0]
     assert prompt_ids == tok.render_for_completion({"messages": prompt})
     assert chosen == tok.encode("the cat good") + [end] and rejected == tok.encode("the cat bad") + [end]
-
 
 def test_precomputed_reference_matches_one_pair_at_a_time(base):
     _, tok = base
@@ -132,10 +126,8 @@ def test_precomputed_reference_matches_one_pair_at_a_time(base):
     normed, normed_stats = pair_losses(model, batch, beta=0.1, length_norm=True)
     assert torch.allclose(normed_stats["logps/chosen"], ref[:, 0] / torch.tensor([len(p[1]) for p in pairs]), atol=1e-4)
 
-
 def held_out_curve(trainer, name):
     return [metrics[f"val/{name}"] for _, metrics in trainer.eval_history]
-
 
 def test_dpo_learns_a_clear_preference(base):
     """From an untrained model: the first step's loss is ln 2 (policy == the precomputed reference);
@@ -162,7 +154,6 @@ def test_dpo_learns_a_clear_preference(base):
     assert meta["step"] == 20 and meta["pairs"]["kept"] == 320 and meta["val/rewards/accuracies"] == accuracy[-1]
     assert "val/rewards/margins" in (root / "report" / "chat-dpo.md").read_text()  # the report card's section
 
-
 def test_ipo_with_length_norm(base):
     root, _ = base
     beta = 0.5
@@ -173,7 +164,6 @@ def test_ipo_with_length_norm(base):
     assert trainer.history[0][1] == pytest.approx(1 / (4 * beta ** 2), rel=1e-5)
     assert trainer.history[-1][1] < 0.5 * trainer.history[0][1]
     assert trainer.eval_history[-1][1]["val/rewards/margins"] > 0
-
 
 def test_resume_continues_exactly(base):
     root, _ = base
@@ -187,7 +177,6 @@ def test_resume_continues_exactly(base):
     assert [s for s, _ in resumed.history] == [4, 5, 6]
     assert [loss for _, loss in resumed.history] == pytest.approx(full[3:], abs=1e-6)
 
-
 @pytest.mark.slow
 def test_torchrun_two_ranks(base):
     root, _ = base
@@ -198,7 +187,6 @@ def test_torchrun_two_ranks(base):
     assert "grad accumulation: 1" in proc.stdout and "dpo step 00003/00003" in proc.stdout
     assert "loss 0.6931" in proc.stdout  # step 1: policy == reference on both ranks
     assert (root / "chatdpo_checkpoints" / "dpo_ddp" / "meta_000003.json").exists()
-
 
 @pytest.mark.parametrize("record, where", [
     ('{"prompt": "hi", "chosen": "the cat", "rejected": "the cat"}', ":2: rejected"),

@@ -22,7 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
 
-
 # -----------------------------------------------------------------------------
 # Categorical
 
@@ -58,7 +57,6 @@ class ScriptedLetterLM(nn.Module):
                 logits[b, last, self.tokenizer.encode(letter)[0]] = 10.0
         return logits
 
-
 @pytest.mark.parametrize("name", ["ARC-Easy", "ARC-Challenge", "MMLU"])
 def test_categorical_scripted_models(name, tiny_tokenizer):
     task = build_eval_task(name, FIXTURES)
@@ -68,14 +66,12 @@ def test_categorical_scripted_models(name, tiny_tokenizer):
         for batch_size in (1, 3):  # batches of unequal prompts, right-padded
             assert run_categorical(model, tiny_tokenizer, task, indices, "cpu", batch_size) == (expected, len(task))
 
-
 def test_categorical_random_is_near_chance(shared_data, tiny_tokenizer):
     task = build_eval_task("MMLU", shared_data / "eval")
     indices = list(range(400))
     model = ScriptedLetterLM(tiny_tokenizer, [task[i] for i in indices], "random")
     right, asked = run_categorical(model, tiny_tokenizer, task, indices, "cpu", batch_size=16)
     assert asked == 400 and abs(right / asked - 0.25) < 0.09  # std of chance accuracy: 0.022
-
 
 # -----------------------------------------------------------------------------
 # Generative
@@ -110,7 +106,6 @@ def scripted_generate(tokenizer, task, mode, num_samples=1, seed=0):
         return out
     return generate
 
-
 @pytest.mark.parametrize("name", ["GSM8K", "HumanEval", "SpellingBee"])
 def test_generative_scripted_models(name, tiny_tokenizer):
     task = build_eval_task(name, FIXTURES, spelling_size=20)
@@ -121,13 +116,11 @@ def test_generative_scripted_models(name, tiny_tokenizer):
     assert run_generative(scripted_generate(tiny_tokenizer, task, "second_right", 2), tiny_tokenizer, task, indices) \
         == (len(task), len(task))
 
-
 def test_generative_random_is_near_chance(shared_data, tiny_tokenizer):
     task = build_eval_task("GSM8K", shared_data / "eval")
     indices = list(range(200))
     passed, asked = run_generative(scripted_generate(tiny_tokenizer, task, "random"), tiny_tokenizer, task, indices, 50)
     assert asked == 200 and passed <= 4  # a random number between 0 and 1000: chance is ~0
-
 
 def test_chatcore_and_task_lists():
     perfect = {name: 1.0 for name in ALL_TASKS}
@@ -143,7 +136,6 @@ def test_chatcore_and_task_lists():
         parse_task_list("ARC-Easy|Jeopardy")
     assert my_indices(10, 4) == [0, 1, 2, 3] and my_indices(3) == [0, 1, 2]
 
-
 # -----------------------------------------------------------------------------
 # Task perplexity, against a hand computation
 
@@ -157,7 +149,6 @@ def tiny_gpt(tokenizer, seed=0, sequence_len=128):
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     return model.eval()
-
 
 def test_task_perplexity_by_hand(tiny_tokenizer):
     model = tiny_gpt(tiny_tokenizer)
@@ -186,7 +177,6 @@ def test_task_perplexity_by_hand(tiny_tokenizer):
     short, short_tokens = task_perplexity(model, tiny_tokenizer, conversations, "cpu", max_len=30)
     assert 0 < short_tokens < count
 
-
 # -----------------------------------------------------------------------------
 # The script, on a tiny real GPT
 
@@ -203,7 +193,6 @@ def test_chat_eval_script_end_to_end(base_dir, tiny_tokenizer):
     assert ppl > 1.0 and tokens > 0
     section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
     assert "- ChatCORE: " in section and "- task_ppl:conversations: " in section and "- HumanEval: " in section
-
 
     only_ppl = chat_eval.main(["--device", "cpu", "--task-ppl", str(FIXTURES / "conversations.jsonl")])
     assert only_ppl["results"] == {} and only_ppl["task_ppl"]["conversations"][0] == pytest.approx(ppl, rel=1e-5)

@@ -17,7 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TINY = ["--source", "base", "--device", "cpu", "--eval-tasks", "--log-every", "1"]
 
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("nanochat")
@@ -35,7 +34,6 @@ def base(tmp_path_factory):
                           {"role": "assistant", "content": " ".join([w] * k)}]}
             for w, k in ((rng.choice(["cat", "dog", "hello"]), rng.choice([1, 2, 12])) for _ in range(32))])
         yield root, tok, held_out
-
 
 def test_collated_targets_supervise_exactly_the_assistant_tokens(base):
     """A multi-turn conversation with a tool call, collated in a batch next to a shorter one:
@@ -82,7 +80,6 @@ def test_collated_targets_supervise_exactly_the_assistant_tokens(base):
     assert targets[1, :n].tolist() == [t if m else -1 for t, m in zip(short_ids[1:], short_mask[1:])]
     assert (targets[1, n:] == -1).all() and (inputs[1, n:] == 0).all()  # padding is never a target
 
-
 def greedy_accuracy(model, tok, conversations):
     end = tok.encode_special("<|assistant_end|>")
     correct = 0
@@ -91,7 +88,6 @@ def greedy_accuracy(model, tok, conversations):
         out = out[:out.index(end)] if end in out else out
         correct += tok.decode(out) == conversation["messages"][-1]["content"]
     return correct / len(conversations)
-
 
 def test_sft_learns_to_reverse_unseen_words(base, capsys):
     """From an untrained model: greedy exact-match accuracy on held-out words goes from 0 (chance is
@@ -115,17 +111,14 @@ def test_sft_learns_to_reverse_unseen_words(base, capsys):
     assert accuracy >= 0.5, accuracy
     assert "val_loss" in (root / "report" / "chat-sft.md").read_text()  # the report card's section
 
-
 def tiny_model(vocab_size, seed=0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # not the near-uniform start: tokens' losses differ
     return model
 
-
 def grads_of(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
 
 def test_accumulated_loss_weights_every_supervised_token_equally(base):
     """Micro-batches with 1, 9 and 0 supervised tokens: the accumulated gradient equals the gradient
@@ -164,7 +157,6 @@ def test_accumulated_loss_weights_every_supervised_token_equally(base):
                 for b in micro[:2]) / 2
     assert abs(naive - reference.item()) > 1e-3
 
-
 def test_no_supervised_token_and_truncated_conversations_give_no_nan(base):
     _, tok, _ = base
     model = tiny_model(tok.get_vocab_size())
@@ -177,7 +169,6 @@ def test_no_supervised_token_and_truncated_conversations_give_no_nan(base):
     loss = scaled_token_loss(model, step_batch)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(grads_of(model)).all()
-
 
 @pytest.mark.slow
 def test_one_batch_equals_accumulation_equals_torchrun(base, tmp_path):
@@ -203,7 +194,6 @@ def test_one_batch_equals_accumulation_equals_torchrun(base, tmp_path):
         assert torch.allclose(value, weights["acc"][key], atol=1e-4), key
         assert torch.allclose(value, weights["ddp"][key], atol=1e-4), key
 
-
 def test_resume_continues_exactly(base):
     root, _, _ = base
     args = TINY + ["--data", root / "reverse.jsonl", "--data-only", "--val-mixture", f"custom:{root / 'reverse_val.jsonl'}",
@@ -216,7 +206,6 @@ def test_resume_continues_exactly(base):
     resumed = run_main("chat_sft", args + ["--resume"])
     assert [s for s, _ in resumed.history] == [4, 5, 6]
     assert [l for _, l in resumed.history] == pytest.approx(full[3:], abs=1e-6)
-
 
 @pytest.mark.parametrize("content, where", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n', ":2: json"),
@@ -236,7 +225,6 @@ def test_bad_user_file_fails_fast_and_harms_nothing(base, tmp_path, content, whe
         run_main("chat_sft", TINY + ["--data", bad, "--output-tag", "keep", "--num-iterations", "1"])
     assert f"{bad}{where}" in str(error.value)
     assert tree_snapshot(root / "chatsft_checkpoints") == before
-
 
 def test_local_shared_data_mixture(base, tmp_path):
     """The offline route: default datasets replaced by local files (shared/data) plus a persona."""

@@ -37,7 +37,6 @@ CONVERSATIONS = [
 CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4,
           "Hello there, how are you? I am a small model. What is six times seven? It is forty two."] * 30
 
-
 def build_checkpoint(base_dir, steps=80):
     """Tokenizer + a tiny GPT that has memorised CONVERSATIONS, saved as an SFT checkpoint."""
     from nanochat.checkpoint_manager import save_checkpoint
@@ -68,12 +67,10 @@ def build_checkpoint(base_dir, steps=80):
                     {"model_config": dataclasses.asdict(config)})
     return tok
 
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 class Server:
     """`python -m scripts.chat_web` in a subprocess on a free loopback port."""
@@ -113,13 +110,11 @@ class Server:
             self.proc.kill()
         self.log.close()
 
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("nanochat_base")
     build_checkpoint(base)
     return base
-
 
 @pytest.fixture(scope="module")
 def server(base_dir):
@@ -127,12 +122,10 @@ def server(base_dir):
     yield srv
     srv.stop()
 
-
 @pytest.fixture(scope="module")
 def client(server):
     from openai import OpenAI
     return OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
-
 
 def chat(server, payload, stream=False):
     """POST a chat request; returns (content, finish_reason, usage, raw chunks) for either mode."""
@@ -158,7 +151,6 @@ def chat(server, payload, stream=False):
     usage = [c["usage"] for c in chunks if c.get("usage")]
     return content, finish[-1] if finish else None, usage[-1] if usage else None, chunks
 
-
 # -----------------------------------------------------------------------------
 # The OpenAI client, both modes
 
@@ -175,7 +167,6 @@ def test_openai_client_models_and_chat(server, client):
     usage = reply.usage
     assert usage.prompt_tokens > 5 and usage.completion_tokens > 10
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-
 
 def test_openai_client_streaming_equals_non_streaming(client):
     kwargs = dict(model="nanochat-sft", messages=[{"role": "system", "content": "Be brief."},
@@ -194,7 +185,6 @@ def test_openai_client_streaming_equals_non_streaming(client):
     others = {client.chat.completions.create(**dict(kwargs, seed=s)).choices[0].message.content for s in (1, 2, 3)}
     assert others - {text}
 
-
 def test_openai_client_completions(client):
     whole = client.completions.create(model="nanochat-sft", prompt="To be, or not", max_tokens=12, temperature=0)
     assert whole.object == "text_completion" and whole.usage.completion_tokens == 12
@@ -202,20 +192,17 @@ def test_openai_client_completions(client):
                                             temperature=0, stream=True))
     assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
 
-
 def test_stop_strings(client):
     reply = client.chat.completions.create(model="nanochat-sft", messages=[{"role": "user", "content": TOOL_QUESTION}],
                                            temperature=0, max_tokens=40, stop=["so it"])
     assert reply.choices[0].message.content == "sure: <<6*7=42>> "
     assert reply.choices[0].finish_reason == "stop"
 
-
 def test_multi_turn_conversation(client):
     messages = [{"role": "user", "content": XSS_QUESTION}, {"role": "assistant", "content": XSS_REPLY},
                 {"role": "user", "content": TOOL_QUESTION}]
     reply = client.chat.completions.create(model="nanochat-sft", messages=messages, temperature=0, max_tokens=8)
     assert reply.usage.prompt_tokens > 30 and reply.choices[0].finish_reason in ("stop", "length")
-
 
 # -----------------------------------------------------------------------------
 # Bad input: a clear 4xx, and the server keeps going
@@ -253,7 +240,6 @@ BAD_REQUESTS = [
     ("seed a string", dict(GOOD, seed="abc"), "seed"),
 ]
 
-
 @pytest.mark.parametrize("name,body,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_openai_style_400(server, name, body, param):
     kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
@@ -263,12 +249,10 @@ def test_bad_requests_get_openai_style_400(server, name, body, param):
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
 
-
 def test_prompt_longer_than_the_context_is_refused(server):
     # 3 chars per token or so: 7000 chars of digits is far past the 640-token context
     r = requests.post(server.url + "/v1/completions", json={"prompt": "1 2 3 " * 1100, "max_tokens": 2}, timeout=30)
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
-
 
 def test_server_still_serves_after_bad_requests(server):
     before = server.stats()["requests_served"]
@@ -276,7 +260,6 @@ def test_server_still_serves_after_bad_requests(server):
     assert finish in ("stop", "length") and usage["completion_tokens"] <= 4
     assert server.stats()["requests_served"] == before + 1
     assert requests.get(server.url + "/nope", timeout=10).status_code == 404
-
 
 def test_health_stats_and_page(server):
     health = requests.get(server.url + "/health", timeout=10).json()
@@ -290,7 +273,6 @@ def test_health_stats_and_page(server):
     # self-contained: no stylesheet, script, font or image fetched from elsewhere
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)
     assert "@import" not in page.text and "innerHTML" not in page.text
-
 
 def test_client_disconnect_frees_its_row(server):
     body = dict(model="nanochat-sft", messages=[{"role": "user", "content": "Tell me everything"}],
@@ -310,7 +292,6 @@ def test_client_disconnect_frees_its_row(server):
     t0 = time.time()
     chat(server, GOOD)
     assert time.time() - t0 < 20
-
 
 # -----------------------------------------------------------------------------
 # Load: 32 concurrent streaming clients, decoded together, none corrupted
@@ -356,7 +337,6 @@ def test_32_concurrent_streams_are_batched_and_uncorrupted(server):
         alone, alone_finish, alone_usage, _ = chat(server, payloads[i])
         assert content == alone and finish == alone_finish
     assert len({r[0] for r in results}) > 4, "different seeds and prompts give different answers"
-
 
 # -----------------------------------------------------------------------------
 # The replica pool, in-process: two replicas share the queue, answers do not depend on which
@@ -404,7 +384,6 @@ def test_pool_spreads_requests_over_replicas(base_dir, monkeypatch):
         alone = "".join(engines[0].generate_text(prompt, max_tokens=16, temperature=1.0, top_k=20, seed=sp.seed))
         assert text == alone
 
-
 # -----------------------------------------------------------------------------
 # The CLI, on the same checkpoint (in-process: a subprocess would pay torch's import again)
 
@@ -416,12 +395,10 @@ def run_cli(monkeypatch, capsys, base_dir, argv, stdin=""):
     out = capsys.readouterr()
     return status, out.out, out.err
 
-
 def test_cli_one_shot(monkeypatch, capsys, base_dir):
     status, out, err = run_cli(monkeypatch, capsys, base_dir, ["-p", TOOL_QUESTION, "--temperature", "0"])
     assert status == 0, err
     assert out == "sure: <<6*7=42>> so it is 42.\n"
-
 
 def test_cli_interactive_multi_turn(monkeypatch, capsys, base_dir):
     stdin = f"{XSS_QUESTION}\n{TOOL_QUESTION}\nclear\n{TOOL_QUESTION}\nquit\n"
@@ -429,7 +406,6 @@ def test_cli_interactive_multi_turn(monkeypatch, capsys, base_dir):
     assert status == 0, err
     assert XSS_REPLY in out and out.count("sure: <<6*7=42>> so it is 42.") >= 1
     assert "(new conversation)" in out
-
 
 def test_cli_without_a_checkpoint_says_so(monkeypatch, capsys, tmp_path):
     status, out, err = run_cli(monkeypatch, capsys, tmp_path, ["-p", "hi"])

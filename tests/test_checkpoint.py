@@ -21,11 +21,9 @@ from nanochat.gpt import GPT, GPTConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 
-
 def make_model(seed=0):
     torch.manual_seed(seed)
     return GPT(CONFIG)
-
 
 def train_step(model, optimizer, seed):
     g = torch.Generator().manual_seed(seed)
@@ -34,18 +32,15 @@ def train_step(model, optimizer, seed):
     optimizer.step()
     model.zero_grad(set_to_none=True)
 
-
 def save(checkpoint_dir, step, model, optimizer=None, **meta):
     cm.save_checkpoint(checkpoint_dir, step, model.state_dict(),
                        optimizer.state_dict() if optimizer else None,
                        dict(model_config=asdict(CONFIG), **meta))
 
-
 @pytest.fixture
 def with_tokenizer(base_dir, tiny_tokenizer):
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     return base_dir
-
 
 def test_round_trip_continues_training_identically(with_tokenizer):
     model = make_model()
@@ -73,7 +68,6 @@ def test_round_trip_continues_training_identically(with_tokenizer):
     trained, _, _ = cm.load_model("base", "cpu", "train")
     assert trained.training and all(p.requires_grad for p in trained.parameters())
 
-
 def test_defaults_pick_the_deepest_model_and_the_last_complete_step(with_tokenizer):
     root = with_tokenizer / "base_checkpoints"
     models = {tag: make_model(seed) for seed, tag in enumerate(["d2", "d10", "d4"])}
@@ -95,7 +89,6 @@ def test_defaults_pick_the_deepest_model_and_the_last_complete_step(with_tokeniz
     save(other / "alpha", 1, models["d4"])
     os.utime(other / "zebra", (time.time() + 100, time.time() + 100))
     assert cm.find_largest_model(str(other)) == "zebra"
-
 
 def test_a_failed_write_leaves_no_visible_or_partial_checkpoint(base_dir, monkeypatch):
     checkpoint_dir = base_dir / "ckpt"
@@ -121,7 +114,6 @@ def test_a_failed_write_leaves_no_visible_or_partial_checkpoint(base_dir, monkey
     save(checkpoint_dir, 20, model, optimizer)  # and the next attempt works
     assert cm.find_last_step(str(checkpoint_dir)) == 20
 
-
 KILL_WRITER = """
 import sys, torch
 from nanochat.checkpoint_manager import save_checkpoint
@@ -132,7 +124,6 @@ while True:
     save_checkpoint(sys.argv[1], step, state, {"momentum": torch.full((500_000,), float(step))}, {"model_config": {}})
     print(step, flush=True)
 """
-
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_never_leaves_a_half_written_checkpoint(tmp_path):
@@ -154,13 +145,11 @@ def test_sigkill_at_any_moment_never_leaves_a_half_written_checkpoint(tmp_path):
         assert (model_state["w"] == step).all() and (model_state["b"] == step).all()
         assert (optim_state["momentum"] == step).all()
 
-
 def test_compile_prefix_is_removed_with_removeprefix_not_lstrip():
     state = {"_orig_mod.transformer.wte.weight": 1, "_orig_mod.dog.weight": 2, "model.weight": 3, "mod._orig_mod.x": 4}
     # lstrip("_orig_mod.") strips characters, not a prefix: "dog.weight" -> "weight", "model.weight" -> "el.weight"
     assert cm.strip_compile_prefix(state) == {"transformer.wte.weight": 1, "dog.weight": 2, "model.weight": 3,
                                               "mod._orig_mod.x": 4}
-
 
 def test_compiled_model_checkpoint_loads(with_tokenizer):
     model = make_model()
@@ -168,7 +157,6 @@ def test_compiled_model_checkpoint_loads(with_tokenizer):
     cm.save_checkpoint(with_tokenizer / "chatsft_checkpoints" / "d2", 3, state, None, {"model_config": asdict(CONFIG)})
     loaded, _, _ = cm.load_model("sft", "cpu", "eval")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-
 
 def test_clear_errors(with_tokenizer):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*base_checkpoints; run `python -m scripts.base_train` first"):
@@ -192,7 +180,6 @@ def test_clear_errors(with_tokenizer):
     with pytest.raises(ValueError, match="tokenizer has 512 tokens but the model .* only 256"):
         cm.build_model(str(checkpoint_dir), 9, "cpu", "eval")
 
-
 def test_keep_last_rotates_old_steps(base_dir):
     checkpoint_dir = base_dir / "ckpt"
     model = make_model()
@@ -205,7 +192,6 @@ def test_keep_last_rotates_old_steps(base_dir):
         f"{kind}_{s:06d}{suffix}" for s in (4, 5) for kind, suffix in
         [("model", ".pt"), ("meta", ".json"), ("optim", "_rank0.pt")])
 
-
 DDP_SAVER = """
 import sys, time, torch, torch.distributed as dist
 from nanochat.checkpoint_manager import save_checkpoint
@@ -216,7 +202,6 @@ if rank == 1:
 save_checkpoint(checkpoint_dir, 4, {"w": torch.zeros(3)}, {"rank": torch.tensor(rank)}, {"model_config": {}}, rank=rank)
 dist.destroy_process_group()
 """
-
 
 @pytest.mark.slow
 def test_distributed_save_writes_meta_after_every_rank(tmp_path):

@@ -29,7 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
 
-
 # -----------------------------------------------------------------------------
 # A scripted "model": logits derived from the batch itself
 
@@ -45,7 +44,6 @@ def right_endings(tasks):
             else:
                 endings.add(item["context"].rstrip() + task.continuation_delimiter + item["continuation"])
     return endings
-
 
 class ScriptedLM(nn.Module):
     """
@@ -88,13 +86,11 @@ class ScriptedLM(nn.Module):
                 logits[b].scatter_(1, ((next_ids[b] + 1) % self.vocab)[:, None], 10.0)
         return logits
 
-
 @pytest.fixture(scope="module")
 def fixture_tasks():
     tasks = local_tasks(FIXTURES)
     assert {t.label for t in tasks} == {"arc_easy", "arc_challenge", "hellaswag", "copa", "winograd", "bigbench_operators"}
     return tasks
-
 
 @pytest.mark.parametrize("max_seq_len", [None, 40])
 def test_scripted_models_score_one_and_zero(fixture_tasks, tiny_tokenizer, max_seq_len):
@@ -117,7 +113,6 @@ def test_scripted_models_score_one_and_zero(fixture_tasks, tiny_tokenizer, max_s
     expected_core = sum(centered(0.0, t.random_baseline) for t in fixture_tasks) / len(fixture_tasks)
     assert out["core"] == pytest.approx(expected_core)
 
-
 def test_random_model_is_near_chance(shared_data, tiny_tokenizer):
     tasks = [t for t in local_tasks(shared_data / "eval") if t.label in ("winogrande", "openbook_qa", "lambada_openai")]
     model = ScriptedLM(tiny_tokenizer, set(), "random")
@@ -127,7 +122,6 @@ def test_random_model_is_near_chance(shared_data, tiny_tokenizer):
     assert abs(out["winogrande"]["accuracy"] - 0.5) < 0.1
     assert abs(out["openbook_qa"]["accuracy"] - 0.25) < 0.09
     assert out["lambada_openai"]["accuracy"] < 0.02  # an exact greedy match by luck: ~never
-
 
 def test_continuation_spans_and_left_crop(tiny_tokenizer):
     item = {"query": "The sky is", "choices": ["blue today.", "made of cheese."], "gold": 0}
@@ -151,7 +145,6 @@ def test_continuation_spans_and_left_crop(tiny_tokenizer):
     assert schema == [("A cat ", "A cat barks."), ("A dog ", "A dog barks.")]
     assert render_prompts({"context": "2 + 2 = ", "continuation": "4"}, "language_modeling", " ") == [("2 + 2 = ", "2 + 2 = 4")]
 
-
 def test_fewshot_examples_are_other_items_and_stable():
     items = [{"i": i} for i in range(30)]
     for index in range(30):
@@ -165,14 +158,12 @@ def test_fewshot_examples_are_other_items_and_stable():
     assert subset_indices(100, 10) == subset_indices(100, 10) and len(subset_indices(100, 10)) == 10
     assert subset_indices(5, 10) == subset_indices(5, -1) == list(range(5))
 
-
 def test_local_task_mapping(fixture_tasks):
     hellaswag = next(t for t in fixture_tasks if t.label == "hellaswag")
     first = load_items(hellaswag)[0]
     assert first["query"].startswith("A man is standing at a sink") and first["gold"] == 0 and len(first["choices"]) == 4
     with pytest.raises(DataError, match="none of the CORE task files"):
         local_tasks(FIXTURES / "core" / "nothing")
-
 
 def test_bad_items_are_named_by_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
@@ -193,7 +184,6 @@ def test_bad_items_are_named_by_file_and_line(tmp_path):
             load_items(CoreTask("t", task_type, str(path)))
     with pytest.raises(DataError, match="not found"):
         load_items(CoreTask("t", "schema", str(tmp_path / "missing.jsonl")))
-
 
 # -----------------------------------------------------------------------------
 # The eval bundle: core.yaml + eval_meta_data.csv + eval_data/
@@ -229,7 +219,6 @@ other_settings:
   - label: not_a_task
 """
 
-
 def make_bundle(root):
     bundle = root / "eval_bundle"
     for uri, source in [("commonsense_reasoning/copa.jsonl", "core/copa.jsonl"),
@@ -244,7 +233,6 @@ def make_bundle(root):
         "copa,commonsense reasoning,multiple choice,0,50,\narc_easy,world knowledge,multiple choice,10,25,\n"
         "winograd,language understanding,schema,0,50,\nbigbench_operators,symbolic problem solving,lm,3,0,\n")
     return bundle
-
 
 def test_bundle_tasks_read_a_real_shaped_core_yaml(tmp_path):
     """Flow and block lists, a '-' alone on its line, double- and single-quoted delimiters with
@@ -264,7 +252,6 @@ def test_bundle_tasks_read_a_real_shaped_core_yaml(tmp_path):
     with pytest.raises(DataError, match=r"core\.yaml: cannot read the task list 'icl_tasks'"):
         bundle_tasks(bundle)
 
-
 def test_bundle_tasks(tmp_path, tiny_tokenizer):
     bundle = make_bundle(tmp_path)
     tasks = {t.label: t for t in bundle_tasks(bundle)}
@@ -283,7 +270,6 @@ def test_bundle_tasks(tmp_path, tiny_tokenizer):
         bundle_tasks(bundle)
     with pytest.raises(DataError, match="not an eval bundle"):
         bundle_tasks(tmp_path)
-
 
 def test_download_eval_bundle_from_loopback(tmp_path, base_dir, file_server):
     make_bundle(tmp_path / "src")
@@ -308,7 +294,6 @@ def test_download_eval_bundle_from_loopback(tmp_path, base_dir, file_server):
         download_eval_bundle(base_dir=str(other), url=f"{file_server.url}/junk.zip", attempts=2, backoff=0.01)
     assert list(other.iterdir()) == []
 
-
 # -----------------------------------------------------------------------------
 # The script, on a tiny real GPT checkpoint
 
@@ -329,7 +314,6 @@ def make_checkpoint(base, tokenizer, source_dir="base_checkpoints", tag="d2", st
     save_checkpoint(str(base / source_dir / tag), step, model.state_dict(), None, {"model_config": asdict(config)})
     return model
 
-
 def test_base_eval_script_end_to_end(base_dir, tiny_tokenizer, monkeypatch):
     model = make_checkpoint(base_dir, tiny_tokenizer).eval()
     from scripts import base_eval
@@ -346,7 +330,6 @@ def test_base_eval_script_end_to_end(base_dir, tiny_tokenizer, monkeypatch):
         base_eval.main(["--data-dir", str(FIXTURES), "--device", "cpu", "--tasks", "copa,nope"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         base_eval.main(["--data-dir", str(FIXTURES), "--device", "cpu", "-i", "sft"])
-
 
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_score(tmp_path, tiny_tokenizer):

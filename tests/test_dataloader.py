@@ -13,7 +13,6 @@ from nanochat.dataloader import (BestFitBuffer, cropped_fraction, gather_state_d
                                  tokenizing_distributed_data_loader_with_state)
 from nanochat.dataset import Corpus, DataError
 
-
 @pytest.fixture
 def corpus(tmp_path):
     """Documents of very different lengths, each tagged "doc N:" so it can be recognised."""
@@ -25,21 +24,17 @@ def corpus(tmp_path):
             f.write(json.dumps({"text": f"doc {n}: " + " ".join(rng.choice(words) for _ in range(length))}) + "\n")
     return Corpus(str(tmp_path / "docs.jsonl"), val_fraction=0.1)
 
-
 def all_documents(corpus, tokenizer, split):
     bos = tokenizer.get_bos_token_id()
     return [tokenizer.encode(text, prepend=bos) for text, _ in corpus.iter_documents(split, num_epochs=1)]
-
 
 def rows_of(inputs, targets):
     """The T+1 tokens of every row (targets are inputs shifted by one)."""
     return [x.tolist() + [y[-1].item()] for x, y in zip(inputs, targets)]
 
-
 def split_at_bos(row, bos):
     starts = [i for i, t in enumerate(row) if t == bos]
     return [row[a:b] for a, b in zip(starts, starts[1:] + [len(row)])]
-
 
 def check_batch(inputs, targets, B, T, bos, documents):
     """BOS-aligned rows made of whole documents, except that the last may be cropped."""
@@ -56,10 +51,8 @@ def check_batch(inputs, targets, B, T, bos, documents):
         last = segments[-1]
         assert any(d[:len(last)] == last for d in documents)
 
-
 def take(loader, n):
     return [next(loader) for _ in range(n)]
-
 
 def test_rows_are_bos_aligned_whole_documents(corpus, tiny_tokenizer):
     bos = tiny_tokenizer.get_bos_token_id()
@@ -71,7 +64,6 @@ def test_rows_are_bos_aligned_whole_documents(corpus, tiny_tokenizer):
     assert state["epoch"] >= 1  # went around the data more than once
     assert 0 < cropped_fraction(state) < 0.5
     json.dumps(state)  # the state goes into the checkpoint's meta JSON
-
 
 def test_resume_gives_the_same_batches(corpus, tiny_tokenizer):
     B, T = 3, 40
@@ -85,7 +77,6 @@ def test_resume_gives_the_same_batches(corpus, tiny_tokenizer):
             x, y, s = next(resumed)
             assert torch.equal(x, inputs) and torch.equal(y, targets) and s == state
 
-
 def test_tokenizer_batching_does_not_change_the_data(corpus, tiny_tokenizer):
     """Tokenizing ahead in chunks is not part of the state, so it must not matter."""
     def batches(chunk):
@@ -95,7 +86,6 @@ def test_tokenizer_batching_does_not_change_the_data(corpus, tiny_tokenizer):
     for (x1, y1), (x2, y2) in zip(batches(3), batches(128)):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
-
 def test_resume_refuses_different_settings(corpus, tiny_tokenizer):
     _, _, state = next(tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 2, 32, "train", data=corpus))
     with pytest.raises(DataError, match=r"T=32 \(now 64\)"):
@@ -103,12 +93,10 @@ def test_resume_refuses_different_settings(corpus, tiny_tokenizer):
     with pytest.raises(DataError, match="split='train' \\(now 'val'\\)"):
         next(tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 2, 32, "val", data=corpus, resume_state_dict=state))
 
-
 def set_rank(monkeypatch, rank, world_size):
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("LOCAL_RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
-
 
 def doc_tags(inputs, targets, tokenizer):
     bos = tokenizer.get_bos_token_id()
@@ -119,7 +107,6 @@ def doc_tags(inputs, targets, tokenizer):
             if text.startswith("doc ") and ":" in text:
                 tags.add(text.split(":")[0])
     return tags
-
 
 def test_ranks_read_disjoint_documents_and_resume_per_rank(corpus, tiny_tokenizer, monkeypatch):
     seen, states = [], []
@@ -142,14 +129,12 @@ def test_ranks_read_disjoint_documents_and_resume_per_rank(corpus, tiny_tokenize
         next(tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 2, 32, "train", data=corpus,
                                                            resume_state_dict=states))
 
-
 def test_val_loader_reads_only_val_documents_and_can_stop(corpus, tiny_tokenizer):
     val_tags = {text.split(":")[0] for text, _ in corpus.iter_documents("val", num_epochs=1)}
     loader = tokenizing_distributed_data_loader(tiny_tokenizer, 1, 16, "val", data=corpus, num_epochs=1)
     batches = list(loader)  # finite with num_epochs
     seen = set().union(*(doc_tags(x, y, tiny_tokenizer) for x, y in batches))
     assert batches and seen <= val_tags
-
 
 def test_best_fit_buffer_picks_largest_fitting_then_shortest():
     buffer = BestFitBuffer()
@@ -159,7 +144,6 @@ def test_best_fit_buffer_picks_largest_fitting_then_shortest():
     assert buffer.refs() == [[0, 0], [0, 2], [0, 3], [0, 4]]  # the older of the two 9s went first
     assert buffer.pop_largest_fitting(2) is None
     assert len(buffer.pop_shortest()) == 3
-
 
 def test_real_text_packs_well(shared_data, tiny_tokenizer):
     corpus = Corpus(str(shared_data / "pretrain" / "train"), txt_doc_chars=400)

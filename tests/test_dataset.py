@@ -21,14 +21,11 @@ from nanochat.download import DownloadError, OfflineError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
 def write_shard(path, texts, row_group_size=4):
     pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
 
-
 def shard_texts(index, n=10):
     return [f"shard {index} document {i}: " + "some text " * (i + 1) for i in range(n)]
-
 
 @pytest.fixture
 def shards(file_server, base_dir, monkeypatch):
@@ -38,10 +35,8 @@ def shards(file_server, base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_URL", file_server.url)
     return file_server
 
-
 def shard_path(index):
     return Path(dataset.get_data_dir()) / dataset.shard_filename(index)
-
 
 # -----------------------------------------------------------------------------
 # Downloads
@@ -61,7 +56,6 @@ def test_download_cli_happy_path_and_skip(shards):
     assert dataset.main(["-n", "2"]) == 0
     assert len(shards.requests) == seen
 
-
 def test_data_url_env_forms(monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_URL", "http://mirror/x/")
     assert dataset.get_data_url().format(index=7) == "http://mirror/x/shard_00007.parquet"
@@ -69,7 +63,6 @@ def test_data_url_env_forms(monkeypatch):
     assert dataset.get_data_url().format(index=7) == "http://mirror/s7.pq"
     monkeypatch.delenv("NANOCHAT_DATA_URL")
     assert dataset.get_data_url().format(index=1822).endswith("/resolve/main/shard_01822.parquet")
-
 
 def test_shard_that_is_not_parquet_is_rejected(shards):
     """Shards are checked before they get their name: a file pyarrow cannot read is deleted and
@@ -84,18 +77,15 @@ def test_shard_that_is_not_parquet_is_rejected(shards):
         download_shard(5, attempts=1)
     assert list_parquet_files() == []
 
-
 def test_shards_download_in_parallel_and_failures_are_listed(shards):
     with pytest.raises(DownloadError, match=r"(?s)2 of 4 shards failed:.*shard_00005.*HTTP 404.*shard_00006.*HTTP 404"):
         dataset.download_shards([0, 1, 5, 6], num_workers=2, backoff=0)
     assert [Path(p).name for p in list_parquet_files()] == ["shard_00000.parquet", "shard_00001.parquet"]
 
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 def test_unreachable_server_says_offline(base_dir, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_DATA_URL", f"http://127.0.0.1:{free_port()}")
@@ -103,7 +93,6 @@ def test_unreachable_server_says_offline(base_dir, monkeypatch, capsys):
         download_shard(0, attempts=2, backoff=0)
     assert dataset.main(["-n", "1", "--max-attempts", "1"]) == 1
     assert "offline? Use --data PATH for local text" in capsys.readouterr().err
-
 
 @pytest.mark.slow  # a fresh interpreter importing torch: a few seconds
 def test_offline_cli_exits_nonzero_without_traceback(base_dir):
@@ -114,7 +103,6 @@ def test_offline_cli_exits_nonzero_without_traceback(base_dir):
     assert "cannot reach 127.0.0.1 — offline? Use --data PATH for local text" in proc.stderr
     assert "Traceback" not in proc.stderr
 
-
 def test_missing_shards_error(base_dir):
     with pytest.raises(DataError, match="python -m nanochat.dataset"):
         Corpus()
@@ -122,7 +110,6 @@ def test_missing_shards_error(base_dir):
     write_shard(shard_path(dataset.VAL_SHARD), ["x"])
     with pytest.raises(DataError, match="only one shard"):
         Corpus()
-
 
 # -----------------------------------------------------------------------------
 # .txt splitting
@@ -135,7 +122,6 @@ def test_txt_blocks_are_joined_into_passages():
     assert all(len(d) > 500 - 140 for d in docs[:-1])  # greedy: nothing else would have fit
     assert "\n\n".join(docs) == "\n\n".join(p.rstrip() for p in paragraphs)  # nothing lost or reordered
 
-
 def test_txt_long_blocks_and_lines_are_cut_without_losing_words():
     poem = "\n".join(f"    line {i} of a long stanza" for i in range(100))  # one block, indented lines
     prose = " ".join(f"w{i}" for i in range(2000))                           # one huge line
@@ -144,7 +130,6 @@ def test_txt_long_blocks_and_lines_are_cut_without_losing_words():
     assert all(0 < len(d) <= 300 for d in docs)
     assert " ".join(docs).split() == text.split()
     assert any(d.startswith("    line") for d in docs)  # indentation survives
-
 
 def test_a_huge_single_line_is_cut_in_linear_time(tmp_path):
     """A one-line 20 MB .txt (a dump without newlines): cutting it used to re-slice the rest of the
@@ -156,14 +141,12 @@ def test_a_huge_single_line_is_cut_in_linear_time(tmp_path):
     (tmp_path / "dump.txt").write_text(line + "\n")
     assert [text for _, text in read_documents(str(tmp_path / "dump.txt"))] == pieces
 
-
 def test_txt_whole_file_mode_and_blank_files(tmp_path):
     (tmp_path / "a.txt").write_text("one\n\ntwo\n\nthree\n")
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     assert list(read_documents(str(tmp_path / "a.txt"), txt_doc_chars=0)) == [(0, "one\n\ntwo\n\nthree")]
     assert list(read_documents(str(tmp_path / "a.txt"), txt_doc_chars=8)) == [(0, "one\n\ntwo"), (1, "three")]
     assert list(read_documents(str(tmp_path / "blank.txt"))) == []
-
 
 def test_real_books_split_into_passages(shared_data):
     book = shared_data / "pretrain" / "train" / "gutenberg" / "pg84_frankenstein.txt"
@@ -172,7 +155,6 @@ def test_real_books_split_into_passages(shared_data):
     assert all(len(d) <= 4000 for d in docs)
     assert sum(len(d) for d in docs) / len(docs) > 3000  # long passages, not paragraphs
     assert " ".join(docs).split() == text.split()
-
 
 # -----------------------------------------------------------------------------
 # User corpora: formats, specs and errors
@@ -188,18 +170,15 @@ def make_corpus(root):
     (root / ".hidden.txt").write_text("hidden")
     return root
 
-
 def all_texts(corpus, split=None):
     splits = [split] if split else ["train", "val"]
     return sorted(text for s in splits for text, _ in corpus.iter_documents(s, num_epochs=1))
-
 
 def test_folder_is_read_recursively_in_every_format(tmp_path):
     root = make_corpus(tmp_path / "corpus")
     corpus = Corpus(str(root), txt_doc_chars=0)
     assert [f.key for f in corpus.files] == ["books/a.txt", "books/b.txt", "table.parquet", "web.jsonl"]
     assert all_texts(corpus) == sorted(["Alpha one.\n\nAlpha two.", "Beta.", "Gamma.", "Delta.", "Epsilon.", "Zeta."])
-
 
 def test_file_and_glob_specs(tmp_path):
     root = make_corpus(tmp_path / "corpus")
@@ -208,7 +187,6 @@ def test_file_and_glob_specs(tmp_path):
     assert [k for _, k in resolve_data_files(str(root / "**" / "*.txt"))] == ["books/a.txt", "books/b.txt"]
     assert len(resolve_data_files([str(root / "web.jsonl"), str(root / "books")])) == 3
     assert all_texts(Corpus(str(root / "books" / "*.txt"), txt_doc_chars=0)) == ["Alpha one.\n\nAlpha two.", "Beta."]
-
 
 @pytest.mark.parametrize("spec, message", [
     ("nowhere", "no such file or folder"),
@@ -220,7 +198,6 @@ def test_specs_that_match_nothing(tmp_path, monkeypatch, spec, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=message):
         Corpus(spec)
-
 
 @pytest.mark.parametrize("lines, message", [
     (['{"text": "ok"}', '{"text": "fine"}', '{"text": "broken'], r"bad\.jsonl:3: malformed JSON"),
@@ -234,7 +211,6 @@ def test_bad_jsonl_names_file_and_line(tmp_path, lines, message):
     with pytest.raises(DataError, match=message):
         Corpus(str(tmp_path))
 
-
 def test_parquet_without_text_column(tmp_path):
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "x.parquet")
     with pytest.raises(DataError, match=r"x\.parquet: no 'text' column \(columns: content\)"):
@@ -243,12 +219,10 @@ def test_parquet_without_text_column(tmp_path):
     with pytest.raises(DataError, match="column 'text' must hold strings"):
         Corpus(str(tmp_path))
 
-
 def test_not_utf8_names_file_and_line(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("first line\n\nsecond line\ncaf\u00e9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.txt:4: not valid UTF-8"):
         Corpus(str(tmp_path))
-
 
 def test_unreadable_file_is_named(tmp_path):
     (tmp_path / "ok.txt").write_text("text\n")
@@ -256,14 +230,12 @@ def test_unreadable_file_is_named(tmp_path):
     with pytest.raises(DataError, match=r"dangling\.txt: cannot read"):
         Corpus(str(tmp_path))
 
-
 def test_empty_corpus(tmp_path):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_text("\n\n   \n")
     (tmp_path / "c.jsonl").write_text('{"text": ""}\n')
     with pytest.raises(DataError, match="the corpus is empty"):
         Corpus(str(tmp_path))
-
 
 # -----------------------------------------------------------------------------
 # The train/val split
@@ -275,7 +247,6 @@ def numbered_corpus(root, num_files=4, docs_per_file=100):
         (root / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
-
 def test_hash_split_is_stable_disjoint_and_sized(tmp_path):
     corpus = Corpus(str(numbered_corpus(tmp_path / "a")), val_fraction=0.1)
     train, val = all_texts(corpus, "train"), all_texts(corpus, "val")
@@ -284,14 +255,12 @@ def test_hash_split_is_stable_disjoint_and_sized(tmp_path):
     # the same split after the corpus moved (keys are relative paths)
     assert all_texts(Corpus(str(numbered_corpus(tmp_path / "b")), val_fraction=0.1), "val") == val
 
-
 def test_split_hash_never_changes():
     """Golden values: a new hash function would silently move documents between train and val
     of every existing corpus (and unlike hash(), blake2b does not depend on PYTHONHASHSEED)."""
     assert dataset._hash_fraction("part0.jsonl", 0) == 0.41686543153849914
     assert dataset._hash_fraction("books/a.txt", 17) == 0.10329722296100714
     assert dataset._hash_fraction("shard_00000.parquet", 123456) == 0.24075421730230548
-
 
 def test_tiny_corpus_still_gets_one_val_document(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
@@ -301,13 +270,11 @@ def test_tiny_corpus_still_gets_one_val_document(tmp_path):
     with pytest.raises(DataError, match="every document is held out"):
         Corpus(str(tmp_path))
 
-
 def test_explicit_val_data_is_removed_from_train(tmp_path):
     root = numbered_corpus(tmp_path / "corpus", num_files=3, docs_per_file=5)
     corpus = Corpus(str(root), val_data=str(root / "part2.jsonl"))
     assert all_texts(corpus, "val") == sorted(f"file 2 doc {d}" for d in range(5))
     assert all_texts(corpus, "train") == sorted(f"file {f} doc {d}" for f in range(2) for d in range(5))
-
 
 def test_real_corpus_with_held_out_val(shared_data):
     pretrain = shared_data / "pretrain"
@@ -316,7 +283,6 @@ def test_real_corpus_with_held_out_val(shared_data):
     assert len(corpus.files) == 11  # 10 training files + the validation file, which is not trained on
     val_docs = list(corpus.iter_documents("val", num_epochs=1))
     assert len(val_docs) > 100 and all(corpus.files[p.file].split == "val" for _, p in val_docs)
-
 
 # -----------------------------------------------------------------------------
 # Iteration: ranks, epochs, exact resume
@@ -328,7 +294,6 @@ def test_ranks_get_disjoint_balanced_slices(tmp_path):
     assert sorted(sum(slices, [])) == everything
     assert max(map(len, slices)) - min(map(len, slices)) <= 1
 
-
 def test_resume_from_any_position_is_exact(tmp_path):
     corpus = Corpus(str(numbered_corpus(tmp_path)), val_fraction=0.1)
     reference = list(corpus.iter_documents("train", rank=1, world_size=2, num_epochs=3))
@@ -336,7 +301,6 @@ def test_resume_from_any_position_is_exact(tmp_path):
         resumed = corpus.iter_documents("train", rank=1, world_size=2, num_epochs=3,
                                         start=json.loads(json.dumps(reference[k][1].resume_point())))
         assert list(resumed) == reference[k + 1:]
-
 
 def test_epochs_reshuffle_user_files_but_not_shards(tmp_path):
     corpus = Corpus(str(numbered_corpus(tmp_path, num_files=8, docs_per_file=3)))
@@ -346,14 +310,12 @@ def test_epochs_reshuffle_user_files_but_not_shards(tmp_path):
     assert sorted(docs[:len(docs) // 2]) == sorted(docs[len(docs) // 2:])
     assert Corpus(str(tmp_path), shuffle=False).file_order("train", 3) == list(range(8))
 
-
 def test_fetch_documents_by_reference(tmp_path):
     root = make_corpus(tmp_path / "corpus")
     corpus = Corpus(str(root), txt_doc_chars=0, val_fraction=0)
     docs = list(corpus.iter_documents("train", num_epochs=1))
     refs = [(p.file, p.doc) for _, p in reversed(docs)]
     assert corpus.fetch_documents(refs) == [t for t, _ in reversed(docs)]
-
 
 def test_rank_without_documents_is_an_error(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')

@@ -79,10 +79,8 @@ ALICE = """\
 ‘You don’t know much,’ said the Duchess, ‘and that’s a fact.’
 """
 
-
 def pairs(records):
     return [[m["content"] for m in r["messages"]] for r in records]
-
 
 def test_fixture_book_gives_the_expected_pairs():
     records, report = extract(BOOK, "fixture.txt", Options(min_chars=4))
@@ -109,7 +107,6 @@ def test_fixture_book_gives_the_expected_pairs():
         v for k, v in report.items() if k.startswith("conversations dropped"))
     assert report["conversations kept"] == len(records) == 4
 
-
 def test_single_quotes_speakers_and_multi_turn():
     records, _ = extract(ALICE, "alice.txt", Options())
     assert pairs(records) == [["I don’t think, that it’s fair.", "You don’t know much, and that’s a fact."]]
@@ -135,7 +132,6 @@ def test_single_quotes_speakers_and_multi_turn():
     records, report = extract(BOOK, "b", Options(max_chars=20, lang="any"))
     assert report["conversations dropped: too long"] >= 1 and report["conversations dropped: not English"] == 0
 
-
 def test_cli_on_files_and_report(tmp_path, capsys):
     book = tmp_path / "book.txt"
     book.write_text(BOOK, encoding="utf-8")
@@ -152,7 +148,6 @@ def test_cli_on_files_and_report(tmp_path, capsys):
     assert len(task) == 5
     with pytest.raises(SystemExit, match="not found"):
         main([str(tmp_path / "missing.txt"), "--out", str(out)])
-
 
 def test_pride_and_prejudice(shared_data):
     path = shared_data / "pretrain" / "train" / "gutenberg" / "pg1342_pride_and_prejudice.txt"

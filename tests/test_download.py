@@ -15,24 +15,20 @@ from nanochat.download import DownloadError, OfflineError, download_file, hf_dat
 
 BODY = random.Random(1).randbytes(200_000)  # incompressible (and not the "garbage" fault, seed 0), and big enough to be cut midway
 
-
 @pytest.fixture
 def served(file_server, tmp_path):
     """file_server serving BODY as /data.bin; returns (server, url, where it is downloaded to)."""
     (file_server.root / "data.bin").write_bytes(BODY)
     return file_server, f"{file_server.url}/data.bin", tmp_path / "downloads" / "data.bin"
 
-
 def same_as_served(tmp):
     """A check: the bytes of BODY, or what is wrong."""
     return None if Path(tmp).read_bytes() == BODY else "not the served bytes"
-
 
 def free_port():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 # -----------------------------------------------------------------------------
 # download_file
@@ -43,7 +39,6 @@ def test_download_and_skip_when_present(served):
     assert download_file(url, str(path)) == str(path) and len(server.requests) == 1  # present: no request
     assert sorted(p.name for p in path.parent.iterdir()) == ["data.bin"]  # no .tmp left
 
-
 def test_server_errors_are_retried(served, capsys):
     server, url, path = served
     server.faults.extend(["500", "500"])
@@ -52,14 +47,12 @@ def test_server_errors_are_retried(served, capsys):
     assert path.read_bytes() == BODY
     assert "HTTP 500; retrying" in capsys.readouterr().err  # a retry is never silent
 
-
 def test_permanent_http_error_is_not_retried(served):
     server, url, path = served
     with pytest.raises(DownloadError, match="HTTP 404"):
         download_file(url.replace("data.bin", "missing.bin"), str(path), backoff=0)
     assert len(server.requests) == 1
     assert list(path.parent.iterdir()) == []
-
 
 def test_partial_tmp_is_resumed_with_range(served):
     server, url, path = served
@@ -69,7 +62,6 @@ def test_partial_tmp_is_resumed_with_range(served):
     download_file(url, str(path), check=same_as_served, backoff=0)
     assert server.requests == [("/data.bin", "bytes=1000-", 206)]
     assert path.read_bytes() == BODY and not tmp.exists()
-
 
 def test_whole_tmp_is_checked_and_kept(served):
     """A .tmp that already holds the whole file: the server answers 416, nothing is fetched."""
@@ -81,7 +73,6 @@ def test_whole_tmp_is_checked_and_kept(served):
     assert [status for _, _, status in server.requests] == [416]
     assert path.read_bytes() == BODY
 
-
 def test_partial_tmp_restarts_when_server_ignores_range(served):
     server, url, path = served
     server.support_range = False
@@ -91,7 +82,6 @@ def test_partial_tmp_restarts_when_server_ignores_range(served):
     download_file(url, str(path), check=same_as_served, backoff=0)
     assert [status for _, _, status in server.requests] == [200]
     assert path.read_bytes() == BODY
-
 
 def test_stale_tmp_that_does_not_match_is_replaced(served):
     """A .tmp from some other file: resuming it gives a corrupt file, which is thrown away
@@ -104,7 +94,6 @@ def test_stale_tmp_that_does_not_match_is_replaced(served):
     assert [(rng, status) for _, rng, status in server.requests] == [("bytes=1000-", 206), (None, 200)]
     assert path.read_bytes() == BODY
 
-
 def test_connection_dropped_midway_resumes(served):
     server, url, path = served
     server.faults.append("truncate")
@@ -114,7 +103,6 @@ def test_connection_dropped_midway_resumes(served):
     assert second_range.startswith("bytes=") and second_status == 206
     assert path.read_bytes() == BODY
 
-
 def test_corrupt_body_leaves_nothing_behind(served):
     server, url, path = served
     server.faults.extend(["garbage"] * 3)
@@ -123,19 +111,16 @@ def test_corrupt_body_leaves_nothing_behind(served):
     assert len(server.requests) == 3
     assert list(path.parent.iterdir()) == []  # no file, no .tmp
 
-
 def test_unreachable_server_says_offline(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/data.bin"
     with pytest.raises(OfflineError, match=r"no answer from .*/data\.bin after 2 attempts: cannot reach 127\.0\.0\.1 — offline\?"):
         download_file(url, str(tmp_path / "data.bin"), attempts=2, backoff=0)
     assert not (tmp_path / "data.bin").exists()
 
-
 def test_big_transfers_show_progress(file_server, tmp_path, capsys):
     (file_server.root / "big.bin").write_bytes(b"b" * (3 << 20))
     download_file(f"{file_server.url}/big.bin", str(tmp_path / "big.bin"))
     assert "big.bin" in capsys.readouterr().err  # the tqdm bar, labelled with the file name
-
 
 # -----------------------------------------------------------------------------
 # Hugging Face dataset files
@@ -145,15 +130,12 @@ def hf_server(file_server, base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_HF_URL", file_server.url)
     return file_server
 
-
 def serve(server, url_path, body):
     (server.root / url_path).parent.mkdir(parents=True, exist_ok=True)
     (server.root / url_path).write_bytes(body)
 
-
 def requests_for(server, url_path):
     return [p for p, _, _ in server.requests].count("/" + url_path)
-
 
 def test_hf_file_downloads_caches_and_retries(hf_server, base_dir):
     serve(hf_server, "datasets/org/data/resolve/main/dir/a.bin", b"x" * 5000)
@@ -178,7 +160,6 @@ def test_hf_file_downloads_caches_and_retries(hf_server, base_dir):
     assert requests_for(hf_server, "datasets/org/data/resolve/main/missing.bin") == 1
     assert not list((base_dir / "hf_datasets" / "org/data" / "main").glob("missing.bin*"))
 
-
 def test_hf_file_offline_error_says_what_to_fetch_and_where(monkeypatch, base_dir):
     port = free_port()
     monkeypatch.setenv("NANOCHAT_HF_URL", f"http://127.0.0.1:{port}")
@@ -188,7 +169,6 @@ def test_hf_file_offline_error_says_what_to_fetch_and_where(monkeypatch, base_di
     assert f"http://127.0.0.1:{port}/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet" in message
     assert str(base_dir / "hf_datasets" / "openai/gsm8k" / "main" / "main" / "test-00000-of-00001.parquet") in message
     assert "after 2 attempts" in message and "data_path" in message
-
 
 def test_default_datasets_come_from_hugging_face(hf_server, base_dir, tmp_path):
     """The files the tasks fetch by default, at the URLs and cache paths of Hugging Face's layout."""

@@ -17,14 +17,11 @@ CORPUS = [
     "Numbers: 12 + 30 = 42, 100 / 4 = 25, 7 * 8 = 56. The answer is in the details.",
 ] * 20
 
-
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train_from_iterator(iter(CORPUS), vocab_size=512)
-
 
 def tiny_model(tok, seed=0, std=None):
     """A random 2-layer model. std: re-draw every weight ~N(0, std) so the blocks are not the
@@ -36,11 +33,9 @@ def tiny_model(tok, seed=0, std=None):
             torch.nn.init.normal_(p, std=std)
     return model.eval()
 
-
 @pytest.fixture(scope="module")
 def model(tok):
     return tiny_model(tok, std=0.3)
-
 
 def naive_greedy(model, prompt, max_tokens, end_tokens):
     """Full recompute every step (no cache), stopping after an end token like the engine."""
@@ -51,10 +46,8 @@ def naive_greedy(model, prompt, max_tokens, end_tokens):
             break
     return out
 
-
 def prompts_of(tok, texts):
     return [tok.encode(t, prepend="<|bos|>") for t in texts]
-
 
 # -----------------------------------------------------------------------------
 # KV cache == full recompute
@@ -69,7 +62,6 @@ def test_greedy_matches_naive_batch_one_and_many_samples(tok, model):
             assert got == expected
         assert all(mask == [1, 1, 1] for _, mask in columns[:len(expected)])
 
-
 def test_cache_grows_past_its_first_size(tok, model, monkeypatch):
     monkeypatch.setattr(RaggedKVCache, "TIME_CHUNK", 8)  # grow every 8 positions
     engine = Engine(model, tok)
@@ -80,7 +72,6 @@ def test_cache_grows_past_its_first_size(tok, model, monkeypatch):
     for row in results:
         assert row[len(prompt):] == [t for t in expected if t not in engine.end_tokens]
 
-
 def test_cache_grows_past_the_default_chunk_and_sequence_len(tok, model):
     engine = Engine(model, tok)
     prompt = prompts_of(tok, ["Numbers: 12 + 30 ="])[0]
@@ -88,7 +79,6 @@ def test_cache_grows_past_the_default_chunk_and_sequence_len(tok, model):
     results, _ = engine.generate_batch(prompt, max_tokens=n, temperature=0.0)
     expected = naive_greedy(model, prompt, n, engine.end_tokens)
     assert results[0][len(prompt):] == [t for t in expected if t not in engine.end_tokens]
-
 
 def test_ragged_multi_prompt_batch_matches_each_prompt_alone(tok, model):
     engine = Engine(model, tok)
@@ -100,7 +90,6 @@ def test_ragged_multi_prompt_batch_matches_each_prompt_alone(tok, model):
         expected = naive_greedy(model, prompt, 30, engine.end_tokens)
         assert results[0][:len(prompt)] == prompt and masks[0][:len(prompt)] == [0] * len(prompt)
         assert results[0][len(prompt):] == [t for t in expected if t not in engine.end_tokens]
-
 
 def test_continuous_batching_rows_join_and_leave(tok, model):
     """Requests join a running batch at different steps, leave at different lengths (the last
@@ -125,7 +114,6 @@ def test_continuous_batching_rows_join_and_leave(tok, model):
         assert row.tokens == naive_greedy(model, prompt, max_tokens, engine.end_tokens), text
         assert row.finish_reason in ("stop", "length")
 
-
 def test_cancel_removes_a_row_without_disturbing_the_others(tok, model):
     engine = Engine(model, tok)
     decoder = engine.decoder()
@@ -140,7 +128,6 @@ def test_cancel_removes_a_row_without_disturbing_the_others(tok, model):
     assert len(rows[0].tokens) == 4
     for prompt, row in zip(prompts[1:], rows[1:]):
         assert row.tokens == naive_greedy(model, prompt, 15, engine.end_tokens)
-
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -162,7 +149,6 @@ def test_seeded_sampling_is_reproducible_and_matches_the_reference(tok, model):
         expected.append(t)
     assert a[0][len(prompt):] == expected
 
-
 def test_rows_sample_independently_from_the_first_token(tok):
     engine = Engine(tiny_model(tok), tok)  # default init: a near-uniform next-token distribution
     prompt = prompts_of(tok, ["Hello"])[0]
@@ -170,7 +156,6 @@ def test_rows_sample_independently_from_the_first_token(tok):
     assert len(set(first_column)) > 1, "every row must draw its own first token"
     results, _ = engine.generate_batch(prompt, num_samples=8, max_tokens=5, temperature=1.0)
     assert len({tuple(r) for r in results}) == 8
-
 
 def test_top_k_1_and_tiny_top_p_are_greedy(tok, model):
     engine = Engine(model, tok)
@@ -180,7 +165,6 @@ def test_top_k_1_and_tiny_top_p_are_greedy(tok, model):
     nucleus, _ = engine.generate_batch(prompt, max_tokens=20, temperature=1.0, top_p=1e-6, seed=2)
     assert greedy == top1 == nucleus
 
-
 def test_top_p_keeps_only_the_nucleus():
     from nanochat.engine import sample_token
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
@@ -189,7 +173,6 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.8: tokens 2 and 3 are cut
     draws = {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.81), rng) for _ in range(300)}
     assert draws == {0, 1, 2}
-
 
 # -----------------------------------------------------------------------------
 # Text: UTF-8 safety and stop strings
@@ -206,14 +189,12 @@ def test_text_stream_never_splits_a_character(tok):
         assert "\ufffd" not in chunk
         chunk.encode("utf-8")  # a lone surrogate or half character would raise
 
-
 def _partial_utf8(b):
     try:
         b.decode("utf-8")
         return False
     except UnicodeDecodeError:
         return True
-
 
 def test_text_stream_stop_strings_across_token_boundaries(tok):
     text = "The answer is in the details. The end."
@@ -230,7 +211,6 @@ def test_text_stream_stop_strings_across_token_boundaries(tok):
         assert "".join(chunks) == expected
         assert stream.stopped == (stop in text)
 
-
 def test_engine_stop_strings_end_generation(tok, model):
     engine = Engine(model, tok)
     prompt = prompts_of(tok, ["Once upon a time"])[0]
@@ -244,7 +224,6 @@ def test_engine_stop_strings_end_generation(tok, model):
     full_results, _ = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)
     assert len(results[0]) < len(full_results[0])
 
-
 # -----------------------------------------------------------------------------
 # Tool use, with a model trained to make the call
 
@@ -255,7 +234,6 @@ TOOL_CONVERSATION = {"messages": [
         # the training data carries a WRONG result: whatever the engine injects comes from the tool
         {"type": "python_output", "text": "41"},
         {"type": "text", "text": " so it is 42 ✓ 日本"}]}]}
-
 
 @pytest.fixture(scope="module")
 def tool_model(tok):
@@ -271,7 +249,6 @@ def tool_model(tok):
         opt.step()
     assert loss.item() < 0.1, "the tiny model should memorise the conversation"
     return model.eval()
-
 
 def test_tool_call_is_executed_and_its_output_forced(tok, tool_model):
     engine = Engine(tool_model, tok)
@@ -297,7 +274,6 @@ def test_tool_call_is_executed_and_its_output_forced(tok, tool_model):
     assert [col[0] for col, _ in columns][:len(gen)] == gen
     assert columns[-1][0] == [tok.encode_special("<|assistant_end|>")] * 2
 
-
 def test_disallowed_tool_call_injects_nothing(tok, tool_model):
     conversation = {"messages": [TOOL_CONVERSATION["messages"][0], {"role": "assistant", "content": [
         {"type": "text", "text": "sure: "}, {"type": "python", "text": "__import__('os')"}]}]}
@@ -307,7 +283,6 @@ def test_disallowed_tool_call_injects_nothing(tok, tool_model):
     results, masks = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
     assert all(masks[0][len(prompt):]), "no forced tokens: the expression was refused"
 
-
 @pytest.mark.parametrize("expr,expected", [
     ("48/2", "24"), ("6*7", "42"), ("2**10", "1024"), ("1/3", "0.3333333333"), ("-3 + 4.5", "1.5"),
     ("(12 + 30) // 4 % 5", "0"), ("'strawberry'.count('r')", "3"), ("len('hello')", "5"),
@@ -315,7 +290,6 @@ def test_disallowed_tool_call_injects_nothing(tok, tool_model):
 ])
 def test_calculator_evaluates(expr, expected):
     assert use_calculator(expr) == expected
-
 
 @pytest.mark.parametrize("expr", [
     "__import__('os').system('echo hi')", "open('/etc/passwd').read()", "(1).__class__", "9**9**9",

@@ -18,7 +18,6 @@ from scripts.export import CHAT_TEMPLATE, SAMPLE_CONVERSATION, bpe_merges, hf_to
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-
 def make_model(vocab_size, seed=0, **overrides):
     cfg = dict(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     cfg.update(overrides)
@@ -31,7 +30,6 @@ def make_model(vocab_size, seed=0, **overrides):
         model.lm_head.weight.normal_(0, 0.3)
     model.eval()
     return model, cfg
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weights_load_with_safetensors_as_our_tensors(tmp_path, tiny_tokenizer, dtype):
@@ -48,14 +46,12 @@ def test_weights_load_with_safetensors_as_our_tensors(tmp_path, tiny_tokenizer, 
         assert torch.equal(weights[name], tensor.to(dtype)), name
     assert not list((tmp_path / "out").glob("*.tmp")) and not list((tmp_path / "out").glob(".*"))
 
-
 @pytest.fixture(scope="module")
 def real_tokenizer():
     """A 2k-vocabulary tokenizer trained on real English when the shared data is there: many
     multi-level merges to get right."""
     from conftest import sample_texts
     return Tokenizer.train_from_iterator(iter([sample_texts()[0][:300_000]]), vocab_size=2048)
-
 
 def test_tokenizer_json_matches_ours(tmp_path, real_tokenizer):
     tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (a dev dependency) checks tokenizer.json")
@@ -85,7 +81,6 @@ def test_tokenizer_json_matches_ours(tmp_path, real_tokenizer):
                                                    add_generation_prompt=True)
     assert hf.encode(prompt, add_special_tokens=False).ids == tok.render_for_completion(SAMPLE_CONVERSATION)
 
-
 def test_export_folder_layout(tmp_path, tiny_tokenizer):
     model, cfg = make_model(tiny_tokenizer.get_vocab_size())
     write_export(str(tmp_path / "out"), model, tiny_tokenizer, meta={"step": 3}, dtype=torch.bfloat16)
@@ -101,10 +96,8 @@ def test_export_folder_layout(tmp_path, tiny_tokenizer):
     assert {k: config[k] for k in cfg} == cfg
     assert config["eos_token_id"] == tiny_tokenizer.encode_special("<|assistant_end|>")
 
-
 # -----------------------------------------------------------------------------
 # With transformers: the real thing
-
 
 @pytest.fixture(scope="module")
 def transformers(tmp_path_factory):
@@ -121,14 +114,12 @@ def transformers(tmp_path_factory):
         else:
             os.environ[k] = v
 
-
 @pytest.fixture
 def checkpoint(base_dir, tiny_tokenizer):
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     model, cfg = make_model(tiny_tokenizer.get_vocab_size())
     save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 7, model.state_dict(), None, {"model_config": cfg})
     return model
-
 
 @pytest.mark.slow  # importing transformers alone takes seconds
 def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint, tiny_tokenizer, tmp_path, capsys):
@@ -161,8 +152,6 @@ def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint,
         {"messages": [{"role": "user", "content": "Hello there"}]})
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] <= prompt["input_ids"].shape[1] + 5
-
-
 
 def test_failed_verification_exports_nothing(transformers, checkpoint, tmp_path, monkeypatch, capsys):
     import shutil

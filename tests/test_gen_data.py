@@ -21,7 +21,6 @@ from tasks.preferences import Preferences
 
 REPO = Path(__file__).resolve().parents[1]
 
-
 class FakeOpenAI:
     """
     POST /v1/chat/completions on 127.0.0.1. `respond(messages) -> str` makes the reply.
@@ -79,7 +78,6 @@ class FakeOpenAI:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-
 @pytest.fixture
 def fake_server():
     servers = []
@@ -90,7 +88,6 @@ def fake_server():
     yield start
     for s in servers:
         s.close()
-
 
 def generator_reply(messages):
     """Canned generator: the topic (after 'Topic: ') decides the reply's shape."""
@@ -106,18 +103,15 @@ def generator_reply(messages):
         return json.dumps({"messages": [{"role": "assistant", "content": "I start, which is wrong"}]})
     return f"<think>plan it</think>A plain explanation of {topic}."
 
-
 def write(path, text):
     path.write_text(text, encoding="utf-8")
     return str(path)
-
 
 def gen_args(tmp_path, server, topics, out, *extra):
     template = write(tmp_path / "template.txt", 'Topic: {topic}\nReply as JSON like {"messages": [...]} or in prose.')
     return ["generate", "--api-base", server.url, "--model", "fake", "--template", template,
             "--topics", write(tmp_path / "topics.txt", "\n".join(topics) + "\n"), "--out", str(out),
             "--backoff", "0.01", "--concurrency", "4", *extra]
-
 
 def test_reply_contract():
     assert reply_to_messages("Just prose.", "the question") == [
@@ -133,7 +127,6 @@ def test_reply_contract():
     with pytest.raises(ValueError, match="not JSON"):
         reply_to_messages("prose", "x", fmt="json")
     assert reply_to_messages(json.dumps(convo), "x", fmt="plain")[1]["content"] == json.dumps(convo)
-
 
 def test_generate_all_items_once_with_retries(tmp_path, fake_server, capsys):
     server = fake_server(generator_reply, fail_every=3)
@@ -164,7 +157,6 @@ def test_generate_all_items_once_with_retries(tmp_path, fake_server, capsys):
     rerun_topics = [re.search(r"Topic: (\S+)", u).group(1) for u, _ in server.requests[before:]]
     assert set(rerun_topics) == {"bad0", "dup0" if "dup1" in {r["meta"]["topic"] for r in records} else "dup1"}
     assert [r["id"] for r in read_records(str(out))] == ids
-
 
 def test_generate_kill_and_resume(tmp_path, fake_server, base_dir):
     server = fake_server(generator_reply, fail_every=3, delay=0.05)
@@ -201,7 +193,6 @@ def test_generate_kill_and_resume(tmp_path, fake_server, base_dir):
     before = len(server.requests)
     assert main(gen_args(tmp_path, server, topics, out)) == 0
     assert len(server.requests) == before
-
 
 def test_retry_after_is_honoured_and_fatal_errors_stop(tmp_path, fake_server):
     assert retry_after_seconds("2") == 2.0 and retry_after_seconds(None) is None
@@ -259,7 +250,6 @@ def test_retry_after_is_honoured_and_fatal_errors_stop(tmp_path, fake_server):
         httpd.shutdown()
         httpd.server_close()
 
-
 # -----------------------------------------------------------------------------
 # judge
 
@@ -287,11 +277,9 @@ def answer_or_judge(messages):
         return f"More complete.\n\n**Verdict: {longer}**"
     return f"The longer answer is more complete.\nVERDICT: {longer}"
 
-
 def judge_args(tmp_path, server, prompts_file, out, *extra):
     return ["judge", "--prompts", prompts_file, "--out", str(out),
             "--judge-api-base", server.url, "--judge-model", "fake-judge", "--backoff", "0.01", "--concurrency", "3", *extra]
-
 
 def test_parse_verdict():
     assert parse_verdict("reasons\nVERDICT: A") == ("A", "reasons")
@@ -299,7 +287,6 @@ def test_parse_verdict():
     assert parse_verdict("VERDICT: B is better")[0] is None
     assert parse_verdict("VERDICT: A\nbut maybe B")[0] is None  # the verdict must be the last line
     assert parse_verdict("")[0] is None
-
 
 def test_judge_pairs_only_from_parseable_verdicts(tmp_path, fake_server, capsys):
     answer_or_judge.count = {}
@@ -336,7 +323,6 @@ def test_judge_pairs_only_from_parseable_verdicts(tmp_path, fake_server, capsys)
     assert main(args2) == 0
     winners_longer = [len(p["chosen"]) > len(p["rejected"]) for p in read_records(str(out2))]
     assert len(winners_longer) == 12 and 0 < sum(winners_longer) < 12
-
 
 def test_judge_with_our_own_model(tmp_path, fake_server, base_dir, tiny_tokenizer, capsys):
     import torch

@@ -12,12 +12,10 @@ from nanochat.gpt import GPT, GPTConfig, KVCache, attention
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-
 def tiny_config(**overrides):
     cfg = dict(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     cfg.update(overrides)
     return GPTConfig(**cfg)
-
 
 def make_model(seed=0, randomize_outputs=True, **overrides):
     """A tiny model. randomize_outputs: give the zero-initialised projections and the tiny
@@ -33,7 +31,6 @@ def make_model(seed=0, randomize_outputs=True, **overrides):
     model.eval()
     return model
 
-
 def test_shapes_and_dtypes():
     model = make_model()
     idx = torch.randint(0, 64, (3, 20))
@@ -45,7 +42,6 @@ def test_shapes_and_dtypes():
     assert per_token.shape == (3, 20)
     torch.testing.assert_close(per_token.mean(), loss)
 
-
 def test_ignore_index():
     model = make_model()
     idx = torch.randint(0, 64, (2, 16))
@@ -55,14 +51,12 @@ def test_ignore_index():
     assert (per_token[:, :5] == 0).all()
     torch.testing.assert_close(model(idx, targets), per_token[:, 5:].mean())
 
-
 def test_initial_loss_is_ln_vocab():
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=512))
     idx = torch.randint(0, 512, (4, 32))
     loss = model(idx, idx).item()
     assert abs(loss - math.log(512)) < 0.02, loss
-
 
 def test_causality():
     model = make_model()
@@ -72,7 +66,6 @@ def test_causality():
     a, b = model(idx), model(changed)
     torch.testing.assert_close(a[:, :12], b[:, :12])
     assert not torch.allclose(a[:, 12:], b[:, 12:])
-
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
 def test_gqa_matches_mha_with_repeated_kv(n_kv_head):
@@ -91,7 +84,6 @@ def test_gqa_matches_mha_with_repeated_kv(n_kv_head):
     assert gqa.transformer.h[0].attn.c_k.weight.shape == (n_kv_head * head_dim, 64)
     torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=1e-5)
 
-
 def test_attention_kv_expansion_matches_sdpa_gqa():
     """Our kv-head expansion (used off-GPU and with masks) has the same head mapping as SDPA's
     enable_gqa (used by the fused CUDA kernels)."""
@@ -104,7 +96,6 @@ def test_attention_kv_expansion_matches_sdpa_gqa():
         torch.testing.assert_close(attention(q, k, v, **kwargs), want, atol=1e-6, rtol=1e-5)
     want = F.scaled_dot_product_attention(q, k[:, :, :10], v[:, :, :10], is_causal=True, enable_gqa=True)
     torch.testing.assert_close(attention(q, k[:, :, :10], v[:, :, :10], is_causal=True), want, atol=1e-6, rtol=1e-5)
-
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_kv_cache_matches_full_recompute(fused):
@@ -129,7 +120,6 @@ def test_kv_cache_matches_full_recompute(fused):
     assert cache.get_pos() == 0
     torch.testing.assert_close(model(idx[:, :5], kv_cache=cache), full[:, :5], atol=1e-5, rtol=1e-5)
 
-
 def test_kv_cache_lazy_allocation_and_growth_past_capacity():
     model = make_model()
     cfg = model.config
@@ -141,7 +131,6 @@ def test_kv_cache_lazy_allocation_and_growth_past_capacity():
         out += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(6, 30)]
     assert cache.kv.dtype == torch.float32
     torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
-
 
 def test_kv_cache_prefill_broadcasts_batch_one():
     """Prefill a prompt once (batch 1), copy into a batch-3 cache, continue each row differently."""
@@ -162,7 +151,6 @@ def test_kv_cache_prefill_broadcasts_batch_one():
     bad = KVCache(3, cfg.n_kv_head + 1, 4, head_dim, cfg.n_layer)
     with pytest.raises(ValueError, match="incompatible"):
         bad.prefill(one)
-
 
 class PerRowCache:
     """The ragged-cache protocol GPT.forward accepts (engine.RaggedKVCache is the production one),
@@ -185,7 +173,6 @@ class PerRowCache:
         if layer_idx == self.kv.size(0) - 1:
             self.pos = self.pos + T
         return self.kv[layer_idx, 0, :, :, :n], self.kv[layer_idx, 1, :, :, :n]
-
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_ragged_batch_rows_at_their_own_positions(fused):
@@ -213,7 +200,6 @@ def test_ragged_batch_rows_at_their_own_positions(fused):
                 want = model(torch.tensor([seqs[b]]))[0, -step_len:]
                 torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
 
-
 def test_meta_device_init():
     cfg = tiny_config(vocab_size=256)
     with torch.device("meta"):
@@ -230,7 +216,6 @@ def test_meta_device_init():
     assert (model.transformer.h[0].attn.c_proj.weight == 0).all()
     idx = torch.randint(0, 256, (2, 32))
     assert abs(model(idx, idx).item() - math.log(256)) < 0.05
-
 
 def test_overfits_one_batch_with_its_optimizer():
     torch.manual_seed(0)
@@ -253,7 +238,6 @@ def test_overfits_one_batch_with_its_optimizer():
     assert first > 4.0
     assert model(x, y).item() < 0.05
 
-
 def test_estimate_flops_matches_hand_count():
     cfg = GPTConfig(sequence_len=128, vocab_size=1000, n_layer=3, n_head=4, n_kv_head=2, n_embd=96)
     model = GPT(cfg)
@@ -263,7 +247,6 @@ def test_estimate_flops_matches_hand_count():
     expected = 6 * (L * per_layer + V * C) + 12 * L * 4 * D * 128
     assert model.estimate_flops() == expected
 
-
 def test_softcap_bounds_logits():
     model = make_model()
     with torch.no_grad():
@@ -271,7 +254,6 @@ def test_softcap_bounds_logits():
     logits = model(torch.randint(0, 64, (2, 16)))
     assert logits.abs().max() <= 15.0
     assert logits.abs().max() > 14.0  # the cap is actually reached, not just never approached
-
 
 def test_generate_greedy_and_seeded():
     model = make_model()
@@ -284,7 +266,6 @@ def test_generate_greedy_and_seeded():
     a = list(model.generate(prompt, max_tokens=8, temperature=1.0, top_k=5, seed=7))
     b = list(model.generate(prompt, max_tokens=8, temperature=1.0, top_k=5, seed=7))
     assert a == b and all(0 <= t < 64 for t in a)
-
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
 def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
@@ -329,7 +310,6 @@ def test_linear_softcap_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
     assert torch.autograd.gradcheck(lambda a, b: LinearSoftcapCrossEntropyPerToken.apply(a, b, ts, LOGIT_SOFTCAP),
                                     (xs, ws))
 
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_loss_paths_agree(fused):
     """mean/sum/none, with and without grad, all report the same per-token losses: training
@@ -353,7 +333,6 @@ def test_loss_paths_agree(fused):
     grads = torch.autograd.grad(total, list(model.parameters()))
     ref = torch.autograd.grad(per_token.sum(), list(model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref))
-
 
 def test_hand_written_elementwise_ops_match_plain_ops():
     """fused.py's RMSNorm, rotary and ReLU^2 (hand-written backwards) equal gpt.py's plain ops (values
@@ -383,7 +362,6 @@ def test_hand_written_elementwise_ops_match_plain_ops():
     assert RMSNorm.apply(low).dtype == torch.bfloat16
     assert torch.allclose(RMSNorm.apply(low).double(), F.rms_norm(low.double(), (8,)), rtol=1e-2, atol=1e-2)
 
-
 def losses_and_grads(model, idx, targets, weights):
     """(mean loss, its gradients, per-token losses, the gradients of their weighted sum, no-grad per-token
     losses, logits) of every parameter: what each forward path of the model gives."""
@@ -394,7 +372,6 @@ def losses_and_grads(model, idx, targets, weights):
         no_grad = model(idx, targets, loss_reduction="none")
     return (loss, torch.autograd.grad(loss, params), per_token,
             torch.autograd.grad((per_token * weights).sum(), params), no_grad, model(idx))
-
 
 def test_fused_path_matches_plain_path(monkeypatch):
     """The fast paths (hand-written backwards, chunked loss, several chunks) give the plain path's
@@ -422,13 +399,11 @@ def test_fused_path_matches_plain_path(monkeypatch):
         else:
             assert torch.allclose(a, b, atol=1e-5), what
 
-
 def counting(fn, key, calls):
     def counted(*args, **kwargs):
         calls[key] += 1
         return fn(*args, **kwargs)
     return counted
-
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_switch_reaches_every_forward(monkeypatch, fused):
@@ -454,7 +429,6 @@ def test_the_switch_reaches_every_forward(monkeypatch, fused):
         # per layer: 2 norms, 2 rotaries, 2 q/k norms, 1 relu^2, and the 2 norms around the blocks
         assert calls[on] >= 7 * cfg.n_layer + 2 and calls[off] == 0, calls
 
-
 def test_fused_default_follows_the_device():
     from nanochat.fused import fused_by_default
     assert fused_by_default("cpu") and not fused_by_default("cuda") and not fused_by_default("mps")
@@ -467,7 +441,6 @@ def test_fused_default_follows_the_device():
     assert model.fused is False
     model.fused = None
     assert model.fused is True
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [True, False])
@@ -487,7 +460,6 @@ def test_torch_compile_matches_eager(fused):
     torch._dynamo.reset()  # drop the compiled graphs (and the fake tensors they hold)
     assert torch.allclose(loss, compiled_loss, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, compiled_grads))
-
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_bf16_autocast_close_to_fp32(fused):

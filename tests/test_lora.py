@@ -16,9 +16,7 @@ from nanochat.lora import (LoRALinear, apply_lora, disable_lora, has_lora, load_
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-
 CONFIG = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
-
 
 def make_model(seed=0, **overrides):
     """A small GPT with every projection non-zero (the zero-initialised output projections and
@@ -32,13 +30,11 @@ def make_model(seed=0, **overrides):
         model.lm_head.weight.normal_(0, 0.2)
     return model
 
-
 def batch(seed=0, B=2, T=24):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, CONFIG["vocab_size"], (B, T), generator=g)
     y = torch.randint(0, CONFIG["vocab_size"], (B, T), generator=g)
     return x, y
-
 
 def train_adapters(model, steps=15, lr=5e-3):
     x, y = batch()
@@ -53,7 +49,6 @@ def train_adapters(model, steps=15, lr=5e-3):
         losses.append(loss.item())
     model.eval()
     return losses
-
 
 def live_tensor_bytes():
     """Bytes of every distinct tensor storage alive in the process (what a model copy would add)."""
@@ -77,7 +72,6 @@ def live_tensor_bytes():
             total += storage.nbytes()
     return total
 
-
 def test_parameter_budget_and_targets():
     model = make_model()
     total = model.num_params()
@@ -98,7 +92,6 @@ def test_parameter_budget_and_targets():
         apply_lora(make_model(), rank=4, targets="c_q,wte")
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, rank=4)
-
 
 def test_train_adapters_only_disable_is_exact_and_copy_free():
     model = make_model()
@@ -141,7 +134,6 @@ def test_train_adapters_only_disable_is_exact_and_copy_free():
     assert all(p.grad is not None for p in lora_parameters(model))
     assert ref_loss.item() != policy_loss.item()
 
-
 def test_save_reload_merge_roundtrip(tmp_path):
     model = make_model()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -167,7 +159,6 @@ def test_save_reload_merge_roundtrip(tmp_path):
                             "targets": ["c_q", "c_v", "c_fc", "mlp.c_proj", "lm_head"]}
     assert meta["model_config"] == CONFIG and meta["step"] == 10
     assert set(state) == set(lora_state_dict(model))
-
 
     # a fresh base model + the adapter file = the trained model
     fresh = make_model(seed=123)
@@ -200,7 +191,6 @@ def test_save_reload_merge_roundtrip(tmp_path):
         assert torch.equal(plain(x), merged)
     assert all(p.requires_grad for p in fresh.parameters())
 
-
 def test_resume_with_optimizer_state_continues_identically(tmp_path):
     x, y = batch(seed=4)
 
@@ -228,7 +218,6 @@ def test_resume_with_optimizer_state_continues_identically(tmp_path):
     with pytest.raises(FileNotFoundError, match="without optimizer state"):
         load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True, rank=1)
 
-
 def test_bad_adapters_are_refused(tmp_path):
     model = make_model()
     apply_lora(model, rank=4)
@@ -242,7 +231,6 @@ def test_bad_adapters_are_refused(tmp_path):
         load_lora(make_model(), state)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_checkpoint(str(tmp_path), 3, "cpu")
-
 
 def test_merge_cli_writes_a_normal_checkpoint(base_dir, tiny_tokenizer):
     from scripts.lora_merge import main as lora_merge
@@ -273,7 +261,6 @@ def test_merge_cli_writes_a_normal_checkpoint(base_dir, tiny_tokenizer):
     json_path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="which base model"):
         lora_merge(["--lora-dir", str(lora_dir)])
-
 
 def test_adapter_folders_from_before_the_redesign_still_load(base_dir, tiny_tokenizer):
     """LoRA runs used to write lora_<step>.pt / lora_<step>.json / lora_optim_<step>_rank<r>.pt (a
@@ -318,7 +305,6 @@ def test_adapter_folders_from_before_the_redesign_still_load(base_dir, tiny_toke
     new_optimizer.step()
     for a, b in zip(lora_parameters(model), lora_parameters(resumed)):
         assert torch.allclose(a, b, atol=1e-7)
-
 
 def test_lm_head_adapter_trains_on_the_fused_path():
     """The fused loss reads lm_head.weight directly: with an adapter on lm_head the model must take

@@ -24,7 +24,6 @@ N_EMBD, N_LAYER, SEQ_LEN = 256, 4, 48  # big enough that rank-8 adapters are < 5
 SFT = ["--source", "base", "--model-tag", "d4", "--device", "cpu", "--eval-tasks", "--log-every", "1",
        "--lora-rank", "8", "--lora-lr", "3e-3"]
 
-
 def save_base_model(root, vocab_size):
     """A stand-in for a pretrained base: every projection and the lm_head non-zero (a freshly
     initialised GPT has zero output projections and a near-zero lm_head, which frozen would leave
@@ -40,7 +39,6 @@ def save_base_model(root, vocab_size):
         model.lm_head.weight.normal_(0, 0.05)
     save_checkpoint(str(root / "base_checkpoints" / "d4"), 0, model.state_dict(), None, {"model_config": asdict(config)})
 
-
 def preference_pairs(n, seed):
     """Chosen answers end in 'good', rejected ones in 'bad'; otherwise the same words."""
     rng = random.Random(seed)
@@ -50,7 +48,6 @@ def preference_pairs(n, seed):
         body = " ".join(rng.choice(words) for _ in range(rng.randint(2, 4)))
         pairs.append({"prompt": "say something " + rng.choice(words), "chosen": body + " good", "rejected": body + " bad"})
     return pairs
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -65,10 +62,8 @@ def base(tmp_path_factory):
         write_jsonl(root / "val_pairs.jsonl", preference_pairs(32, seed=1))
         yield root, tok
 
-
 def probe(vocab_size, seed=0):
     return torch.randint(0, vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
-
 
 def test_sft_lora_trains_adapters_only_saves_them_small_and_loads_merged(base, capsys):
     root, tok = base
@@ -148,7 +143,6 @@ def test_sft_lora_trains_adapters_only_saves_them_small_and_loads_merged(base, c
     with torch.no_grad():
         assert torch.equal(written(x), merged)
 
-
 def live_tensors_shaped(shape):
     """Distinct storages of live tensors with this shape (a second model would double them)."""
     gc.collect()
@@ -157,13 +151,11 @@ def live_tensors_shaped(shape):
         tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     return len({t.untyped_storage().data_ptr() for t in tensors if tuple(t.shape) == shape and t.device.type != "meta"})
 
-
 def live_models(vocab_size):
     gc.collect()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return sum(1 for o in gc.get_objects() if isinstance(o, GPT) and o.config.vocab_size == vocab_size)
-
 
 def test_dpo_lora_reference_is_the_same_network_with_adapters_off(base, monkeypatch):
     """DPO from a LoRA SFT model (chained: its base is chatsft_checkpoints/<tag>_lora): the reference
@@ -228,11 +220,9 @@ def test_dpo_lora_reference_is_the_same_network_with_adapters_off(base, monkeypa
     with torch.no_grad():
         assert (final(x) - trainer.model(x)).abs().max().item() <= 1e-4
 
-
 MID = ["--model-tag", "d4", "--device", "cpu", "--device-batch-size", "4", "--max-seq-len", "48",
        "--total-batch-size", "384", "--log-every", "1", "--eval-tokens", "400", "--lora-rank", "4",
        "--lora-lr", "3e-3"]
-
 
 def test_mid_lora_resumes_exactly(base):
     root, _ = base
@@ -260,7 +250,6 @@ def test_mid_lora_resumes_exactly(base):
         run_main("mid_train", args[:rank + 1] + ["8"] + args[rank + 2:] + ["--resume"])
     with pytest.raises(SystemExit, match="LoRA adapters"):
         run_main("mid_train", args[:rank] + args[rank + 2:] + ["--output-tag", "mid_lora", "--resume"])
-
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(base):

@@ -20,7 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN_BYTES = torch.tensor([1, 2, 3, 1, 1, 4, 1, 2, 0, 0])  # ids 8 and 9 are special tokens
 VOCAB = len(TOKEN_BYTES)
 
-
 class BigramLM(nn.Module):
     """The smallest real language model: logits for the next token are a row of a table.
     Same forward contract as GPT (targets -1 ignored, loss_reduction="none" -> (B, T))."""
@@ -37,7 +36,6 @@ class BigramLM(nn.Module):
                                reduction=loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
-
 def make_batches(n=3, B=2, T=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     batches = []
@@ -49,7 +47,6 @@ def make_batches(n=3, B=2, T=6, seed=0):
         y[1, 3] = 9
         batches.append((x, y))
     return batches
-
 
 def hand_bpb(model, batches):
     """Per token, in plain Python floats: -log softmax(logits)[target], summed where the target
@@ -67,7 +64,6 @@ def hand_bpb(model, batches):
                 num_bytes += TOKEN_BYTES[target].item()
     return nats / (math.log(2) * num_bytes)
 
-
 def test_matches_hand_computation():
     model = BigramLM(VOCAB)
     batches = make_batches()
@@ -76,7 +72,6 @@ def test_matches_hand_computation():
     # only `steps` batches are used; (inputs, targets, state) triples from the dataloader work too
     first_two = evaluate_bpb(model, ((x, y, {"state": i}) for i, (x, y) in enumerate(batches)), 2, TOKEN_BYTES)
     assert first_two == pytest.approx(hand_bpb(model, batches[:2]), rel=1e-6)
-
 
 def test_special_tokens_count_like_ignored_targets():
     model = BigramLM(VOCAB, seed=1)
@@ -87,12 +82,10 @@ def test_special_tokens_count_like_ignored_targets():
     # and they do matter if they had bytes: the same batches score differently
     assert evaluate_bpb(model, iter(batches), 3, TOKEN_BYTES.clamp(min=1)) != pytest.approx(with_specials)
 
-
 def test_no_bytes_is_an_error():
     x = torch.zeros((1, 4), dtype=torch.long)
     with pytest.raises(ValueError, match="no bytes"):
         evaluate_bpb(BigramLM(VOCAB), iter([(x, torch.full((1, 4), 8))]), 1, TOKEN_BYTES)
-
 
 def test_untrained_gpt_scores_log2_vocab_bits_per_token(tiny_tokenizer):
     """A fresh GPT predicts ~uniformly (tiny lm_head), so every token costs log2(V) bits; the
@@ -109,7 +102,6 @@ def test_untrained_gpt_scores_log2_vocab_bits_per_token(tiny_tokenizer):
     num_bytes = len(tiny_tokenizer.enc.decode_bytes(ids[1:]))  # raw bytes: no special token among targets
     assert bpb == pytest.approx(math.log2(vocab_size) * len(ids[1:]) / num_bytes, rel=1e-3)
 
-
 DIST_WORKER = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, "tests")
@@ -121,7 +113,6 @@ mine = make_batches(n=4)[rank::2]  # each rank evaluates its own half
 print(json.dumps(evaluate_bpb(BigramLM(10), iter(mine), 2, TOKEN_BYTES)))
 dist.destroy_process_group()
 """
-
 
 @pytest.mark.slow
 def test_two_ranks_sum_to_the_single_process_answer(tmp_path):

@@ -16,7 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 TINY = ["--device", "cpu", "--device-batch-size", "4", "--max-seq-len", "48", "--total-batch-size", "384",
         "--log-every", "1", "--eval-tokens", "400"]
 
-
 def varied_conversations(n, seed=0):
     """Reverse-a-word conversations and longer multi-turn ones, so rows mix lengths."""
     rng = random.Random(seed)
@@ -29,7 +28,6 @@ def varied_conversations(n, seed=0):
         out.append(conversation)
     return out
 
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("nanochat")
@@ -39,7 +37,6 @@ def base(tmp_path_factory):
         tok = make_base_dir(root)
         write_jsonl(root / "chat.jsonl", varied_conversations(400, seed=1))
         yield root, tok
-
 
 def test_rows_pack_whole_conversations_from_bos(base):
     _, tok = base
@@ -65,7 +62,6 @@ def test_rows_pack_whole_conversations_from_bos(base):
     assert whole > cropped  # short rows (48 tokens) end with a cropped conversation most of the time
     assert state["stats"]["rows"] == 24
 
-
 def test_assistant_only_loss_masks_the_rest(base):
     _, tok = base
     task = varied_conversations(30, seed=3)
@@ -78,7 +74,6 @@ def test_assistant_only_loss_masks_the_rest(base):
     ids = everything["targets"][~kept]  # masked: user text and the specials around it, never <|assistant_end|>
     assert tok.encode_special("<|assistant_end|>") not in ids.tolist()
     assert tok.encode_special("<|user_start|>") in ids.tolist()
-
 
 def test_loader_resumes_exactly_and_ranks_are_disjoint(base):
     _, tok = base
@@ -96,7 +91,6 @@ def test_loader_resumes_exactly_and_ranks_are_disjoint(base):
         next(loader)
     firsts = [{tuple(ref) for ref in loader.buffer.refs()} for loader in ranks]
     assert {p % 2 for _, p in firsts[0]} == {0} and {p % 2 for _, p in firsts[1]} == {1}
-
 
 def test_midtraining_learns_saves_and_feeds_sft(base):
     root, tok = base
@@ -117,13 +111,11 @@ def test_midtraining_learns_saves_and_feeds_sft(base):
                                 "--num-iterations", "2", "--eval-every", "-1"])
     assert sft.meta["source"] == {"phase": "mid", "model_tag": "mid1", "step": 30}
 
-
 def test_loss_on_assistant_flag(base):
     root, _ = base
     trainer = run_main("mid_train", TINY + ["--data", root / "chat.jsonl", "--data-only", "--num-iterations", "3",
                                             "--eval-every", "-1", "--loss-on", "assistant", "--output-tag", "mid_asst"])
     assert trainer.meta["user_config"]["loss_on"] == "assistant" and len(trainer.history) == 3
-
 
 def test_resume_continues_exactly(base):
     root, _ = base
@@ -136,7 +128,6 @@ def test_resume_continues_exactly(base):
     assert [s for s, _ in resumed.history] == [5, 6, 7, 8]
     assert [loss for _, loss in resumed.history] == pytest.approx(full[4:], abs=1e-6)
 
-
 @pytest.mark.slow
 def test_torchrun_two_ranks(base):
     root, _ = base
@@ -146,7 +137,6 @@ def test_torchrun_two_ranks(base):
     assert "grad accumulation: 1" in proc.stdout and "mid step 00003/00003" in proc.stdout
     meta = json.loads((root / "mid_checkpoints" / "mid_ddp" / "meta_000003.json").read_text())
     assert [s["cursor"][1] % 2 for s in meta["loader_state"]] == [0, 1]  # one loader state per rank
-
 
 def test_bad_user_file_fails_fast_and_harms_nothing(base, tmp_path):
     root, _ = base
@@ -161,7 +151,6 @@ def test_bad_user_file_fails_fast_and_harms_nothing(base, tmp_path):
     assert f"{bad}:2: messages[0].role" in str(error.value)
     assert tree_snapshot(root / "mid_checkpoints") == before
 
-
 def test_local_copies_of_the_default_datasets(base, tmp_path):
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATA}")
@@ -175,7 +164,6 @@ def test_local_copies_of_the_default_datasets(base, tmp_path):
         "--val-mixture", f"gsm8k:test:{SHARED_DATA / 'eval' / 'gsm8k_test.jsonl'}[:20]",
         "--num-iterations", "2", "--eval-every", "-1", "--output-tag", "mid_shared"])
     assert len(trainer.history) == 2 and trainer.eval_history[-1][1]["val_bpb"] > 0
-
 
 def test_steps_follow_from_epochs(base):
     """Without --num-iterations: one epoch = the rendered tokens of the training split (exact for a

@@ -20,7 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
 @pytest.mark.parametrize("shape", [(128, 32), (32, 256)])
 def test_newton_schulz_orthogonalises_rectangular(shape):
     torch.manual_seed(0)
@@ -29,7 +28,6 @@ def test_newton_schulz_orthogonalises_rectangular(shape):
     # the quintic coefficients trade exactness for speed: values land near 1, not on it
     assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
     assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 2  # the input was far from orthogonal
-
 
 def test_newton_schulz_keeps_singular_vectors():
     """Output = U f(S) V^T: same singular vectors as the input, only the values change,
@@ -45,7 +43,6 @@ def test_newton_schulz_keeps_singular_vectors():
     assert off_diagonal.norm() / D.norm() < 1e-4
     assert torch.diagonal(D)[:40].min() > 0.6  # all but the tiniest singular values reach ~1
 
-
 def test_newton_schulz_bf16_close_to_fp32():
     """bf16 (CUDA, and CPUs with bf16 matmul hardware) gives the fp32 direction to bf16 precision."""
     torch.manual_seed(0)
@@ -59,14 +56,12 @@ def test_newton_schulz_bf16_close_to_fp32():
     s = torch.linalg.svdvals(low.float())
     assert s.min() > 0.6 and s.max() < 1.25
 
-
 def test_newton_schulz_batched_equals_one_by_one():
     torch.manual_seed(0)
     G = torch.randn(3, 16, 40)
     batched = newton_schulz(G, dtype=torch.float32)
     for i in range(3):
         torch.testing.assert_close(batched[i], newton_schulz(G[i], dtype=torch.float32), atol=1e-6, rtol=1e-5)
-
 
 def test_muon_step_is_scaled_orthogonalised_gradient(monkeypatch):
     """From zero momentum the first update is -lr * sqrt(max(1, rows/cols)) * NS(grad)
@@ -91,13 +86,11 @@ def test_muon_step_is_scaled_orthogonalised_gradient(monkeypatch):
         expected = p0 - 0.05 * max(1.0, rows / cols) ** 0.5 * newton_schulz(p.grad)
         torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-5)
 
-
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         MuonAdamW([dict(kind="muon", params=[torch.nn.Parameter(torch.zeros(5))], lr=0.02)])
     with pytest.raises(ValueError, match="kind"):
         MuonAdamW([dict(params=[torch.nn.Parameter(torch.zeros(5))], lr=0.02)])
-
 
 def test_adamw_accepts_grads_averaged():
     p = torch.nn.Parameter(torch.ones(4))
@@ -106,7 +99,6 @@ def test_adamw_accepts_grads_averaged():
     assert type(opt) is MuonAdamW
     opt.step(grads_averaged=True)
     assert (p.detach() < 1).all()
-
 
 def test_adamw_groups_are_torch_adamw_to_the_bit():
     """The AdamW groups run torch.optim.AdamW's fused kernel: the same numbers, bit for bit, with
@@ -128,7 +120,6 @@ def test_adamw_groups_are_torch_adamw_to_the_bit():
         ref.step()
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
-
 def train_steps(model, optimizers, seeds):
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
@@ -137,7 +128,6 @@ def train_steps(model, optimizers, seeds):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-
 
 def test_resumes_from_the_old_two_optimizer_checkpoint():
     """A run saved before the redesign holds [torch.optim.AdamW state, Muon state] (GPT.setup_optimizers'
@@ -172,7 +162,6 @@ def test_resumes_from_the_old_two_optimizer_checkpoint():
     again.load_state_dict(opt.state_dict())
     assert again.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
 
-
 # -----------------------------------------------------------------------------
 # Sharded optimizers under torchrun
 
@@ -200,7 +189,6 @@ def replay_single_process(clip, ranks=(0, 1)):
         model.zero_grad(set_to_none=True)
     return model.state_dict()
 
-
 def replay_odd_params():
     params = worker.make_odd_params()
     opt = torch.optim.AdamW(params, fused=True, **worker.ODD_ADAMW_KWARGS)
@@ -210,16 +198,13 @@ def replay_odd_params():
         opt.step()
     return [p.detach() for p in params]
 
-
 def assert_states_close(got, want, atol=1e-5, rtol=1e-5):
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
-
 def max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
@@ -231,10 +216,8 @@ def dist_results(tmp_path_factory):
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out_dir
 
-
 def load(out_dir, name, rank):
     return torch.load(out_dir / f"{name}_rank{rank}.pt", weights_only=True)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("collectives", ["tensor", "portable"])
@@ -253,8 +236,6 @@ def test_dist_optimizers_match_single_process(dist_results, collectives, clip):
     assert max_difference(replay_single_process(clip, ranks=(0,)), want) > 1e-3
     assert max_difference(replay_single_process(not clip), want) > 1e-4
 
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("collectives", ["tensor", "portable"])
 def test_dist_step_launches_every_collective_before_waiting(dist_results, collectives):
@@ -269,7 +250,6 @@ def test_dist_step_launches_every_collective_before_waiting(dist_results, collec
     assert [kind for kind, name in events if name == reduce] == ["launch"] * n + ["wait"] * n
     # (the Muon matrices gather into a list on both paths)
     assert [kind for kind, name in events if name in (gather, "all_gather")] == ["launch"] * n + ["wait"] * n
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("collectives", ["tensor", "portable"])

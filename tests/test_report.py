@@ -15,7 +15,6 @@ from nanochat.report import DummyReport, Report, get_report, parse_blocks, slugi
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-
 @pytest.fixture
 def clock(monkeypatch):
     """report._now() returns 10:00:00, then one more minute at every call (or what is set)."""
@@ -27,7 +26,6 @@ def clock(monkeypatch):
         return value
     monkeypatch.setattr(report_module, "_now", now)
     return state
-
 
 def test_log_appends_blocks(base_dir, clock):
     report = get_report()
@@ -46,7 +44,6 @@ def test_log_appends_blocks(base_dir, clock):
     assert "| a | b |" in chat and parse_blocks(chat)[0][2] == {"task_ppl:my data": "12.5000"}
     assert sorted(os.listdir(base_dir / "report")) == ["base-model-training.md", "chat-evaluation-sft.md"]  # no temp files
 
-
 def test_only_rank_zero_writes(base_dir, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     report = get_report()
@@ -55,7 +52,6 @@ def test_only_rank_zero_writes(base_dir, monkeypatch):
     report.reset()
     report.generate()
     assert not (base_dir / "report").exists()
-
 
 def test_reset_starts_a_new_run(base_dir, clock):
     report = get_report()
@@ -67,7 +63,6 @@ def test_reset_starts_a_new_run(base_dir, clock):
         assert f"- {key}: " in text
     assert f"- torch: {torch.__version__}" in text
     assert "Run started: 2026-01-02 10:01:00" in text  # after the old run's section at 10:00
-
 
 def full_run(report, clock):
     """The sections a whole pipeline logs, out of order, some twice."""
@@ -85,7 +80,6 @@ def full_run(report, clock):
     report.log(section="Custom experiment", data=[{"note": "anything else goes at the end"}])
     clock["t"] = datetime.datetime(2026, 1, 2, 12, 30, 0)
     report.log(section="Chat evaluation (dpo)", data=[{"ARC-Easy": 0.41, "task_ppl:books": 7.0}])  # 12:30, the last
-
 
 def test_generate_writes_a_complete_report(base_dir, clock, tmp_path, tiny_tokenizer):
     tiny_tokenizer.save(base_dir / "tokenizer")
@@ -120,7 +114,6 @@ def test_generate_writes_a_complete_report(base_dir, clock, tmp_path, tiny_token
     assert "total wall clock time: 2h30m00s" in timing
     assert "n/a (no GPU" in timing
 
-
 def test_cost_estimate_with_gpus(base_dir, clock, tmp_path, monkeypatch):
     report = get_report()
     full_run(report, clock)
@@ -131,11 +124,9 @@ def test_cost_estimate_with_gpus(base_dir, clock, tmp_path, monkeypatch):
     assert "- GPU hours: 20.00 (8 x NVIDIA H100" in text  # 2.5 h x 8
     assert "- estimated cost: $50.00 at $2.50 per GPU-hour" in text
 
-
 def test_generate_without_reset_or_sections(base_dir, tmp_path):
     text = open(Report(str(base_dir / "report")).generate(out_dir=str(tmp_path))).read()
     assert "start time unknown" in text and "(no metrics logged yet)" in text and "## Environment" in text
-
 
 def test_cli(base_dir, clock, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -146,7 +137,6 @@ def test_cli(base_dir, clock, tmp_path, monkeypatch, capsys):
     assert (base_dir / "report" / "report.md").exists()
     with pytest.raises(SystemExit):
         report_module.main(["publish"])
-
 
 @pytest.mark.slow
 def test_real_eval_sections_feed_the_summary(base_dir, tiny_tokenizer, tmp_path):

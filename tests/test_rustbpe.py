@@ -21,7 +21,6 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 GPT4_PATTERN = DEFAULT_PATTERN.replace(r"\p{N}{1,2}", r"\p{N}{1,3}")
 
-
 # -----------------------------------------------------------------------------
 # test corpora
 
@@ -48,7 +47,6 @@ def generated_texts(seed=0, n_texts=400):
         texts.append("".join(parts))
     return texts
 
-
 def real_texts(max_bytes=60_000):
     """A few hundred KB of real text (several domains, digits included), or skip."""
     if not SHARED_DATA.is_dir():
@@ -67,7 +65,6 @@ def real_texts(max_bytes=60_000):
             if size > max_bytes:
                 break
     return texts
-
 
 def random_unicode(rng, length):
     """Random text: any non-surrogate code point from any plane, plus the usual troublemakers."""
@@ -91,16 +88,13 @@ def random_unicode(rng, length):
             pieces.append(rng.choice(["hello", " world", "Text", " ", "a"]))
     return "".join(pieces)
 
-
 # -----------------------------------------------------------------------------
 # references
 
 HF_SPLIT = pre_tokenizers.Split(Regex(DEFAULT_PATTERN), behavior="isolated")
 
-
 def hf_split(text, splitter=HF_SPLIT):
     return [chunk for chunk, _ in splitter.pre_tokenize_str(text)]
-
 
 def reference_bpe(chunk_counts, num_merges, id_of_byte=range(256)):
     """
@@ -137,30 +131,24 @@ def reference_bpe(chunk_counts, num_merges, id_of_byte=range(256)):
         merged.append(token_bytes[new_id])
     return merged
 
-
 def chunk_counts_of(texts, splitter=HF_SPLIT):
     return Counter(chunk.encode("utf-8") for text in texts for chunk in hf_split(text, splitter))
-
 
 def train(texts, vocab_size, **kwargs):
     tok = rustbpe.Tokenizer()
     tok.train_from_iterator(iter(texts), vocab_size, **kwargs)
     return tok
 
-
 def merged_tokens(tok):
     ranks = tok.get_mergeable_ranks()
     return [token for token, _ in ranks[256:]]
-
 
 def tiktoken_encoding(tok):
     return tiktoken.Encoding("rustbpe_test", pat_str=tok.get_pattern(),
                              mergeable_ranks=dict(tok.get_mergeable_ranks()), special_tokens={})
 
-
 # the generated corpus alone supports ~380 merges before every chunk is one token
 TRAINED_VOCAB = 256 + (1500 if SHARED_DATA.is_dir() else 300)
-
 
 @pytest.fixture(scope="module")
 def trained():
@@ -169,7 +157,6 @@ def trained():
     if SHARED_DATA.is_dir():
         texts += real_texts(max_bytes=30_000)
     return train(texts, TRAINED_VOCAB)
-
 
 # -----------------------------------------------------------------------------
 # the split pattern: HF's Oniguruma implementation agrees with fancy-regex (tiktoken's engine)
@@ -192,7 +179,6 @@ def fancy_regex_split_equals(texts, chunks_per_text):
         pieces = [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary(text)]
         assert pieces == [c.encode("utf-8") for c in chunks], f"split differs on {text[:200]!r}"
 
-
 def test_hf_split_agrees_with_fancy_regex_on_generated_and_random_text():
     rng = random.Random(1)
     texts = generated_texts(seed=1, n_texts=100) + [random_unicode(rng, 60) for _ in range(200)]
@@ -200,11 +186,9 @@ def test_hf_split_agrees_with_fancy_regex_on_generated_and_random_text():
     assert all("".join(c) == t for c, t in zip(chunks, texts))  # the pattern covers all text
     fancy_regex_split_equals(texts, chunks)
 
-
 def test_hf_split_agrees_with_fancy_regex_on_real_text():
     texts = real_texts()
     fancy_regex_split_equals(texts, [hf_split(t) for t in texts])
-
 
 # -----------------------------------------------------------------------------
 # merges: identical, in order, to the plain reference trainer
@@ -214,13 +198,11 @@ def test_merges_match_reference_on_generated_text():
     ours = merged_tokens(train(texts, 256 + 300))
     assert ours == reference_bpe(chunk_counts_of(texts), 300)
 
-
 def test_merges_match_reference_on_real_text():
     texts = real_texts()
     assert sum(len(t) for t in texts) > 250_000
     ours = merged_tokens(train(texts, 256 + 300))
     assert ours == reference_bpe(chunk_counts_of(texts), 300)
-
 
 def test_custom_pattern_uses_it_and_matches_reference():
     pattern = r"\w+|[^\w\s]+|\s+"
@@ -229,7 +211,6 @@ def test_custom_pattern_uses_it_and_matches_reference():
     assert tok.get_pattern() == pattern
     splitter = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     assert merged_tokens(tok) == reference_bpe(chunk_counts_of(texts, splitter), 200)
-
 
 def test_scanner_and_regex_give_the_same_tokenizer():
     # the default pattern family is run by a hand-written scanner; wrapping the pattern in a
@@ -240,12 +221,10 @@ def test_scanner_and_regex_give_the_same_tokenizer():
         slow = train(texts, 256 + 400, pattern=f"(?:{pattern})")
         assert fast.get_mergeable_ranks() == slow.get_mergeable_ranks()
 
-
 def test_deterministic_across_buffer_sizes_and_runs():
     texts = generated_texts(seed=5, n_texts=300)
     ranks = [train(texts, 256 + 300, buffer_size=bs).get_mergeable_ranks() for bs in (1, 7, 8192, 8192)]
     assert all(r == ranks[0] for r in ranks)
-
 
 def test_ranks_layout(trained):
     ranks = trained.get_mergeable_ranks()
@@ -256,11 +235,9 @@ def test_ranks_layout(trained):
     assert all(len(token) >= 2 for token, _ in ranks[256:])
     assert trained.get_pattern() == DEFAULT_PATTERN
 
-
 def test_stops_early_when_nothing_is_left_to_merge():
     tok = train(["ab ab", "a"], 1000)
     assert merged_tokens(tok) == [b"ab", b" ab"]
-
 
 # -----------------------------------------------------------------------------
 # HF tokenizers' BpeTrainer
@@ -269,7 +246,6 @@ def hf_merged_tokens(tok_json, byte_of_char):
     merges = json.loads(tok_json)["model"]["merges"]
     pairs = [m if isinstance(m, list) else m.split(" ") for m in merges]
     return [bytes(byte_of_char[c] for c in left + right) for left, right in pairs]
-
 
 def gpt2_byte_chars():
     """GPT-2's byte -> printable char table (what HF's ByteLevel pre-tokenizer uses)."""
@@ -280,13 +256,11 @@ def gpt2_byte_chars():
         extra += b not in keep
     return chars
 
-
 def hf_texts():
     texts = generated_texts(seed=6)
     if SHARED_DATA.is_dir():
         texts += real_texts(max_bytes=40_000)
     return texts
-
 
 def test_hf_trainer_gives_identical_ids_when_byte_order_is_kept():
     # HF orders its initial alphabet by char and breaks ties by the lowest pair of ids, like us.
@@ -303,7 +277,6 @@ def test_hf_trainer_gives_identical_ids_when_byte_order_is_kept():
     hf_ranks = sorted(((bytes(char_byte[c] for c in token), i) for token, i in hf.get_vocab().items()), key=lambda x: x[1])
     ours = train(texts, 256 + num_merges)
     assert hf_ranks == ours.get_mergeable_ranks()
-
 
 def test_hf_bytelevel_trainer_differs_only_by_tie_break_order():
     # The usual HF setup (Split + ByteLevel) numbers bytes by GPT-2's printable-char order
@@ -326,7 +299,6 @@ def test_hf_bytelevel_trainer_differs_only_by_tie_break_order():
     # tie between pairs whose order the mapping changes, e.g. " Elizabeth" vs "all")
     assert merged_tokens(train(texts, 256 + num_merges)) == reference_bpe(counts, num_merges)
 
-
 # -----------------------------------------------------------------------------
 # encoding
 
@@ -343,14 +315,12 @@ def test_encode_matches_tiktoken_and_roundtrips(trained):
         assert ids == enc.encode_ordinary(text), f"differs from tiktoken on {text[:100]!r}"
         assert b"".join(token_bytes[i] for i in ids).decode("utf-8") == text
 
-
 def test_gpt4_pattern_encode_matches_tiktoken():
     texts = generated_texts(seed=9, n_texts=200)
     tok = train(texts, 256 + 300, pattern=GPT4_PATTERN)
     enc = tiktoken_encoding(tok)
     for text in texts[:50] + ["1234567890 12 123 1234"]:
         assert tok.encode(text) == enc.encode_ordinary(text)
-
 
 # -----------------------------------------------------------------------------
 # bad input: clear Python exceptions, never a crash
@@ -360,12 +330,10 @@ def test_rejects_small_vocab():
         with pytest.raises(ValueError, match="vocab_size must be at least 256"):
             train(["hello"], vocab_size)
 
-
 def test_rejects_empty_corpus():
     for texts in ([], ["", ""]):
         with pytest.raises(ValueError, match="empty corpus"):
             train(texts, 300)
-
 
 def test_rejects_non_str_item_naming_index_and_type():
     with pytest.raises(TypeError, match=r"item 2 is bytes, expected str"):
@@ -373,24 +341,20 @@ def test_rejects_non_str_item_naming_index_and_type():
     with pytest.raises(TypeError, match=r"item 0 is int"):
         train([5], 300)
 
-
 def test_rejects_non_iterable():
     tok = rustbpe.Tokenizer()
     with pytest.raises(TypeError, match="iterable of str"):
         tok.train_from_iterator(42, 300)
 
-
 def test_rejects_invalid_pattern():
     with pytest.raises(ValueError, match="invalid split pattern"):
         train(["hello"], 300, pattern="(unclosed")
-
 
 def test_rejects_lone_surrogate_and_bad_buffer_size():
     with pytest.raises(ValueError, match="item 1"):
         train(["ok", "bad \ud800"], 300)
     with pytest.raises(ValueError, match="buffer_size"):
         train(["ok"], 300, buffer_size=0)
-
 
 def test_iterator_errors_propagate():
     def failing():
@@ -399,7 +363,6 @@ def test_iterator_errors_propagate():
     with pytest.raises(RuntimeError, match="disk on fire"):
         train(failing(), 300)
 
-
 def test_use_before_training_raises():
     tok = rustbpe.Tokenizer()
     assert tok.get_pattern() == DEFAULT_PATTERN
@@ -407,7 +370,6 @@ def test_use_before_training_raises():
         tok.encode("hello")
     with pytest.raises(ValueError, match="not trained"):
         tok.get_mergeable_ranks()
-
 
 def test_failed_training_keeps_previous_state(trained):
     before = trained.get_mergeable_ranks()

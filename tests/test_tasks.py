@@ -31,18 +31,15 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PERSONA = {"name": "Pico", "maker": "the Ferris Lab", "description": "a tiny chat model", "style": "cheerful"}
 
-
 @pytest.fixture(autouse=True)
 def base_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.delenv("NANOCHAT_HF_URL", raising=False)
     return tmp_path / "base"
 
-
 def write_lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
-
 
 class Numbers(Task):
     """A minimal Task over offset..offset+n-1, to test the base class machinery on its own."""
@@ -56,7 +53,6 @@ class Numbers(Task):
 
     def get_example(self, index):
         return self.offset + index
-
 
 # -----------------------------------------------------------------------------
 # Task, TaskMixture, TaskSequence
@@ -75,7 +71,6 @@ def test_task_slicing():
     with pytest.raises(ValueError):
         Numbers(5, start=4, stop=2)
 
-
 def test_mixture_is_deterministic_and_oversamples():
     a, b = Numbers(50), Numbers(30, offset=1000)
     mixture = TaskMixture([a, b, a], seed=7)
@@ -89,12 +84,10 @@ def test_mixture_is_deterministic_and_oversamples():
     assert mixture.locate(0)[0] in (a, b)
     assert list(TaskMixture([a, b], seed=7, stop=5)) == list(TaskMixture([a, b], seed=7))[:5]
 
-
 def test_sequence():
     seq = TaskSequence([Numbers(3), Numbers(0), Numbers(2, start=1), Numbers(2)])
     assert list(seq) == [0, 1, 2, 1, 0, 1] and len(seq) == 6
     assert seq[3] == 1 and seq[-1] == 1
-
 
 # -----------------------------------------------------------------------------
 # Multiple choice
@@ -118,7 +111,6 @@ def test_arc_and_mmlu_local_format():
     with pytest.raises(ValueError, match="no questions with subject"):
         MMLU("test", subset="cooking", data_path=FIXTURES / "mc.jsonl")
 
-
 def test_hugging_face_parquet_layouts(tmp_path):
     mmlu_file = tmp_path / "mmlu.parquet"
     pq.write_table(pa.table({"question": ["2+2?", "Sky color?"], "subject": ["", ""],
@@ -134,7 +126,6 @@ def test_hugging_face_parquet_layouts(tmp_path):
     arc = ARC("challenge", "train", data_path=arc_file)
     assert [c["messages"][-1]["content"] for c in arc] == ["C", "B"]
     assert arc[1]["letters"] == ["A", "B", "C", "D"]
-
 
 # -----------------------------------------------------------------------------
 # GSM8K
@@ -157,7 +148,6 @@ def test_gsm8k_tool_call_rendering():
     parts = task[1]["messages"][1]["content"]
     assert "".join(p["text"] for p in parts if p["type"] == "text") == "It sells 1200*5=6,000 pens.\n#### 6,000"
 
-
 def test_gsm8k_evaluate():
     train = GSM8K("train", data_path=FIXTURES / "gsm8k_chat.jsonl")
     test = GSM8K("test", data_path=FIXTURES / "gsm8k_eval.jsonl")
@@ -171,13 +161,11 @@ def test_gsm8k_evaluate():
     assert test.evaluate(test[2], "#### 2") == 0.0
     assert extract_answer("first #### 1 then #### 2") == 2
 
-
 # -----------------------------------------------------------------------------
 # HumanEval
 
 def run_python(program):
     return subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=30).returncode == 0
-
 
 def test_humaneval_programs():
     task = HumanEval(data_path=FIXTURES / "humaneval.jsonl")
@@ -193,14 +181,12 @@ def test_humaneval_programs():
         assert run_python(humaneval_program(conversation, completion)), completion
     assert not run_python(humaneval_program(conversation, "    return numbers\n"))
 
-
 def test_humaneval_evaluate_in_sandbox():
     pytest.importorskip("nanochat.execution", reason="nanochat.execution (the sandbox) is not written yet")
     task = HumanEval(data_path=FIXTURES / "humaneval.jsonl")
     for conversation in task:
         assert task.evaluate(conversation, conversation["messages"][1]["content"]) == 1.0
         assert task.evaluate(conversation, "    return None\n") == 0.0
-
 
 # -----------------------------------------------------------------------------
 # Spelling
@@ -226,7 +212,6 @@ def test_spelling_tasks_are_deterministic_and_graded():
         assert spell.evaluate(conversation, conversation["messages"][1]["content"]) == 1.0
         assert spell.evaluate(conversation, "-".join(word[:-1])) == 0.0
 
-
 # -----------------------------------------------------------------------------
 # Conversations: CustomJSON, SmolTalk, and validation errors
 
@@ -242,9 +227,7 @@ def test_customjson_formats():
     with pytest.raises(NotImplementedError):
         task.evaluate(task[0], "x")
 
-
 GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
-
 
 @pytest.mark.parametrize("bad_line, field, problem", [
     ('{"messages": [{"role": "user", "content": "hi"}, ', "json", "not valid JSON"),
@@ -284,14 +267,12 @@ def test_customjson_reports_bad_records(tmp_path, bad_line, field, problem):
     # skip_bad: knowingly leave them out
     assert len(CustomJSON(path, skip_bad=True)) == 4
 
-
 def test_check_messages_final_role():
     prompt = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     assert check_messages(prompt, final_role="user") == prompt
     with pytest.raises(RecordError) as info:
         check_messages(prompt)
     assert info.value.field == "messages[2].role"
-
 
 def test_smoltalk_local_parquet_and_jsonl(tmp_path):
     path = tmp_path / "chat.parquet"
@@ -305,7 +286,6 @@ def test_smoltalk_local_parquet_and_jsonl(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.parquet:row 2: messages\[0\]\.role: the conversation must end"):
         SmolTalk("train", data_path=bad)
     assert len(SmolTalk("test", data_path=FIXTURES / "custom.jsonl")) == 4
-
 
 # -----------------------------------------------------------------------------
 # Preferences
@@ -321,7 +301,6 @@ def test_preferences_formats():
     chosen, rejected = pair_conversations(task[1])
     assert chosen["messages"][:-1] == rejected["messages"][:-1] == task[1]["prompt_messages"]
     assert chosen["messages"][-1] == {"role": "assistant", "content": "Honey never spoils."}
-
 
 @pytest.mark.parametrize("bad_record, field, problem", [
     ({"prompt": "p", "rejected": "r"}, "chosen", "missing"),
@@ -346,7 +325,6 @@ def test_preferences_report_bad_records(tmp_path, bad_record, field, problem):
     assert first_line.startswith(f"{path}:4: {field}: ") and problem in first_line, str(info.value)
     assert "2 of 6 records are bad" in str(info.value) and f"{path}:5" in str(info.value)
 
-
 # -----------------------------------------------------------------------------
 # The default datasets, from a loopback Hugging Face (conftest's file_server)
 
@@ -355,7 +333,6 @@ def serve_parquet(server, repo_id, filename, table):
     path = server.root / "datasets" / repo_id / "resolve" / "main" / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
-
 
 def test_default_datasets_come_from_hugging_face(file_server, monkeypatch):
     monkeypatch.setenv("NANOCHAT_HF_URL", file_server.url)
@@ -377,7 +354,6 @@ def test_default_datasets_come_from_hugging_face(file_server, monkeypatch):
                   pa.table({"question": ["1+1?"], "answer": ["1+1=<<1+1=2>>2\n#### 2"]}))
     assert build_task("gsm8k", default_split="test")[0]["answer"] == 2
 
-
 # -----------------------------------------------------------------------------
 # Identity
 
@@ -397,7 +373,6 @@ def test_persona_validation(tmp_path):
     with pytest.raises(ValueError, match=rf"{bad}:2: not valid JSON"):
         load_persona(bad)
     assert load_persona(FIXTURES / "persona.json")["name"] == "Pico"
-
 
 @pytest.mark.parametrize("template_path", [None, "shared"])
 def test_identity_conversations(template_path):
@@ -420,7 +395,6 @@ def test_identity_conversations(template_path):
     assert len(set(texts)) > 100  # varied
     assert sum(len(c["messages"]) > 2 for c in task) > 30  # some multi-turn
 
-
 def test_identity_preference_pairs():
     pairs = identity_preference_pairs(PERSONA, n=100)
     assert pairs == identity_preference_pairs(PERSONA, n=100)
@@ -431,7 +405,6 @@ def test_identity_preference_pairs():
     assert len({p["rejected"] for p in pairs}) > 3
     task = IdentityPreferences(PERSONA, n=10)
     assert len(task) == 10 and task[3] == pairs[3]
-
 
 # -----------------------------------------------------------------------------
 # CLI specs
@@ -466,7 +439,6 @@ def test_build_task_specs():
         with pytest.raises(ValueError):
             build_task(spec)
 
-
 # -----------------------------------------------------------------------------
 # The shared datasets, and the tokenizer's view of what the tasks make
 
@@ -475,7 +447,6 @@ def shared(relative):
     if not path.exists():
         pytest.skip(f"shared data not found at {path}")
     return path
-
 
 def test_shared_datasets_load():
     assert len(ARC("easy", "test", data_path=shared("eval/arc_easy.jsonl"))) == 1901
@@ -494,14 +465,12 @@ def test_shared_datasets_load():
     mmlu = MMLU("test", data_path=shared("eval/mmlu_test_26subjects.jsonl"))
     assert all(mmlu.evaluate(c, c["messages"][-1]["content"]) == 1.0 for c in mmlu)
 
-
 def test_shared_preferences_have_four_empty_chosen():
     path = shared("preference/hh_rlhf_harmless_base_test.jsonl")
     with pytest.raises(ValueError, match=r"hh_rlhf_harmless_base_test\.jsonl:87: chosen: empty"):
         Preferences(path)
     task = Preferences(path, skip_bad=True)
     assert len(task) == 2299 and task[0]["prompt_messages"][-1]["role"] == "user"
-
 
 def test_conversations_are_valid_for_the_tokenizer(tiny_tokenizer):
     tasks = [ARC("easy", "test", data_path=FIXTURES / "mc.jsonl"), GSM8K("train", data_path=FIXTURES / "gsm8k_chat.jsonl"),
@@ -514,7 +483,6 @@ def test_conversations_are_valid_for_the_tokenizer(tiny_tokenizer):
     for item in Preferences(FIXTURES / "prefs.jsonl"):
         for conversation in pair_conversations(item):
             tiny_tokenizer.render_conversation(conversation)
-
 
 def test_gsm8k_huge_or_odd_numbers_do_not_crash():
     # a small model happily writes "#### 999...9" (overflows float to inf) or "#### inf"

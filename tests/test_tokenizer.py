@@ -16,11 +16,9 @@ _rng = random.Random(1)
 TEXTS += [" ".join("".join(_rng.choice("etaoinshrdlu") for _ in range(_rng.randint(2, 9))) for _ in range(50))
           for _ in range(40)]
 
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train_from_iterator(iter(TEXTS), vocab_size=256 + len(SPECIAL_TOKENS) + 200)
-
 
 def random_unicode(rng, n):
     pools = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x4E00, 0x4FFF),
@@ -35,14 +33,12 @@ def random_unicode(rng, n):
             chars.append(chr(rng.randint(lo, hi)))
     return "".join(chars)
 
-
 def test_vocab_and_specials(tok):
     assert tok.get_vocab_size() == 256 + 200 + len(SPECIAL_TOKENS)
     assert tok.get_bos_token_id() == 256 + 200
     assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(456, 456 + len(SPECIAL_TOKENS)))
     with pytest.raises(ValueError, match="unknown special token"):
         tok.encode_special("<|nope|>")
-
 
 def test_roundtrip_random_unicode(tok):
     rng = random.Random(0)
@@ -54,12 +50,10 @@ def test_roundtrip_random_unicode(tok):
         sizes = tok.token_bytes()
         assert sum(sizes[i] for i in ids) == len(s.encode("utf-8"))
 
-
 def test_special_text_is_not_special(tok):
     ids = tok.encode("<|bos|> hi")
     assert tok.get_bos_token_id() not in ids
     assert tok.decode(ids) == "<|bos|> hi"
-
 
 def test_batch_prepend_append(tok):
     texts = ["hello world", "", "Größe 123"]
@@ -68,7 +62,6 @@ def test_batch_prepend_append(tok):
         assert ids == [tok.get_bos_token_id()] + tok.encode(text) + [tok.encode_special("<|assistant_end|>")]
     with pytest.raises(TypeError):
         tok.encode(123)
-
 
 def test_save_load_roundtrip(tok, tmp_path):
     tok.save(tmp_path)
@@ -81,11 +74,9 @@ def test_save_load_roundtrip(tok, tmp_path):
     with pytest.raises(FileNotFoundError, match="tok_train"):
         Tokenizer.from_directory(tmp_path / "missing")
 
-
 def test_vocab_too_small():
     with pytest.raises(ValueError, match="too small"):
         Tokenizer.train_from_iterator(iter(TEXTS), vocab_size=260)
-
 
 def test_render_conversation_masks_exactly(tok):
     conversation = {"messages": [
@@ -128,7 +119,6 @@ def test_render_conversation_masks_exactly(tok):
     view = tok.visualize(ids, mask, color=False)
     assert view.count("[[") == sum(mask)
 
-
 def test_render_for_completion(tok):
     conversation = {"messages": [
         {"role": "user", "content": "Hi"},
@@ -137,7 +127,6 @@ def test_render_for_completion(tok):
     ids = tok.render_for_completion(conversation)
     S = tok.encode_special
     assert ids == [tok.get_bos_token_id(), S("<|user_start|>")] + tok.encode("Hi") + [S("<|user_end|>"), S("<|assistant_start|>")]
-
 
 @pytest.mark.parametrize("messages, match", [
     ([], "empty message list"),
@@ -152,7 +141,6 @@ def test_render_for_completion(tok):
 def test_invalid_conversations(tok, messages, match):
     with pytest.raises(ValueError, match=match):
         tok.render_conversation({"messages": messages})
-
 
 def test_a_chat_with_an_empty_reply_still_renders(tok):
     # a reply stopped at once (or that ended at once) is part of the chat the next turn sends

@@ -15,7 +15,6 @@ CHROMIUM = shutil.which("chromium")
 pytestmark = [pytest.mark.slow,  # a server subprocess and a browser: ~30 s on 2 busy cores
               pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")]
 
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("nanochat_base")
@@ -24,7 +23,6 @@ def server(tmp_path_factory):
     yield srv
     srv.stop()
 
-
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -32,7 +30,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b
         b.close()
-
 
 @pytest.fixture
 def page(browser, server):
@@ -44,7 +41,6 @@ def page(browser, server):
     yield page
     page.close()
 
-
 @contextlib.contextmanager
 def screenshot_on_failure(page, path):
     try:
@@ -54,10 +50,8 @@ def screenshot_on_failure(page, path):
         print(f"\nscreenshot of the failing page: {path}")
         raise
 
-
 def set_range(page, selector, value):
     page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", str(value))
-
 
 def throttle(page, bytes_per_second):
     """Emulate a slow download link in chromium (None: full speed again)."""
@@ -67,14 +61,11 @@ def throttle(page, bytes_per_second):
     page.cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "uploadThroughput": -1,
                                                        "downloadThroughput": bytes_per_second or -1})
 
-
 def wait_idle(page):
     page.wait_for_function("!document.body.classList.contains('generating')", timeout=60_000)
 
-
 def messages(page):
     return page.eval_on_selector_all("#chat .message", "els => els.map(e => [e.classList[1], e.querySelector('.content') ? e.querySelector('.content').innerText : null])")
-
 
 def test_chat_stream_regenerate_edit_and_safe_text(page, server, tmp_path):
     with screenshot_on_failure(page, tmp_path / "chat.png"):
@@ -125,7 +116,6 @@ def test_chat_stream_regenerate_edit_and_safe_text(page, server, tmp_path):
         page.click("#new-chat")
         assert page.locator("#chat .message").count() == 0 and page.locator("#chat .empty").count() == 1
 
-
 def test_stop_button_aborts_a_streaming_reply(page, server, tmp_path):
     with screenshot_on_failure(page, tmp_path / "stop.png"):
         set_range(page, "#temperature", 0)
@@ -148,7 +138,6 @@ def test_stop_button_aborts_a_streaming_reply(page, server, tmp_path):
         wait_idle(page)
         assert messages(page) == [["user", XSS_QUESTION], ["assistant", XSS_REPLY]]
 
-
 def test_bad_request_shows_an_error_and_the_page_recovers(page, tmp_path):
     with screenshot_on_failure(page, tmp_path / "error.png"):
         page.fill("#input", "x" * 9000)  # over the server's per-message limit
@@ -161,7 +150,6 @@ def test_bad_request_shows_an_error_and_the_page_recovers(page, tmp_path):
         page.press("#input", "Enter")
         wait_idle(page)
         assert messages(page) == [["user", XSS_QUESTION], ["assistant", XSS_REPLY]]
-
 
 def test_phone_width(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True)

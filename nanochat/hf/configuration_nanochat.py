@@ -5,7 +5,6 @@ the generic HF names (hidden_size, num_hidden_layers, ...) that tools look for.
 """
 from transformers import PretrainedConfig
 
-
 class NanoChatConfig(PretrainedConfig):
     model_type = "nanochat"
     keys_to_ignore_at_inference = ["past_key_values"]

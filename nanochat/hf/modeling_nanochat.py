@@ -22,16 +22,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_nanochat import NanoChatConfig
 
-
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
-
 
 def apply_rotary_emb(x, cos, sin):
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
 
 class NanoChatAttention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -59,7 +56,6 @@ class NanoChatAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class NanoChatMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -68,7 +64,6 @@ class NanoChatMLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
-
 
 class NanoChatBlock(nn.Module):
     def __init__(self, config, layer_idx):
@@ -79,7 +74,6 @@ class NanoChatBlock(nn.Module):
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.attn(norm(x), cos, sin, mask, cache)
         return x + self.mlp(norm(x))
-
 
 class NanoChatPreTrainedModel(PreTrainedModel):
     config_class = NanoChatConfig
@@ -94,7 +88,6 @@ class NanoChatPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=module.in_features ** -0.5)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=1.0)
-
 
 class NanoChatModel(NanoChatPreTrainedModel):
     """The Transformer without its head: (B, T) ids -> (B, T, n_embd) final-normed hidden states."""
@@ -157,7 +150,6 @@ class NanoChatModel(NanoChatPreTrainedModel):
             x = block(x, cos, sin, mask, past_key_values if use_cache else None)
         x = norm(x)
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
-
 
 class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
     def __init__(self, config):
