@@ -1,11 +1,10 @@
-"""
-Benchmark BPE tokenizer training: our `rustbpe`, HF `tokenizers` and the `rustbpe` on PyPI (Karpathy's),
+"""Benchmark BPE tokenizer training: our `rustbpe`, HF `tokenizers` and the `rustbpe` on PyPI (Karpathy's),
 on the same corpus, vocab size and split pattern; the merges are compared to ours, in order.
 
     python -m dev.bench_tokenizer                     # all text under ../shared/data, vocab 32768
-    python -m dev.bench_tokenizer --data my_corpus/ --vocab-size 65536 --rounds 3
-"""
+    python -m dev.bench_tokenizer --data my_corpus/ --vocab-size 65536 --rounds 3"""
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -18,7 +17,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_VENV = REPO_ROOT / "dev" / "bench_out" / "pypi_rustbpe_venv"
-# our default split pattern (GPT-4's, numbers in runs of 1-2 digits); passed to every contender
+# our default split pattern (GPT-4's, numbers in runs of 1-2 digits); passed to every contender. A copy, not
+# an import of nanochat.tokenizer's: the worker runs in a venv that may not have nanochat
 PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 CONTENDERS = ["ours", "hf", "pypi_rustbpe"]
 
@@ -31,8 +31,9 @@ def json_strings(value):
             yield from json_strings(v)
 
 def load_corpus(data):
-    """All texts under `data` (a file or a folder), used as they are (never repeated to look bigger):
-    each blank-line-separated block of a .txt file, each string field of each .jsonl record."""
+    """All texts under `data` (a file or folder): each blank-line-separated block of .txt, each string of .jsonl."""
+    # used as they are, never repeated to look bigger: BPE works on distinct words and their counts, so a
+    # repeated corpus adds little work beyond reading it
     data = Path(data)
     files = sorted(p for p in ([data] if data.is_file() else data.rglob("*")) if p.suffix in (".txt", ".jsonl"))
     if not files:
@@ -50,19 +51,16 @@ def load_corpus(data):
                 raise SystemExit(f"{path}:{line_no}: invalid JSON: {e}")
     return [t for t in texts if t]
 
-def peak_rss_mb():  # of this process so far; Linux reports KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 # -----------------------------------------------------------------------------
 # The child side: train one contender, write its merges and measurements as JSON. Each trains in a
 # process of its own, so that wall time and peak RSS are its own.
-
 def train_rustbpe(texts, vocab_size):
     import rustbpe  # ours, or the PyPI one: which is whichever the venv running this file has
     tok = rustbpe.Tokenizer()
     t0 = time.perf_counter()
     tok.train_from_iterator(iter(texts), vocab_size, pattern=PATTERN)
     seconds = time.perf_counter() - t0
+    # past the 256 single bytes, which every contender starts from: the merges, in the order they were learnt
     return seconds, [token.hex() for token, _ in sorted(tok.get_mergeable_ranks(), key=lambda item: item[1])[256:]]
 
 def train_hf(texts, vocab_size):
@@ -80,6 +78,9 @@ def train_hf(texts, vocab_size):
     return seconds, ["".join(m if isinstance(m, list) else m.split(" ")) for m in merges]
 
 def run_worker(args):
+    # peak RSS of this process so far (Linux reports KiB); the corpus alone is the baseline
+    def peak_rss_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     texts = load_corpus(args.data)
     baseline = peak_rss_mb()
     seconds, merges = (train_hf if args.worker == "hf" else train_rustbpe)(texts, args.vocab_size)
@@ -89,7 +90,6 @@ def run_worker(args):
 
 # -----------------------------------------------------------------------------
 # The parent side: run every contender in its own process, print a table
-
 def python_for(contender, venv):
     # the PyPI rustbpe also imports as `rustbpe`, so it runs from a venv of its own, made with uv
     if contender != "pypi_rustbpe":
@@ -113,6 +113,7 @@ def run_contender(contender, args):
                "--data", str(args.data), "--vocab-size", str(args.vocab_size), "--out", str(out)]
         # our own package must not shadow the PyPI one in the other venv (and vice versa)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        # run from a scratch directory: whatever the contender writes there goes with it
         proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{contender} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -123,10 +124,6 @@ def run_contender(contender, args):
         result["merges"] = [bytes(byte_of[c] for c in m).hex() for m in result["merges"]]
     return result
 
-def first_difference(a, b):
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    return i if i is not None or len(a) == len(b) else min(len(a), len(b))
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus: a .txt/.jsonl file or a folder of them")
@@ -134,6 +131,7 @@ def main():
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {CONTENDERS}")
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times, interleaved; report the fastest")
     parser.add_argument("--pypi-venv", type=Path, default=DEFAULT_VENV, help="venv holding the PyPI rustbpe (created if missing)")
+    # how the parent starts a worker: not for people
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,13 +142,13 @@ def main():
         parser.error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")
     if "ours" not in contenders:
         contenders.insert(0, "ours")  # the reference the others are compared to
-
+    # rounds interleave the contenders, so that a slow spell of a busy machine hits them all alike
     results = {c: [] for c in contenders}
     for round_idx in range(args.rounds):
         for contender in contenders:
             results[contender].append(r := run_contender(contender, args))
             print(f"round {round_idx + 1}/{args.rounds} {contender:>13}: {r['seconds']:7.2f}s  peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
-
+    # the fastest round of each: noise (a busy machine) only ever adds time
     best = {c: min(rs, key=lambda r: r["seconds"]) for c, rs in results.items()}
     ours = best["ours"]
     print(f"\ncorpus: {args.data} ({ours['n_texts']:,} texts, {ours['n_bytes'] / 1e6:.1f} MB), "
@@ -159,7 +157,8 @@ def main():
     print(header)
     print("|" + "|".join("-" * (len(col)) for col in header.split("|")[1:-1]) + "|")
     for contender, r in best.items():
-        diff = first_difference(r["merges"], ours["merges"])
+        # the first merge that differs from ours; a shorter list differs where it ends
+        diff = next((i for i, (a, b) in enumerate(itertools.zip_longest(r["merges"], ours["merges"])) if a != b), None)
         same = "-" if contender == "ours" else "yes" if diff is None else f"no, first differs at merge {diff}"
         print(f"| {contender:<13} | {r['seconds']:8.2f} | {r['seconds'] / ours['seconds']:6.2f}x | "
               f"{r['peak_rss_mb']:11.1f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:15.1f} | {len(r['merges']):6d} | {same} |")

@@ -1,12 +1,7 @@
-"""
-Training-step throughput: tokens/s, peak memory and (GPU) MFU of one optimizer step (forward, backward,
-Muon + AdamW) of our GPT on its two paths, "fused" (nanochat/fused.py) and "plain" (stock ops, as the
-well-known modern small-GPT trainers write it), and for scale of a classic GPT-2-style step of the same
-width, depth, heads, vocab, sequence and batch, all timed in the same process.
-
+"""Training-step throughput (tokens/s, peak memory, GPU MFU) of one optimizer step (forward, backward, Muon + AdamW)
+of our GPT on its "fused" and "plain" paths (nanochat/fused.py or stock ops), and of a classic GPT-2 of the same shape.
     python -m dev.bench_train                      # CPU-sized default
-    python -m dev.bench_train --depth 12 --seq-len 2048 --batch-size 16 --device cuda --compile 1
-"""
+    python -m dev.bench_train --depth 12 --seq-len 2048 --batch-size 16 --device cuda --compile 1"""
 import argparse
 import os
 import re
@@ -25,7 +20,6 @@ NAMES = {"fused": "nanochat GPT, fused path", "plain": "same GPT, plain path", "
 
 class ClassicGPT(nn.Module):
     """GPT-2: learned positions, pre-LayerNorm blocks of fused-QKV attention and a 4x GELU MLP, biases."""
-
     def __init__(self, vocab, seq_len, depth, dim, n_head):
         super().__init__()
         self.n_head = n_head
@@ -52,20 +46,11 @@ def rss_mib(field="VmRSS"):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
-def step_memory_mib_cpu(key):
-    """Peak RSS a training step adds on top of its model and optimizer, on CPU."""
-    # measured in a fresh process running only that contender: here the others' memory would mix in
-    cmd = [sys.executable, "-m", "dev.bench_train", *sys.argv[1:], "--only", key, "--rounds", "1", "--steps", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    found = re.findall(r"^STEP_PEAK_MIB ([\d.]+)$", out.stdout, re.M)
-    return float(found[-1]) if found else None
-
 def time_steps(model, opt, args, device):
     """Median seconds of one optimizer step (args.grad_accum micro-batches)."""
     # one fixed random batch: the data does not change a step's cost, and every contender sees the same
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device)
-    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    x = torch.randint(args.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
     times = []
     for i in range(args.warmup + args.steps):
         # GPU work is asynchronous: without waiting for it the clock would stop before the step ends
@@ -87,7 +72,6 @@ def build_contenders(args, device, dim, n_head):
     wanted = [args.only] if args.only else ["fused"] + ([] if args.no_baseline else ["plain", "classic"])
     config = GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
                        n_head=n_head, n_kv_head=n_head, n_embd=dim)
-    contenders = []
     for key in wanted:
         torch.manual_seed(0)
         if key == "classic":
@@ -99,10 +83,9 @@ def build_contenders(args, device, dim, n_head):
             model = GPT(config).to(device)
             model.fused = key == "fused"
             opt, flops = model.setup_optimizer(), model.estimate_flops()
-        contenders.append((key, torch.compile(model) if args.compile else model, opt, flops))
-    return contenders
+        yield key, torch.compile(model) if args.compile else model, opt, flops
 
-def parse_args():
+def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --grad-accum: training uses many micro-batches, which share the optimizer's fixed cost (large for Muon)
     for flag, default, text in [
@@ -111,17 +94,33 @@ def parse_args():
             ("--grad-accum", 1, "micro-batches per optimizer step"),
             ("--threads", 0, "torch CPU threads (0 = torch's default)"),
             ("--steps", 6, "timed steps per round (median kept)"),
-            ("--rounds", 3, "alternating rounds per model (best kept)"),
-            ("--compile", 0, "torch.compile every model")]:
+            ("--rounds", 3, "alternating rounds per model (best kept)"), ("--compile", 0, "torch.compile every model")]:
         parser.add_argument(flag, type=int, default=default, help=text)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-baseline", action="store_true", help="time only our model (no comparisons)")
     # internal: the CPU memory probe's child process times this one contender alone
     parser.add_argument("--only", choices=list(NAMES), help=argparse.SUPPRESS)
-    return parser.parse_args()
-
-def measure(contenders, args, device):
-    """{key: best step seconds}, {key: step MiB} of every contender."""
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # width grows with depth (the aspect ratio), heads with width (a fixed head_dim)
+    dim = args.depth * args.aspect_ratio
+    n_head = dim // args.head_dim
+    tokens = args.batch_size * args.seq_len * args.grad_accum
+    print(f"config: depth {args.depth}, width {dim}, {n_head} heads, vocab {args.vocab_size}, seq {args.seq_len}, "
+          f"batch {args.batch_size} x {args.grad_accum} micro-batches ({tokens:,} tokens/step), device {device}, "
+          f"threads {torch.get_num_threads()}, compile {bool(args.compile)}")
+    # built up front and kept alive together, so no contender's setup lands inside another's timing
+    contenders = list(build_contenders(args, device, dim, n_head))
+    if args.only:  # the memory probe below: this contender's steps alone, in a process of its own
+        # a child process inherits its parent's peak RSS through fork; "5" resets it (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base_rss = rss_mib()
+        time_steps(*contenders[0][1:3], args, device)
+        print(f"STEP_PEAK_MIB {rss_mib('VmHWM') - base_rss:.1f}")
+        return
     # all models stay alive and are timed in alternating rounds (best round kept): whichever ran
     # first would otherwise pay for the allocator's and caches' warm-up alone
     best, memory = {key: float("inf") for key, *_ in contenders}, {}
@@ -134,32 +133,14 @@ def measure(contenders, args, device):
             if device.type == "cuda":
                 memory[key] = max(memory.get(key, 0.0), torch.cuda.max_memory_allocated() / 2**20)
     if device.type == "cpu":
-        memory = {key: step_memory_mib_cpu(key) for key, *_ in contenders}
-    return best, memory
-
-def main():
-    args = parse_args()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # width grows with depth (the aspect ratio), heads with width (a fixed head_dim)
-    dim = args.depth * args.aspect_ratio
-    n_head = dim // args.head_dim
-    tokens = args.batch_size * args.seq_len * args.grad_accum
-    print(f"config: depth {args.depth}, width {dim}, {n_head} heads, vocab {args.vocab_size}, seq {args.seq_len}, "
-          f"batch {args.batch_size} x {args.grad_accum} micro-batches ({tokens:,} tokens/step), device {device}, "
-          f"threads {torch.get_num_threads()}, compile {bool(args.compile)}")
-    # built up front and kept alive together, so no contender's setup lands inside another's timing
-    contenders = build_contenders(args, device, dim, n_head)
-    if args.only:  # the memory probe of step_memory_mib_cpu: this contender's steps alone
-        # a child process inherits its parent's peak RSS through fork; "5" resets it (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base_rss = rss_mib()
-        time_steps(*contenders[0][1:3], args, device)
-        print(f"STEP_PEAK_MIB {rss_mib('VmHWM') - base_rss:.1f}")
-        return
-    best, memory = measure(contenders, args, device)
+        # the peak RSS a step adds, measured in a fresh process running only one contender: in this one,
+        # memory the others freed (but the allocator kept) would hide the growth
+        probe = [sys.executable, "-m", "dev.bench_train", *sys.argv[1:], "--rounds", "1", "--steps", "1", "--only"]
+        for key, *_ in contenders:
+            out = subprocess.run([*probe, key], capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.dirname(__file__)))
+            found = re.findall(r"^STEP_PEAK_MIB ([\d.]+)$", out.stdout, re.M)
+            memory[key] = float(found[-1]) if found else None
     peak = get_peak_flops(device.type)  # None off GPU: no MFU there
     print(f"{'model':<28} {'params':>12} {'step ms':>9} {'tok/s':>10} {'MFU':>6} {'step MiB':>9}")
     for key, fwd, _, flops_per_token in contenders:

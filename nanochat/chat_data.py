@@ -1,8 +1,6 @@
 """
-Conversations into training batches, for midtraining, SFT and DPO: packed rows (midtraining: rows
-of T+1 tokens filled best-fit with whole conversations, each row starting at a <|bos|>) or padded
-rows (SFT, DPO: one conversation per row), and StepBatches, which weighs every supervised token of
-an optimizer step the same. Loader states are small JSON, so a resumed run sees the same batches.
+Conversations into training batches: packed rows (midtraining) or padded rows (SFT, DPO: one conversation
+per row), and StepBatches, which weighs every supervised token of an optimizer step the same.
 """
 import numpy as np
 import torch
@@ -10,25 +8,25 @@ import torch.distributed as dist
 
 from nanochat.dataloader import BestFitBuffer
 
+# Loader states are small JSON in the checkpoint's meta, so that a resumed run sees the very same batches
 STATE_VERSION = 1
 
-def _state_for_rank(state, rank, world_size, what):
-    """This rank's loader state: checkpoints hold a list of them under DDP, else one dict."""
-    if isinstance(state, (list, tuple)):
+def _resumed_state(state, rank, identity):
+    """This rank's part of a checkpoint's loader state; a ValueError unless saved with this `identity`."""
+    what, world_size = identity["kind"], identity["world_size"]
+    if isinstance(state, (list, tuple)):  # under DDP a checkpoint holds every rank's state, else one dict
         if len(state) != world_size:
             raise ValueError(f"cannot resume the {what}: the checkpoint holds {len(state)} ranks, "
                              f"this run has {world_size}")
         state = state[rank]
     if not isinstance(state, dict) or state.get("kind") != what:
         raise ValueError(f"cannot resume: the checkpoint's loader state is not a {what} state")
-    return state
-
-def _check_identity(state, identity, what):
     # a state from other data or settings would resume "somewhere": refuse it, saying what differs
     mismatched = {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}
     if mismatched:
         raise ValueError(f"cannot resume the {what} exactly, it was saved with different settings or data: "
                          + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
+    return state
 
 def epoch_permutation(num_items, epoch, seed):
     return np.random.default_rng([seed, epoch]).permutation(num_items)
@@ -36,20 +34,16 @@ def epoch_permutation(num_items, epoch, seed):
 # -----------------------------------------------------------------------------
 # Padded rows (SFT, DPO)
 
-def masked_targets(ids, mask):
-    """Next-token targets of a rendered row: ids[i+1] where mask[i+1] is 1, else -1."""
-    return [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-
 def collate_padded(rows, pad_id, device="cpu"):
-    """(inputs, targets) of (B, L-1), L the longest of the (ids, mask) rows: inputs = ids[:-1]
-    padded with pad_id, targets = masked_targets padded with -1."""
+    """(inputs, targets) of (B, L-1), L the longest of the (ids, mask) rows, padded with pad_id and -1."""
     length = max(len(ids) for ids, _ in rows) - 1
     inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), length), -1, dtype=torch.long)
     for i, (ids, mask) in enumerate(rows):
         n = len(ids) - 1
         inputs[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
-        targets[i, :n] = torch.tensor(masked_targets(ids, mask), dtype=torch.long)
+        # next-token targets: ids[j+1] where mask[j+1] is 1 (the model is to produce it), else -1 (ignored)
+        targets[i, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])], dtype=torch.long)
     # page-locked host memory lets the copy to the GPU run asynchronously with compute
     pin = torch.device(device).type == "cuda"
     if pin:
@@ -57,8 +51,7 @@ def collate_padded(rows, pad_id, device="cpu"):
     return inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
 
 class MicroBatchOrder:
-    """The global stream of micro-batches: epoch e visits a seeded permutation of the examples, cut
-    into micro-batches of batch_size (the last one of an epoch may be short)."""
+    """Each epoch a seeded permutation of the examples, cut into micro-batches of batch_size (the last may be short)."""
     # Global micro-batch g goes to rank g % world_size, so a step of one process with grad_accum
     # = k * world_size reads the very micro-batches that world_size ranks with grad_accum = k read
     # together: that is what makes DDP == gradient accumulation (and testable)
@@ -78,16 +71,12 @@ class MicroBatchOrder:
 
 def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, resume_state=None,
                    what="padded batches"):
-    """(items, state) forever: items = [(index, render(task[index]))] of this rank's next micro-batch.
-    A resume state that does not fit is a ValueError here, at the call, not at the first batch."""
+    """(items, state) forever: items = [(index, render(task[index]))] of this rank's next micro-batch."""
     order = MicroBatchOrder(len(task), batch_size, seed)
     identity = {"kind": what, "version": STATE_VERSION, "num_items": len(task), "batch_size": batch_size,
                 "seed": seed, "world_size": world_size}
-    g = rank
-    if resume_state:
-        state = _state_for_rank(resume_state, rank, world_size, what)
-        _check_identity(state, identity, what)
-        g = state["next"]
+    # a resume state that does not fit is a ValueError here, at the call, not at the first batch
+    g = _resumed_state(resume_state, rank, identity)["next"] if resume_state else rank
 
     def generate(g):
         while True:
@@ -100,9 +89,9 @@ def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, r
 # Packed rows (midtraining)
 
 class PackedConversations:
-    """(batch, state) forever: batch = {"inputs", "targets"} (B, T), "count" (supervised targets)
-    and "tokens". Rows of T+1 tokens packed best-fit with whole conversations: each row starts
-    with a <|bos|>, nothing is padded. loss_on: "all" tokens, or only the "assistant"'s."""
+    """(batch, state) forever: batch = {"inputs", "targets"} (B, T), "count" (supervised targets) and "tokens"."""
+    # Rows of T+1 tokens packed best-fit with whole conversations: each row starts with a <|bos|>,
+    # nothing is padded, as in pretraining. loss_on: "all" tokens, or only the "assistant"'s.
 
     def __init__(self, task, tokenizer, B, T, *, rank=0, world_size=1, seed=42, loss_on="all",
                  buffer_size=256, resume_state=None, device="cpu", what="packed conversations"):
@@ -115,14 +104,12 @@ class PackedConversations:
         self.buffer_size, self.device = buffer_size, device
         self.identity = {"kind": what, "version": STATE_VERSION, "num_items": len(task), "T": T, "seed": seed,
                          "world_size": world_size, "buffer_size": buffer_size, "loss_on": loss_on}
-        self._perm = (None, None)
-        self.buffer = BestFitBuffer()
+        self._perm, self.buffer = (None, None), BestFitBuffer()
         # rank r reads conversations r, r + world_size, ... of each epoch's seeded permutation
         self.cursor = [0, rank % len(task)]  # (epoch, position) of the next conversation this rank reads
         self.stats = {"rows": 0, "cropped": 0}  # cropped = tokens of conversations cut off to fill a row
         if resume_state:  # checked here, when the loader is made, not at the first batch
-            state = _state_for_rank(resume_state, rank, world_size, what)
-            _check_identity(state, self.identity, what)
+            state = _resumed_state(resume_state, rank, self.identity)
             self.cursor, self.stats = list(state["cursor"]), dict(state["stats"])
             for ref in state["buffer"]:
                 self.buffer.add(self._render(*ref), tuple(ref))
@@ -177,10 +164,8 @@ class PackedConversations:
 # One optimizer step at a time, with the step's supervised count known to every micro-batch
 
 class StepBatches:
-    """
-    The micro-batches of one optimizer step at a time, each with "loss_scale", the factor that
-    turns its *sum* of losses into its share of the step's mean over every supervised token.
-    """
+    """The micro-batches of one optimizer step at a time, each with "loss_scale", the factor that turns its
+    *sum* of losses into its share of the step's mean over every supervised token."""
     # Why (a known trap): chat micro-batches hold different numbers of supervised tokens, so
     # "mean per micro-batch, averaged over micro-batches and ranks" weighs a token of a sparse
     # micro-batch more than one of a dense one, and one process with accumulation then differs

@@ -1,10 +1,5 @@
 """
-Checkpoints: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/ holds, per saved step,
-    model_<step:06d>.pt            weights (rank 0): all of them, or only the LoRA adapters
-    optim_<step:06d>_rank<r>.pt    optimizer state of rank r (the optimizer is sharded)
-    meta_<step:06d>.json           {"step", "model_config", ...}, written LAST: a step exists once its meta does
-A LoRA step's meta also has "lora" (rank, alpha, dropout, targets) and "base" (the source, tag
-and step of the checkpoint the adapters adapt); loading it rebuilds the base and merges them.
+Checkpoints: saving a training step, finding and loading one (a LoRA adapter with its base model), the -i/--step flags.
 """
 import glob
 import json
@@ -18,14 +13,16 @@ from nanochat.common import atomic_write, get_base_dir, logger
 from nanochat.lora import load_lora, merge_lora
 
 # source name -> (folder under the base dir, the script that writes it)
-SOURCES = {
-    "base": ("base_checkpoints", "scripts.base_train"),
-    "mid": ("mid_checkpoints", "scripts.mid_train"),
-    "sft": ("chatsft_checkpoints", "scripts.chat_sft"),
-    "dpo": ("chatdpo_checkpoints", "scripts.chat_dpo"),
-}
+SOURCES = {"base": ("base_checkpoints", "scripts.base_train"), "mid": ("mid_checkpoints", "scripts.mid_train"),
+           "sft": ("chatsft_checkpoints", "scripts.chat_sft"), "dpo": ("chatdpo_checkpoints", "scripts.chat_dpo")}
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the model and prefixes every key with this
 
+# $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/ holds, per saved step,
+#     model_<step:06d>.pt            weights (rank 0): all of them, or only the LoRA adapters
+#     optim_<step:06d>_rank<r>.pt    optimizer state of rank r (the optimizer is sharded)
+#     meta_<step:06d>.json           {"step", "model_config", ...}, written LAST: a step exists once its meta does
+# A LoRA step's meta also has "lora" (rank, alpha, dropout, targets) and "base" (the source, tag
+# and step of the checkpoint the adapters adapt); loading it rebuilds the base and merges them.
 def _paths(checkpoint_dir, step, rank=0):
     """(model, optimizer, meta) file names of a step, in the layout the folder uses."""
     new = [os.path.join(checkpoint_dir, name) for name in
@@ -36,8 +33,8 @@ def _paths(checkpoint_dir, step, rank=0):
     return old if os.path.exists(old[2]) and not os.path.exists(new[2]) else new
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None):
-    """Save one step; in a distributed run, on EVERY rank (each writes its optimizer shard; None:
-    no optimizer state). keep_last=N then deletes all but the newest N steps."""
+    """Save one step (optimizer_state None: none); keep_last=N then deletes all but the newest N steps."""
+    # in a distributed run, called on EVERY rank: each one writes its own optimizer shard
     # every file goes to a temp name and is renamed into place (atomic), and the meta goes last,
     # after a barrier: a process killed at any moment leaves a complete step or an invisible one
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
@@ -63,6 +60,7 @@ def delete_checkpoint(checkpoint_dir, step):
 
 def list_steps(checkpoint_dir):
     """Sorted steps that are complete (meta and model both present)."""
+    # a meta without its weights file (deleted by hand) is no step that can load
     if not os.path.isdir(checkpoint_dir):
         return []
     steps = {int(m.group(1)) for name in os.listdir(checkpoint_dir)
@@ -94,23 +92,21 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     return model_state, optimizer_state, meta
 
 def trained_state(model):
-    """What a training stage saves: the whole state_dict, or only the tensors that train when
-    part of the model is frozen (LoRA: the adapters; the meta's "base" names the rest)."""
+    """What a training stage saves: the whole state_dict, or only the tensors that train (LoRA: the adapters)."""
     state = model.state_dict()
     # a generic rule, so no training code needs to know about LoRA: save what trains
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    if len(trained) == len(list(model.parameters())):
-        return state
-    return {name: state[name] for name in trained}
+    return state if len(trained) == len(list(model.parameters())) else {name: state[name] for name in trained}
 
 def strip_compile_prefix(state_dict):
-    """Undo torch.compile's key prefix. removeprefix, never lstrip: lstrip("_orig_mod.") strips
-    any leading run of those *characters* and would turn e.g. "mod.weight" into "weight"."""
+    """Undo torch.compile's key prefix."""
+    # removeprefix, never lstrip: lstrip("_orig_mod.") strips any leading run of those *characters*
+    # and would turn e.g. "mod.weight" into "weight"
     return {key.removeprefix(COMPILE_PREFIX): value for key, value in state_dict.items()}
 
 def build_model(checkpoint_dir, step, device, phase, merge=True):
-    """(model, tokenizer, meta) of a checkpoint (step None: the last); phase "train" or "eval".
-    A LoRA checkpoint gives its base model with the adapters applied (and merged: a plain GPT)."""
+    """(model, tokenizer, meta) of a checkpoint (step None: the last); phase "train" or "eval"."""
+    # a LoRA checkpoint gives its base model with the adapters applied (and merged: a plain GPT)
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
@@ -132,37 +128,33 @@ def build_model(checkpoint_dir, step, device, phase, merge=True):
         load_lora(model, model_state, meta["lora"])
         if merge:
             merge_lora(model)
-        model.train(phase == "train")
-        return model, tokenizer, meta
-    if device.type in ("cpu", "mps"):
-        # bf16 weights (saved from a GPU run) compute in fp32 here, as everything else does
-        model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
-    config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):  # no init twice: allocate, then fill from the state_dict
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # also what the state_dict does not hold (the rotary tables)
-    model.load_state_dict(model_state, strict=True, assign=True)
+    else:
+        if device.type in ("cpu", "mps"):
+            # bf16 weights (saved from a GPU run) compute in fp32 here, as everything else does
+            model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
+        config = GPTConfig(**meta["model_config"])
+        with torch.device("meta"):  # no init twice: allocate, then fill from the state_dict
+            model = GPT(config)
+        model.to_empty(device=device)
+        model.init_weights()  # also what the state_dict does not hold (the rotary tables)
+        model.load_state_dict(model_state, strict=True, assign=True)
+        tokenizer = get_tokenizer()
+        if tokenizer.get_vocab_size() > config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {checkpoint_dir} "
+                             f"only {config.vocab_size}: it was trained with a different tokenizer")
     model.train(phase == "train")
-    tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() > config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {checkpoint_dir} "
-                         f"only {config.vocab_size}: it was trained with a different tokenizer")
     return model, tokenizer, meta
 
 def find_largest_model(checkpoints_root):
-    """The model tag to load by default: the deepest `d<N>`, else the most recently modified.
-    LoRA folders (<tag>_lora) count only when there is no full checkpoint."""
+    """The model tag to load by default: the deepest `d<N>`, else the most recently modified."""
     tags = [t for t in os.listdir(checkpoints_root) if list_steps(os.path.join(checkpoints_root, t))] \
         if os.path.isdir(checkpoints_root) else []
-    full = [t for t in tags if not t.endswith("_lora")]
-    tags = full or tags  # a LoRA folder is what gets loaded only when it is all there is
+    # LoRA folders (<tag>_lora) count only when there is no full checkpoint to load instead
+    tags = [t for t in tags if not t.endswith("_lora")] or tags
     if not tags:
         raise FileNotFoundError(f"no checkpoint in {checkpoints_root}")
     depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
-    if depths:
-        return max(depths)[1]
-    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_root, t)))
+    return max(depths)[1] if depths else max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_root, t)))
 
 def add_checkpoint_args(parser, default_source):
     """The flags that pick a checkpoint to load: -i/--source, --model-tag, --step, --device."""
@@ -174,8 +166,7 @@ def add_checkpoint_args(parser, default_source):
     parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """(model, tokenizer, meta) of stage `source` (base, mid, sft, dpo): by default the largest
-    model and its latest complete step."""
+    """(model, tokenizer, meta) of stage `source` (base, mid, sft, dpo): by default the largest model, its last step."""
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCES)}")
     folder, script = SOURCES[source]
@@ -183,7 +174,7 @@ def load_model(source, device, phase, model_tag=None, step=None):
     try:
         model_tag = model_tag or find_largest_model(root)
         step = find_last_step(os.path.join(root, model_tag)) if step is None else step
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # nothing trained yet: say which script makes it
         raise FileNotFoundError(f"{e}; run `python -m {script}` first") from None
     logger.info("loading %s model %s step %d", source, model_tag, step)
     return build_model(os.path.join(root, model_tag), step, device, phase)

@@ -2,11 +2,13 @@
 Shared plumbing for every stage: where artifacts live (and writing them safely), which
 device/dtype to use, distributed init from torchrun's environment, rank-0 printing, wandb.
 """
+import contextlib
 import logging
 import os
 import random
 import sys
 import tempfile
+import types
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,14 @@ def format_eta(seconds):
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file, line and field."""
+
+@contextlib.contextmanager
+def exit_on(*errors, prefix=""):
+    """`with exit_on(ValueError): ...`: those errors (bad files, flags) end the script with their message."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit(f"error: {prefix}{e}")
 
 # -----------------------------------------------------------------------------
 # Where artifacts live, and writing them so that a crash never leaves half a file
@@ -79,19 +89,11 @@ def autodetect_device_type():
 
 # Params stay fp32 everywhere; on CUDA the forward runs under bf16 autocast. CPU and MPS compute
 # in fp32 through the very same code, which is why what the CPU tests prove holds on GPU.
-def get_compute_dtype(device_type):
-    """bf16 autocast on CUDA SM80+ (A100/H100), fp32 everywhere else (CPU, MPS, older GPUs)."""
-    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
-
 def autocast_ctx(device_type):
-    """Autocast context for forward passes: bf16 on capable GPUs, a no-op otherwise."""
-    import contextlib
-    dtype = get_compute_dtype(device_type)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.amp.autocast(device_type=device_type, dtype=dtype)
+    """Autocast context for forward passes: bf16 on CUDA SM80+ (A100/H100), a no-op elsewhere (CPU, MPS, older GPUs)."""
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 def synchronize(device_type):
     if device_type == "cuda":
@@ -114,12 +116,9 @@ def get_peak_flops(device_type):
 # -----------------------------------------------------------------------------
 # Distributed init
 
-def is_ddp():
-    return int(os.environ.get("RANK", -1)) != -1 and "WORLD_SIZE" in os.environ
-
 def get_dist_info():
     """(ddp, rank, local_rank, world_size) from torchrun's environment."""
-    if is_ddp():
+    if int(os.environ.get("RANK", -1)) != -1 and "WORLD_SIZE" in os.environ:
         return True, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
@@ -131,13 +130,12 @@ def compute_init(device_type=None, seed=42):
         raise RuntimeError("--device cuda was requested but CUDA is not available")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("--device mps was requested but MPS is not available")
-
+    # the same seed on every rank: identical initial weights without broadcasting them
     random.seed(seed)
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)
         torch.set_float32_matmul_precision("high")  # tf32 for the fp32 matmuls that remain
-
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp and device_type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -161,16 +159,10 @@ def compute_cleanup():
 # -----------------------------------------------------------------------------
 # Optional remote logging
 
-class DummyWandb:
-    """Stands in for wandb when --run=dummy (the default): logs nothing remote."""
-
-    def log(self, *args, **kwargs):
-        pass
-
 def init_wandb(run_name, project, config, master_process):
     # only rank 0 reports; wandb finishes the run itself when the process exits
-    if run_name == "dummy" or not master_process:
-        return DummyWandb()
+    if run_name == "dummy" or not master_process:  # --run=dummy, the default: a stand-in that logs nothing
+        return types.SimpleNamespace(log=lambda *args, **kwargs: None)
     try:
         import wandb
     except ImportError as e:

@@ -24,12 +24,11 @@ from nanochat.common import DataError, get_base_dir, get_dist_info, print0
 from nanochat.download import DownloadError, download_file
 
 # A task is a jsonl of items of one type (the records of llm-foundry's "eval gauntlet"):
-#   multiple_choice    {"query", "choices", "gold"}: the model picks the choice of the lowest mean
-#                      loss after the query
-#   schema             {"context_options", "continuation", "gold"}: the model picks the context under
-#                      which the continuation has the lowest mean loss (Winograd: what does "it" mean)
+#   multiple_choice    {"query", "choices", "gold"}: the model picks the choice of the lowest mean loss after the query
+#   schema             {"context_options", "continuation", "gold"}: the model picks the context under which the
+#                      continuation has the lowest mean loss (Winograd: what does "it" mean)
 #   language_modeling  {"context", "continuation"}: right iff greedy decoding gives the continuation
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+MC, SCHEMA, LM = TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 EXAMPLE_SEPARATOR = "\n\n"  # between the few-shot examples and before the item
 FEWSHOT_SEED = 1234         # item i draws its examples with random.Random(FEWSHOT_SEED + i)
 SUBSET_SEED = 1337          # --max-per-task takes the first N items of a seeded shuffle
@@ -47,12 +46,9 @@ class CoreTask:
 
 # -----------------------------------------------------------------------------
 # Where the tasks come from: local files in the shared format (offline), or the eval bundle
-
-# The tasks of the shared local format (shared/data/eval and its core/ folder): file, type,
-# shots, delimiter and chance level, following DCLM's settings for the same tasks. Baselines are
-# chance for the number of choices in these files (commonsense_qa has 4 here), except boolq's,
-# which like DCLM's is the majority class ("yes", 62%).
-MC, SCHEMA, LM = TASK_TYPES
+# The tasks of the shared local format (shared/data/eval and its core/ folder): file, type, shots, delimiter and chance
+# level, following DCLM's settings for the same tasks. Baselines are chance for the number of choices in these files
+# (commonsense_qa has 4 here), except boolq's, which like DCLM's is the majority class ("yes", 62%).
 ANSWER = "\nAnswer: "
 LOCAL_TASKS = [
     # label                file                        type    shots  delimiter  baseline  field mapping
@@ -87,8 +83,7 @@ def local_tasks(data_dir):
 # The eval bundle nanochat uses (22 tasks): core.yaml (the task list), eval_meta_data.csv (random
 # baselines) and eval_data/**.jsonl, downloaded once into $NANOCHAT_BASE_DIR/eval_bundle
 def bundle_tasks(bundle_dir):
-    """The tasks of an eval bundle folder: core.yaml says what (file, type, shots, delimiter),
-    eval_meta_data.csv the chance level ('Random baseline', in percent)."""
+    """The tasks of an eval bundle folder: core.yaml says what they are, eval_meta_data.csv their chance level."""
     yaml_path, csv_path = os.path.join(bundle_dir, "core.yaml"), os.path.join(bundle_dir, "eval_meta_data.csv")
     for path in (yaml_path, csv_path):
         if not os.path.isfile(path):
@@ -146,8 +141,7 @@ def download_eval_bundle(base_dir=None, url=None, **kwargs):
         raise type(e)(f"{e}\nOffline? Fetch {EVAL_BUNDLE_URL} elsewhere and unzip it so that {bundle_dir}/core.yaml "
                       f"exists (or pass --bundle-dir FOLDER), or evaluate on local files in the shared format with "
                       f"--data-dir (e.g. shared/data/eval).") from None
-    # extract into a temporary folder renamed into place only when complete: a half-extracted
-    # bundle never looks like one
+    # extract to a temporary folder renamed into place only when complete: a half-extracted bundle never looks like one
     try:
         with tempfile.TemporaryDirectory(dir=base_dir, prefix=".eval_bundle.") as tmp_dir:
             with zipfile.ZipFile(zip_path) as archive:
@@ -175,22 +169,18 @@ def _check_item(record, task_type):
         if not isinstance(value, str) or (not allow_empty and not value):
             raise ValueError(f"field {key!r}: expected a {'' if allow_empty else 'non-empty '}string, got {value!r}"[:200])
         return value
-
     def options(key):
         value = record.get(key)
         if not isinstance(value, list) or len(value) < 2 or not all(isinstance(v, str) and v for v in value):
-            raise ValueError(f"field {key!r}: expected a list of at least 2 non-empty strings"[:200])
+            raise ValueError(f"field {key!r}: expected a list of at least 2 non-empty strings")
         gold = record.get("gold")
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(value):
             raise ValueError(f"field 'gold': expected an index 0..{len(value) - 1}, got {gold!r}")
-        return value, gold
-
+        return {key: value, "gold": gold}
     if task_type == MC:
-        choices, gold = options("choices")
-        return {"query": text("query", allow_empty=True), "choices": choices, "gold": gold}
+        return {**options("choices"), "query": text("query", allow_empty=True)}
     if task_type == SCHEMA:
-        context_options, gold = options("context_options")
-        return {"context_options": context_options, "continuation": text("continuation"), "gold": gold}
+        return {**options("context_options"), "continuation": text("continuation")}
     return {"context": text("context", allow_empty=True), "continuation": text("continuation")}
 
 def load_items(task):
@@ -206,8 +196,7 @@ def load_items(task):
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                for ours, theirs in task.fields.items():
-                    record[ours] = record.get(theirs)
+                record.update({ours: record.get(theirs) for ours, theirs in task.fields.items()})
                 items.append(_check_item(record, task.task_type))
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 raise DataError(f"{task.path}:{lineno}: {e}") from None
@@ -223,25 +212,20 @@ def render_prompts(item, task_type, delimiter, fewshot=()):
     prefix = "".join(render_prompts(ex, task_type, delimiter)[ex.get("gold", 0)][1] + EXAMPLE_SEPARATOR
                      for ex in fewshot)
     if task_type == MC:
-        context = prefix + item["query"] + delimiter
-        return [(context, context + choice) for choice in item["choices"]]
-    if task_type == SCHEMA:
-        return [(prefix + option + delimiter, prefix + option + delimiter + item["continuation"])
-                for option in item["context_options"]]
-    context = prefix + item["context"].rstrip() + delimiter
-    return [(context, context + item["continuation"])]
+        pairs = [(item["query"], choice) for choice in item["choices"]]
+    elif task_type == SCHEMA:
+        pairs = [(option, item["continuation"]) for option in item["context_options"]]
+    else:
+        pairs = [(item["context"].rstrip(), item["continuation"])]
+    return [(prefix + context + delimiter, prefix + context + delimiter + rest) for context, rest in pairs]
 
 def fewshot_examples(items, index, num_fewshot):
     """num_fewshot other items, the same for item `index` whatever the rank or subset."""
     if num_fewshot <= 0:
         return []
     # a seed per item, and one spare pick, so the item itself can be left out
-    rng = random.Random(FEWSHOT_SEED + index)
-    picks = rng.sample(range(len(items)), min(num_fewshot + 1, len(items)))
+    picks = random.Random(FEWSHOT_SEED + index).sample(range(len(items)), min(num_fewshot + 1, len(items)))
     return [items[j] for j in picks if j != index][:num_fewshot]
-
-def _common_prefix_len(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 def tokenize_prompts(tokenizer, prompts, max_len=None):
     """[(ids, start, end)]: <|bos|> + full text, with the continuation at ids[start:end]."""
@@ -251,7 +235,7 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
     encoded = tokenizer.encode([text for pair in prompts for text in (pair[0].rstrip(), pair[1])], prepend=bos)
     out = []
     for context_ids, full_ids in zip(encoded[0::2], encoded[1::2]):
-        start, end = _common_prefix_len(context_ids, full_ids), len(full_ids)
+        start, end = len(os.path.commonprefix([context_ids, full_ids])), len(full_ids)  # (works on any sequences)
         if start >= end:
             raise ValueError(f"the continuation is empty after tokenization: {full_ids[-8:]}")
         if max_len is not None and end > max_len:
@@ -266,45 +250,35 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
 
 @torch.no_grad()
 def score_item(model, sequences, task_type, gold, device, pad_id):
-    """Run one item's sequences [(ids, start, end)] as one batch; returns (correct, predicted index)."""
+    """Whether the model answers one item right, running its sequences [(ids, start, end)] as one batch."""
     # right-padded: with causal attention the padding after a row never influences it
     width = max(len(ids) for ids, _, _ in sequences)
-    batch = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for row, (ids, _, _) in enumerate(sequences):
-        batch[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    batch = batch.to(device)
+    batch = torch.tensor([list(ids) + [pad_id] * (width - len(ids)) for ids, _, _ in sequences], device=device)
     logits = model(batch)  # (rows, width, vocab); position t predicts token t + 1
     if task_type == LM:
-        ids, start, end = sequences[0]
-        predicted = logits[0, start - 1:end - 1].argmax(dim=-1)
-        return bool(torch.equal(predicted, batch[0, start:end])), None
+        _, start, end = sequences[0]
+        return torch.equal(logits[0, start - 1:end - 1].argmax(dim=-1), batch[0, start:end])
     # mean loss over each row's continuation tokens only (the rest of the logits are never needed)
     mean_losses = torch.stack([F.cross_entropy(logits[row, start - 1:end - 1].float(), batch[row, start:end])
                                for row, (_, start, end) in enumerate(sequences)])
-    predicted = int(mean_losses.argmin().item())
-    return predicted == gold, predicted
+    return int(mean_losses.argmin().item()) == gold
 
 def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indices=None):
-    """Accuracy of `model` on `task` (items: all of its items, which few-shot examples come from;
-    indices: which of them to score, default all); every rank returns the same accuracy."""
-    indices = range(len(items)) if indices is None else list(indices)
+    """Accuracy on `indices` (default: all) of `items`, few-shot examples from all; the same on every rank."""
     max_seq_len = max_seq_len or getattr(getattr(model, "config", None), "sequence_len", None)
     _, rank, _, world_size = get_dist_info()
     pad_id = tokenizer.get_bos_token_id()
-    counts = torch.zeros(2, dtype=torch.long, device=device)  # correct, total
-    # rank r scores items r, r + world_size, ...; the counts are summed over ranks below
-    for position in range(rank, len(indices), world_size):
-        index = indices[position]
-        item = items[index]
-        prompts = render_prompts(item, task.task_type, task.continuation_delimiter,
+    # rank r scores items r, r + world_size, ... of `indices`; the counts are summed over ranks below
+    mine = list(range(len(items)) if indices is None else indices)[rank::world_size]
+    counts = torch.tensor([0, len(mine)], device=device)  # correct, total
+    for index in mine:
+        prompts = render_prompts(items[index], task.task_type, task.continuation_delimiter,
                                  fewshot_examples(items, index, task.num_fewshot))
         try:
             sequences = tokenize_prompts(tokenizer, prompts, max_seq_len)
         except ValueError as e:
             raise DataError(f"{task.path}: item {index} of {task.label!r}: {e}") from None
-        correct, _ = score_item(model, sequences, task.task_type, item.get("gold"), device, pad_id)
-        counts[0] += int(correct)
-        counts[1] += 1
+        counts[0] += int(score_item(model, sequences, task.task_type, items[index].get("gold"), device, pad_id))
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     correct, total = counts.tolist()
@@ -316,15 +290,14 @@ def centered(accuracy, random_baseline):
 
 def subset_indices(num_items, max_per_task):
     """All indices, or max_per_task of them: the first of a seeded shuffle (a fair sample, the same every run)."""
-    if max_per_task is None or max_per_task < 0 or max_per_task >= num_items:
-        return list(range(num_items))
     order = list(range(num_items))
+    if max_per_task is None or max_per_task < 0 or max_per_task >= num_items:
+        return order
     random.Random(SUBSET_SEED).shuffle(order)
     return sorted(order[:max_per_task])
 
 def evaluate_core(model, tokenizer, tasks, device, max_per_task=-1, max_seq_len=None, log=print0):
-    """Evaluate every task; returns {"results": {label: {accuracy, centered, random_baseline,
-    num_items, type, num_fewshot}}, "core": mean centered accuracy}."""
+    """{"results": {task label: its accuracy, centered accuracy, ...}, "core": the CORE score} of `model`."""
     results = {}
     for task in tasks:
         t0 = time.time()

@@ -4,7 +4,6 @@ The pretraining dataloader: documents in, B x T batches of token ids out, resuma
     for inputs, targets, state in tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "train"):
 """
 import bisect
-from collections import deque
 from itertools import islice
 
 import torch
@@ -22,7 +21,6 @@ WARN_CROPPED = 0.25  # warn once if more than this fraction of the tokens read i
 # passages of ~2*T chars, but 74% at T=256 with 4000-char passages (hence WARN_CROPPED).
 class BestFitBuffer:
     """Tokenized documents kept sorted by length, so 'largest that fits' is a binary search."""
-
     def __init__(self):
         self.keys = []   # sorted (length, arrival number): ties go to the oldest document
         self.docs = {}   # arrival number -> (tokens, ref); dicts keep arrival order
@@ -54,10 +52,9 @@ class BestFitBuffer:
         """The documents in arrival order: adding them again in this order rebuilds this very buffer."""
         return [list(ref) for _, ref in self.docs.values()]
 
-def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device="cpu", data=None,
-                                                  resume_state_dict=None, tokenizer_threads=4,
-                                                  tokenizer_batch_size=128, buffer_size=1000,
-                                                  val_data=None, num_epochs=None):
+def tokenizing_distributed_data_loader_with_state(
+        tokenizer, B, T, split, device="cpu", data=None, resume_state_dict=None, tokenizer_threads=4,
+        tokenizer_batch_size=128, buffer_size=1000, val_data=None, num_epochs=None):
     """Yield (inputs, targets, state_dict) forever, or for num_epochs passes: int64 (B, T) on `device`,
     targets = inputs shifted by one. data: None (the shards), a path spec, or a Corpus to share."""
     # a Corpus built once and shared by the train and val loaders reads (and checks) the files once
@@ -69,12 +66,17 @@ def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device
     # the state is per rank and JSON-serialisable; resuming it needs these to be the same
     identity = {"version": STATE_VERSION, "corpus": corpus.fingerprint, "split": split, "rank": rank,
                 "world_size": world_size, "T": T, "buffer_size": buffer_size}
-
     buffer = BestFitBuffer()
     cursor = None  # where the document stream continues: the document after the last one buffered
     stats = {"rows": 0, "tokens": 0, "cropped": 0}  # cropped = tokens of documents thrown away
     if resume_state_dict:
-        state = _state_for_rank(resume_state_dict, rank, world_size)
+        # a list holds every rank's state (see gather_state_dicts): each rank picks its own
+        per_rank = isinstance(resume_state_dict, (list, tuple))
+        if per_rank and len(resume_state_dict) != world_size:
+            raise DataError(f"the dataloader state holds {len(resume_state_dict)} ranks but this run has {world_size}")
+        state = resume_state_dict[rank] if per_rank else resume_state_dict
+        if not isinstance(state, dict) or "cursor" not in state or "buffer" not in state:
+            raise DataError("resume_state_dict is not a dataloader state (expected the dict yielded with a batch)")
         if mismatched := {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}:
             raise DataError("cannot resume the dataloader exactly, the state was saved with different settings "
                             "or data: " + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
@@ -83,38 +85,31 @@ def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device
         texts = corpus.fetch_documents(refs)
         for ref, tokens in zip(refs, tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)):
             buffer.add(tokens, ref)
-
     # each rank tokenizes only its own documents (dealt round-robin by the Corpus)
     documents = corpus.iter_documents(split, rank=rank, world_size=world_size, start=cursor, num_epochs=num_epochs)
-    tokenized = deque()  # (position, tokens) read ahead of the buffer; not part of the state
 
-    def fill_buffer():
-        nonlocal cursor
-        while len(buffer) < buffer_size:
-            # tokenize tokenizer_batch_size documents per call, on tokenizer_threads threads
-            if not tokenized:
-                chunk = list(islice(documents, tokenizer_batch_size))
-                if not chunk:
-                    return  # out of data (only with num_epochs)
-                token_lists = tokenizer.encode([text for text, _ in chunk], prepend=bos, num_threads=tokenizer_threads)
-                tokenized.extend(zip((position for _, position in chunk), token_lists))
-            position, tokens = tokenized.popleft()
-            buffer.add(tokens, (position.file, position.doc))
-            cursor = position.resume_point()
+    def tokenize_documents():
+        # tokenizer_batch_size documents per call, on tokenizer_threads threads
+        while chunk := list(islice(documents, tokenizer_batch_size)):
+            token_lists = tokenizer.encode([text for text, _ in chunk], prepend=bos, num_threads=tokenizer_threads)
+            yield from zip((position for _, position in chunk), token_lists)
 
+    tokenized = tokenize_documents()  # (position, tokens), read ahead of the buffer: not part of the state
     warned = False
     while True:
         rows = []
         for _ in range(B):
             row = []
             while len(row) < row_len:
-                fill_buffer()
+                # top the buffer up from the read-ahead stream (which ends only with num_epochs)
+                for position, tokens in islice(tokenized, buffer_size - len(buffer)):
+                    buffer.add(tokens, (position.file, position.doc))
+                    cursor = position.resume_point()
                 if not len(buffer):
                     return  # the data ran out (num_epochs): the partial batch is dropped
                 room = row_len - len(row)
                 # best fit: the largest document that fits the room left, again and again
-                tokens = buffer.pop_largest_fitting(room)
-                if tokens is None:
+                if (tokens := buffer.pop_largest_fitting(room)) is None:
                     # none fits: crop the shortest to fill the row (the rest of it is thrown away)
                     tokens = buffer.pop_shortest()
                     stats["cropped"] += len(tokens) - room
@@ -135,16 +130,6 @@ def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device
         # restarting from this state gives the very batches a run that never stopped would see next
         state_dict = dict(identity, epoch=cursor["epoch"], cursor=dict(cursor), buffer=buffer.refs(), stats=dict(stats))
         yield inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin), state_dict
-
-def _state_for_rank(state, rank, world_size):
-    # a list holds every rank's state (see gather_state_dicts): each rank picks its own
-    if isinstance(state, (list, tuple)):
-        if len(state) != world_size:
-            raise DataError(f"the dataloader state holds {len(state)} ranks but this run has {world_size}")
-        state = state[rank]
-    if not isinstance(state, dict) or "cursor" not in state or "buffer" not in state:
-        raise DataError("resume_state_dict is not a dataloader state (expected the dict yielded with a batch)")
-    return state
 
 def gather_state_dicts(state_dict):
     """Every rank's loader state, in rank order, for rank 0 to save in the checkpoint. Call on every rank."""

@@ -24,7 +24,6 @@ from nanochat.download import DownloadError, OfflineError, download_file
 
 # -----------------------------------------------------------------------------
 # The default corpus: FineWeb-Edu, pre-shuffled into 1823 parquet shards of ~100 MB (a `text` column)
-
 DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
 NUM_SHARDS = 1823              # shard_00000 .. shard_01822
 VAL_SHARD = NUM_SHARDS - 1     # the last shard is the validation split
@@ -41,9 +40,9 @@ def get_data_dir():
 def shard_filename(index):
     return f"shard_{index:05d}.parquet"
 
-def list_parquet_files(data_dir=None):
+def list_parquet_files():
     """Sorted paths of the downloaded shards (complete ones only: a download in progress is a .tmp)."""
-    return sorted(glob.glob(os.path.join(glob.escape(data_dir or get_data_dir()), "*.parquet")))
+    return sorted(glob.glob(os.path.join(glob.escape(get_data_dir()), "*.parquet")))
 
 def _parquet_problem(path):
     try:
@@ -51,27 +50,25 @@ def _parquet_problem(path):
     except DataError as e:
         return str(e)
 
-def download_shard(index, data_dir=None, **kwargs):
+def download_shard(index, **kwargs):
     """The path of shard `index`, downloaded (and checked) unless present; kwargs go to download_file."""
-    path = os.path.join(data_dir or get_data_dir(), shard_filename(index))
+    path = os.path.join(get_data_dir(), shard_filename(index))
     try:
         return download_file(get_data_url().format(index=index), path, check=_parquet_problem, **kwargs)
     except OfflineError as e:
         raise OfflineError(f"{e} Use --data PATH for local text") from None
 
-def download_shards(indices, data_dir=None, num_workers=4, **kwargs):
+def download_shards(indices, num_workers=4, **kwargs):
     """Download shards in parallel threads; raises DownloadError listing every shard that failed."""
     failures = []
     pool = ThreadPoolExecutor(max_workers=max(1, num_workers))  # threads: the work is waiting on the network
     try:
-        futures = [pool.submit(download_shard, i, data_dir, **kwargs) for i in indices]
+        futures = [pool.submit(download_shard, i, **kwargs) for i in indices]
         for future in tqdm(as_completed(futures), total=len(futures), unit="shard"):
-            try:
-                future.result()
-            except OfflineError:
-                raise  # every other shard would fail the same way: stop now
-            except DownloadError as e:
-                failures.append(str(e))
+            if isinstance(error := future.exception(), DownloadError) and not isinstance(error, OfflineError):
+                failures.append(str(error))
+            else:
+                future.result()  # raises an OfflineError (every other shard would fail alike: stop now), or a bug
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # on an error, do not wait for the others
     if failures:
@@ -81,10 +78,9 @@ def download_shards(indices, data_dir=None, num_workers=4, **kwargs):
 # Reading one file of a user corpus: .txt, .jsonl ({"text": ...} per line), .parquet (a `text`
 # column). Documents are numbered the same way every time, so a (file, doc) pair points back
 # into a file; bad input raises a DataError that names file:line.
-
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 # ~1k tokens: a .txt book becomes a run of long contiguous passages that fit a training row
-DEFAULT_TXT_DOC_CHARS = 4000
+TXT_DOC_CHARS = 4000
 _SPACES = re.compile(" *")
 
 def _cut_long_line(line, max_chars):
@@ -100,7 +96,7 @@ def _cut_long_line(line, max_chars):
     if start < len(line):
         yield line[start:]
 
-def split_txt_documents(lines, max_chars=DEFAULT_TXT_DOC_CHARS):
+def split_txt_documents(lines, max_chars=TXT_DOC_CHARS):
     """Group lines into documents of at most max_chars; streams (memory O(max_chars) for any file)."""
     doc, block = "", ""  # whole blocks joined by blank lines; the block being read
     for line in itertools.chain(lines, [""]):  # a blank line at the end ends the last block
@@ -126,15 +122,13 @@ def split_txt_documents(lines, max_chars=DEFAULT_TXT_DOC_CHARS):
 def _utf8_error(path):
     # a DataError naming the line of the first bad byte, called only after decoding failed: line by
     # line is exact, as the byte of "\n" never occurs inside a multi-byte UTF-8 character
-    offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return DataError(f"{path}:{lineno}: not valid UTF-8 (byte offset {offset + e.start}: {e.reason}); "
-                                 f"convert the file to UTF-8")
-            offset += len(raw)
+            except UnicodeDecodeError as e:  # f.tell() is where the line ends
+                return DataError(f"{path}:{lineno}: not valid UTF-8 (byte offset {f.tell() - len(raw) + e.start}: "
+                                 f"{e.reason}); convert the file to UTF-8")
     return DataError(f"{path}: not valid UTF-8; convert the file to UTF-8")
 
 # The readers share one signature, (path, txt_doc_chars, start): read_documents picks one by extension
@@ -142,25 +136,21 @@ def _read_txt(path, txt_doc_chars, start):
     with open(path, encoding="utf-8-sig") as f:
         # txt_doc_chars <= 0: the whole file is one document
         docs = [f.read().strip()] if txt_doc_chars <= 0 else split_txt_documents(f, txt_doc_chars)
-        for i, doc in enumerate(docs):
-            if i >= start and doc:
-                yield i, doc
+        yield from ((i, doc) for i, doc in enumerate(docs) if i >= start and doc)
 
 def _read_jsonl(path, _txt_doc_chars, start):
     with open(path, encoding="utf-8-sig") as f:
         # document index = index of the record (blank lines are not records); empty texts are skipped
         records = ((lineno, line) for lineno, line in enumerate(f, 1) if line.strip())
-        for index, (lineno, line) in enumerate(records):
-            if index < start:
-                continue  # resuming: records before `start` were checked when the corpus was opened
+        # resuming: the records before `start` were checked when the corpus was opened
+        for index, (lineno, line) in itertools.islice(enumerate(records), start, None):
             where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(record, dict):
-                raise DataError(f'{where}: expected an object like {{"text": "..."}}, '
-                                f"got a JSON {type(record).__name__}")
+                raise DataError(f'{where}: expected an object like {{"text": "..."}}, got {type(record).__name__}')
             if "text" not in record:
                 raise DataError(f"{where}: field 'text' is missing (fields: {', '.join(map(str, record)) or 'none'})")
             if not isinstance(record["text"], str):
@@ -176,8 +166,7 @@ def _open_parquet(path):
     schema = pf.schema_arrow
     if "text" not in schema.names:
         raise DataError(f"{path}: no 'text' column (columns: {', '.join(schema.names)})")
-    kind = str(schema.field("text").type)
-    if kind not in ("string", "large_string", "string_view"):
+    if (kind := str(schema.field("text").type)) not in ("string", "large_string", "string_view"):
         raise DataError(f"{path}: column 'text' must hold strings, got {kind}")
     return pf
 
@@ -191,7 +180,7 @@ def _read_parquet(path, _txt_doc_chars, start):
             texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
             yield from ((i, text) for i, text in enumerate(texts, end - len(texts)) if i >= start and text)
 
-def read_documents(path, txt_doc_chars=DEFAULT_TXT_DOC_CHARS, start=0):
+def read_documents(path, txt_doc_chars=TXT_DOC_CHARS, start=0):
     """Yield (doc_index, text) for the documents of one file, from index `start` on."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in SUPPORTED_EXTENSIONS:
@@ -213,19 +202,16 @@ def resolve_data_files(spec):
         if os.path.isfile(s):  # any file given by name: read_documents says if it cannot read it
             found[os.path.abspath(s)] = os.path.basename(s)
             continue
-        if os.path.isdir(s):
-            root, candidates = s, []
-            # recursive, in a stable order, skipping hidden files and folders (.git, editor backups)
-            for dirpath, dirnames, filenames in os.walk(s, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                candidates += [os.path.join(dirpath, n) for n in filenames if not n.startswith(".")]
+        if os.path.isdir(s):  # recursive: glob's "**" and "*" skip hidden files and folders (.git, editor backups)
+            root, pattern = s, os.path.join(glob.escape(s), "**", "*")
         elif glob.has_magic(s):
-            root = s
+            root = pattern = s
             while glob.has_magic(root):
                 root = os.path.dirname(root)
-            candidates = [p for p in glob.glob(s, recursive=True) if os.path.isfile(p)]
         else:
             raise DataError(f"{s}: no such file or folder")
+        # everything but folders: a dangling link is named as unreadable, not silently skipped
+        candidates = [p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p)]
         matched = [p for p in candidates if os.path.splitext(p)[1].lower() in SUPPORTED_EXTENSIONS]
         if not matched:
             raise DataError(f"{s}: no {'/'.join(SUPPORTED_EXTENSIONS)} files found")
@@ -235,12 +221,10 @@ def resolve_data_files(spec):
 def _hash_fraction(key, index):
     # a stable pseudo-random number in [0, 1) for a document, below val_fraction means val; blake2b,
     # not hash(): that one is salted per process, and the split must never move
-    digest = hashlib.blake2b(f"{key}\0{index}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{index}".encode("utf-8"), digest_size=8).digest(), "big") / 2.0 ** 64
 
 # -----------------------------------------------------------------------------
 # The corpus: files, the train/val split, and resumable iteration
-
 class SourceFile(NamedTuple):
     path: str
     key: str      # identity for the hash split (relative path or shard name)
@@ -255,21 +239,17 @@ class DocPosition(NamedTuple):
     file: int    # index of its file in corpus.files
     doc: int     # its index within the file
     count: int   # its index among the split's documents in this epoch (decides the rank)
-
     def resume_point(self):
         """The `start` of an iteration that continues right after this document."""
         return {"epoch": self.epoch, "order": self.order, "doc": self.doc + 1, "count": self.count + 1}
 
 class Corpus:
-    """A pretraining corpus with a train and a val split: Corpus() for the FineWeb-Edu shards,
-    Corpus("books/") or Corpus("books/", val_data="held_out.txt") for your own text."""
-
-    def __init__(self, data=None, val_data=None, val_fraction=0.01, txt_doc_chars=DEFAULT_TXT_DOC_CHARS,
-                 shuffle=None, seed=0):
+    """Train and val splits of the FineWeb-Edu shards (Corpus()) or of your own text (Corpus("books/"))."""
+    def __init__(self, data=None, val_data=None, val_fraction=0.01, txt_doc_chars=TXT_DOC_CHARS, shuffle=None, seed=0):
         self.data, self.val_data, self.val_fraction, self.txt_doc_chars = data, val_data, val_fraction, txt_doc_chars
         # a new seeded file order every epoch for user corpora; the shards come pre-shuffled
         self.shuffle, self.seed = (data is not None) if shuffle is None else shuffle, seed
-        self.forced_val = None  # (file, doc) held out when no document hashes below val_fraction
+        self.forced_val = None  # lowest-hashing (file, doc), held out if none hashes below val_fraction (tiny corpora)
         self._init_shards() if data is None else self._init_user_corpus()
         # what a saved dataloader state must match to be resumed on this corpus
         identity = [(f.key, f.split, os.path.getsize(f.path)) for f in self.files]
@@ -280,8 +260,7 @@ class Corpus:
         paths = list_parquet_files()
         if len(paths) < 2:
             raise DataError(f"{'only one shard' if paths else 'no pretraining data'} in {get_data_dir()} (the last "
-                            f"shard is the validation split): run `python -m nanochat.dataset -n 8` to download "
-                            f"shards, or pass --data PATH for local text")
+                            f"shard is val): run `python -m nanochat.dataset -n 8`, or pass --data PATH for local text")
         # the last shard is val: shard_01822 is always downloaded (first), so the split never moves
         self.files = [SourceFile(p, os.path.basename(p), "val" if p == paths[-1] else "train", -1) for p in paths]
 
@@ -311,7 +290,6 @@ class Corpus:
             self._ensure_val_document()
 
     def _ensure_val_document(self):
-        """Hold out the lowest-hashing document when none hashes below val_fraction (tiny corpora)."""
         def all_docs():  # a generator, not a list: a big corpus has millions
             return ((i, d) for i, f in enumerate(self.files) for d in range(f.num_docs))
         if not any(_hash_fraction(self.files[i].key, d) < self.val_fraction for i, d in all_docs()):
@@ -338,35 +316,29 @@ class Corpus:
         return order
 
     def iter_documents(self, split, rank=0, world_size=1, start=None, num_epochs=None):
-        """Yield (text, DocPosition) for this rank's documents of `split`, over num_epochs (None: forever);
-        `start` (a DocPosition.resume_point()) continues a previous iteration exactly."""
+        """Yield (text, DocPosition) of this rank's `split`, num_epochs times (None: forever), from a resume_point()."""
         start = start or {"epoch": 0, "order": 0, "doc": 0, "count": 0}
         epoch, order_start, doc_start, count = start["epoch"], start["order"], start["doc"], start["count"]
         while num_epochs is None or epoch < num_epochs:
-            full_epoch, yielded = order_start == 0 and doc_start == 0, 0
             for order, file_index in itertools.islice(enumerate(self.file_order(split, epoch)), order_start, None):
                 first = doc_start if order == order_start else 0
                 for doc_index, text in read_documents(self.files[file_index].path, self.txt_doc_chars, first):
                     if not self.in_split(file_index, doc_index, split):
                         continue
-                    # round-robin: the k-th document of the epoch goes to rank k % world_size, so
-                    # ranks get disjoint slices that differ by at most one document
+                    # round-robin: the k-th document goes to rank k % world_size (disjoint, even slices)
                     if count % world_size == rank:
                         yield text, DocPosition(epoch, order, file_index, doc_index, count)
-                        yielded += 1
                     count += 1
-            if full_epoch and yielded == 0:
-                raise DataError(f"the {split} split has no documents" if count == 0 else
-                                f"the {split} split has only {count} document(s), none for rank {rank} of "
-                                f"{world_size}: use fewer ranks or more data")
+            # an epoch without a document for this rank (a resumed one starts after one of them, at count > rank)
+            if count <= rank:
+                raise DataError(f"the {split} split has " + ("no documents" if count == 0 else f"only {count} "
+                                f"document(s), none for rank {rank} of {world_size}: use fewer ranks or more data"))
             epoch, order_start, doc_start, count = epoch + 1, 0, 0, 0
 
     def fetch_documents(self, refs):
         """Texts of documents given as (file_index, doc_index) pairs, in the same order."""
         found = {}
         for file_index in sorted({f for f, _ in refs}):
-            if not 0 <= file_index < len(self.files):
-                raise DataError(f"no file #{file_index} in the corpus: it changed since the state was saved")
             docs = {d for f, d in refs if f == file_index}
             # one pass over the file, from its first wanted document until it has them all
             for doc_index, text in read_documents(self.files[file_index].path, self.txt_doc_chars, min(docs)):
@@ -391,7 +363,6 @@ class Corpus:
 
 # -----------------------------------------------------------------------------
 # Command line: download shards, or check a local corpus
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--num-files", type=int, default=8, help="training shards to download (-1: all)")
@@ -400,13 +371,12 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="instead: check a corpus (file, folder, glob) and print its size")
     parser.add_argument("--val-data", default=None, help="with --data: explicit validation files")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="with --data: fraction of documents held out")
-    parser.add_argument("--txt-doc-chars", type=int, default=DEFAULT_TXT_DOC_CHARS,
+    parser.add_argument("--txt-doc-chars", type=int, default=TXT_DOC_CHARS,
                         help="with --data: max characters per .txt document (<= 0: one document per file)")
     args = parser.parse_args(argv)
     try:
         if args.data:
-            print(Corpus(args.data, val_data=args.val_data, val_fraction=args.val_fraction,
-                         txt_doc_chars=args.txt_doc_chars).summary())
+            print(Corpus(args.data, args.val_data, args.val_fraction, args.txt_doc_chars).summary())
             return 0
         n = NUM_SHARDS - 1 if args.num_files < 0 else min(args.num_files, NUM_SHARDS - 1)
         indices = [VAL_SHARD] + list(range(n))  # val first: a training run can start before the rest arrive

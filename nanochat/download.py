@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from nanochat.common import get_base_dir, print0
 
-HF_URL = "https://huggingface.co"
 CHUNK_BYTES = 1 << 16      # a dropped connection loses at most this much of a resumable download
 BAR_MIN_BYTES = 1 << 20    # smaller files arrive before a progress bar would say anything
 
@@ -31,8 +30,7 @@ class _TryAgain(Exception):
         self.answered = answered  # False: no HTTP response at all (maybe offline)
 
 def _fetch(url, tmp, timeout, desc):
-    """One attempt: continue a partial `tmp` with an HTTP Range request, else fetch the whole file."""
-    # a partial .tmp (from the last try, or from a killed run) is continued, not fetched again
+    # one attempt: a partial .tmp (from the last try, or a killed run) is continued with an HTTP Range request
     offset = os.path.getsize(tmp) if os.path.exists(tmp) else 0
     try:
         response = requests.get(url, headers={"Range": f"bytes={offset}-"} if offset else {},
@@ -55,12 +53,10 @@ def _fetch(url, tmp, timeout, desc):
         length = response.headers.get("Content-Length")  # of this answer's body, not of the file
         total = done + int(length) if length else None
         try:
-            with open(tmp, "ab" if resumed else "wb") as f, \
-                    tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                         desc=desc, disable=(total or 0) < BAR_MIN_BYTES) as bar:
+            with open(tmp, "ab" if resumed else "wb") as f, tqdm(total=total, initial=done, unit="B", unit_scale=True,
+                    unit_divisor=1024, leave=False, desc=desc, disable=(total or 0) < BAR_MIN_BYTES) as bar:
                 for chunk in response.iter_content(chunk_size=CHUNK_BYTES):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                    bar.update(f.write(chunk))
                 f.flush()
                 os.fsync(f.fileno())  # on disk before it gets its real name, so a power cut cannot tear it
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
@@ -82,14 +78,12 @@ def download_file(url, path, check=None, attempts=5, backoff=1.0, timeout=(10, 6
     for attempt in range(1, attempts + 1):
         try:
             _fetch(url, tmp, timeout, desc=os.path.basename(path))
-            answered = True
-            problem = check(tmp) if check else None
-            if problem is None:
+            if check is None or (problem := check(tmp)) is None:
                 # the real name appears only now, complete and checked: a file that exists is whole
                 os.replace(tmp, path)
                 return path
             os.remove(tmp)  # never resume a corrupt file: the next try fetches it whole
-            problem = f"corrupt download ({problem})"
+            raise _TryAgain(f"corrupt download ({problem})")
         except _TryAgain as e:
             problem, answered = str(e), answered or e.answered
         if attempt < attempts:
@@ -104,11 +98,10 @@ def download_file(url, path, check=None, attempts=5, backoff=1.0, timeout=(10, 6
     raise DownloadError(f"failed to download {url} after {attempts} attempts: {problem}")
 
 def hf_dataset_file(repo_id, filename, revision="main", **kwargs):
-    """Local path of `filename` of the Hugging Face dataset `repo_id`, downloaded on first use into
-    $NANOCHAT_BASE_DIR/hf_datasets/<repo_id>/<revision>/<filename>; kwargs go to download_file."""
+    """The local copy of `filename` of HF dataset `repo_id`, downloaded on first use; kwargs go to download_file."""
     path = os.path.join(get_base_dir(), "hf_datasets", repo_id, revision, filename)
     # $NANOCHAT_HF_URL replaces huggingface.co: a mirror, or a loopback server in tests
-    base_url = os.environ.get("NANOCHAT_HF_URL", HF_URL).rstrip("/")
+    base_url = os.environ.get("NANOCHAT_HF_URL", "https://huggingface.co").rstrip("/")
     url = f"{base_url}/datasets/{repo_id}/resolve/{quote(revision, safe='')}/{quote(filename)}"
     # one .tmp per process: DDP ranks fetch the same file at once and must not append to each other's
     tmp = f"{path}.tmp{os.getpid()}"
@@ -118,6 +111,5 @@ def hf_dataset_file(repo_id, filename, revision="main", **kwargs):
         if os.path.exists(tmp):
             os.remove(tmp)  # no later process would ever resume this one's .tmp
         # the user cannot fix the network from here, but can fetch the file elsewhere or use their own
-        raise type(e)(f"{e}\nFetch it on a machine with internet and put it at\n  {path}\n"
-                      "or give the task a local file instead (every task takes data_path=..., and a --mixture "
-                      "spec takes a path, e.g. 'gsm8k:train:/path/train.jsonl'; see tasks/common.py).") from None
+        raise type(e)(f"{e}\nFetch it elsewhere and put it at\n  {path}\nor give the task a local file (data_path=..., "
+                      "or a --mixture path like 'gsm8k:train:/path/train.jsonl'; see tasks/common.py).") from None

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.chat_data import collate_padded
+from nanochat.common import autocast_ctx
 
 # With h = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)]:
 #   sigmoid (DPO):  -log sigmoid(beta * h)     = ln 2 while the policy is still the reference
@@ -76,15 +77,12 @@ def describe_counts(counts):
     return (f"{counts['kept']} pairs kept ({counts['truncated_prompt']} with the prompt cut from the left, "
             f"{counts['truncated_response']} with the answers cut) | dropped: {dropped}")
 
-def pair_rows(pair):
-    """The two rows of a pair as (ids, mask), mask 1 on the answer's tokens."""
-    prompt, chosen, rejected = pair
-    return [(prompt + answer, [0] * len(prompt) + [1] * len(answer)) for answer in (chosen, rejected)]
-
 def collate_pairs(pairs, pad_id, device="cpu"):
     """inputs/targets (2B, L): rows 0..B-1 the chosen answers, rows B..2B-1 the rejected ones."""
-    rows = [pair_rows(p) for p in pairs]
-    return collate_padded([r[0] for r in rows] + [r[1] for r in rows], pad_id, device)
+    # a row is prompt + answer, its mask 1 on the answer's tokens only: the loss is on what is preferred
+    rows = [(prompt + answers[k], [0] * len(prompt) + [1] * len(answers[k]))
+            for k in (0, 1) for prompt, *answers in pairs]
+    return collate_padded(rows, pad_id, device)
 
 # -----------------------------------------------------------------------------
 # Log-probabilities and the loss
@@ -95,24 +93,21 @@ def answer_logps(model, inputs, targets):
     return -per_token.sum(dim=1), (targets >= 0).sum(dim=1)
 
 @torch.no_grad()
-def reference_logps(model, pairs, batch_size, pad_id, device, rank=0, world_size=1, autocast=None):
+def reference_logps(model, pairs, batch_size, pad_id, device, rank=0, world_size=1):
     """The frozen reference: summed answer log-probs (N, 2) [chosen, rejected] of every pair, in one
     pass before training, so that training holds only one model in memory."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
     # each rank scores every world_size-th pair (then the ranks add up their disjoint parts),
     # longest first so that batches hold pairs of similar length: less padding
-    mine = sorted(range(rank, len(pairs), world_size), key=lambda i: -sum(map(len, pairs[i])))  # less padding
+    mine = sorted(range(rank, len(pairs), world_size), key=lambda i: -sum(map(len, pairs[i])))
     was_training = model.training
     model.eval()
     for start in range(0, len(mine), batch_size):
         index = mine[start:start + batch_size]
         inputs, targets = collate_pairs([pairs[i] for i in index], pad_id, device)
-        if autocast is not None:
-            with autocast():
-                logps, _ = answer_logps(model, inputs, targets)
-        else:
+        with autocast_ctx(torch.device(device).type):  # in the precision the policy trains in
             logps, _ = answer_logps(model, inputs, targets)
-        out[index] = logps.float().view(2, -1).t()
+        out[index] = logps.float().view(2, -1).t()  # (2B,) -> (B, 2): chosen, rejected
     model.train(was_training)
     if world_size > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -147,12 +142,9 @@ def pair_losses(model, batch, beta, loss_type="sigmoid", length_norm=False, sft_
                                                         ref_rejected, beta, loss_type)
     if sft_weight:  # the chosen answer's NLL: plain DPO may push both answers down, the rejected faster
         losses = losses + sft_weight * (-logps[:n] / counts[:n])
-    stats = {
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/margins": chosen_rewards - rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-        "logps/chosen": policy_chosen.detach(),
-        "logps/rejected": policy_rejected.detach(),
-    }
+    # accuracies: pairs whose chosen answer gets the higher implicit reward (ties, as at the start, do not count)
+    stats = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+             "rewards/margins": chosen_rewards - rejected_rewards,
+             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+             "logps/chosen": policy_chosen.detach(), "logps/rejected": policy_rejected.detach()}
     return losses, stats

@@ -16,7 +16,6 @@ from nanochat.common import autocast_ctx
 # expr and forces <|output_start|>result<|output_end|> into the stream. expr is never given to
 # eval(): we walk its AST over a whitelist (arithmetic, a few string methods), so nothing else
 # can run, and sizes are capped so "9**9**9" or "'a' * 10**9" cannot hang the server.
-
 _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
@@ -54,8 +53,7 @@ def _evaluate(node):
         if isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
             return _check_size(_FUNCTIONS[node.func.id](*args))
         if isinstance(node.func, ast.Attribute) and node.func.attr in _STRING_METHODS:
-            target = _evaluate(node.func.value)
-            if isinstance(target, str):
+            if isinstance(target := _evaluate(node.func.value), str):
                 return _check_size(getattr(target, node.func.attr)(*args))
     raise ValueError("not allowed")
 
@@ -75,7 +73,6 @@ def use_calculator(expr):
 # -----------------------------------------------------------------------------
 # Sampling. Every row has its own seeded torch.Generator, so a request's output does not
 # depend on what else happens to share its batch.
-
 @dataclass
 class SamplingParams:
     temperature: float = 1.0       # 0 = greedy
@@ -115,7 +112,6 @@ def sample_token(logits, params, rng):
 
 # -----------------------------------------------------------------------------
 # Tokens -> text that is safe to show
-
 class TextStream:
     """Token ids in, text out: the chunks add up to the decoded text, cut before the first stop string."""
 
@@ -136,8 +132,7 @@ class TextStream:
         return self._release()
 
     def _release(self):
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i != -1]
-        if hits:
+        if hits := [i for i in (self.pending.find(s) for s in self.stop) if i != -1]:
             text, self.pending, self.stopped = self.pending[:min(hits)], "", True
             return text
         # hold back the longest tail that could still grow into a stop string, release the rest
@@ -160,7 +155,6 @@ class TextStream:
 # costs one forward of length 1 that reads the cached keys/values instead of the whole prefix.
 # GPT.forward asks its cache get_pos() and insert_kv(); a (rows,) tensor from get_pos() tells it
 # every row sits at its own position.
-
 class _Prefill(list):
     """One prompt's keys/values, per layer (k, v), each (1, kv_heads, T, head_dim), from its single forward."""
     logits = None  # at the prompt's last position: the first token is drawn from them
@@ -239,7 +233,6 @@ class RaggedKVCache:
 # settings) in one RaggedKVCache; each step decodes one token for all of them in one forward.
 # Rows join (after their own prefill) and leave (finished, stopped, cancelled) between steps.
 # The chat server runs one per model replica; Engine.generate* are thin wrappers around it.
-
 @dataclass(eq=False)
 class Row:
     request: object               # whatever the caller passed to BatchDecoder.add (the server's request)
@@ -354,7 +347,6 @@ class BatchDecoder:
 
 # -----------------------------------------------------------------------------
 # The engine
-
 class Engine:
     """Generation on one model (**sampling: SamplingParams fields). Not thread-safe: one decoder() per thread."""
 
@@ -367,9 +359,8 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         # special tokens read as nothing in text, except tool calls: <<expr=result>> (GSM8K's calculator notation)
-        self.display = {special(name): "" for name in tokenizer.get_special_tokens()}
-        if use_tools:
-            self.display.update({self.python_start: "<<", self.python_end: "=", self.output_end: ">>"})
+        tool_calls = {self.python_start: "<<", self.python_end: "=", self.output_end: ">>"} if use_tools else {}
+        self.display = {special(name): "" for name in tokenizer.get_special_tokens()} | tool_calls
 
     def decoder(self, max_batch_size=None):
         return BatchDecoder(self, max_batch_size)
@@ -399,13 +390,10 @@ class Engine:
             while waiting and decoder.has_room(num_samples):
                 rows.append(decoder.add(waiting.popleft(), SamplingParams(**sampling), num_samples))
             decoder.step()
-        out = []
-        for prompt, prompt_rows in zip(prompts, rows):
-            # each sample: the prompt, then what was generated less a final end token
-            ends = [len(r.tokens) - bool(r.tokens and r.tokens[-1] in self.end_tokens) for r in prompt_rows]
-            out.append(([list(prompt) + r.tokens[:n] for r, n in zip(prompt_rows, ends)],
-                        [[0] * len(prompt) + r.masks[:n] for r, n in zip(prompt_rows, ends)]))
-        return out
+        # each sample: the prompt, then what was generated less a final end token
+        end = {r: len(r.tokens) - bool(r.tokens and r.tokens[-1] in self.end_tokens) for rs in rows for r in rs}
+        return [([list(prompt) + r.tokens[:end[r]] for r in rs], [[0] * len(prompt) + r.masks[:end[r]] for r in rs])
+                for prompt, rs in zip(prompts, rows)]
 
     def generate_text(self, tokens, **sampling):
         """Stream one continuation as text chunks (whole characters; tool calls as <<expr=result>>)."""

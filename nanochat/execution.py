@@ -1,8 +1,5 @@
-"""
-Run untrusted Python (model-written code: tool calls, HumanEval completions) in a sandboxed child process.
-
-    result = execute_code("print(1 + 1)")  # result.success, result.stdout == True, "2\n"
-"""
+"""Run untrusted Python (model-written code: tool calls, HumanEval completions) in a sandboxed child process.
+Usage: result = execute_code("print(1 + 1)"); then result.success is True and result.stdout == "2\\n"."""
 import contextlib
 import json
 import os
@@ -166,13 +163,19 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
             proc.wait(timeout=max(0.0, timeout))
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)  # the whole group: anything the code started dies with it
+            # SIGKILL (it cannot be caught or ignored) to the whole group: anything the code started dies with
+            # it. The group may have exited by itself already
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5.0)
         # a grandchild that escaped the kill could hold a pipe open: do not wait on it forever
         for t in readers:
             t.join(timeout=2.0)
         for f in (proc.stdout, proc.stderr):
             f.close()
 
+    # the code may print any bytes: what is not UTF-8 reads as U+FFFD rather than failing the whole run
     text = {name: out.get("data", b"").decode("utf-8", errors="replace") for name, out in outputs.items()}
     truncated = outputs["stdout"].get("overflow", False) or outputs["stderr"].get("overflow", False)
     result = ExecResult(success=False, stdout=text["stdout"], stderr=text["stderr"], truncated=truncated)
@@ -200,10 +203,3 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
     else:
         result.error = status["message"]
     return result
-
-def _kill_group(proc):
-    # SIGKILL cannot be caught or ignored; the group may have exited by itself already
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5.0)

@@ -1,30 +1,25 @@
-"""
-The model's fast paths: the ops of gpt.py with hand-written backwards, and the lm_head + soft-capped
-cross-entropy computed in row chunks. Same maths as the plain path; GPT.fused picks which runs.
-"""
+"""The model's fast paths: the ops of gpt.py with hand-written backwards, and the lm_head + soft-capped
+cross-entropy computed in row chunks. Same maths as the plain path; GPT.fused picks which runs."""
 import torch
 
 def fused_by_default(device_type):
     """The default of GPT.fused: the hand-written paths on CPU, the plain ops elsewhere."""
-    # Eager CPU fuses nothing, so every elementwise op of the plain graph is a pass over memory
-    # and every autograd temporary an allocation: measured, these paths make a CPU training step
-    # ~1.4x faster and smaller. On CUDA the plain path runs under torch.compile, whose inductor
-    # fuses the elementwise ops itself; there it is the default candidate, but nothing here has
-    # been timed on a GPU (dev/bench_train.py --device cuda compares both).
+    # Eager CPU fuses nothing, so every elementwise op of the plain graph is a pass over memory and every
+    # autograd temporary an allocation: measured, these paths make a CPU training step ~1.4x faster and smaller.
+    # On CUDA the plain path runs under torch.compile, whose inductor fuses the elementwise ops itself; there it
+    # is the default candidate, but nothing here has been timed on a GPU (dev/bench_train.py --device cuda).
     return device_type == "cpu"
 
 class RMSNorm(torch.autograd.Function):
     """Parameter-free RMSNorm over the last dim (F.rms_norm's maths and eps), hand-written backward."""
-
     # The eager composite graph of F.rms_norm makes ~10 passes over x forward and back; this makes 5,
     # and saves y (which the next matmul saves anyway) instead of x and temporaries.
     @staticmethod
     def forward(ctx, x):
-        eps = torch.finfo(x.dtype).eps
         # the norm is accumulated in (at least) fp32 whatever the input dtype
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
         r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype)
-        r = r.square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        r = r.square_().div_(x.size(-1)).add_(torch.finfo(x.dtype).eps).rsqrt_()
         y = x * r if x.dtype == acc_dtype else (x * r).to(x.dtype)
         ctx.save_for_backward(y, r)
         return y
@@ -38,7 +33,6 @@ class RMSNorm(torch.autograd.Function):
 
 class ReLUSquared(torch.autograd.Function):
     """relu(x)^2 with backward 2 relu(x) g."""
-
     # one saved tensor and one pass, where autograd's relu-then-square graph saves two and makes
     # four (3x faster on CPU for the MLP's widest activation); the gradient is zero exactly where relu is
     @staticmethod
@@ -65,7 +59,6 @@ def _rotate(x, cos, sin):
 
 class RotaryEmbedding(torch.autograd.Function):
     """Rotary rotation of x (B, T, H, D) by the angles in the cos, sin tables."""
-
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
@@ -124,10 +117,8 @@ def softcap_ce_chunks(x, weight, targets, cap, with_grads, row_weights=None):
 
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
     """sum_i CE(cap * tanh(x_i W^T / cap), t_i): lm_head, soft-cap and cross-entropy in one chunked pass."""
-
-    # The gradients are computed during the forward pass and only scaled by the incoming scalar in
-    # backward, so training never holds the (tokens x vocab) logits: the largest tensors of a small
-    # model, and on CPU the slowest to allocate.
+    # The gradients are computed in the forward pass and only scaled by the incoming scalar in backward, so
+    # training never holds the (tokens x vocab) logits: a small model's largest tensors, on CPU the slowest to allocate.
     @staticmethod
     def forward(ctx, x, weight, targets, cap):
         losses, grad_x, grad_w = softcap_ce_chunks(x, weight, targets, cap, with_grads=True)
@@ -142,7 +133,6 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
 class LinearSoftcapCrossEntropyPerToken(torch.autograd.Function):
     """The per-token losses (N,) of the same computation, for losses that weigh tokens unevenly (DPO)."""
-
     # The backward recomputes the logits chunk by chunk (one more lm_head matmul) instead of keeping them.
     @staticmethod
     def forward(ctx, x, weight, targets, cap):

@@ -56,66 +56,6 @@ def attention(q, k, v, is_causal=False, attn_mask=None):
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
-class KVCache:
-    """Keys and values of every layer for incremental decoding, one (layers, 2, B, kv_heads, T, head_dim) tensor."""
-
-    # Grows (in chunks of GROW_CHUNK positions) when more tokens arrive than it has room for.
-    # device/dtype default to those of the first keys inserted (bf16 under CUDA autocast).
-    GROW_CHUNK = 1024
-
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
-        self.shape = [num_layers, 2, batch_size, num_heads, seq_len, head_dim]
-        self.device, self.dtype = device, dtype
-        self.kv = None  # allocated on first insert (or eagerly when device and dtype are given)
-        self.pos = 0
-        if device is not None and dtype is not None:
-            self.kv = torch.empty(self.shape, device=device, dtype=dtype)
-
-    def reset(self):
-        self.pos = 0
-
-    def get_pos(self):
-        return self.pos
-
-    def _ensure_capacity(self, needed, like):
-        if self.kv is None:
-            self.device = self.device if self.device is not None else like.device
-            self.dtype = self.dtype if self.dtype is not None else like.dtype
-            self.shape[4] = max(self.shape[4], needed)
-            self.kv = torch.empty(self.shape, device=self.device, dtype=self.dtype)
-        elif needed > self.kv.size(4):
-            new_len = -(-(needed + self.GROW_CHUNK) // self.GROW_CHUNK) * self.GROW_CHUNK
-            self.shape[4] = new_len
-            bigger = torch.empty(self.shape, device=self.device, dtype=self.dtype)
-            bigger[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]
-            self.kv = bigger
-
-    def insert_kv(self, layer_idx, k, v):
-        """Append k, v (B, H, T, D) at the current position; return all keys/values so far."""
-        t0, t1 = self.pos, self.pos + k.size(2)
-        self._ensure_capacity(t1, k)
-        layer = self.kv[layer_idx]
-        layer[0, :, :, t0:t1] = k
-        layer[1, :, :, t0:t1] = v
-        # the position advances after the last layer, so every layer of one forward sees the same one
-        if layer_idx == self.kv.size(0) - 1:
-            self.pos = t1
-        return layer[0, :, :, :t1], layer[1, :, :, :t1]
-
-    def prefill(self, other):
-        """Copy another cache (batch 1, or the same batch size) into this fresh one, broadcasting over the batch."""
-        # prefill the prompt once, then sample N continuations
-        assert self.pos == 0, "prefill into a fresh (or reset) cache"
-        assert other.kv is not None, "the source cache is empty"
-        L, _, B, H, _, D = self.shape
-        oL, _, oB, oH, _, oD = other.kv.shape
-        if (L, H, D) != (oL, oH, oD) or oB not in (1, B):
-            raise ValueError(f"KVCache.prefill: incompatible caches: layers/heads/head_dim/batch {(oL, oH, oD, oB)} -> "
-                             f"{(L, H, D, B)}")
-        self._ensure_capacity(other.pos, other.kv)
-        self.kv[:, :, :, :, :other.pos] = other.kv[:, :, :, :, :other.pos]
-        self.pos = other.pos
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -139,6 +79,7 @@ class CausalSelfAttention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)  # no-op unless an autocast policy ran rms_norm in fp32
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
+            # stores this chunk's keys/values, returns those of every cached position (the chunk's included)
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
         mask = None
@@ -146,10 +87,9 @@ class CausalSelfAttention(nn.Module):
             # ragged batch, every row at its own position: row b's query i sees keys 0..positions[b, i]
             # (keys past a short row's end are padding up to the longest row)
             mask = torch.arange(Tk, device=q.device) <= positions[:, None, :, None]  # (B, 1, Tq, Tk)
-        elif 1 < Tq < Tk:
-            # a chunk of Tq tokens after a cached prefix: all of the prefix, causal within the chunk
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-        # unmasked: training or a prefill into an empty cache (Tq == Tk) is causal, one decode token sees all
+        # unmasked: training or a prefill into an empty cache (Tq == Tk) is causal, one decode token sees all.
+        # Several tokens after a cached prefix need a mask: only a cache with per-row positions gets one
+        assert mask is not None or Tq in (1, Tk), "a chunk after a cached prefix needs per-row positions"
         y = attention(q, k, v, is_causal=mask is None and Tq == Tk, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
@@ -176,7 +116,6 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """GPT(config) comes out initialised; or build it on the meta device, then to_empty(device) and init_weights()."""
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -283,7 +222,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) -> fp32 logits (B, T, V); with targets (B, T) (-1 = ignore) the fp32 loss, reduced
-        "mean", "sum" or "none" (per token, (B, T)). kv_cache: continue from it, appending keys/values."""
+        "mean", "sum" or "none" (per token, (B, T)). kv_cache (get_pos, insert_kv; engine.py's): continue from it."""
         B, T = idx.size()
         cos_sin, positions = self._rotary_tables(idx, kv_cache)
         ops = FUSED_OPS if self.fused else PLAIN_OPS

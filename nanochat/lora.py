@@ -1,14 +1,7 @@
 """
-LoRA: fine-tune by training small low-rank adapters instead of every weight. A targeted
-nn.Linear y = x W^T becomes y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen, A and B trained.
-
-    apply_lora(model, rank=16)                      # in place; everything but the adapters frozen
-    optimizer = lora_optimizer(model, lr=1e-3)      # AdamW over the adapters only
-    with disable_lora(model): ref = model(x)        # DPO's reference: the same weights, adapters off
-    merge_lora(model)                               # fold B @ A into W: a plain GPT again
-
-On disk an adapter is an ordinary checkpoint whose weights are only the adapter tensors (see
-checkpoint_manager.trained_state); its meta names the base model they adapt.
+LoRA: fine-tune by training small low-rank adapters instead of every weight.
+    apply_lora(model, rank=16); optimizer = lora_optimizer(model, lr=1e-3)   # only the adapters train
+    merge_lora(model)                                                         # fold B @ A into W: a plain GPT
 """
 import contextlib
 import math
@@ -17,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.common import exit_on
 from nanochat.optim import build_optimizer
 
 # Linear modules are named by the last part of their name; "c_proj" is both the attention and the
@@ -24,9 +18,12 @@ from nanochat.optim import build_optimizer
 ALL_TARGETS = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "lm_head")
 DEFAULT_TARGETS = ("c_q", "c_k", "c_v", "c_proj", "c_fc")
 
+# A targeted nn.Linear y = x W^T becomes y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen, A and B trained.
+# On disk: an ordinary checkpoint holding only the adapter tensors; its meta names the base model they adapt.
 class LoRALinear(nn.Linear):
-    """An nn.Linear plus a low-rank adapter. It takes over the base layer's weight Parameter (no
-    copy), so the state_dict keeps its ".weight" keys and gains ".lora_A"/".lora_B"."""
+    """An nn.Linear plus a low-rank adapter, on the base layer's own weight Parameter."""
+    # no copy of W: the state_dict keeps its ".weight" keys (and gains ".lora_A"/".lora_B"), so
+    # a base checkpoint loads into an adapted model and the frozen weight costs no extra memory
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a fresh weight
@@ -46,17 +43,11 @@ class LoRALinear(nn.Linear):
         self.lora_enabled = True
 
     def forward(self, x):
+        # two thin matmuls through rank r, never the (out, in) product B @ A: cheaper for r << d
         y = F.linear(x, self.weight, self.bias)
         if self.lora_enabled:
             y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
         return y
-
-    def effective_weight(self):
-        """W + scaling * B @ A, differentiable in A and B: for code that needs the weight itself
-        (the fused lm_head + cross-entropy reads lm_head.weight, not lm_head(x))."""
-        if not self.lora_enabled:
-            return self.weight
-        return self.weight + (self.lora_B @ self.lora_A) * self.scaling
 
     @torch.no_grad()
     def merged_linear(self):
@@ -68,9 +59,8 @@ class LoRALinear(nn.Linear):
         linear.bias = self.bias
         return linear
 
-    def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, dropout={self.dropout_p}")
+    def extra_repr(self):  # nn.Linear's, plus the adapter's
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, dropout={self.dropout_p}"
 
 def lora_modules(model):
     """(qualified name, LoRALinear) of every adapted layer."""
@@ -84,8 +74,7 @@ def _replace(model, name, module):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 def apply_lora(model, rank, alpha=None, dropout=0.0, targets=DEFAULT_TARGETS):
-    """Wrap every targeted nn.Linear in a LoRALinear, in place, and freeze everything else.
-    alpha defaults to 2 * rank (scaling 2). Returns the adapted module names."""
+    """Wrap every targeted nn.Linear in a LoRALinear, in place, freezing all else; returns the adapted names."""
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
     targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) else tuple(targets)
@@ -105,6 +94,7 @@ def apply_lora(model, rank, alpha=None, dropout=0.0, targets=DEFAULT_TARGETS):
         p.requires_grad_(False)
     for name in adapted:
         _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
+    # what a checkpoint's meta records, so that load_lora can rebuild the same adapters
     model.lora_config = {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": list(targets)}
     return adapted
 
@@ -117,12 +107,13 @@ def lora_state_dict(model):
     return {f"{name}.{part}": getattr(m, part).detach() for name, m in lora_modules(model) for part in ("lora_A", "lora_B")}
 
 def load_lora(model, state, config=None):
-    """Load adapter tensors, first applying LoRA with `config` (a meta's "lora": rank, alpha,
-    dropout, targets) when the model has none. Every adapter must get a tensor and vice versa."""
+    """Load adapter tensors into the model, first applying LoRA with `config` (a meta's "lora") if it has none."""
     if not has_lora(model):
         if config is None:
             raise ValueError("the model has no LoRA adapters: pass the adapter config to apply them")
         apply_lora(model, config["rank"], config["alpha"], config.get("dropout", 0.0), config["targets"])
+    # every adapter must get a tensor and vice versa, of its shape: a partial load would train or merge
+    # adapters that are still zero
     expected = lora_state_dict(model)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a compiled model
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -138,10 +129,10 @@ def load_lora(model, state, config=None):
     return model
 
 def merge_lora(model):
-    """Fold every adapter into its base weight and put plain nn.Linear layers back, in place:
-    an ordinary GPT whose state_dict loads anywhere, trainable again."""
+    """Fold every adapter into its base weight, plain nn.Linear layers back (in place): a GPT that loads anywhere."""
     for name, m in lora_modules(model):
         _replace(model, name, m.merged_linear())
+    # trainable again, like any GPT: a merged model may start another stage of training
     for p in model.parameters():
         p.requires_grad_(True)
     if hasattr(model, "lora_config"):
@@ -151,14 +142,14 @@ def merge_lora(model):
 @contextlib.contextmanager
 def disable_lora(model):
     """Adapters off inside the block, restored after: DPO's reference model without a second copy."""
-    modules = [m for _, m in lora_modules(model)]
-    previous = [m.lora_enabled for m in modules]
-    for m in modules:
+    # `with disable_lora(model): ref = model(x)`: the very same weights, minus what the adapters add
+    previous = {m: m.lora_enabled for _, m in lora_modules(model)}
+    for m in previous:
         m.lora_enabled = False
     try:
         yield model
     finally:
-        for m, was in zip(modules, previous):
+        for m, was in previous.items():
             m.lora_enabled = was
 
 def lora_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
@@ -176,16 +167,9 @@ def apply_lora_from_args(model, args):
     """apply_lora with the --lora-* flags (a bad flag stops the script); returns a summary line."""
     if args.lora_rank < 0 or not 0.0 <= args.lora_dropout < 1.0 or args.lora_lr <= 0:
         raise SystemExit("error: need --lora-rank >= 0, --lora-dropout in [0, 1) and --lora-lr > 0")
-    try:
+    with exit_on(ValueError, prefix="--lora-targets: "):
         adapted = apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    except ValueError as e:
-        raise SystemExit(f"error: --lora-targets: {e}")
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in lora_parameters(model))
+    total, trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in lora_parameters(model))
     cfg = model.lora_config
     return (f"LoRA rank {cfg['rank']} alpha {cfg['alpha']:g} on {len(adapted)} layers ({','.join(cfg['targets'])}): "
             f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), the rest frozen")
-
-def lora_tag(tag):
-    """Where a LoRA run writes: <tag>_lora, beside (never mixed with) the full checkpoints of <tag>."""
-    return tag if tag.endswith("_lora") else f"{tag}_lora"

@@ -1,7 +1,5 @@
-"""
-One optimizer for the model: param groups of kind "adamw" (embedding, lm_head) or "muon" (the block
-matrices) in one MuonAdamW, or in DistMuonAdamW, which shards both across ranks (build_optimizer picks).
-"""
+"""One optimizer for the model: param groups of kind "adamw" (embedding, lm_head) or "muon" (the block matrices)
+in one MuonAdamW, or in DistMuonAdamW, which shards both across ranks (build_optimizer picks)."""
 import functools
 
 import torch
@@ -25,12 +23,11 @@ def dist_world_size():
 
 def has_tensor_collectives():
     """Whether the process group has reduce_scatter_tensor and all_gather_into_tensor (NCCL; Gloo only lately)."""
-    return not FORCE_PORTABLE_COLLECTIVES and _probe_tensor_collectives(dist.get_backend())
+    backend = dist.get_backend()
+    return not FORCE_PORTABLE_COLLECTIVES and (backend == "nccl" or _probe_tensor_collectives(backend))
 
 @functools.cache
 def _probe_tensor_collectives(backend):
-    if backend == "nccl":
-        return True
     # probed once with a tiny collective that every rank runs in the same order; an unsupported
     # backend raises locally, before communicating, on every rank alike: no rank is left waiting
     ws = dist.get_world_size()
@@ -42,17 +39,15 @@ def _probe_tensor_collectives(backend):
         return False
 
 @torch.no_grad()
-def all_reduce_gradients(model_or_params):
-    """Average every .grad across ranks, in place; True when it did (then step(grads_averaged=True))."""
-    # for gradient clipping, which must see the averaged gradient: all_reduce_gradients(model), clip, then
-    # step(grads_averaged=True). Clipping before the optimizer's own reduction would clip each rank's
-    # local gradient: wrong. Averaging is a SUM then a multiply by 1/world_size, as in the optimizer
-    # (ReduceOp.AVG is not on every backend).
+def all_reduce_gradients(model):
+    """Average every .grad of model across ranks, in place; True when it did (then step(grads_averaged=True))."""
+    # for gradient clipping, which must see the averaged gradient (clipping each rank's local one is wrong):
+    # all_reduce_gradients(model), clip, step(grads_averaged=True). A SUM then * 1/world_size, as in the
+    # optimizer: ReduceOp.AVG is not on every backend
     ws = dist_world_size()
     if ws == 1:
         return False
-    params = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
     for w in works:
         w.wait()
@@ -62,23 +57,18 @@ def all_reduce_gradients(model_or_params):
 def newton_schulz_dtype(device):
     """bf16 where matmuls have bf16 hardware (CUDA; CPUs with AVX512-BF16/AMX), fp32 elsewhere."""
     # bf16 is ~8x faster than fp32 on such CPUs, and precise enough for an update direction
-    if device.type == "cuda":
-        return torch.bfloat16
     if device.type == "cpu":
         try:
-            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return torch.bfloat16
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
         except (AttributeError, RuntimeError):  # a torch build without the oneDNN query
-            pass
-    return torch.float32
+            return torch.float32
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 def newton_schulz(G, steps=5, dtype=None):
-    """Approximate orthogonalisation of G (..., rows, cols), batched over leading dims, computed and returned
-    in `dtype` (default newton_schulz_dtype(G.device)): same singular vectors, singular values near 1."""
+    """G (..., rows, cols) approximately orthogonalised (same singular vectors, singular values near 1), in dtype."""
     assert G.ndim >= 2
     a, b, c = NS_COEFFS
-    shape = G.shape
-    X = G.to(dtype or newton_schulz_dtype(G.device)).reshape(-1, *shape[-2:])  # (batch, rows, cols)
+    X = G.to(dtype or newton_schulz_dtype(G.device)).reshape(-1, *G.shape[-2:])  # (batch, rows, cols)
     tall = G.size(-2) > G.size(-1)
     # scale so the spectral norm is <= 1 (Frobenius norm bounds it), where the iteration converges
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
@@ -86,15 +76,10 @@ def newton_schulz(G, steps=5, dtype=None):
         # the Gram matrix on the short side (the cheaper one), and a polynomial applied from that side:
         # p(X X^T) X == X p(X^T X), the same singular-value map. No transposed copies: X keeps its layout.
         # baddbmm folds the scaled sums into the matmuls (one pass less each; ~1.4x faster in bf16 on CPU)
-        if tall:
-            A = X.mT @ X
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, X, B, beta=a)
-        else:
-            A = X @ X.mT
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
-    return X.reshape(shape)
+        A = X.mT @ X if tall else X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
+    return X.reshape(G.shape)
 
 def _param_groups(groups):
     """The groups with their kind's defaults and "initial_lr" (for LR schedules); Muon groups split by shape."""
@@ -102,8 +87,7 @@ def _param_groups(groups):
     for group in groups:
         if group.get("kind") not in DEFAULTS:
             raise ValueError(f"every param group needs kind 'adamw' or 'muon', got {group.get('kind')!r}")
-        group = {**DEFAULTS[group["kind"]], **group, "params": list(group["params"])}
-        group["initial_lr"] = group["lr"]
+        group = {**DEFAULTS[group["kind"]], **group, "params": list(group["params"]), "initial_lr": group["lr"]}
         if group["kind"] == "adamw":
             out.append(group)
             continue
@@ -132,7 +116,6 @@ def _merge_states(states):
 
 class MuonAdamW(torch.optim.Optimizer):
     """AdamW and Muon in one process, over param groups of kind "adamw" or "muon" (2-D params only)."""
-
     def __init__(self, groups, ns_dtype=None):
         super().__init__(_param_groups(groups), {})
         self.ns_dtype = ns_dtype  # Newton-Schulz precision, None = newton_schulz_dtype(device)
@@ -207,16 +190,14 @@ def _launch_reduce(full):
     # no reduce_scatter on this backend (old Gloo): sum everything, keep the block
     return full.chunk(ws)[rank], dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
 
+# The model is NOT wrapped in DDP: step() averages the gradients across ranks itself (reduce-scatter),
+# updates the share this rank owns, and all-gathers the results, so every rank ends identical.
+# AdamW params are viewed flat and cut into world_size equal slices (zero-padded when numel does not
+# divide): rank r owns slice r. Muon matrices are owned whole, round-robin within each same-shape group
+# (param i by rank i % world_size), which splits the Newton-Schulz work world_size ways.
+# Optimizer state exists only for the owned share: checkpoints are per rank, resumed at the same world size.
 class DistMuonAdamW(MuonAdamW):
     """MuonAdamW sharded across ranks (ZeRO-2 style): each rank updates, and keeps state for, its share only."""
-
-    # The model is NOT wrapped in DDP: step() averages the gradients across ranks itself (reduce-scatter),
-    # updates the share this rank owns, and all-gathers the results, so every rank ends identical.
-    # AdamW params are viewed flat and cut into world_size equal slices (zero-padded when numel does not
-    # divide): rank r owns slice r. Muon matrices are owned whole, round-robin within each same-shape group
-    # (param i by rank i % world_size), which splits the Newton-Schulz work world_size ways.
-    # Optimizer state exists only for the owned share: checkpoints are per rank, resumed at the same world size.
-
     @torch.no_grad()
     def step(self, grads_averaged=False):
         # grads_averaged=True: all_reduce_gradients already averaged every gradient (to clip the global one)
@@ -242,13 +223,11 @@ class DistMuonAdamW(MuonAdamW):
     def _launch_adamw(self, group, grads_averaged):
         """([(param, this rank's slice of its gradient)], the reductions in flight)."""
         rank, ws = dist.get_rank(), dist.get_world_size()
-        owned, works = [], []
-        for p in (p for p in group["params"] if p.grad is not None):
-            flat = _padded_flat(p.grad, ws)
-            g, work = (flat.chunk(ws)[rank], None) if grads_averaged else _launch_reduce(flat)
-            owned.append((p, g))
-            works += [work] if work is not None else []
-        return owned, works
+        flats = [(p, _padded_flat(p.grad, ws)) for p in group["params"] if p.grad is not None]
+        if grads_averaged:  # nothing to reduce: this rank's slices as they are
+            return [(p, flat.chunk(ws)[rank]) for p, flat in flats], []
+        reduced = [(p, *_launch_reduce(flat)) for p, flat in flats]
+        return [(p, g) for p, g, _ in reduced], [work for _, _, work in reduced]
 
     def _update_adamw(self, group, owned):
         """AdamW on this rank's slices; returns the all-gathers of the slices back into the full params."""
@@ -260,10 +239,8 @@ class DistMuonAdamW(MuonAdamW):
         gathers = []
         for (p, _), flat, mine in zip(owned, flats, slices):
             # in place: this rank's slice already sits at its offset of the output
-            if has_tensor_collectives():
-                work = dist.all_gather_into_tensor(flat, mine, async_op=True)
-            else:
-                work = dist.all_gather(list(flat.chunk(ws)), mine, async_op=True)
+            work = (dist.all_gather_into_tensor(flat, mine, async_op=True) if has_tensor_collectives()
+                    else dist.all_gather(list(flat.chunk(ws)), mine, async_op=True))
             gathers.append((work, p, flat if flat.numel() != p.numel() else None))
         return gathers
 

@@ -1,15 +1,16 @@
 """
-Scoring a chat model on tasks, for scripts/chat_eval.py and chat_sft's quick evaluations:
-multiple choice by the answer letters' logits, free answers generated and graded by the task, and
-the loss of the assistant tokens of conversations. Each rank scores every world_size-th item.
+Scoring a chat model on tasks (scripts/chat_eval.py, chat_sft's quick evaluations): multiple choice by the answer
+letters' logits, free answers generated and graded by the task, and the loss of conversations' assistant tokens.
 """
 import torch
 import torch.distributed as dist
 
+from nanochat.chat_data import collate_padded
 from nanochat.common import get_dist_info
 
 def all_reduce_sum(values, device):
     """A list of numbers summed over ranks (returned as is in a single process)."""
+    # float64 so counts and NLL sums stay exact; MPS has no float64
     tensor = torch.tensor(values, dtype=torch.float32 if torch.device(device).type == "mps" else torch.float64,
                           device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -23,8 +24,8 @@ def my_indices(num_problems, max_problems=-1):
     return list(range(rank, n, world_size))
 
 def _padded(rows, pad_id, device):
-    """Rows of different lengths as one right-padded (B, width) batch (causal attention: the padding
-    after a row never changes that row's logits)."""
+    """Rows of different lengths as one right-padded (B, width) batch."""
+    # right, not left: with causal attention the padding after a row never changes that row's logits
     batch = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
         batch[i, :len(row)] = torch.tensor(row, dtype=torch.long)
@@ -32,8 +33,9 @@ def _padded(rows, pad_id, device):
 
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_len=None):
-    """(number right, number asked) over task[indices]: the answer is the letter whose token the
-    model finds most likely right after <|assistant_start|>, among the choices' letters only."""
+    """(number right, number asked) over task[indices]: the choice letter likeliest after <|assistant_start|>."""
+    # scoring by the logits of the letters alone: a small model that cannot yet write "B." well
+    # may still know which letter is right, and there is nothing to parse
     letter_ids, right = {}, 0
     for begin in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[begin:begin + batch_size]]
@@ -42,7 +44,7 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_l
         logits = model(_padded(prompts, tokenizer.get_bos_token_id(), device))  # (B, width, V)
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
-            for letter in letters:
+            for letter in letters:  # each letter must be one token, or its logit would mean nothing
                 if letter not in letter_ids:
                     ids = tokenizer.encode(letter)
                     if len(ids) != 1:
@@ -54,13 +56,13 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_l
 
 def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50, seed=42,
                        batch_size=None):
-    """generate(prompts: lists of ids) -> per prompt, num_samples completions (str), decoding at
-    most batch_size rows at once (None: all). The Engine seeds every row on its own, so a
-    completion does not depend on its batch neighbours."""
+    """generate(prompts: lists of ids) -> per prompt, num_samples completions (str); batch_size rows at a time."""
+    # the Engine seeds every row on its own, so a completion does not depend on its batch neighbours
     from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
 
     def generate(prompts):
+        # prompts of any lengths decode together in one ragged batch (continuous batching)
         outputs = engine.generate_multi(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                         temperature=temperature, top_k=top_k, seed=seed,
                                         max_batch_size=batch_size and max(batch_size, num_samples))
@@ -73,26 +75,25 @@ def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=Non
     for begin in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[begin:begin + batch_size]]
         prompts = [tokenizer.render_for_completion(c)[-max_len if max_len else 0:] for c in conversations]
+        # pass@N: the task grades each sample (HumanEval runs the code in the sandbox)
         for conversation, completions in zip(conversations, generate(prompts)):
             passed += int(any(task.evaluate(conversation, completion) for completion in completions))
     return passed, len(indices)
 
 @torch.no_grad()
 def assistant_nll(model, tokenizer, conversations, device, batch_size=8, max_len=None):
-    """(total NLL in nats, number of tokens) of the supervised tokens (render_conversation's mask:
-    what the assistant says) of this rank's conversations, summed over ranks. A conversation
-    longer than max_len + 1 tokens is cut at the end."""
-    _, rank, _, world_size = get_dist_info()
+    """(total NLL in nats, number of tokens) of the assistant's tokens in the conversations, summed over ranks."""
+    # the supervised tokens of render_conversation's mask; a conversation longer than max_len + 1 is cut at the end
     total_nll, total_tokens = 0.0, 0
-    mine = list(range(rank, len(conversations), world_size))
+    mine = my_indices(len(conversations))
     for begin in range(0, len(mine), batch_size):
         rows = [tokenizer.render_conversation(conversations[i], max_tokens=(max_len + 1) if max_len else 10**9)
                 for i in mine[begin:begin + batch_size]]
-        x = _padded([ids[:-1] for ids, _ in rows], tokenizer.get_bos_token_id(), device)
-        # input t predicts token t + 1: a target counts where the mask says the model produces it
-        y = _padded([[t if m else -1 for t, m in zip(ids[1:], mask[1:])] for ids, mask in rows], -1, device)
+        # input t predicts token t + 1: a target counts (is not -1) where the mask says the model produces it
+        x, y = collate_padded(rows, tokenizer.get_bos_token_id(), device)
         losses = model(x, y, loss_reduction="none")  # (B, T) nats, 0 where ignored
         counted = y >= 0
+        # summed in float64: thousands of conversations' NLLs would lose digits in fp32
         total_nll += losses[counted].double().sum().item()
         total_tokens += int(counted.sum().item())
     total_nll, total_tokens = all_reduce_sum([total_nll, total_tokens], device)

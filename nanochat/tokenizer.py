@@ -1,7 +1,5 @@
 """
-The tokenizer: BPE ranks trained by rustbpe (our Rust trainer) and served by tiktoken, nanochat's
-special tokens, and a conversation rendered into (ids, loss mask) for chat training:
-
+The tokenizer: BPE trained by rustbpe (ours, in Rust), served by tiktoken; conversations rendered for training:
     ids, mask = get_tokenizer().render_conversation({"messages": [{"role": "user", "content": "hi"}, ...]})
 """
 import base64
@@ -16,17 +14,11 @@ from nanochat.common import DataError, atomic_write, get_base_dir
 # GPT-4's split pattern, except numbers split in runs of 1-2 digits (not 1-3): with a small
 # vocabulary, spending ids on every 3-digit number is a poor trade.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-
-SPECIAL_TOKENS = [
-    "<|bos|>",  # starts every document
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # a tool call inside an assistant turn
-    "<|output_start|>", "<|output_end|>",  # the tool's result, forced into the stream
-]
-
-ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", "python", "python_output")
+# <|bos|> starts every document; inside an assistant turn, python_start/end wrap a tool call and
+# output_start/end the tool's result, which the engine forces into the stream
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+ROLES, PART_TYPES = ("system", "user", "assistant"), ("text", "python", "python_output")
 
 class Tokenizer:
     """A tiktoken Encoding built from trained BPE ranks plus nanochat's special tokens."""
@@ -36,7 +28,6 @@ class Tokenizer:
         self.bos_token_id = self.encode_special("<|bos|>") if bos_token_id is None else bos_token_id
 
     # -- construction / persistence -------------------------------------------------------
-
     @classmethod
     def from_ranks(cls, mergeable_ranks, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
         """mergeable_ranks: dict bytes -> rank (ranks 0..N-1); specials get ids N, N+1, ..."""
@@ -63,16 +54,14 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir):
         """Load what save() wrote: ranks.tiktoken ("base64(bytes) rank" lines) and tokenizer.json."""
-        config_path = os.path.join(tokenizer_dir, "tokenizer.json")
-        ranks_path = os.path.join(tokenizer_dir, "ranks.tiktoken")
+        config_path, ranks_path = (os.path.join(tokenizer_dir, name) for name in ("tokenizer.json", "ranks.tiktoken"))
         if not (os.path.exists(config_path) and os.path.exists(ranks_path)):
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} (expected tokenizer.json and "
                                     f"ranks.tiktoken): train one with `python -m scripts.tok_train`")
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
         ranks = {}
-        with open(ranks_path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(config_path, encoding="utf-8") as config_file, open(ranks_path, "rb") as ranks_file:
+            config = json.load(config_file)
+            for lineno, line in enumerate(ranks_file, 1):
                 try:
                     token_b64, rank = line.split()
                     ranks[base64.b64decode(token_b64)] = int(rank)
@@ -98,7 +87,6 @@ class Tokenizer:
         atomic_write(os.path.join(tokenizer_dir, "tokenizer.json"), json.dumps(config, indent=2))
 
     # -- vocabulary, encode / decode ------------------------------------------------------
-
     def get_vocab_size(self):
         return self.enc.n_vocab
 
@@ -139,7 +127,6 @@ class Tokenizer:
         return self.enc.decode(list(ids), errors="replace")
 
     # -- conversations --------------------------------------------------------------------
-
     def render_conversation(self, conversation, max_tokens=2048):
         """Conversation -> (ids, mask), mask 1 where the model is trained to produce the id."""
         # final_role=None: a prompt rendered for completion ends with the user; allow_empty: a chat may
@@ -148,21 +135,18 @@ class Tokenizer:
         # there are no system tokens: the system text opens the first user turn
         if messages[0]["role"] == "system":
             messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
-        ids, mask = [self.bos_token_id], [0]
+        ids, mask, special = [self.bos_token_id], [0], self.encode_special
 
         def add(token_ids, supervised):
-            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
             ids.extend(token_ids)
             mask.extend([int(supervised)] * len(token_ids))
-
-        special = self.encode_special
         for message in messages:
             content = message["content"]
             if message["role"] == "user":
                 add([special("<|user_start|>")] + self.encode(content) + [special("<|user_end|>")], 0)
                 continue
             # <|assistant_start|> is forced by the engine at inference, so it is not trained on
-            add(special("<|assistant_start|>"), 0)
+            add([special("<|assistant_start|>")], 0)
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
                 if part["type"] == "text":
                     add(self.encode(part["text"]), 1)
@@ -171,7 +155,7 @@ class Tokenizer:
                 else:  # python_output: the tool's result, forced in by the engine, not the model's to predict
                     add([special("<|output_start|>")] + self.encode(part["text"]) + [special("<|output_end|>")], 0)
             # trained on: without it the model never learns to stop
-            add(special("<|assistant_end|>"), 1)
+            add([special("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
@@ -184,11 +168,9 @@ class Tokenizer:
 
     def visualize(self, ids, mask=None, color=True):
         """Tokens joined by '|' for debugging, supervised ones green (or [[wrapped]] without color)."""
-        out = []
-        for token_id, m in zip(ids, mask if mask is not None else [0] * len(ids)):
-            text = self.enc.decode([token_id], errors="replace").replace("\n", "\\n")
-            out.append((f"\033[92m{text}\033[0m" if color else f"[[{text}]]") if m else text)
-        return "|".join(out)
+        texts = (self.enc.decode([token_id], errors="replace").replace("\n", "\\n") for token_id in ids)
+        mask = mask if mask is not None else [0] * len(ids)
+        return "|".join((f"\033[92m{t}\033[0m" if color else f"[[{t}]]") if m else t for t, m in zip(texts, mask))
 
 # -----------------------------------------------------------------------------
 # The one conversation validator: of the task records, gen_data's replies, and what is rendered

@@ -1,7 +1,6 @@
 """
-What the four training stages (base, mid, SFT, DPO) share: their common flags, the LR schedule,
-the optimizer step, checkpoint save/resume and the per-step progress line. The loops themselves
-live in the stage scripts, where you can read and edit them.
+What the four training stages (base, mid, SFT, DPO) share: flags, LR schedule, optimizer step, checkpoint save and
+resume, the progress line. The loops themselves live in the stage scripts, where you can read and edit them.
 """
 import math
 import os
@@ -10,10 +9,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (SOURCES, find_largest_model, find_last_step, list_steps, load_checkpoint,
-                                         load_model, save_checkpoint, trained_state)
-from nanochat.common import format_eta, get_base_dir, get_peak_flops, init_wandb, print0
-from nanochat.lora import apply_lora_from_args, lora_optimizer, lora_tag
+from nanochat.checkpoint_manager import (SOURCES, find_largest_model, list_steps, load_checkpoint, load_model,
+                                         save_checkpoint, trained_state)
+from nanochat.common import exit_on, format_eta, get_base_dir, get_peak_flops, get_rank, init_wandb, print0
+from nanochat.lora import apply_lora_from_args, lora_optimizer
 from nanochat.optim import all_reduce_gradients
 
 def add_training_flags(parser):
@@ -40,9 +39,8 @@ def add_training_flags(parser):
     g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR decay at the end")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm (0 = off)")
-    g.add_argument("--muon-precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="Muon's Newton-Schulz matmuls (auto: bf16 on CUDA and on CPUs with bf16 matmul "
-                        "hardware, fp32 elsewhere)")
+    g.add_argument("--muon-precision", default="auto", choices=["auto", "bf16", "fp32"], help="Muon's Newton-Schulz "
+                   "matmuls (auto: bf16 on CUDA and on CPUs with bf16 matmul hardware, fp32 elsewhere)")
     g = parser.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=250, help="evaluate every N steps (-1 = only at the end)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
@@ -52,6 +50,7 @@ def add_training_flags(parser):
 
 def add_finetuning_flags(parser, default_mixture, default_val, noun="conversations"):
     """The flags mid, SFT and DPO share: where the model comes from, the data, and LoRA."""
+    # a stage's own defaults (its mixture, its validation specs) come in as arguments: one help text for three
     g = parser.add_argument_group("starting model and output")
     g.add_argument("--step", type=int, default=None, help="step of the starting checkpoint (default: the last)")
     g.add_argument("--output-tag", default=None, help="save under <this stage's folder>/<this> (default: "
@@ -64,9 +63,8 @@ def add_finetuning_flags(parser, default_mixture, default_val, noun="conversatio
     g.add_argument("--data-only", action="store_true", help="train only on --data (and --persona), not --mixture")
     g.add_argument("--persona", default=None, help="persona.json: add who-am-I examples (tasks/identity.py)")
     g.add_argument("--persona-examples", "--persona-pairs", type=int, default=300, help="identity examples to add")
-    g.add_argument("--val-mixture", nargs="*", default=None,
-                   help=f"validation specs (default: {' '.join(default_val)}; with --data-only, or when given "
-                        f"with no specs: --val-holdout {noun} held out of the training data)")
+    g.add_argument("--val-mixture", nargs="*", help=f"validation specs (default: {' '.join(default_val)}; with "
+                   f"--data-only, or when given with no specs: --val-holdout {noun} held out of the training data)")
     g.add_argument("--val-holdout", type=int, default=500,
                    help=f"training {noun} held out when there is no --val-mixture (at most a tenth)")
     g.add_argument("--max-seq-len", type=int, default=0, help="tokens per row (0: the model's context length)")
@@ -94,6 +92,7 @@ def lr_multiplier(step, num_steps, warmup_ratio, warmdown_ratio, final_lr_frac):
 
 def set_schedule(optimizer, step, num_steps, args):
     """Set every group's LR for this step; returns the multiplier (for the log)."""
+    # from "initial_lr", never from the current lr: the schedule must not compound over steps
     lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
@@ -104,6 +103,7 @@ def set_schedule(optimizer, step, num_steps, args):
 
 def optimizer_step(model, optimizer, grad_clip):
     """Clip (optionally) and step, then drop the gradients."""
+    # set_to_none below: the next backward writes fresh gradients instead of adding to zeroed ones
     synced = False
     if grad_clip > 0:
         # clip the *global* gradient: average over ranks first (the sharded optimizer would
@@ -121,6 +121,7 @@ def grad_accum_steps(total, per_micro_batch, what):
 
 def build_optimizer(args, model):
     """Muon for the block matrices, AdamW for the embedding and lm_head, LRs from the flags."""
+    # --init-lr-frac scales the three LRs together: fine-tuning stages start gentler than pretraining
     muon_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.muon_precision]
     f = args.init_lr_frac
     return model.setup_optimizer(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
@@ -142,13 +143,11 @@ def maybe_compile(model, args, device, dynamic):
 # Where a fine-tuning stage starts from and saves to
 
 def load_starting_model(args, source, stage, device):
-    """(model, optimizer, tokenizer, checkpoint_dir, meta) of a fine-tuning stage: the `source`
-    checkpoint, with LoRA adapters on it (--lora-rank), and the meta its checkpoints carry."""
-    try:
+    """(model, optimizer, tokenizer, checkpoint_dir, meta) of a fine-tuning stage, from the `source` checkpoint."""
+    # with --lora-rank, adapters go on it and only they train; meta is what this stage's checkpoints carry
+    with exit_on(FileNotFoundError, ValueError, prefix=f"cannot load the {source} model: "):
         tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0]))
         model, tokenizer, source_meta = load_model(source, device, "train", model_tag=tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load the {source} model: {e}")
     print0(f"starting from the {source} model {tag} step {source_meta['step']}")
     start = {"model_tag": tag, "step": source_meta["step"]}
     meta = {"model_config": source_meta["model_config"], "user_config": vars(args), "source": {"phase": source, **start}}
@@ -156,9 +155,10 @@ def load_starting_model(args, source, stage, device):
     if args.lora_rank > 0:  # on the plain module, before torch.compile
         print0(apply_lora_from_args(model, args))
         optimizer = lora_optimizer(model, lr=args.lora_lr, weight_decay=args.weight_decay)
-        # its checkpoints hold only the adapters; "base" names the checkpoint they adapt
+        # its checkpoints hold only the adapters, "base" names the checkpoint they adapt, and they go to
+        # <tag>_lora: beside, never mixed with, the full checkpoints of <tag>
         meta.update(stage=stage, base={"source": source, **start}, lora=model.lora_config)
-        output_tag = lora_tag(output_tag)
+        output_tag = output_tag if output_tag.endswith("_lora") else f"{output_tag}_lora"
     else:
         optimizer = build_optimizer(args, model)
     return model, optimizer, tokenizer, os.path.join(get_base_dir(), SOURCES[stage][0], output_tag), meta
@@ -167,24 +167,28 @@ def load_starting_model(args, source, stage, device):
 # Checkpoints: save and resume
 
 def save(checkpoint_dir, step, model, optimizer, meta, loader_state, log, world_size=1):
-    """Save a step on every rank: weights (or the LoRA adapters), optimizer shards, the meta with
-    every rank's loader position and the log's running state, so --resume continues exactly."""
+    """Save a step on every rank: weights (or the LoRA adapters), optimizer shards, meta."""
+    # the meta holds every rank's loader position and the log's running state (loss EMA, train time),
+    # so that --resume continues exactly where this step ended
     if world_size > 1:  # each rank reads its own slice of the data: keep all their positions
         gathered = [None] * world_size
         dist.all_gather_object(gathered, loader_state)
         loader_state = gathered
     meta = dict(meta, step=step, loader_state=loader_state, trainer=log.state())
-    save_checkpoint(checkpoint_dir, step, trained_state(model), optimizer.state_dict(), meta, rank=dist_rank())
+    save_checkpoint(checkpoint_dir, step, trained_state(model), optimizer.state_dict(), meta, rank=get_rank())
     print0(f"saved checkpoint: {checkpoint_dir} step {step}")
 
-def resume(checkpoint_dir, model, optimizer, meta, device):
-    """(step, loader state, saved meta) of the last checkpoint in checkpoint_dir, loaded into the
-    model and optimizer; refused when it was trained with other LoRA settings or another base."""
+def resume(requested, checkpoint_dir, model, optimizer, meta, device):
+    """(step, loader state, saved meta) of the last checkpoint in checkpoint_dir, loaded into model and optimizer."""
+    if not requested:  # a fresh run
+        return 0, None, None
     steps = list_steps(checkpoint_dir)
     if not steps:
         raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir} to resume from")
-    step = find_last_step(checkpoint_dir)
-    state, optimizer_state, saved = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=dist_rank())
+    step = steps[-1]
+    # each rank its own optimizer shard: a run resumes with the number of ranks it was saved with
+    state, optimizer_state, saved = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=get_rank())
+    # refused when it was trained with other LoRA settings or on another base: it would "resume" a different run
     for key in ("lora", "base"):
         if saved.get(key) != meta.get(key):
             hint = " (it holds LoRA adapters: resume with the same --lora-* flags)" if saved.get("lora") else ""
@@ -200,15 +204,12 @@ def resume(checkpoint_dir, model, optimizer, meta, device):
     print0(f"resumed from {checkpoint_dir} at step {step}")
     return step, saved.get("loader_state"), saved
 
-def dist_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
 # -----------------------------------------------------------------------------
 # The progress line
 
 class TrainLog:
-    """One line per step (loss, its EMA, LR multiplier, tok/s, MFU, ETA), the same to wandb, and
-    the history (steps, losses, metrics, evaluations) that tests and the report card read."""
+    """One line per step (loss, its EMA, LR multiplier, tok/s, MFU, ETA), the same to wandb, and a history."""
+    # the history (steps, losses, metrics, evaluations) is what the tests and the report card read
 
     def __init__(self, stage, args, num_steps, flops_per_token=None, world_size=1, device_type="cpu", saved=None):
         self.stage, self.args, self.num_steps, self.world_size = stage, args, num_steps, world_size
@@ -217,14 +218,15 @@ class TrainLog:
         self.smooth_loss = state.get("smooth_loss", 0.0)
         self.train_time = state.get("train_time", 0.0)  # seconds in training steps (no eval/save), across resumes
         self.history, self.metrics_history, self.eval_history = [], [], []
-        self.wandb = init_wandb(args.run, f"nanochat-{stage}", vars(args), dist_rank() == 0)
+        self.wandb = init_wandb(args.run, f"nanochat-{stage}", vars(args), get_rank() == 0)
 
     def state(self):
         return {"smooth_loss": self.smooth_loss, "train_time": self.train_time}
 
     def step(self, step, t0, lrm, loss, tokens, metrics=None):
-        """Log a finished step: loss and metrics (device tensors: averaged over ranks) and this
-        rank's tokens (summed over ranks) are read in ONE host sync, the only one of the step."""
+        """Log a finished step: its loss and metrics (device tensors) and this rank's tokens."""
+        # all read in ONE host sync, the only one of the step: tokens are summed over ranks, loss and
+        # metrics averaged, with one all_reduce and one .tolist()
         metrics = metrics or {}
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=loss.device).reshape(())
                               for v in [loss, *metrics.values(), tokens]])
@@ -243,11 +245,11 @@ class TrainLog:
             self.metrics_history.append((step, metrics))
         if step > 1:  # the first step pays for compilation and warm-up: not representative
             self.train_time += dt
-        done = len(self.history)
-        eta = (self.train_time / max(done - 1, 1) if done > 1 else dt) * (self.num_steps - step)
-        mfu = None
-        if self.flops_per_token and self.peak_flops:
-            mfu = 100 * self.flops_per_token * tokens / dt / (self.peak_flops * self.world_size)
+        # from the mean step time so far (train_time survives a resume, like step)
+        eta = (self.train_time / (step - 1) if step > 1 else dt) * (self.num_steps - step)
+        # model FLOPs utilisation, of the GPUs' bf16 peak (unknown on CPU: no MFU)
+        mfu = (100 * self.flops_per_token * tokens / dt / (self.peak_flops * self.world_size)
+               if self.flops_per_token and self.peak_flops else None)
         if step % self.args.log_every == 0 or step == self.num_steps:
             print0(f"{self.stage} step {step:05d}/{self.num_steps:05d} ({100 * step / self.num_steps:.1f}%) | "
                    f"loss {loss:.4f} (ema {ema:.4f}) | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tokens / dt:,.0f}"
@@ -258,7 +260,7 @@ class TrainLog:
                         **{f"train/{name}": value for name, value in metrics.items()}})
         return loss
 
-    def evaluated(self, step, results):
+    def evaluated(self, step, results):  # returns results, so a stage writes last_eval = log.evaluated(...)
         self.eval_history.append((step, results))
         self.wandb.log({"step": step, **results})
         return results

@@ -13,40 +13,28 @@ import time
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
-from nanochat.common import DataError, atomic_write, autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (DataError, atomic_write, autocast_ctx, compute_cleanup, compute_init, exit_on,
+                             get_base_dir, print0)
 from nanochat.core_eval import bundle_tasks, download_eval_bundle, evaluate_core, local_tasks
 from nanochat.download import DownloadError
 from nanochat.report import get_report
 
 def load_tasks(args, ddp, rank):
     # --data-dir: local files, offline; --bundle-dir: a bundle unzipped by hand; neither: download it once
-    if args.data_dir:
-        tasks = local_tasks(args.data_dir)
-    elif args.bundle_dir:
-        tasks = bundle_tasks(args.bundle_dir)
-    else:
+    if not (args.data_dir or args.bundle_dir):
         # one download, by rank 0; the other ranks wait for it, then read the same folder
         if rank == 0:
             download_eval_bundle(url=args.bundle_url)
         if ddp:
             dist.barrier()
-        tasks = bundle_tasks(os.path.join(get_base_dir(), "eval_bundle"))
+    bundle_dir = args.bundle_dir or os.path.join(get_base_dir(), "eval_bundle")
+    tasks = local_tasks(args.data_dir) if args.data_dir else bundle_tasks(bundle_dir)
     by_label = {task.label: task for task in tasks}
     # no --tasks: all of them, in their own order
     names = [name.strip() for name in args.tasks.split(",") if name.strip()] or list(by_label)
     if unknown := [name for name in names if name not in by_label]:
         raise DataError(f"--tasks: unknown task(s) {unknown}; available: {', '.join(by_label)}")
     return [by_label[name] for name in names]
-
-def csv_text(results, core):
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["task", "type", "num_fewshot", "num_items", "accuracy", "random_baseline", "centered"])
-    writer.writerows([label, r["type"], r["num_fewshot"], r["num_items"], f"{r['accuracy']:.6f}",
-                      f"{r['random_baseline']:.4f}", f"{r['centered']:.6f}"] for label, r in results.items())
-    # the score itself as a last row, so a spreadsheet of several runs lines them up
-    writer.writerow(["CORE", "", "", "", "", "", f"{core:.6f}"])
-    return buffer.getvalue()
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,28 +47,30 @@ def main(argv=None):
     where.add_argument("--bundle-dir", default=None, help="an eval bundle folder (default: downloaded on first use)")
     parser.add_argument("--bundle-url", default=None, help="download the bundle from here (or $NANOCHAT_EVAL_BUNDLE_URL)")
     args = parser.parse_args(argv)
-
     ddp, rank, _, world_size, device = compute_init(args.device)
-    try:
+    # no checkpoint, or bad task data (which can show up as late as when its task is read)
+    with exit_on(FileNotFoundError, DataError, DownloadError):
         # the tasks first: a failed download or a bad task list stops us before a model is loaded
         tasks = load_tasks(args, ddp, rank)
+        # load_model's FileNotFoundError names the script that makes the missing checkpoint or tokenizer
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
         print0(f"CORE on {len(tasks)} task(s), {args.source} model step {meta['step']}, {world_size} rank(s)")
         t0 = time.time()
         with autocast_ctx(device.type):
             out = evaluate_core(model, tokenizer, tasks, device, max_per_task=args.max_per_task)
-    # no checkpoint, or bad task data (which can show up as late as when its task is read)
-    except (FileNotFoundError, DataError, DownloadError) as e:
-        hint = f" (train a {args.source} model first: python -m {SOURCES[args.source][1]})"
-        raise SystemExit(f"error: {e}" + (hint if isinstance(e, FileNotFoundError) else ""))
     seconds, results, core, step = time.time() - t0, out["results"], out["core"], meta["step"]
     print0(f"CORE: {core:.4f}  ({seconds:.1f}s)")
-
     # the counts are summed over ranks, so every rank holds the same numbers: one writes them
     if rank == 0:
+        header = ["task", "type", "num_fewshot", "num_items", "accuracy", "random_baseline", "centered"]
+        rows = [[label, r["type"], r["num_fewshot"], r["num_items"], f"{r['accuracy']:.6f}",
+                 f"{r['random_baseline']:.4f}", f"{r['centered']:.6f}"] for label, r in results.items()]
+        buffer = io.StringIO()
+        # the score itself as a last row, so a spreadsheet of several runs lines them up
+        csv.writer(buffer).writerows([header, *rows, ["CORE", "", "", "", "", "", f"{core:.6f}"]])
         csv_path = os.path.join(get_base_dir(), "base_eval", f"{args.source}_{model_tag}_{step:06d}.csv")
-        atomic_write(csv_path, csv_text(results, core))
+        atomic_write(csv_path, buffer.getvalue())
         print0(f"wrote {csv_path}")
         get_report().log(section=f"CORE evaluation ({args.source})", data=[
             {"source": args.source, "model_tag": model_tag, "step": step,

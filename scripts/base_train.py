@@ -1,9 +1,7 @@
 """
 Pretrain the base model on the default web corpus or on your own text.
-
-    python -m scripts.base_train --depth=4 --device-batch-size=8          # one process
-    torchrun --nproc_per_node=8 -m scripts.base_train --depth=20          # 8 GPUs
-    python -m scripts.base_train --data ~/books/ --depth=8                # your own corpus
+    python -m scripts.base_train --depth=4 --device-batch-size=8 [--data ~/books/]   # one process, [your corpus]
+    torchrun --nproc_per_node=8 -m scripts.base_train --depth=20                     # 8 GPUs
 """
 import argparse
 import os
@@ -14,7 +12,7 @@ import torch
 
 from nanochat import training
 from nanochat.checkpoint_manager import SOURCES
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
@@ -24,7 +22,7 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from scripts.base_loss import SAMPLE_PROMPTS
 
 def model_config_from_args(args, vocab_size):
-    """GPTConfig from --depth: width = depth × aspect ratio, cut into heads of --head-dim."""
+    # one dial: --depth sets the width (depth × aspect ratio), cut into heads of --head-dim
     model_dim = args.depth * args.aspect_ratio
     if args.depth < 1 or model_dim % args.head_dim != 0:
         raise SystemExit(f"--depth={args.depth} gives width {args.depth} × {args.aspect_ratio} = {model_dim}, which is "
@@ -58,24 +56,23 @@ def main(argv=None):
     g.add_argument("--sample-every", type=int, default=-1, help="print samples every N steps (-1 = at the end only)")
     training.add_training_flags(parser)
     args = parser.parse_args(argv)
-
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
+    # the vocabulary size comes from the trained tokenizer (scripts/tok_train.py)
     tokenizer = get_tokenizer()
+    # each token's length in bytes: the loss in bits per byte compares across tokenizers and vocab sizes
     token_bytes = get_token_bytes(device)
     config = model_config_from_args(args, tokenizer.get_vocab_size())
-    try:  # read (and check) the whole corpus before building anything big
-        txt_doc_chars = 2 * args.max_seq_len if args.txt_doc_chars < 0 else args.txt_doc_chars
+    txt_doc_chars = 2 * args.max_seq_len if args.txt_doc_chars < 0 else args.txt_doc_chars
+    with exit_on(DataError):  # read (and check) the whole corpus before building anything big
         corpus = Corpus(args.data, val_data=args.val_data, txt_doc_chars=txt_doc_chars)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
     print0(corpus.summary())
-
     # The model: built on the meta device (no memory, no init), then allocated and initialised once
     with torch.device("meta"):
         orig_model = GPT(config)
     orig_model.to_empty(device=device)
     orig_model.init_weights()
     model = training.maybe_compile(orig_model, args, device, dynamic=False)  # optimizer and checkpoints see orig_model
+    # the parameters set the token budget below, the FLOPs per token the MFU of the progress line
     num_params, flops_per_token = orig_model.num_params(), orig_model.estimate_flops()
     print0(f"model: {asdict(config)}\nparameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
     optimizer = training.build_optimizer(args, orig_model)
@@ -89,23 +86,24 @@ def main(argv=None):
     total_tokens = num_steps * args.total_batch_size
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens = {total_tokens:,} tokens "
            f"({total_tokens / num_params:.1f} per parameter) | grad accumulation: {grad_accum}")
-
+    # the meta is what load_model needs to rebuild the model (its config), and how it was trained
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES["base"][0], args.model_tag or f"d{args.depth}")
     meta = {"model_config": asdict(config), "user_config": vars(args), "num_params": num_params}
-    step, loader_state, saved = 0, None, None
-    if args.resume:
-        step, loader_state, saved = training.resume(checkpoint_dir, orig_model, optimizer, meta, device)
+    # --resume: weights, optimizer state, and the loader exactly where that step left the data
+    step, loader_state, saved = training.resume(args.resume, checkpoint_dir, orig_model, optimizer, meta, device)
     train_loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "train", device=device, data=corpus,
                                                                  resume_state_dict=loader_state)
-    eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+    eval_steps = max(1, args.eval_tokens // (B * T * world_size))  # the same val tokens whatever the ranks
 
     def evaluate(step):
         model.eval()
+        # a fresh loader each time: every evaluation reads the very same validation tokens
         val_loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "val", device=device, data=corpus)
         with autocast_ctx(device.type):
             bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
         print0(f"step {step:05d} | val bpb {bpb:.4f}")
-        if rank == 0 and (step == num_steps or (args.sample_every > 0 and step % args.sample_every == 0)):
+        if rank == 0 and training.is_due(step, args.sample_every, num_steps):
+            # a few greedy completions: the quickest sanity check that the model learns language
             for prompt in SAMPLE_PROMPTS:
                 with autocast_ctx(device.type):
                     out = orig_model.generate(tokenizer.encode(prompt, prepend="<|bos|>"), max_tokens=16, temperature=0)
@@ -116,9 +114,9 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # The training loop: one iteration is one optimizer step of --total-batch-size tokens
     log = training.TrainLog("base", args, num_steps, flops_per_token, world_size, device.type, saved)
+    # the first batch comes before the loop: from then on each micro-batch fetches the next
     inputs, targets, next_state = next(train_loader)
     last_eval, t_start = {}, time.time()
-    model.train()
     while step < num_steps:
         lrm = training.set_schedule(optimizer, step, num_steps, args)
         t0 = time.time()
@@ -134,13 +132,15 @@ def main(argv=None):
             inputs, targets, next_state = next(train_loader)
         training.optimizer_step(orig_model, optimizer, args.grad_clip)
         step += 1
+        # the step's one host sync: its mean loss over the micro-batches, read for the progress line
         log.step(step, t0, lrm, loss_sum / grad_accum, tokens=grad_accum * B * T)
         if training.is_due(step, args.eval_every, num_steps):
             last_eval = evaluate(step)
-        if training.is_due(step, args.save_every, num_steps):
+        if training.is_due(step, args.save_every, num_steps):  # with the last eval's val_bpb in its meta
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log,
                           world_size)
 
+    # the number to size --device-batch-size by on a GPU
     peak_mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | val bpb {last_eval.get('val_bpb', float('nan')):.4f}"
            + (f" | peak memory {peak_mem:.0f} MiB" if peak_mem else ""))

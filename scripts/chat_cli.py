@@ -1,25 +1,11 @@
-"""
-Chat with your model in the terminal, the reply streamed as it is generated ('clear' starts over, 'quit' leaves).
-
-    python -m scripts.chat_cli                            # interactive, the latest SFT model
-    python -m scripts.chat_cli -p "Why is the sky blue?"  # one answer, then exit
-"""
+"""Chat with your model in the terminal, the reply streamed as it is generated ('clear' starts over, 'quit' leaves).
+Usage: python -m scripts.chat_cli (the latest SFT model), or -p "Why is the sky blue?" for one answer, then exit."""
 import argparse
 import sys
-
-import torch
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, add_sampling_args, sampling_from_args
-
-def get_parser():
-    p = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
-    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
-    add_checkpoint_args(p, "sft")
-    add_sampling_args(p, temperature=0.6, max_tokens=1024)
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (the n-th reply uses seed + n)")
-    return p
 
 def stream_reply(engine, tokens, params):
     """Generate after `tokens`, printing the text as it comes; returns the generated ids."""
@@ -32,9 +18,15 @@ def stream_reply(engine, tokens, params):
     return row.tokens
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    p = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
+    add_checkpoint_args(p, "sft")
+    add_sampling_args(p, temperature=0.6, max_tokens=1024)
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (the n-th reply uses seed + n)")
+    args = p.parse_args(argv)
+    # out-of-range sampling flags stop here, before the slow model load
     params = sampling_from_args(args, args.seed)
-    device = torch.device(args.device or autodetect_device_type())
+    device = args.device or autodetect_device_type()
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
@@ -42,16 +34,16 @@ def main(argv=None):
         return 1
     engine, special = Engine(model, tokenizer), tokenizer.encode_special
     bos, assistant_end = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
-    chat = args.source != "base"  # a base model never saw the chat tokens: it just continues the text
-
     # the conversation is kept as token ids, so tool calls and their forced outputs stay exactly as
     # the model saw them (tokenizing the text shown would not give them back)
     def prompt_tokens(history, text):
-        if not chat:
+        # a base model never saw the chat tokens: it just continues the text
+        if args.source == "base":
             return [bos] + tokenizer.encode(text)
         return history + [special("<|user_start|>"), *tokenizer.encode(text), special("<|user_end|>"),
                           special("<|assistant_start|>")]
 
+    # one-shot: the reply alone on stdout (so it can be piped), problems on stderr with exit status 1
     if args.prompt is not None:
         try:
             stream_reply(engine, prompt_tokens([bos], args.prompt), params)
@@ -59,13 +51,13 @@ def main(argv=None):
         except ValueError as e:  # the prompt does not fit the context
             print(f"error: {e}", file=sys.stderr)
             return 1
-
-    print(f"nanochat ({args.source} model, step {meta.get('step')}, {device.type}): 'clear' starts over, 'quit' leaves")
+    # interactive: a problem with one message is reported, and the conversation goes on
+    print(f"nanochat ({args.source} model, step {meta.get('step')}, {device}): 'clear' starts over, 'quit' leaves")
     history = [bos]
     while True:
         try:
             text = input("\nYou: ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt: leave on a fresh line
             print()
             return 0
         if text.lower() in ("quit", "exit"):
@@ -81,9 +73,11 @@ def main(argv=None):
         try:
             generated = stream_reply(engine, tokens, params)
         except (ValueError, KeyboardInterrupt) as e:  # the conversation outgrew the context; Ctrl-C stops a reply
+            # the history is left as it was: the failed message is not part of the conversation
             print("\n(interrupted)" if isinstance(e, KeyboardInterrupt) else f"error: {e}. Type 'clear' to start over.")
             continue
-        params.seed += 1  # the n-th reply samples with seed + n
+        # the n-th reply samples with seed + n: a repeated question gets a fresh answer
+        params.seed += 1
         # a reply cut off by --max-tokens still closes its turn
         history = tokens + generated + ([] if generated[-1:] == [assistant_end] else [assistant_end])
 

@@ -1,15 +1,7 @@
 """
-Direct Preference Optimization (DPO): from pairs of answers to the same prompt, one preferred,
-make the preferred answer more likely relative to the rejected one, measured against the starting
-model (the frozen reference). The loss is in nanochat/dpo.py.
-
-    python -m scripts.chat_dpo                                  # from the SFT model, UltraFeedback pairs
-    python -m scripts.chat_dpo --data pairs.jsonl --data-only   # only your pairs (validation: held out)
+Direct Preference Optimization (DPO): from pairs of answers to one prompt, make the preferred one the more likely.
+    python -m scripts.chat_dpo --data pairs.jsonl --data-only   # only your pairs (validation: held out); or torchrun
     python -m scripts.chat_dpo --loss ipo --length-norm --sft-weight 0.1 --lora-rank 16
-    torchrun --nproc_per_node=8 -m scripts.chat_dpo
-
-Pairs: {"prompt": str | messages, "chosen": str, "rejected": str} per line. Offline:
---mixture preferences:skip_bad:$DATA/preference/hh_rlhf_harmless_base_test.jsonl
 """
 import argparse
 import time
@@ -18,7 +10,7 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import StepBatches, padded_batches
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.dpo import LOSS_TYPES, collate_pairs, describe_counts, pair_losses, reference_logps, tokenize_pairs
 from nanochat.lora import disable_lora
@@ -26,6 +18,9 @@ from nanochat.report import get_report
 from nanochat.task_eval import all_reduce_sum
 from tasks.specs import SPEC_HELP, build_chat_tasks
 
+# More likely relative to the rejected answer, measured against the starting model (the frozen reference); the
+# loss is in nanochat/dpo.py. Pairs: {"prompt": str | messages, "chosen": str, "rejected": str} per line (default:
+# UltraFeedback). Offline: --mixture preferences:skip_bad:$DATA/preference/hh_rlhf_harmless_base_test.jsonl
 DEFAULT_MIXTURE = ["preferences:train"]
 DEFAULT_VAL = ["preferences:test"]
 STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -53,22 +48,19 @@ def main(argv=None):
     parser.set_defaults(device_batch_size=4, init_lr_frac=0.01, warmup_ratio=0.1, warmdown_ratio=0.9,
                         eval_every=50, compile="0", total_batch_size=None, lora_lr=5e-4, val_holdout=200)
     args = parser.parse_args(argv)
+    # None by default, as in chat_sft: --total-batch-size counts tokens, and is refused here rather than ignored
     if args.total_batch_size is not None:
         raise SystemExit("--total-batch-size counts tokens; DPO steps are counted in pairs: use --examples-per-step")
     if args.beta <= 0:
         raise SystemExit(f"--beta must be positive, got {args.beta}")
     if args.min_prompt_tokens < 2 or args.min_response_tokens < 1:
-        raise SystemExit("--min-prompt-tokens must be at least 2 (<|bos|> ... <|assistant_start|>) and "
-                         "--min-response-tokens at least 1")
-
+        raise SystemExit("--min-prompt-tokens must be >= 2 (<|bos|>, <|assistant_start|>), --min-response-tokens >= 1")
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
-    try:  # read and check all the data before loading a model
+    with exit_on(ValueError, FileNotFoundError, DownloadError):  # read and check all the data before loading a model
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL, pairs=True)
-    except (ValueError, FileNotFoundError, DownloadError) as e:
-        raise SystemExit(f"error: {e}")
     orig_model, optimizer, tokenizer, checkpoint_dir, meta = training.load_starting_model(args, args.source, "dpo", device)
+    # compiled for dynamic shapes if at all: a micro-batch is as long as its longest pair
     model = training.maybe_compile(orig_model, args, device, dynamic=True)
-
     # pairs -> token ids (the prompt rendered once, shared by both answers), cut to fit or dropped, counted
     T, B = args.max_seq_len or orig_model.config.sequence_len, args.device_batch_size
     fit = dict(max_seq_len=T, min_prompt_tokens=args.min_prompt_tokens, min_response_tokens=args.min_response_tokens)
@@ -78,18 +70,17 @@ def main(argv=None):
     print0(f"train: {describe_counts(train_counts)}\nval:   {describe_counts(val_counts)}")
     if not train_pairs:
         raise SystemExit("error: no training pair is left (see the counts above: raise --max-seq-len?)")
+    # the checkpoints record how many pairs were kept, cut and dropped (and why)
     meta["pairs"] = dict(train_counts)
-
     # The frozen reference: the starting weights, scored once before training (so only one model
     # is ever in memory; with LoRA it is the very same network with its adapters switched off)
     pad_id = tokenizer.get_bos_token_id()  # any id: padded positions have target -1
     t0 = time.time()
     with disable_lora(orig_model):  # a no-op without adapters
-        ref = reference_logps(orig_model, train_pairs + val_pairs, B, pad_id, device, rank, world_size,
-                              autocast=lambda: autocast_ctx(device.type))
+        ref = reference_logps(orig_model, train_pairs + val_pairs, B, pad_id, device, rank, world_size)
     train_ref, val_ref = ref[:len(train_pairs)], ref[len(train_pairs):]
     print0(f"reference log-probs of {len(ref):,} pairs in {time.time() - t0:.1f}s")
-
+    # How long: --num-epochs passes over the training pairs, in steps of --examples-per-step
     grad_accum = training.grad_accum_steps(args.examples_per_step, B * world_size,
                                            "--examples-per-step (device_batch_size × world_size)")
     num_steps = args.num_iterations if args.num_iterations > 0 else \
@@ -97,9 +88,8 @@ def main(argv=None):
     print0(f"steps: {num_steps:,} × {args.examples_per_step} pairs | grad accumulation: {grad_accum} | "
            f"loss {args.loss} beta {args.beta}" + (" length-normalised" if args.length_norm else "")
            + (f" + {args.sft_weight} × SFT" if args.sft_weight else ""))
-    step, loader_state, saved = 0, None, None
-    if args.resume:  # after the reference pass: the reference is always the starting model
-        step, loader_state, saved = training.resume(checkpoint_dir, orig_model, optimizer, meta, device)
+    # --resume after the reference pass: the reference is always the starting model, never the resumed one
+    step, loader_state, saved = training.resume(args.resume, checkpoint_dir, orig_model, optimizer, meta, device)
 
     def micro_batches(pair_batches):
         for items, state in pair_batches:
@@ -108,18 +98,16 @@ def main(argv=None):
             # rows 0..n-1 chosen, n..2n-1 rejected; a step's loss is the mean over its pairs
             yield {"inputs": inputs, "targets": targets, "ref": train_ref[index], "count": len(items),
                    "tokens": inputs.numel()}, state
-
-    try:
+    # the pairs are token ids already, so render is the identity; a resume state must fit these pairs and settings
+    with exit_on(ValueError):
         pair_batches = padded_batches(train_pairs, lambda pair: pair, B, rank=rank, world_size=world_size,
                                       seed=args.seed, resume_state=loader_state, what="dpo pairs")
-    except ValueError as e:  # a resume state that does not fit these pairs or settings
-        raise SystemExit(f"error: {e}")
     batches = StepBatches(micro_batches(pair_batches), grad_accum, world_size, device)
     loss_kwargs = dict(beta=args.beta, loss_type=args.loss, length_norm=args.length_norm, sft_weight=args.sft_weight)
 
     @torch.no_grad()
     def evaluate(step):
-        """The loss and the reward statistics on the held-out pairs, averaged per pair."""
+        # the loss and the reward statistics on the held-out pairs, averaged per pair (over all ranks)
         model.eval()
         sums = [0.0] * (len(STAT_NAMES) + 2)  # the stats, the loss, the number of pairs
         mine = list(range(rank, len(val_pairs), world_size))
@@ -132,8 +120,8 @@ def main(argv=None):
             values = [stats[name].sum().item() for name in STAT_NAMES] + [losses.sum().item(), len(index)]
             sums = [a + b for a, b in zip(sums, values)]
         sums = all_reduce_sum(sums, device)
-        out = {f"val/{name}": sums[i] / max(sums[-1], 1) for i, name in enumerate(STAT_NAMES)}
-        out["val/loss"] = sums[-2] / max(sums[-1], 1)
+        # the names pair with the sums in order, the loss after the stats; the last sum counts the pairs
+        out = {f"val/{name}": total / max(sums[-1], 1) for name, total in zip(STAT_NAMES + ("loss",), sums)}
         print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
         model.train()
         return log.evaluated(step, out)
@@ -160,8 +148,9 @@ def main(argv=None):
                 stat_sums[name] += stats[name].sum() * scale / grad_accum
         training.optimizer_step(orig_model, optimizer, args.grad_clip)
         step += 1
+        # the reward statistics ride along in the step's one host sync, averaged over ranks like the loss
         log.step(step, t0, lrm, loss_sum / grad_accum, tokens=batches.step_tokens, metrics=stat_sums)
-        if val_pairs and training.is_due(step, args.eval_every, num_steps):
+        if val_pairs and training.is_due(step, args.eval_every, num_steps):  # none left after tokenizing: no eval
             last_eval = evaluate(step)
         if training.is_due(step, args.save_every, num_steps):
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log,

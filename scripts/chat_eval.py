@@ -1,17 +1,7 @@
 """
-Evaluate a chat model on tasks, and measure how well it fits your own conversations.
-
-    python -m scripts.chat_eval -i sft                                  # every task, the SFT model
-    python -m scripts.chat_eval -i sft -a "ARC-Easy|GSM8K" --max-problems 200
-    python -m scripts.chat_eval -i sft --data-dir ../shared/data/eval   # offline, local task files
+Evaluate a chat model on tasks (ChatCORE), and measure how well it fits your own conversations.
+    python -m scripts.chat_eval -i sft -a "ARC-Easy|GSM8K" --data-dir ../shared/data/eval   # or torchrun
     python -m scripts.chat_eval -i mid --task-ppl my_val.jsonl          # perplexity on your data
-    torchrun --nproc_per_node=8 -m scripts.chat_eval -i sft
-
-Multiple choice (ARC, MMLU) is scored by the answer letters' logits, the others (GSM8K, HumanEval,
-SpellingBee) by a generated answer graded by the task (pass@N with --num-samples N).
-ChatCORE = the mean centered accuracy (acc - chance) / (1 - chance) over all six tasks.
---task-ppl FILE: exp(mean NLL) of the assistant tokens of held-out conversations (jsonl
-messages or Alpaca): run it before and after fine-tuning to see how much closer the model got.
 """
 import argparse
 import math
@@ -19,7 +9,7 @@ import os
 import time
 
 from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, get_base_dir, print0
 from nanochat.report import TASK_PPL_PREFIX, get_report
 from nanochat.task_eval import (all_reduce_sum, assistant_nll, engine_generate_fn, my_indices, run_categorical,
                                 run_generative)
@@ -34,17 +24,12 @@ ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spellin
 # chance: 1 in 4 for the 4-choice tasks, 0 for the generative ones
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 # files looked for in --data-dir (the names of shared/data/eval), first found wins
-LOCAL_FILES = {
-    "ARC-Easy": ["arc_easy.jsonl"],
-    "ARC-Challenge": ["arc_challenge.jsonl"],
-    "MMLU": ["mmlu_test.jsonl", "mmlu_test_26subjects.jsonl"],
-    "GSM8K": ["gsm8k_test.jsonl"],
-    "HumanEval": ["humaneval.jsonl"],
-}
+LOCAL_FILES = {"ARC-Easy": ["arc_easy.jsonl"], "ARC-Challenge": ["arc_challenge.jsonl"], "GSM8K": ["gsm8k_test.jsonl"],
+               "MMLU": ["mmlu_test.jsonl", "mmlu_test_26subjects.jsonl"], "HumanEval": ["humaneval.jsonl"]}
 
 def build_eval_task(name, data_dir=None, spelling_size=256):
     """The Task behind a task name: local files from data_dir, else the default (downloaded) data."""
-    if name == "SpellingBee":
+    if name == "SpellingBee":  # generated from a word list: nothing to download or find
         return SpellingBee(size=spelling_size, split="test")
     path = None
     if data_dir is not None:
@@ -59,6 +44,8 @@ def build_eval_task(name, data_dir=None, spelling_size=256):
 
 def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_len=None):
     """(perplexity, number of tokens) of the assistant tokens of the conversations (all ranks)."""
+    # exp(mean NLL) of what the assistant says in held-out conversations (jsonl messages or Alpaca):
+    # measured before and after fine-tuning, it says how much closer the model got to your data
     nll, tokens = assistant_nll(model, tokenizer, conversations, device, batch_size, max_len)
     if tokens == 0:
         raise ValueError("no assistant tokens to score (empty file, or every conversation cut before its answer)")
@@ -66,11 +53,14 @@ def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_l
 
 def chatcore(accuracies):
     """Mean centered accuracy over ALL_TASKS; None unless every one of them was evaluated."""
+    # centered, (acc - chance) / (1 - chance): 0 is guessing and 1 perfect on every task, so a
+    # 4-choice task at chance does not count as 25% progress
     if not all(name in accuracies for name in ALL_TASKS):
         return None
     return sum((accuracies[n] - BASELINES[n]) / (1 - BASELINES[n]) for n in ALL_TASKS) / len(ALL_TASKS)
 
 def parse_task_list(text):
+    # "ARC-Easy|GSM8K" or "ARC-Easy,GSM8K" (a comma is friendlier in a shell), "all", "none"
     names = [n.strip() for n in text.replace(",", "|").split("|") if n.strip()]
     if names == ["all"]:
         return list(ALL_TASKS)
@@ -101,61 +91,61 @@ def main(argv=None):
     parser.add_argument("--task-ppl", action="append", default=[], metavar="FILE",
                         help="report the assistant-token perplexity of these conversations (repeatable)")
     args = parser.parse_args(argv)
+    # --task-ppl alone measures just your files (the task suite takes minutes and may need downloads)
     names = parse_task_list(args.tasks) if args.tasks is not None else ([] if args.task_ppl else list(ALL_TASKS))
     if args.temperature == 0.0 and args.num_samples > 1:
         parser.error("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
 
     ddp, rank, _, world_size, device = compute_init(args.device)
-    try:  # load (and check) all the data before the model
+    with exit_on(FileNotFoundError, ValueError):  # load (and check) all the data first: a bad file fails in seconds
         tasks = {name: build_eval_task(name, args.data_dir, args.spelling_size) for name in names}
+        # each file is read and checked now too; its stem names its report row, "task ppl <stem>"
         ppl_sets = {os.path.splitext(os.path.basename(p))[0]: CustomJSON(p) for p in args.task_ppl}
         model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    # a longer prompt keeps its end, the question and <|assistant_start|>: no more than the model was trained on
     max_len = model.config.sequence_len
     print0(f"{args.source} model {model_tag} step {meta['step']}, {world_size} rank(s)")
 
     results, timings = {}, {}
+    # pass@N: a generative problem passes when any of its --num-samples samples does
     generate = engine_generate_fn(model, tokenizer, args.num_samples, args.max_new_tokens, args.temperature,
                                   args.top_k, args.seed, args.batch_size)
     for name, task in tasks.items():
         t0 = time.time()
+        # every rank takes every world_size-th problem; the counts are summed over the ranks below
         indices = my_indices(len(task), args.max_problems)
         with autocast_ctx(device.type):
+            # multiple choice (ARC, MMLU) by the answer letters' logits; GSM8K, HumanEval and
+            # SpellingBee by a generated answer that the task grades
             if task.eval_type == "categorical":
                 right, asked = run_categorical(model, tokenizer, task, indices, device, args.batch_size, max_len)
             else:
                 right, asked = run_generative(generate, tokenizer, task, indices, args.batch_size)
         right, asked = all_reduce_sum([right, asked], device)
-        results[name] = right / asked if asked else float("nan")
+        results[name] = right / asked if asked else float("nan")  # --max-problems 0: nothing asked
         timings[name] = time.time() - t0
         print0(f"{name:<14} {int(right)}/{int(asked)} = {results[name]:.4f}  ({timings[name]:.1f}s)")
     score = chatcore(results)
     if score is not None:
         print0(f"ChatCORE: {score:.4f}")
-
+    # the assistant-token perplexity of each --task-ppl file, with the number of tokens it rests on
     ppl = {}
     for stem, conversations in ppl_sets.items():
         with autocast_ctx(device.type):
             value, num_tokens = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
         ppl[stem] = (value, num_tokens)
         print0(f"task ppl {stem}: {value:.4f} over {num_tokens:,} assistant tokens ({len(conversations)} conversations)")
-
+    # the report card: its summary table reads these keys (report.SUMMARY_ROWS)
     if rank == 0:
-        metrics = dict(results)
-        if score is not None:
-            metrics["ChatCORE"] = score
+        metrics = dict(results, **({"ChatCORE": score} if score is not None else {}))
         for stem, (value, num_tokens) in ppl.items():
-            metrics[TASK_PPL_PREFIX + stem] = value
-            metrics[f"task_ppl_tokens:{stem}"] = num_tokens
+            metrics.update({TASK_PPL_PREFIX + stem: value, f"task_ppl_tokens:{stem}": num_tokens})
         get_report().log(section=f"Chat evaluation ({args.source})", data=[
             {"source": args.source, "model_tag": model_tag, "step": meta["step"], "tasks": "|".join(names) or "none",
              "max_problems": args.max_problems, "data_dir": args.data_dir, "num_samples": args.num_samples,
              "temperature": args.temperature, "task_ppl_files": args.task_ppl},
-            metrics,
-            {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()},
-        ])
+            metrics, {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()}])
     compute_cleanup()
     return {"results": results, "ChatCORE": score, "task_ppl": ppl}
 

@@ -1,14 +1,7 @@
 """
-Supervised fine-tuning (SFT): teach the model to answer like an assistant, one conversation per
-row, the loss only on what the assistant says (its text, its tool calls and <|assistant_end|>).
-
-    python -m scripts.chat_sft                                   # from the mid model, default mixture
-    python -m scripts.chat_sft --data mine.jsonl --data-only     # only yours (validation: held out)
+Supervised fine-tuning (SFT): teach the model to answer like an assistant, the loss only on what the assistant says.
+    python -m scripts.chat_sft --data mine.jsonl --data-only     # only yours (validation: held out); or torchrun
     python -m scripts.chat_sft --persona persona.json --lora-rank 16
-    torchrun --nproc_per_node=8 -m scripts.chat_sft
-
-Offline, give every dataset as a local file, e.g. --mixture gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl
---val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl --eval-tasks arc:easy:test:$DATA/eval/arc_easy.jsonl
 """
 import argparse
 import time
@@ -17,12 +10,14 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import StepBatches, collate_padded, padded_batches, scaled_token_loss
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.report import get_report
 from nanochat.task_eval import all_reduce_sum, assistant_nll, engine_generate_fn, run_categorical, run_generative
 from tasks.specs import SPEC_HELP, build_chat_tasks, build_task
 
+# Offline, give every dataset as a local file, e.g. --mixture gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl
+# --val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl --eval-tasks arc:easy:test:$DATA/eval/arc_easy.jsonl
 DEFAULT_MIXTURE = ["arc:easy:train", "arc:challenge:train", "gsm8k:train", "smoltalk:train[:10000]",
                    "simplespelling:train:300", "spelling:train:300"]
 DEFAULT_VAL = ["smoltalk:test"]
@@ -46,19 +41,19 @@ def main(argv=None):
     parser.set_defaults(device_batch_size=4, init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100,
                         compile="0", total_batch_size=None)
     args = parser.parse_args(argv)
+    # None by default here, so that a --total-batch-size given out of habit (it counts tokens) is refused, not ignored
     if args.total_batch_size is not None:
         raise SystemExit("--total-batch-size counts tokens; SFT steps are counted in conversations: "
                          "use --examples-per-step")
 
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
-    try:  # read and check all the data before loading a model
+    with exit_on(ValueError, FileNotFoundError, DownloadError):  # read and check all the data before loading a model
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL)
         eval_tasks = {spec: build_task(spec, "test") for spec in args.eval_tasks}
-    except (ValueError, FileNotFoundError, DownloadError) as e:
-        raise SystemExit(f"error: {e}")
     orig_model, optimizer, tokenizer, checkpoint_dir, meta = training.load_starting_model(args, args.source, "sft", device)
+    # dynamic shapes: the padded rows change length from one micro-batch to the next
     model = training.maybe_compile(orig_model, args, device, dynamic=True)
-
+    # How long: --num-epochs passes over the training conversations, in steps of --examples-per-step
     T, B = args.max_seq_len or orig_model.config.sequence_len, args.device_batch_size
     grad_accum = training.grad_accum_steps(args.examples_per_step, B * world_size,
                                            "--examples-per-step (device_batch_size × world_size)")
@@ -66,12 +61,11 @@ def main(argv=None):
         max(1, round(args.num_epochs * len(train_task) / args.examples_per_step))
     print0(f"steps: {num_steps:,} × {args.examples_per_step} conversations | grad accumulation: {grad_accum} | "
            f"max {T} tokens per conversation")
-    step, loader_state, saved = 0, None, None
-    if args.resume:
-        step, loader_state, saved = training.resume(checkpoint_dir, orig_model, optimizer, meta, device)
+    # --resume: the sampler's position too, so the same conversations follow in the same order
+    step, loader_state, saved = training.resume(args.resume, checkpoint_dir, orig_model, optimizer, meta, device)
 
-    # One conversation per row, padded to the longest of the micro-batch; targets are -1 on the
-    # padding and on everything the assistant does not say (see Tokenizer.render_conversation)
+    # One conversation per row, padded to the longest of the micro-batch; targets are -1 on the padding and
+    # on everything the assistant does not say: its text, tool calls and <|assistant_end|> are what it learns
     pad_id = tokenizer.get_bos_token_id()  # any id: padded positions have target -1
     truncated = dict((saved or {}).get("truncated", {"rows": 0, "truncated": 0}))  # kept across resumes
 
@@ -91,14 +85,13 @@ def main(argv=None):
             count = sum(sum(mask[1:]) for _, mask in rows)
             yield {"inputs": inputs, "targets": targets, "count": count, "tokens": inputs.numel()}, state
 
-    try:
+    with exit_on(ValueError):  # a resume state that does not fit this data or these settings
         conversations = padded_batches(train_task, render, B, rank=rank, world_size=world_size, seed=args.seed,
                                        resume_state=loader_state, what="sft conversations")
-    except ValueError as e:  # a resume state that does not fit this data or these settings
-        raise SystemExit(f"error: {e}")
     batches = StepBatches(micro_batches(conversations), grad_accum, world_size, device)
+    # the same validation conversations at every evaluation, so that the val_loss curve compares
     val_conversations = [val_task[i] for i in range(min(args.eval_examples, len(val_task)))]
-    generate = engine_generate_fn(orig_model, tokenizer, max_new_tokens=args.eval_max_tokens)
+    generate = engine_generate_fn(orig_model, tokenizer, max_new_tokens=args.eval_max_tokens)  # greedy
 
     def evaluate(step):
         """Validation loss per supervised token, and the accuracy on each --eval-tasks task."""
@@ -107,6 +100,7 @@ def main(argv=None):
             nll, count = assistant_nll(orig_model, tokenizer, val_conversations, device, B, T)
             out = {"val_loss": nll / max(count, 1)}
             for spec, task in eval_tasks.items():
+                # this rank's share of the first --eval-items; the counts are summed over ranks below
                 mine = list(range(rank, min(args.eval_items, len(task)), world_size))
                 if task.eval_type == "categorical":
                     right, asked = run_categorical(orig_model, tokenizer, task, mine, device, B, T)
@@ -128,7 +122,8 @@ def main(argv=None):
     while step < num_steps:
         lrm = training.set_schedule(optimizer, step, num_steps, args)
         t0 = time.time()
-        step_batches = batches.next_step()  # read a whole step ahead: its supervised count sets loss_scale
+        # the whole step is read first: its supervised count (summed over micro-batches and ranks) sets loss_scale
+        step_batches = batches.next_step()
         loss_sum = torch.zeros((), device=device)
         for batch, loader_state in step_batches:
             with autocast_ctx(device.type):
@@ -137,19 +132,20 @@ def main(argv=None):
             loss_sum += loss.detach()
         training.optimizer_step(orig_model, optimizer, args.grad_clip)
         step += 1
+        # tokens: every position of the padded rows, padding included (what the device computed, as MFU counts)
         log.step(step, t0, lrm, loss_sum / grad_accum, tokens=batches.step_tokens)
         if training.is_due(step, args.eval_every, num_steps):
             last_eval = evaluate(step)
         if training.is_due(step, args.save_every, num_steps):
+            # the truncation counts go in the meta: a resumed run keeps counting from them
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval, truncated=truncated),
                           loader_state, log, world_size)
 
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | "
            + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
     if rank == 0:
-        source = meta["source"]
         get_report().log(section="Chat SFT", data=[vars(args), {
-            "source": f"{args.source} {source['model_tag']} step {source['step']}",
+            "source": f"{args.source} {meta['source']['model_tag']} step {meta['source']['step']}",
             "training_conversations": len(train_task), "truncated_conversations": truncated["truncated"],
             "steps": num_steps, "training_time_min": round(log.train_time / 60, 2), **last_eval}])
     compute_cleanup()

@@ -1,14 +1,10 @@
-"""
-Chat with your model in the browser (GET /), or from any OpenAI client (/v1/chat/completions, /v1/completions,
+"""Chat with your model in the browser (GET /), or from any OpenAI client (/v1/chat/completions, /v1/completions,
 /v1/models); GET /health and /stats tell how it is doing.
-
-    python -m scripts.chat_web    # the latest SFT model, at http://127.0.0.1:8000 (--num-gpus 8: a replica per GPU)
-"""
+Usage: python -m scripts.chat_web  # the latest SFT model, at http://127.0.0.1:8000 (--num-gpus 8: a replica per GPU)"""
 import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import queue
 import random
 import threading
@@ -23,6 +19,7 @@ from nanochat.common import autodetect_device_type, logger, setup_logging
 from nanochat.engine import Engine, SamplingParams, add_sampling_args, sampling_from_args
 
 UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
+# OpenAI's newer "developer" role is its system role under another name
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 def get_parser():
@@ -48,12 +45,12 @@ def get_parser():
 # -----------------------------------------------------------------------------
 # Request validation. Everything a client sends is checked here, on the event loop, before it
 # reaches a replica; a bad request gets a 400 naming the field, as OpenAI's API does.
-
 class ErrorResponse(Exception):
     """Answer the request with this HTTP status and an OpenAI-style error body naming the faulty field."""
 
     def __init__(self, message, param=None, status=400):
         super().__init__(message)
+        # OpenAI's SDKs read "type" to tell a client's mistake (4xx) from the server's own failure
         kind = "server_error" if status >= 500 else "invalid_request_error"
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
@@ -75,11 +72,14 @@ def _number(body, name, default, low, high, integer=False, low_inclusive=True):
 def sampling_params(body, defaults, args, default_max_tokens):
     """(SamplingParams, stream, include_usage) from the knobs both endpoints share."""
     temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
+    # top_p = 0 would keep no token at all: its range is open at 0
     top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0, low_inclusive=False)
     top_k = _number(body, "top_k", defaults.top_k, 0, args.limit_top_k, integer=True) or None  # 0 = off
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"  # the newer name wins
     max_tokens = _number(body, name, default_max_tokens, 1, args.limit_max_tokens, integer=True)
+    # any 64-bit integer, as OpenAI's API takes
     seed = _number(body, "seed", None, -2**63, 2**63 - 1, integer=True)
+    # OpenAI's own limits: a string or up to 4 of them
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     _check(isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and 0 < len(s) <= 200 for s in stop),
@@ -100,6 +100,7 @@ def chat_conversation(body, args):
     _check(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages")
     _check(len(messages) <= args.max_messages, f"too many messages: {len(messages)} (at most {args.max_messages})",
            "messages")
+    # the model's one tool is its calculator, run by the engine; it cannot call functions a client defines
     _check(not body.get("tools") and not body.get("functions"), "client-side tools/functions are not supported", "tools")
     out = []
     for i, message in enumerate(messages):
@@ -115,18 +116,28 @@ def chat_conversation(body, args):
         _check(len(content) <= args.max_message_chars,
                f"{param}.content is {len(content)} characters (at most {args.max_message_chars})", f"{param}.content")
         out.append({"role": role, "content": content})
+    # messages each within their own limit can still add up to too much for one prompt
     total = sum(len(m["content"]) for m in out)
     _check(total <= args.max_total_chars, f"the messages total {total} characters (at most {args.max_total_chars})",
            "messages")
+    # the reply continues the conversation: with an assistant turn last there is nothing to answer
     _check(out[-1]["role"] == "user", "the last message must be from the user", f"messages[{len(out) - 1}].role")
     return {"messages": out}
+
+def completion_prompt(body, args):
+    """The `prompt` of a /v1/completions request: one string (a list holding one is accepted, as OpenAI does)."""
+    prompt = body.get("prompt")
+    prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+    _check(isinstance(prompt, str), "'prompt' must be a string (batches of prompts are not supported)", "prompt")
+    _check(len(prompt) <= args.max_total_chars, f"'prompt' is {len(prompt)} characters (at most {args.max_total_chars})",
+           "prompt")
+    return prompt
 
 # -----------------------------------------------------------------------------
 # The replica pool. Every replica (one model copy per GPU) has a worker thread that owns a
 # BatchDecoder. Validated, tokenized requests wait on one shared queue: an idle replica takes one
 # at once, a busy one pulls waiting requests into its running batch between decode steps (up to
 # --max-batch-size rows), so concurrent users are decoded together, not one after another.
-
 class Job:
     """One request on its way through a replica."""
 
@@ -163,6 +174,7 @@ class Replica:
     def run(self):
         pool = self.pool
         while not pool.stopping:
+            # nothing to decode: wait on the queue (busy=False: the busy replicas leave new requests to this one)
             if self.decoder.num_rows == 0:
                 self.busy = False
                 job = pool.pending.get()
@@ -197,14 +209,14 @@ class Replica:
 
 class WorkerPool:
     def __init__(self, engines, max_batch_size, max_queue):
-        self.max_batch_size = max_batch_size
-        self.pending = queue.Queue(maxsize=max_queue)
+        self.max_batch_size, self.pending = max_batch_size, queue.Queue(maxsize=max_queue)
         self.stopping, self.started = False, time.time()
         self.replicas = [Replica(i, engine, self) for i, engine in enumerate(engines)]
         for replica in self.replicas:
             replica.thread.start()
 
     def submit(self, job):
+        # a bounded queue: past --max-queue a request fails fast, rather than wait ever longer
         try:
             self.pending.put_nowait(job)
         except queue.Full:
@@ -212,11 +224,13 @@ class WorkerPool:
 
     def stop(self):
         self.stopping = True
+        # one None per replica: each worker blocked in get() wakes up and sees `stopping`
         for _ in self.replicas:
             with contextlib.suppress(queue.Full):
-                self.pending.put_nowait(None)  # wake the blocked workers
+                self.pending.put_nowait(None)
 
     def stats(self):
+        # read without a lock from the replicas' threads: a snapshot, as good as monitoring needs
         replicas = [{"index": r.index, "device": str(r.engine.device), "busy": r.busy, "active_rows": r.decoder.num_rows,
                      "peak_rows": r.peak_rows, "requests_served": r.requests_served,
                      "tokens_generated": r.tokens_generated} for r in self.replicas]
@@ -226,7 +240,6 @@ class WorkerPool:
 
 # -----------------------------------------------------------------------------
 # The app: tokens go from each request's Job to its client as they come, streamed (SSE) or whole
-
 def create_app(pool, tokenizer, model_name, args, max_context):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -234,25 +247,16 @@ def create_app(pool, tokenizer, model_name, args, max_context):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        pool.stop()
+        pool.stop()  # at shutdown: the replica threads stop taking requests
 
-    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, lifespan=lifespan)
-    created, defaults = int(time.time()), sampling_from_args(args)
-
-    app.add_exception_handler(ErrorResponse, lambda request, exc: JSONResponse(exc.body, status_code=exc.status))
-
-    @app.exception_handler(Exception)
     async def internal_error(request, exc):
+        # the traceback goes to the log; the client learns nothing of the server's internals
         logger.exception("unhandled error")
         return JSONResponse(ErrorResponse("internal server error", status=500).body, status_code=500)
 
-    async def read_json(request):
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ErrorResponse(f"the request body is not valid JSON: {e}") from None
-        _check(isinstance(body, dict), "the request body must be a JSON object")
-        return body
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, lifespan=lifespan, exception_handlers={
+        ErrorResponse: lambda request, exc: JSONResponse(exc.body, status_code=exc.status), Exception: internal_error})
+    created, defaults = int(time.time()), sampling_from_args(args)
 
     def usage(prompt_tokens, completion_tokens):
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -261,11 +265,28 @@ def create_app(pool, tokenizer, model_name, args, max_context):
     def sse(obj):
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def complete(request, tokens, params, streaming, include_usage, chat):
-        """Run one completion and answer it, as OpenAI's chat.completion or text_completion objects."""
+    @app.post("/v1/chat/completions")
+    @app.post("/v1/completions")
+    async def complete(request: Request):  # Request: FastAPI passes it to a parameter annotated so
+        """Validate, run and answer one request, as OpenAI's chat.completion or text_completion objects."""
+        chat = request.url.path.endswith("/chat/completions")
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ErrorResponse(f"the request body is not valid JSON: {e}") from None
+        _check(isinstance(body, dict), "the request body must be a JSON object")
+        # validated in this order: the prompt, then the sampling knobs, then the prompt's tokens
+        prompt = chat_conversation(body, args) if chat else completion_prompt(body, args)
+        # 16: OpenAI's default max_tokens for /v1/completions
+        params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens if chat else 16)
+        try:
+            tokens = tokenizer.render_for_completion(prompt) if chat else tokenizer.encode(prompt, prepend="<|bos|>")
+        except ValueError as e:  # e.g. roles that do not alternate
+            raise ErrorResponse(str(e), "messages") from None
         _check(len(tokens) < max_context, f"the prompt is {len(tokens)} tokens; this model's context is {max_context}",
                "messages")
         pool.submit(job := Job(tokens, params, asyncio.get_running_loop()))
+        # one id for the whole completion: every chunk of a stream carries it
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model_name}
 
@@ -296,6 +317,7 @@ def create_app(pool, tokenizer, model_name, args, max_context):
             finally:
                 job.cancelled = True  # a no-op when finished; when the client went away, its row leaves the batch
 
+        # no-cache and X-Accel-Buffering: no, so that proxies (nginx) pass every chunk on at once
         if streaming:
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -319,30 +341,6 @@ def create_app(pool, tokenizer, model_name, args, max_context):
     app.get("/stats")(lambda: dict(pool.stats(), model=model_name))
     app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                                                "owned_by": "nanochat", "context_length": max_context}]})
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request)
-        conversation = chat_conversation(body, args)
-        params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens)
-        try:
-            tokens = tokenizer.render_for_completion(conversation)
-        except ValueError as e:  # e.g. roles that do not alternate
-            raise ErrorResponse(str(e), "messages") from None
-        return await complete(request, tokens, params, streaming, include_usage, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_json(request)
-        prompt = body.get("prompt")
-        prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
-        _check(isinstance(prompt, str), "'prompt' must be a string (batches of prompts are not supported)", "prompt")
-        _check(len(prompt) <= args.max_total_chars, f"'prompt' is {len(prompt)} characters (at most {args.max_total_chars})",
-               "prompt")
-        params, streaming, include_usage = sampling_params(body, defaults, args, 16)  # 16: OpenAI's default
-        tokens = [tokenizer.get_bos_token_id()] + tokenizer.encode(prompt)
-        return await complete(request, tokens, params, streaming, include_usage, chat=False)
-
     return app
 
 def load_engines(args):
@@ -350,6 +348,7 @@ def load_engines(args):
     device_type = args.device or autodetect_device_type()
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
         raise SystemExit(f"--num-gpus {args.num_gpus}, but only {torch.cuda.device_count()} CUDA devices are visible")
+    # a whole model copy per device: replicas share nothing, so each decodes on its own
     devices = [torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type) for i in range(args.num_gpus)]
     try:
         loaded = [load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step) for device in devices]
@@ -359,8 +358,9 @@ def load_engines(args):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    setup_logging(getattr(logging, args.log_level.upper()))
+    setup_logging(args.log_level.upper())
     sampling_from_args(args)  # checks the sampling flags
+    # the server's own defaults must pass the limits it holds requests to
     if min(args.num_gpus, args.max_batch_size, args.max_queue) < 1 or args.top_k > args.limit_top_k:
         raise SystemExit(f"error: --num-gpus, --max-batch-size, --max-queue must be >= 1, --top-k <= {args.limit_top_k}")
     engines, tokenizer, meta = load_engines(args)
@@ -369,7 +369,7 @@ def main(argv=None):
     app = create_app(pool, tokenizer, model_name, args, engines[0].max_context)
     logger.info("serving %s (step %s) on %d replica(s) at http://%s:%d", model_name, meta.get("step"),
                 len(engines), args.host, args.port)
-    import uvicorn
+    import uvicorn  # only now: --help and bad flags do not pay for importing the server
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Export a checkpoint as a Hugging Face `transformers` model folder, verified to b
     # then: AutoModelForCausalLM.from_pretrained("./nanochat-d20-hf", trust_remote_code=True), AutoTokenizer too
 """
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -17,11 +18,9 @@ from nanochat.checkpoint_manager import add_checkpoint_args, build_model, load_m
 from nanochat.common import atomic_write, get_base_dir
 
 HF_CODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "hf")
-HF_CODE_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
 
 # -----------------------------------------------------------------------------
 # The tokenizer, for HF `tokenizers`: our split pattern, our vocabulary, merges derived from our ranks
-
 def bytes_to_unicode():
     """GPT-2's byte-level alphabet: byte -> a printable character, so that token bytes can be JSON strings."""
     # printable Latin-1 bytes stand for themselves; the others, in order, for chr(256), chr(257), ...
@@ -39,8 +38,7 @@ def bpe_merges(ranks):
         parts = [bytes([b]) for b in token]
         while len(parts) > 2:
             # merge the adjacent pair of the lowest rank, as BPE would, among tokens older than this one
-            pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
-            r, i = min(pairs)
+            r, i = min((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
             if r >= rank:
                 break
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
@@ -50,18 +48,15 @@ def bpe_merges(ranks):
     return merges
 
 def hf_tokenizer_json(tokenizer):
-    """tokenizer.json contents equivalent to our tiktoken encoding (checked by verify_tokenizer)."""
-    enc = tokenizer.enc
-    ranks = enc._mergeable_ranks
+    """tokenizer.json contents equivalent to our tiktoken encoding (checked by verify_with_transformers)."""
+    enc, ranks = tokenizer.enc, tokenizer.enc._mergeable_ranks
     if sorted(len(t) for t, r in ranks.items() if r < 256) != [1] * 256:
         raise ValueError("the tokenizer's ranks 0..255 must be the 256 single bytes (byte-level BPE)")
     byte_char = bytes_to_unicode()
-
-    def as_str(token_bytes):
-        return "".join(byte_char[b] for b in token_bytes)
-
-    vocab = {as_str(token): rank for token, rank in ranks.items()}
-    merges = [f"{as_str(a)} {as_str(b)}" for a, b in bpe_merges(ranks)]
+    # every token as a JSON-safe string; merge parts are tokens too (each was merged from lower-ranked ones)
+    as_str = {token: "".join(byte_char[b] for b in token) for token in ranks}
+    vocab = {as_str[token]: rank for token, rank in ranks.items()}
+    merges = [f"{as_str[a]} {as_str[b]}" for a, b in bpe_merges(ranks)]
     specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
     bos = "<|bos|>"
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
@@ -113,10 +108,6 @@ CHAT_TEMPLATE = (
 #   generation_config.json    stops at <|assistant_end|> (and <|bos|>)
 #   tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja
 #   nanochat_meta.json, verification.json   provenance, and the check's report
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
 def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     """Write every file of the HF folder into out_dir (created)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -124,13 +115,15 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    for name in HF_CODE_FILES:
+    for name in ("configuration_nanochat.py", "modeling_nanochat.py"):
         shutil.copyfile(os.path.join(HF_CODE_DIR, name), os.path.join(out_dir, name))
+    tokenizer_json = hf_tokenizer_json(tokenizer)
+    specials = tokenizer_json["added_tokens"]  # every special token, in id order
+    token_map = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>"}
     write_json(os.path.join(out_dir, "config.json"), {
         "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat",
         "auto_map": {"AutoConfig": "configuration_nanochat.NanoChatConfig",
-                     "AutoModel": "modeling_nanochat.NanoChatModel",
-                     "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM"},
+                     "AutoModel": "modeling_nanochat.NanoChatModel", "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM"},
         "vocab_size": cfg.vocab_size, "sequence_len": cfg.sequence_len, "n_layer": cfg.n_layer,
         "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd,
         "logit_softcap": 15.0, "rotary_base": 10000.0, "tie_word_embeddings": False, "use_cache": True,
@@ -139,14 +132,12 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     })
     write_json(os.path.join(out_dir, "generation_config.json"),
                {"bos_token_id": bos, "eos_token_id": [assistant_end, bos], "pad_token_id": bos})
-    write_json(os.path.join(out_dir, "tokenizer.json"), hf_tokenizer_json(tokenizer))
-    specials = sorted(tokenizer.enc._special_tokens.items(), key=lambda kv: kv[1])
-    token_map = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>"}
+    write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json)
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", **token_map,
-        "additional_special_tokens": [name for name, _ in specials if name not in ("<|bos|>", "<|assistant_end|>")],
-        "added_tokens_decoder": {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for name, i in specials},
+        "additional_special_tokens": [t["content"] for t in specials if t["content"] not in token_map.values()],
+        # transformers wants the entries of tokenizer.json's added_tokens again, keyed by id
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in specials},
         "model_max_length": cfg.sequence_len, "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
         "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() would refuse them
     })
@@ -154,9 +145,11 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     atomic_write(os.path.join(out_dir, "chat_template.jinja"), CHAT_TEMPLATE)
     write_json(os.path.join(out_dir, "nanochat_meta.json"), meta or {})
 
-# -----------------------------------------------------------------------------
-# Verification
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
+# -----------------------------------------------------------------------------
+# Verification: the folder, loaded by transformers on CPU, must be our model, token for token
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.",
     "In 1905, Einstein published 4 papers; the third (on special relativity) ran to 31 pages!",
@@ -176,34 +169,25 @@ def _verify(ok, message):
     if not ok:
         raise VerificationError(message)
 
-def verify_tokenizer_json(out_dir, tokenizer, texts=SAMPLE_TEXTS):
-    """HF `tokenizers` with our tokenizer.json encodes like our tokenizer (no transformers needed)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    hf = HFTokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
-    for text in texts:
-        ours, theirs = tokenizer.encode(text), hf.encode(text, add_special_tokens=False).ids
-        _verify(theirs == ours, f"tokenizer.json encodes {text[:40]!r} differently: {theirs[:20]} vs ours {ours[:20]}")
-        _verify(hf.encode(text).ids == [tokenizer.get_bos_token_id()] + ours, "tokenizer.json does not prepend <|bos|>")
-        _verify(hf.decode(theirs) == text, f"tokenizer.json does not decode {text[:40]!r} back")
-    return len(texts)
-
 def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_tokens=16, tolerance=1e-4):
     """A report of how the folder, loaded by transformers, matches our model; VerificationError where it does not."""
     # both on CPU in fp32, so that only the order of float ops differs (well under --tolerance); more is a bug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never touch the network
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, __version__ as transformers_version
     from nanochat.gpt import GPT
-
     ours = GPT(model.config).eval()
     ours.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()})
     hf_model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    hf_tok = AutoTokenizer.from_pretrained(out_dir)
-
-    report = {"texts": len(texts), "tolerance": tolerance}
-    # the tokenizer, as transformers serves it, and the chat template
+    hf_tok, bos = AutoTokenizer.from_pretrained(out_dir), tokenizer.get_bos_token_id()
+    # the tokenizer: tokenizer.json as HF `tokenizers` reads it (what non-Python users load), then as
+    # transformers serves it; then the chat template
+    raw = hf_tok.backend_tokenizer
     for text in texts:
-        _verify(hf_tok(text)["input_ids"] == [tokenizer.get_bos_token_id()] + tokenizer.encode(text),
-                f"AutoTokenizer encodes {text[:40]!r} differently from ours")
+        mine, theirs = tokenizer.encode(text), raw.encode(text, add_special_tokens=False).ids
+        _verify(theirs == mine, f"tokenizer.json encodes {text[:40]!r} differently: {theirs[:20]} vs ours {mine[:20]}")
+        _verify(raw.encode(text).ids == [bos] + mine, "tokenizer.json does not prepend <|bos|>")
+        _verify(raw.decode(theirs) == text, f"tokenizer.json does not decode {text[:40]!r} back")
+        _verify(hf_tok(text)["input_ids"] == [bos] + mine, f"AutoTokenizer encodes {text[:40]!r} differently from ours")
     ids, _ = tokenizer.render_conversation(SAMPLE_CONVERSATION, max_tokens=10**9)
     hf_ids = list(hf_tok.apply_chat_template(SAMPLE_CONVERSATION["messages"], tokenize=True, return_dict=False))
     _verify(hf_ids == ids, f"chat template renders differently:\n  hf:   {hf_ids}\n  ours: {ids}")
@@ -211,11 +195,10 @@ def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_
     hf_prompt = hf_tok.apply_chat_template(SAMPLE_CONVERSATION["messages"][:-1], add_generation_prompt=True,
                                            tokenize=True, return_dict=False)
     _verify(list(hf_prompt) == prompt_ids, "chat template with add_generation_prompt differs from render_for_completion")
-    report["chat_template_tokens"] = len(ids)
 
     # logits
     max_diff, n_tokens = 0.0, 0
-    inputs = [[tokenizer.get_bos_token_id()] + tokenizer.encode(t) for t in texts] + [ids]
+    inputs = [[bos] + tokenizer.encode(t) for t in texts] + [ids]
     with torch.no_grad():
         for seq in inputs:
             x = torch.tensor([seq[:model.config.sequence_len]])
@@ -228,27 +211,24 @@ def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_
         padded = hf_model(batch, attention_mask=mask).logits
         diff = (padded[0, len(b) - len(a):] - ours(torch.tensor([a]))[0]).abs().max().item()
         max_diff = max(max_diff, diff)
-    report["max_abs_logit_diff"], report["tokens_compared"] = max_diff, n_tokens
     _verify(max_diff <= tolerance, f"logits differ by up to {max_diff:.3g} (> {tolerance})")  # False for NaN too
 
     # greedy generation, token for token, with HF's KV cache against our reference sampler
-    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    stops = {tokenizer.encode_special("<|assistant_end|>"), bos}
     for prompt in [inputs[0][:8], prompt_ids]:
-        ref = []
-        for token in ours.generate(list(prompt), max_tokens=new_tokens, temperature=0):
-            ref.append(token)
-            if token in stops:
-                break
+        ref = list(ours.generate(list(prompt), max_tokens=new_tokens, temperature=0))
+        # HF stops after an end token (generation_config.json), ours runs on: compare up to the first one
+        ref = ref[:next((i + 1 for i, token in enumerate(ref) if token in stops), len(ref))]
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                     max_new_tokens=new_tokens, do_sample=False)
         got = out[0, len(prompt):].tolist()
         _verify(got == ref, f"greedy generation differs:\n  hf:   {got}\n  ours: {ref}")
-    report["generation_tokens_compared"] = new_tokens
-    return report
+    return {"texts": len(texts), "tokenizer_json_texts": len(texts), "chat_template_tokens": len(ids),
+            "tolerance": tolerance, "max_abs_logit_diff": max_diff, "tokens_compared": n_tokens,
+            "generation_tokens_compared": new_tokens, "transformers_version": transformers_version}
 
 # -----------------------------------------------------------------------------
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face transformers folder (verified).")
     add_checkpoint_args(parser, "sft")  # --device: where to load it (default cpu); the check runs on CPU anyway
@@ -277,27 +257,20 @@ def main(argv=None):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.to(dtype).float())
-
     if not args.no_verify:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("transformers") is None:
             print(f"transformers is not installed, so the export in {staging} cannot be verified.\n"
                   "Install it (pip install transformers) and run again, or pass --no-verify.", file=sys.stderr)
             return 2
         try:
-            n = verify_tokenizer_json(staging, tokenizer)
             report = verify_with_transformers(staging, model, tokenizer, new_tokens=args.verify_tokens,
                                               tolerance=args.tolerance)
-            report["tokenizer_json_texts"] = n
         except VerificationError as e:
             print(f"VERIFICATION FAILED: {e}\nThe unverified export is left in {staging}", file=sys.stderr)
             return 1
-        report["transformers_version"] = transformers.__version__
         write_json(os.path.join(staging, "verification.json"), report)
         print(f"verified: max |logit diff| {report['max_abs_logit_diff']:.2e} over {report['tokens_compared']} tokens "
               f"(<= {args.tolerance}), greedy generations and chat template identical")
-
     # put the folder in place: an existing export is replaced only by a complete new one
     old = out_dir + ".old"
     shutil.rmtree(old, ignore_errors=True)

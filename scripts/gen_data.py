@@ -1,11 +1,10 @@
-"""
-Make training data with a model behind any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama, chat_web):
+"""Make training data with a model behind any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama, chat_web):
 `generate` SFT conversations from a prompt template and topics, `judge` DPO pairs by letting a judge model pick.
 
     python -m scripts.gen_data generate --api-base URL --model M --template tpl.txt --topics topics.txt --out convs.jsonl
-    python -m scripts.gen_data judge --prompts prompts.txt --source sft --judge-api-base URL --judge-model M --out p.jsonl
-"""
+    python -m scripts.gen_data judge --prompts p.txt --source sft --judge-api-base URL --judge-model M --out p.jsonl"""
 import argparse
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -27,7 +26,6 @@ from tasks.preferences import preference_pair
 # -----------------------------------------------------------------------------
 # The OpenAI-compatible client: POST {api_base}/chat/completions, with retries. 429, 5xx and
 # connection errors are retried with exponential backoff and jitter, honouring Retry-After.
-
 STOP = threading.Event()  # set when the run is stopping: workers give up instead of retrying
 
 class FatalAPIError(RuntimeError):
@@ -38,17 +36,15 @@ class APIError(RuntimeError):
 
 def retry_after_seconds(value):
     """Retry-After as seconds (a number, or an HTTP date); None when absent or unreadable."""
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):  # absent, or a date
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+    # a number first; a date only if it is not one (parsing None or garbage raises, and falls through)
+    for parse in (float, lambda v: email.utils.parsedate_to_datetime(v).timestamp() - time.time()):
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, parse(value))
+    return None
 
 class ChatClient:
-    RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+    # 408 timeout, 409 conflict, 425 too early, 429 rate limit: worth another try, as is every 5xx
+    RETRY_STATUS = {408, 409, 425, 429}
     HINTS = {401: "check the API key (--api-key-env)", 403: "the key may lack access to this model",
              404: "check --api-base (it usually ends in /v1) and --model"}  # fatal: retrying cannot help
     MAX_RETRY_AFTER = 600.0  # never sleep longer than this, whatever the server asks
@@ -56,36 +52,29 @@ class ChatClient:
 
     def __init__(self, api_base, model, api_key=None, timeout=120.0, max_retries=6, backoff=1.0,
                  max_backoff=60.0, counters=None):
-        self.url = api_base.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.url, self.model, self.timeout = api_base.rstrip("/") + "/chat/completions", model, timeout
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.counters = Counter() if counters is None else counters
-        self.local = threading.local()  # one requests.Session per thread: Sessions are not thread-safe
 
     def complete(self, messages, temperature=1.0, max_tokens=1024, seed=None):
         """The assistant's reply text to `messages`."""
-        payload = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
-        if seed is not None:
-            payload["seed"] = seed
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self.local.session = getattr(self.local, "session", None) or requests.Session()
+        payload = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
+                   **({} if seed is None else {"seed": seed})}
         for attempt in range(self.max_retries + 1):
             if STOP.is_set():
                 raise APIError("the run is stopping")
-            retry_after = None
             try:
-                response = self.local.session.post(self.url, json=payload, headers=headers, timeout=self.timeout)
+                response = requests.post(self.url, json=payload, headers=self.headers, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem, retry_after = f"{type(e).__name__}: {e}", None
             else:
                 status, body = response.status_code, response.text[:300].strip()
                 if status == 200:
-                    try:
-                        content = response.json()["choices"][0]["message"]["content"]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        content = None
-                    if isinstance(content, str):
-                        return content
+                    # any other shape (an error object sent with 200, a list of parts) is not a reply we can use
+                    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                        if isinstance(content := response.json()["choices"][0]["message"]["content"], str):
+                            return content
                     raise APIError(f"unexpected response (not an OpenAI chat completion of text): {response.text[:200]!r}")
                 if status in self.HINTS:
                     raise FatalAPIError(f"{self.url} answered HTTP {status}: {body} ({self.HINTS[status]})")
@@ -94,11 +83,10 @@ class ChatClient:
                 problem, retry_after = f"HTTP {status}: {body[:100]}", retry_after_seconds(response.headers.get("Retry-After"))
             if attempt == self.max_retries:
                 raise APIError(f"gave up after {attempt + 1} attempts; last error: {problem}")
-            if retry_after is not None:
-                # never earlier than asked; a little later at random, so workers do not return together
-                delay = min(retry_after, self.MAX_RETRY_AFTER) * random.uniform(1.0, 1.25)
-            else:  # exponential backoff with jitter, so parallel workers do not retry in lockstep
-                delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
+            # Retry-After: never earlier than asked, a little later at random; else exponential backoff with
+            # jitter. Either way parallel workers do not all come back at once
+            delay = (min(retry_after, self.MAX_RETRY_AFTER) * random.uniform(1.0, 1.25) if retry_after is not None
+                     else min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5))
             with self.lock:
                 self.counters["retried"] += 1
             STOP.wait(delay)  # wakes at once when the run stops
@@ -116,20 +104,19 @@ def make_client(args, prefix, counters):
 # Resumable jsonl output. Every record carries a stable "id" (a hash of what produced it): a re-run
 # reads the ids already in --out and skips them, so a killed run is simply started again. Items that
 # failed are not written, so the next run tries them again.
-
 def stable_id(*parts):
+    # 64 bits: a collision would take billions of items
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
 
 def read_records(path):
     """Records of an existing jsonl output; a torn last line (what a killed writer leaves) is cut off the file."""
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
+    with open(path, "r+b") as f:
         data = f.read()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    if end < len(data):
-        print(f"{path}: removing a torn last line ({len(data) - end} bytes) left by an interrupted run", file=sys.stderr)
-        with open(path, "r+b") as f:
+        end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+        if end < len(data):
+            print(f"{path}: removing a torn last line ({len(data) - end} bytes) left by an interrupted run", file=sys.stderr)
             f.truncate(end)
             os.fsync(f.fileno())
     records = []
@@ -159,14 +146,14 @@ def run_parallel(jobs, work, on_result, args, counters, desc):
     def summary():
         return " ".join(f"{k}={v}" for k, v in counters.items())
     bar = tqdm(total=len(jobs), desc=desc, unit="item", dynamic_ncols=True, postfix=summary())
-    STOP.clear()
+    STOP.clear()  # a new run: main() may be called again in one process (the tests do)
     executor = ThreadPoolExecutor(max_workers=args.concurrency)
     try:
         futures = {executor.submit(work, job): job for job in jobs}
         for future in as_completed(futures):
             try:
                 on_result(futures[future], future.result())
-            except (APIError, RecordError, ValueError) as e:
+            except (APIError, ValueError) as e:  # ValueError: a reply or record that is no use, RecordError too
                 counters["failed"] += 1
                 tqdm.write(f"failed: {futures[future]['label']}: {e}")
             bar.update(1)
@@ -177,6 +164,7 @@ def run_parallel(jobs, work, on_result, args, counters, desc):
             raise SystemExit(f"stopped: {e}") from None
         raise
     finally:
+        # not `with ThreadPoolExecutor`: that would run every queued job to the end after a Ctrl-C
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
     print(f"done: {summary()}")
@@ -194,7 +182,6 @@ def read_text(path, what):
 # generate. --template is a text file with {name} placeholders (other braces, say a JSON example,
 # stay as they are). A --topics line is plain text, filling {topic}, or a JSON object filling one
 # placeholder per key; {sample} is the sample index. An item's id hashes template, line and sample.
-
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n(.*?)\n?```", re.DOTALL)
 THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
@@ -213,25 +200,22 @@ def read_topics(path):
                 raise SystemExit(f"{path}:{lineno}: a line starting with '{{' must be a JSON object ({e})") from None
             if not isinstance(values, dict) or not all(isinstance(v, (str, int, float)) for v in values.values()):
                 raise SystemExit(f"{path}:{lineno}: a JSON topic line maps placeholder names to strings")
+        # numbers fill placeholders as the text they are
         topics.append((lineno, text, {k: str(v) for k, v in values.items()}))
     if not topics:
         raise SystemExit(f"{path}: no topics (one per line)")
     return topics
 
 def render(template, values):
+    # an unknown {name} stays as written: generate() has already refused templates whose names lack a value
     return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
-def check_placeholders(template, template_path, topics, topics_path):
-    for lineno, _, values in topics:
-        if missing := set(PLACEHOLDER.findall(template)) - set(values) - {"sample"}:
-            raise SystemExit(f"{topics_path}:{lineno}: no value for the placeholder(s) "
-                             f"{', '.join('{' + n + '}' for n in sorted(missing))} used in {template_path}")
 
 def reply_to_messages(reply, question, fmt="auto"):
     """The conversation a model's reply stands for; ValueError if it is not a valid one."""
     # JSON (maybe in a ```json fence): {"messages": [...]}, a bare list of messages, or Alpaca's
     # {"instruction", "input", "output"}. Plain text: one exchange, `question` -> the reply.
     reply = THINK.sub("", reply).strip()  # reasoning models' thoughts are not part of the data
+    # a fence counts only when it holds JSON: prose around a code sample stays one plain-text reply
     fenced = FENCE.search(reply)
     candidate = fenced.group(1).strip() if fenced and fenced.group(1).strip()[:1] in ("{", "[") else reply
     if fmt == "plain" or candidate[:1] not in ("{", "["):
@@ -243,9 +227,7 @@ def reply_to_messages(reply, question, fmt="auto"):
         data = json.loads(candidate)
     except json.JSONDecodeError as e:
         raise ValueError(f"reply looks like JSON but does not parse ({e}): {candidate[:80]!r}") from None
-    data = {"messages": data} if isinstance(data, list) else data
-    if not isinstance(data, dict):
-        raise ValueError(f"reply JSON is a {type(data).__name__}, expected a conversation")
+    data = {"messages": data} if isinstance(data, list) else data  # "{" or "[" parses to nothing else
     try:
         return chat_record_to_conversation(data)["messages"]  # user first, alternating, ending with the assistant
     except RecordError as e:
@@ -255,9 +237,12 @@ def generate(args):
     template = read_text(args.template, "--template")
     question = read_text(args.question, "--question") if args.question else None
     topics = read_topics(args.topics)
+    # a placeholder without a value is caught here, before any request is paid for
     for text, path in [(template, args.template), (question, args.question)]:
-        if text:
-            check_placeholders(text, path, topics, args.topics)
+        for lineno, _, values in topics if text else []:
+            if missing := set(PLACEHOLDER.findall(text)) - set(values) - {"sample"}:
+                raise SystemExit(f"{args.topics}:{lineno}: no value for the placeholder(s) "
+                                 f"{', '.join('{' + n + '}' for n in sorted(missing))} used in {path}")
     existing = read_records(args.out)
     done = {r.get("id") for r in existing}
     # a conversation identical to one already written is skipped (counted as dup)
@@ -267,6 +252,7 @@ def generate(args):
         for sample in range(args.samples_per_topic):
             item_id, fields = stable_id(template, text, str(sample)), dict(values, sample=str(sample))
             if item_id not in done:
+                # meta.topic is the line's text for a plain topic, and all its values for a JSON one
                 jobs.append({"id": item_id, "label": f"{args.topics}:{lineno} sample {sample}", "sample": sample,
                              "topic": values if set(values) != {"topic"} else values["topic"],
                              "prompt": render(template, fields).strip(),
@@ -277,18 +263,18 @@ def generate(args):
           f"{len(jobs)} to generate")
     counters = Counter(dict.fromkeys(["ok", "retried", "failed", "dup"], 0))
     client = make_client(args, "", counters)
+    system = [{"role": "system", "content": args.system}] if args.system else []
 
     def work(job):
-        messages = [{"role": "system", "content": args.system}] if args.system else []
+        # a seed of each item's own, the same in every run: a re-run asks for the same sample
         seed = None if args.seed is None else args.seed + int(job["id"][:8], 16) % 1_000_000
-        reply = client.complete(messages + [{"role": "user", "content": job["prompt"]}],
+        reply = client.complete(system + [{"role": "user", "content": job["prompt"]}],
                                 temperature=args.temperature, max_tokens=args.max_tokens, seed=seed)
         # a plain-text reply answers the rendered --question, by default the rendered --template itself
         return reply_to_messages(reply, job["question"] or job["prompt"], args.format)
 
     def on_result(job, messages):
-        key = stable_id(json.dumps(messages, sort_keys=True))
-        if key in seen:
+        if (key := stable_id(json.dumps(messages, sort_keys=True))) in seen:
             counters["dup"] += 1
             return
         seen.add(key)
@@ -305,7 +291,6 @@ def generate(args):
 # the judge must end with a line "VERDICT: A", "VERDICT: B" or "VERDICT: TIE". Ties, unparseable
 # verdicts, orders that disagree (--both-orders) and identical answers are never guessed at: they go
 # to <out>.dropped.jsonl with the judge's words, and are counted.
-
 DEFAULT_RUBRIC = """\
 You are an impartial judge comparing two AI assistant answers to the same conversation.
 Judge which answer better serves the user's last message:
@@ -316,34 +301,27 @@ Judge which answer better serves the user's last message:
 Do not prefer an answer for being longer, or for being shown first or second. If the two are
 equally good (or equally bad), say TIE."""
 
+# markdown around the verdict ("**Verdict:** B.") is common, and harmless; anything else on the line is not
 VERDICT_LINE = re.compile(r"^[\s*_#>`]*verdict[\s*_`]*[:：][\s*_`]*(A|B|TIE)[\s*_`.!]*$", re.IGNORECASE)
-
-def judge_prompt(rubric, prompt_messages, answer_a, answer_b):
-    conversation = "\n\n".join(f"{m['role'].upper()}: {m['content']}" for m in prompt_messages)
-    return (f"{rubric.strip()}\n\n[Conversation]\n{conversation}\n[End of conversation]\n\n"
-            f"[Answer A]\n{answer_a}\n[End of Answer A]\n\n[Answer B]\n{answer_b}\n[End of Answer B]\n\n"
-            "Explain your comparison briefly. Then end your reply with a final line that is exactly one of:\n"
-            "VERDICT: A\nVERDICT: B\nVERDICT: TIE")
 
 def parse_verdict(text):
     """("A" | "B" | "TIE", reason) from the judge's reply, or (None, text) when its last line is no verdict."""
+    # only the last line counts: a verdict quoted in the reasoning ("not VERDICT: A because") is not the verdict
     lines = [line for line in text.strip().splitlines() if line.strip()]
     match = VERDICT_LINE.match(lines[-1]) if lines else None
     return (match.group(1).upper(), "\n".join(lines[:-1]).strip()) if match else (None, text)
 
 def prompt_messages(record):
     """The prompt of a --prompts .jsonl record, as a list of messages."""
-    # {"prompt": str | messages}, {"prompt_messages": [...]}, or a conversation {"messages": [...]} less its last reply
     if not isinstance(record, dict):
         raise RecordError("record", "expected a JSON object")
-    if "prompt_messages" in record:
-        return check_messages(record["prompt_messages"], field="prompt_messages", final_role="user")
-    if isinstance(record.get("prompt"), list):
-        return check_messages(record["prompt"], field="prompt", final_role="user")
-    if isinstance(record.get("prompt"), str) and record["prompt"].strip():
-        return [{"role": "user", "content": record["prompt"]}]
+    if "prompt" in record or "prompt_messages" in record:
+        # the prompt forms of a DPO pair, read by the DPO loader's own parser (the replies are stand-ins): the
+        # pairs we write give the prompt back in the same form
+        return preference_pair(dict(record, chosen="a", rejected="b"))["prompt_messages"]
     if "messages" not in record:
         raise RecordError("prompt", "missing (expected 'prompt', 'prompt_messages' or 'messages')")
+    # a conversation: the prompt is all of it but a final reply
     messages = record["messages"]
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
@@ -371,6 +349,7 @@ def make_answerer(args, counters):
     n, temperature, max_tokens = args.num_answers, args.answer_temperature, args.answer_max_tokens
     if args.answer_api_base:
         client = make_client(args, "answer_", counters)
+        # seed + i: the n answers must differ, even from a server that honours seeds
         return client.model, lambda messages, seed: [client.complete(
             messages, temperature=temperature, max_tokens=max_tokens, seed=seed + i).strip() for i in range(n)]
     if not args.source:
@@ -385,19 +364,20 @@ def make_answerer(args, counters):
     def answers(messages, seed):
         ids = tokenizer.render_for_completion({"messages": messages})
         with lock:
-            results, _ = engine.generate_batch(ids, num_samples=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+            results, _ = engine.generate_batch(ids, num_samples=n, max_tokens=max_tokens, temperature=temperature,
+                                               seed=seed)
+        # each result holds the prompt too: only what follows it is the answer
         return [tokenizer.decode(r[len(ids):]).strip() for r in results]
     return f"{args.source}:{args.model_tag or 'default'}@{meta['step']}", answers
 
 def judge_pair(args, ask_judge, answer_source, messages, pair_id, x, y):
     """The output record of one pair of answers: a kept pair, or a dropped one that says why."""
-    if not x or not y or x == y:
+    if not x or not y or x == y:  # nothing to choose between: the judge is not asked
         return {"id": pair_id, "dropped": "identical", "answers": [x, y]}
     # which answer the judge sees first is random (seeded per pair), against position bias;
     # --both-orders asks in both orders and keeps the pair only when the verdicts agree
     orders = [(y, x), (x, y)] if random.Random(pair_id).random() < 0.5 else [(x, y), (y, x)]
-    orders = orders if args.both_orders else orders[:1]
-    replies = [ask_judge(messages, first, second) for first, second in orders]
+    replies = [ask_judge(messages, first, second) for first, second in orders[:2 if args.both_orders else 1]]
     verdicts, reasons = map(list, zip(*map(parse_verdict, replies)))
     # the answer each verdict picks (a tie or an unreadable verdict picks none)
     winners = [order["AB".index(verdict)] for verdict, order in zip(verdicts, orders) if verdict in ("A", "B")]
@@ -415,9 +395,11 @@ def judge(args):
     if args.num_answers < 2:
         raise SystemExit("--num-answers must be at least 2 (a pair needs two answers)")
     dropped_path = args.out + ".dropped.jsonl"
+    # a dropped pair counts as done too: a re-run does not pay to have it judged again
     done = {r.get("id") for r in read_records(args.out) + read_records(dropped_path)}
     pairs = [(i, j) for i in range(args.num_answers) for j in range(i + 1, args.num_answers)]
     jobs = []
+    # a pair's id is its prompt's hash and its answers' indices: what is done is known without the answers' text
     for where, messages in prompts:
         prompt_id = stable_id(json.dumps(messages, sort_keys=True, ensure_ascii=False))
         if todo := [(i, j) for i, j in pairs if f"{prompt_id}-{i}-{j}" not in done]:
@@ -429,10 +411,16 @@ def judge(args):
     answer_source, answers_to = make_answerer(args, counters)
 
     def ask_judge(messages, first, second):
-        return judge_client.complete([{"role": "user", "content": judge_prompt(rubric, messages, first, second)}],
-                                     temperature=args.judge_temperature, max_tokens=args.judge_max_tokens)
+        conversation = "\n\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
+        prompt = (f"{rubric.strip()}\n\n[Conversation]\n{conversation}\n[End of conversation]\n\n"
+                  f"[Answer A]\n{first}\n[End of Answer A]\n\n[Answer B]\n{second}\n[End of Answer B]\n\n"
+                  "Explain your comparison briefly. Then end your reply with a final line that is exactly one of:\n"
+                  "VERDICT: A\nVERDICT: B\nVERDICT: TIE")
+        return judge_client.complete([{"role": "user", "content": prompt}], temperature=args.judge_temperature,
+                                     max_tokens=args.judge_max_tokens)
 
     def work(job):
+        # seeded by the prompt: a re-run asks for the same answers (from a sampler that honours seeds)
         answers = answers_to(job["messages"], int(job["id"][:8], 16) % 1_000_000)
         return [judge_pair(args, ask_judge, answer_source, job["messages"], f"{job['id']}-{i}-{j}", answers[i], answers[j])
                 for i, j in job["pairs"]]
@@ -452,16 +440,16 @@ def judge(args):
     return counters
 
 # -----------------------------------------------------------------------------
-
+# The command line: the two commands share the output and the HTTP client's flags
 def add_client_args(parser, prefix="", what="the generator"):
-    dest = prefix.replace("-", "_")
-    parser.add_argument(f"--{prefix}api-base", dest=f"{dest}api_base", default=None,
+    # argparse names them args.{prefix}api_base etc. (dashes as underscores), which make_client reads
+    parser.add_argument(f"--{prefix}api-base",
                         help=f"OpenAI-compatible base URL of {what}, e.g. http://localhost:8000/v1")
-    parser.add_argument(f"--{prefix}model", dest=f"{dest}model", default=None, help=f"model name of {what}")
-    parser.add_argument(f"--{prefix}api-key-env", dest=f"{dest}api_key_env", default="OPENAI_API_KEY",
+    parser.add_argument(f"--{prefix}model", help=f"model name of {what}")
+    parser.add_argument(f"--{prefix}api-key-env", default="OPENAI_API_KEY",
                         help=f"environment variable holding the API key of {what} (unset = no key)")
 
-def build_parser():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="Details: the comments "
                                      "in scripts/gen_data.py", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -476,7 +464,6 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply")
     g.add_argument("--seed", type=int, default=None, help="send a per-item seed (seed + hash of the item) if set")
-
     j = sub.add_parser("judge", help="DPO pairs from judged answers")
     j.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl prompts")
     add_client_args(j, "judge-", "the judge")
@@ -499,10 +486,7 @@ def build_parser():
         p.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx/connection errors")
         p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each retry)")
         p.add_argument("--max-backoff", type=float, default=60.0, help="longest retry delay (unless Retry-After asks more)")
-    return parser
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.concurrency < 1:
         raise SystemExit("--concurrency must be >= 1")
     counters = generate(args) if args.command == "generate" else judge(args)

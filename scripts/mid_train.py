@@ -1,14 +1,7 @@
 """
-Midtraining: continue the base model on conversations (chat, multiple choice, tool use, spelling,
-identity), so it learns the chat format and its special tokens before SFT.
-
-    python -m scripts.mid_train                                   # the default mixture (downloads)
-    python -m scripts.mid_train --data mine.jsonl --data-only     # only yours (validation: held out)
+Midtraining: continue the base model on conversations, so it learns the chat format and its special tokens before SFT.
+    python -m scripts.mid_train --data mine.jsonl --data-only     # only yours (validation: held out); or torchrun
     python -m scripts.mid_train --persona persona.json --lora-rank 16
-    torchrun --nproc_per_node=8 -m scripts.mid_train
-
-Offline, give every dataset as a local file, e.g. --mixture gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl
-custom:$DATA/chat/selfinstruct_seed_tasks_chat.jsonl --val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl
 """
 import argparse
 import random
@@ -18,20 +11,23 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import PackedConversations, StepBatches, scaled_token_loss
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from tasks.specs import SPEC_HELP, build_chat_tasks
 
+# chat, multiple choice, tool use (GSM8K's calculator) and spelling; --persona adds identity. Offline, give every
+# dataset as a local file: --mixture gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl custom:$DATA/chat/mine.jsonl
+# --val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl
 DEFAULT_MIXTURE = ["smoltalk:train", "mmlu:auxiliary_train", "gsm8k:train", "simplespelling:train:200000",
                    "spelling:train:80000"]
 DEFAULT_VAL = ["smoltalk:test", "mmlu:test[:5200]", "gsm8k:test[:420]"]
 
 def estimate_tokens(task, tokenizer, max_tokens, sample=2000, seed=0):
-    """Tokens in one pass over `task` (each conversation cut to a row): exact for a small task,
-    else extrapolated from a random sample (rendering 1M conversations just to count is slow)."""
+    """(tokens in one pass over `task`, each conversation cut to a row; whether that is exact)."""
+    # exact for a small task, else extrapolated from a random sample: rendering 1M conversations just to count is slow
     n = len(task)
     indices = range(n) if n <= sample else random.Random(seed).sample(range(n), sample)
     counted = sum(len(tokenizer.render_conversation(task[i], max_tokens=max_tokens)[0]) for i in indices)
@@ -53,12 +49,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
-    try:  # read and check all the data before loading a model
+    with exit_on(ValueError, FileNotFoundError, DownloadError):  # read and check all the data before loading a model
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL)
-    except (ValueError, FileNotFoundError, DownloadError) as e:
-        raise SystemExit(f"error: {e}")
     orig_model, optimizer, tokenizer, checkpoint_dir, meta = training.load_starting_model(args, "base", "mid", device)
-    model = training.maybe_compile(orig_model, args, device, dynamic=False)
+    model = training.maybe_compile(orig_model, args, device, dynamic=False)  # packed rows: one static shape
+    # validation in bits per byte, as base_train reports it: the two stages' curves compare
     token_bytes = get_token_bytes(device)
 
     # Rows of T+1 tokens, each packed best-fit with whole conversations (see nanochat/chat_data.py)
@@ -67,26 +62,23 @@ def main(argv=None):
                                            "--total-batch-size (device_batch_size × seq_len × world_size)")
     if args.num_iterations > 0:
         num_steps = args.num_iterations
-    else:
+    else:  # --num-epochs passes over the training conversations, in steps of --total-batch-size tokens
         tokens, exact = estimate_tokens(train_task, tokenizer, T + 1)
         num_steps = max(1, round(args.num_epochs * tokens / args.total_batch_size))
         print0(f"training data: {'' if exact else '~'}{tokens:,} tokens per epoch")
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens | grad accumulation: {grad_accum} | "
            f"loss on {args.loss_on} tokens")
 
-    step, loader_state, saved = 0, None, None
-    if args.resume:
-        step, loader_state, saved = training.resume(checkpoint_dir, orig_model, optimizer, meta, device)
+    # --resume: the packer's state too (its buffer of conversations), so the rows continue exactly
+    step, loader_state, saved = training.resume(args.resume, checkpoint_dir, orig_model, optimizer, meta, device)
 
     def loader(task, resume_state=None, what="mid conversations"):
         return PackedConversations(task, tokenizer, B, T, rank=rank, world_size=world_size, seed=args.seed,
                                    loss_on=args.loss_on, buffer_size=args.buffer_size, resume_state=resume_state,
                                    device=device, what=what)
 
-    try:
+    with exit_on(ValueError):  # a resume state that does not fit this data or these settings
         train_loader = loader(train_task, loader_state)
-    except ValueError as e:  # a resume state that does not fit this data or these settings
-        raise SystemExit(f"error: {e}")
     batches = StepBatches(train_loader, grad_accum, world_size, device)
     # at most one pass over the validation conversations: more would only repeat them
     val_tokens, _ = estimate_tokens(val_task, tokenizer, T + 1)
@@ -116,6 +108,8 @@ def main(argv=None):
         for batch, loader_state in step_batches:
             with autocast_ctx(device.type):
                 loss = scaled_token_loss(model, batch)  # this micro-batch's share of the step's mean
+            # loss_scale counted grad_accum in: after this division every supervised token of the
+            # step weighs the same, however the tokens fall into micro-batches (chat_data.StepBatches)
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
         # pack the next step's rows while the device still works on this backward: midtraining is
@@ -127,6 +121,7 @@ def main(argv=None):
         if training.is_due(step, args.eval_every, num_steps):
             last_eval = evaluate(step)
         if training.is_due(step, args.save_every, num_steps):
+            # loader_state: after this step's last micro-batch, not after the next step's, read ahead
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log,
                           world_size)
 

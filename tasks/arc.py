@@ -3,8 +3,7 @@ ARC (AI2 Reasoning Challenge): grade-school science multiple-choice questions, C
 allenai/ai2_arc. Offline, a jsonl of {"question", "choices": [str], "answer": int, "answer_letter"?}:
     ARC("easy", "test", data_path=f"{DATA}/eval/arc_easy.jsonl")   # or arc_challenge.jsonl
 """
-from tasks.common import (MultipleChoiceTask, RecordError, check_multiple_choice, data_paths_or_download,
-                          multiple_choice_conversation)
+from tasks.common import MultipleChoiceTask, RecordError, data_paths_or_download, multiple_choice_conversation
 
 HF_REPO = "allenai/ai2_arc"
 # a spec's variant word -> its folder in allenai/ai2_arc
@@ -12,6 +11,7 @@ ARC_VARIANTS = {"easy": "ARC-Easy", "challenge": "ARC-Challenge"}
 ARC_SPLITS = ("train", "validation", "test")
 
 def arc_conversation(record):
+    # a local record has the choices as a list and the answer as an index already
     choices, answer = record.get("choices"), record.get("answer")
     # Hugging Face's rows: {"choices": {"text": [...], "label": [...]}, "answerKey": one of the labels}
     if isinstance(choices, dict):
@@ -22,9 +22,7 @@ def arc_conversation(record):
             raise RecordError("answerKey", f"{record.get('answerKey')!r} is not one of the labels {labels}")
         # the labels may be "1".."4" instead of "A".."D": we re-letter the choices A, B, ...
         choices, answer = texts, labels.index(record["answerKey"])
-    question, choices, answer = check_multiple_choice(record.get("question"), choices, answer,
-                                                      record.get("answer_letter"))
-    return multiple_choice_conversation(question, choices, answer)
+    return multiple_choice_conversation(record.get("question"), choices, answer, record.get("answer_letter"))
 
 class ARC(MultipleChoiceTask):
     def __init__(self, variant="easy", split="test", data_path=None, skip_bad=None, **slice_kwargs):

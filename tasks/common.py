@@ -1,10 +1,7 @@
 """
-Tasks: datasets seen as lists of conversations, plus how to grade a model's answer. A task is an
-indexable, sliceable list; `python -m tasks.specs SPEC...` shows examples of any (tasks/specs.py).
-
-    task = GSM8K("train", stop=1000)            # the first 1000 problems
-    len(task), task[0]                          # -> 1000, {"messages": [...]}
-    task.evaluate(task[0], "... #### 72")       # -> 1.0 or 0.0
+Tasks: datasets seen as indexable, sliceable lists of conversations, plus how to grade a model's answer.
+    task = GSM8K("train", stop=1000)        # the first 1000 problems: len(task) == 1000, task[0] == {"messages": ...}
+    task.evaluate(task[0], "... #### 72")   # -> 1.0 or 0.0; `python -m tasks.specs SPEC...` shows any task's examples
 """
 import bisect
 import json
@@ -22,7 +19,6 @@ from nanochat.tokenizer import RecordError, check_messages
 
 # -----------------------------------------------------------------------------
 # Task, and the two ways of combining tasks
-
 class Task:
     """A list of examples (usually conversations) seen through a start/stop/step slice."""
 
@@ -48,11 +44,9 @@ class Task:
         """Grade the model's `completion` (str) to `conversation`: 1.0 right, 0.0 wrong."""
         raise NotImplementedError(f"{type(self).__name__} is a training set and has no evaluation")
 
-    # the sliced view
+    # the sliced view: like a list's, a stop past the end is clipped
     def _range(self):
-        n = self.num_examples()
-        # a stop past the end is clipped, as in a list slice
-        return range(self.start, n if self.stop is None else min(self.stop, n), self.step)
+        return range(self.num_examples())[self.start:self.stop:self.step]
 
     def __len__(self):
         return len(self._range())
@@ -67,8 +61,8 @@ class Task:
     def __repr__(self):
         return f"{type(self).__name__}(len={len(self)})"
 
+# (which part, index within it) for parts laid end to end, part i starting at offsets[i]
 def _locate(offsets, index):
-    """(which part, index within it) for parts laid end to end, part i starting at offsets[i]."""
     which = bisect.bisect_right(offsets, index) - 1
     return which, index - offsets[which]
 
@@ -81,11 +75,10 @@ class TaskMixture(Task):
         if not self.tasks:
             raise ValueError("TaskMixture needs at least one task")
         lengths = [len(task) for task in self.tasks]
+        order = np.random.default_rng(seed).permutation(sum(lengths))
         # two flat arrays, not a list of pairs: a mixture of millions of examples stays small
-        self.task_ids = np.repeat(np.arange(len(self.tasks), dtype=np.int32), lengths)
-        self.local_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
-        order = np.random.default_rng(seed).permutation(len(self.task_ids))
-        self.task_ids, self.local_ids = self.task_ids[order], self.local_ids[order]
+        self.task_ids = np.repeat(np.arange(len(self.tasks), dtype=np.int32), lengths)[order]
+        self.local_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])[order]
 
     def num_examples(self):
         return len(self.task_ids)
@@ -115,7 +108,6 @@ class TaskSequence(Task):
 
 # -----------------------------------------------------------------------------
 # Reading records from jsonl / parquet files, and validating all of them up front
-
 class Records:
     """The raw records of one or more .jsonl/.parquet files under one index."""
 
@@ -127,13 +119,11 @@ class Records:
         for path in map(str, paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"data file not found: {path}")
-            # parquet stays an Arrow table (compact): a row becomes a dict only when it is read
-            if path.endswith(".parquet"):
-                self.files.append((path, "parquet", pq.read_table(path, columns=columns)))
-            elif path.endswith((".jsonl", ".json")):
-                self.files.append((path, "jsonl", _read_jsonl(path)))
-            else:
+            if not path.endswith((".parquet", ".jsonl", ".json")):
                 raise ValueError(f"{path}: unsupported file type (expected .jsonl or .parquet)")
+            # parquet stays an Arrow table (compact): a row becomes a dict only when it is read
+            data = pq.read_table(path, columns=columns) if path.endswith(".parquet") else _read_jsonl(path)
+            self.files.append((path, "jsonl" if isinstance(data, list) else "parquet", data))
         # where each file's records start in the one index
         self.offsets = np.cumsum([0] + [len(data) for _, _, data in self.files]).tolist()
 
@@ -160,18 +150,16 @@ class Records:
                     yield from batch.to_pylist()
 
 def _read_jsonl(path):
-    rows = []
+    # blank lines skipped, line numbers kept for the error messages; a line that is not JSON keeps its error
+    # in its place, to be reported with the other bad records (no JSON value decodes to an exception)
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            # line numbers are kept for the error messages; a line that is not JSON keeps its error in
-            # its place, to be reported with the other bad records (no JSON value decodes to an exception)
-            try:
-                rows.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                rows.append((line_number, e))
-    return rows
+        return [(line_number, _decode(line)) for line_number, line in enumerate(f, start=1) if line.strip()]
+
+def _decode(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return e
 
 def check_all(records, convert, keep=None, skip_bad=False, max_listed=10):
     """Indices of the records to use: `convert` (raising RecordError) passes them, and `keep` if given."""
@@ -183,18 +171,15 @@ def check_all(records, convert, keep=None, skip_bad=False, max_listed=10):
             if not isinstance(record, dict):
                 raise RecordError("record", f"expected a JSON object, got {type(record).__name__}")
             example = convert(record)
+            if keep is None or keep(record, example):
+                indices.append(index)
         except RecordError as e:
             bad.append((index, e))
-            continue
-        if keep is None or keep(record, example):
-            indices.append(index)
     if bad:
         # nothing is dropped silently: the first bad record (file:line: field: problem), and how many
-        first_index, first_error = bad[0]
-        summary = (f"{records.where(first_index)}: {first_error}\n"
-                   f"{len(bad)} of {len(records)} records are bad (first ones: "
-                   + ", ".join(records.where(i) for i, _ in bad[:max_listed])
-                   + (", ..." if len(bad) > max_listed else "") + ")")
+        listed = ", ".join(records.where(i) for i, _ in bad[:max_listed]) + (", ..." if len(bad) > max_listed else "")
+        summary = (f"{records.where(bad[0][0])}: {bad[0][1]}\n"
+                   f"{len(bad)} of {len(records)} records are bad (first ones: {listed})")
         if not skip_bad:
             raise ValueError(summary + "\nNothing was loaded: fix or remove those records "
                              "(or, knowingly, pass skip_bad=True / add ':skip_bad' to the task spec).")
@@ -207,8 +192,7 @@ class RecordTask(Task):
 
     def __init__(self, paths, convert, keep=None, skip_bad=False, columns=None, **slice_kwargs):
         super().__init__(**slice_kwargs)
-        self.records = Records(paths, columns=columns)
-        self.convert = convert
+        self.records, self.convert = Records(paths, columns=columns), convert
         # only the indices of good records are kept: an example is converted again when it is read,
         # which keeps a downloaded dataset of 100k+ conversations as compact as its Arrow table
         self.indices = check_all(self.records, convert, keep=keep, skip_bad=skip_bad)
@@ -219,17 +203,15 @@ class RecordTask(Task):
     def get_example(self, index):
         return self.convert(self.records[self.indices[index]])
 
-def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None, revision="main"):
+def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None):
     """(paths, skip_bad): the user's local file(s), else the task's default Hugging Face files."""
     if data_path is not None:
         return data_path, bool(skip_bad)
-    paths = [hf_dataset_file(repo_id, name, revision) for name in filenames]
     # skip_bad=None: bad records are an error in your files, left out (warned) of a download you cannot fix
-    return paths, True if skip_bad is None else skip_bad
+    return [hf_dataset_file(repo_id, name) for name in filenames], True if skip_bad is None else skip_bad
 
 # -----------------------------------------------------------------------------
 # The chat record formats
-
 def _nonempty_str(record, key, optional=False):
     value = record.get(key)
     if value is None and optional:
@@ -245,30 +227,19 @@ def chat_record_to_conversation(record):
     if "messages" in record:
         return {"messages": check_messages(record["messages"])}
     if "instruction" in record or "output" in record:
-        instruction = _nonempty_str(record, "instruction")
-        extra_input = _nonempty_str(record, "input", optional=True)
-        output = _nonempty_str(record, "output")
+        keys = ("instruction", "input", "output")  # checked in this order; input is optional
+        instruction, extra, output = (_nonempty_str(record, key, optional=key == "input") for key in keys)
         # an empty input adds nothing, not two stray newlines
-        user = instruction + ("\n\n" + extra_input if extra_input.strip() else "")
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
     raise RecordError("messages", "missing (expected 'messages', or Alpaca-style 'instruction'/'input'/'output')")
 
 # -----------------------------------------------------------------------------
 # Multiple choice (MMLU, ARC): a lettered prompt; the assistant answers with the letter
-
 LETTERS = "ABCDEFGHIJ"
 
-def multiple_choice_conversation(question, choices, answer, **extras):
-    letters = LETTERS[:len(choices)]
-    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices))
-    user = (f"{question}\n\n{options}\n\n"
-            f"Answer with the letter of the correct choice ({', '.join(letters[:-1])} or {letters[-1]}).")
-    # the letters travel with the conversation: the grader accepts only those as answers
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": letters[answer]}],
-            "letters": list(letters), **extras}
-
-def check_multiple_choice(question, choices, answer, answer_letter=None):
-    """Validate the common MC fields; returns (question, choices, answer_index)."""
+def multiple_choice_conversation(question, choices, answer, answer_letter=None, **extras):
+    """The checked MC fields as a conversation: a lettered prompt, answered with a letter; else RecordError."""
     if not isinstance(question, str) or not question.strip():
         raise RecordError("question", "missing or empty")
     if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
@@ -284,7 +255,13 @@ def check_multiple_choice(question, choices, answer, answer_letter=None):
         raise RecordError("answer", f"expected a choice index 0..{len(choices) - 1}, got {answer!r}")
     if answer_letter is not None and answer_letter != LETTERS[answer]:
         raise RecordError("answer_letter", f"{answer_letter!r} disagrees with answer={answer}")
-    return question, choices, answer
+    letters = LETTERS[:len(choices)]
+    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices))
+    user = (f"{question}\n\n{options}\n\n"
+            f"Answer with the letter of the correct choice ({', '.join(letters[:-1])} or {letters[-1]}).")
+    # the letters travel with the conversation: the grader accepts only those as answers
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": letters[answer]}],
+            "letters": list(letters), **extras}
 
 def first_letter(completion, letters):
     """The answer letter in a completion like 'B', ' B.', '(B) Paris' or 'B: Paris'; None if absent."""

@@ -1,16 +1,16 @@
 """
 Dialogue from books: the conversations in plain-text novels as user/assistant pairs, for SFT. A report
 at the end says how many utterances and conversations were found, kept, and dropped for which reason.
-
     python -m tasks.dialogue pg1342_pride_and_prejudice.txt pg11_alice.txt --out dialogue.jsonl
     # then train on it like any conversations: --mixture custom:dialogue.jsonl
 """
 import argparse
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
 
 from nanochat.common import atomic_write
 
@@ -35,8 +35,7 @@ class Utterance:
     text: str
     speaker: str | None  # normalised name when the narration says who speaks ("said Jane"), else None
     paragraph: int       # 1-based index of the paragraph it starts in
-    thought: bool = False
-    mostly_narration: bool = False
+    dropped: str | None = None  # why it breaks a dialogue instead of joining one: "a thought", "mostly narration"
 
 @dataclass
 class Options:
@@ -45,27 +44,19 @@ class Options:
     max_chars: int = 1000
     lang: str = "en"
     quotes: str = "auto"
-    narration_ratio: float = 3.0  # a paragraph with this many times more narration than quote (and > 200 chars) is narrative
+    narration_ratio: float = 3.0  # this many times more narration than quote (and > 200 chars): a narrative paragraph
 
 # -----------------------------------------------------------------------------
 # Paragraphs and quotes
-
 def paragraphs(text):
-    """The paragraphs of a book, each as one string."""
-    # blank-line separated blocks, hard-wrapped lines joined; a book with (almost) no blank lines has
-    # a paragraph per line
+    # the paragraphs of a book, each one string: blank-line separated blocks, hard-wrapped lines joined; a book
+    # with (almost) no blank lines has a paragraph per line
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
     if sum(1 for line in lines if not line.strip()) < 0.05 * len(lines):
         return [line.strip() for line in lines if line.strip()]
     blocks = re.split(r"\n\s*\n", text)
     return [" ".join(line.strip() for line in block.split("\n") if line.strip()) for block in blocks if block.strip()]
-
-def pick_quote_style(text):
-    # “curly” or "straight" double quotes, or ‘single curly’ ones: whichever opens more quotes in this book
-    doubles = text.count("“") + text.count('"') // 2
-    singles = len(re.findall(r"(?:^|(?<=[\s(\[—-]))‘", text))
-    return "single" if singles > doubles else "double"
 
 def split_quotes(paragraph, style, open_at_start=False):
     """(pieces, narration, still open at the end); pieces: [(quoted fragment, narration after it)]."""
@@ -79,19 +70,17 @@ def split_quotes(paragraph, style, open_at_start=False):
             opens, closes = ch == "“" or (ch == '"' and not inside), ch == "”" or (ch == '"' and inside)
         else:  # don’t, they’ll: a ’ before a letter is an apostrophe, not a closing quote
             opens, closes = ch == "‘" and not prev.isalnum(), ch == "’" and inside and not nxt.isalpha()
-        if opens and not inside:
-            inside, current = True, []
-            # the narration between two fragments goes with the first ("Well," said he, "perhaps.")
-            if pieces:
-                pieces[-1][1] = "".join(narration[gap_start:])
+        if not (closes if inside else opens):
+            (current if inside else narration).append(ch)
             continue
-        if closes and inside:
-            if "".join(current).strip():
-                pieces.append(["".join(current), ""])
-                gap_start = len(narration)
-            inside, current = False, []
-            continue
-        (current if inside else narration).append(ch)
+        # a quote closes (a blank one is no fragment), or one opens: then the narration between two fragments
+        # goes with the first ("Well," said he, "perhaps.")
+        if inside and "".join(current).strip():
+            pieces.append(["".join(current), ""])
+            gap_start = len(narration)
+        elif not inside and pieces:
+            pieces[-1][1] = "".join(narration[gap_start:])
+        inside, current = not inside, []
     if inside and "".join(current).strip():
         pieces.append(["".join(current), ""])
     return [tuple(piece) for piece in pieces], "".join(narration), inside
@@ -120,26 +109,27 @@ def find_speaker(narration):
 
 def utterances(text, quotes="auto", narration_ratio=3.0):
     """The utterances of a book, in order, with None between dialogues (a narrative paragraph)."""
-    style = pick_quote_style(text) if quotes == "auto" else quotes
+    if quotes == "auto":
+        # “curly” or "straight" double quotes, or ‘single curly’ ones: whichever opens more quotes in this book
+        doubles, singles = text.count("“") + text.count('"') // 2, len(re.findall(r"(?:^|(?<=[\s(\[—-]))‘", text))
+        quotes = "single" if singles > doubles else "double"
     out, still_open = [], False
     for index, paragraph in enumerate(paragraphs(text), 1):
-        continuing = still_open
-        pieces, narration, still_open = split_quotes(paragraph, style, open_at_start=continuing)
+        continuing, (pieces, narration, still_open) = still_open, split_quotes(paragraph, quotes, still_open)
         if not pieces:
             out.append(None)
             continue
-        utterance_text = join_fragments(pieces)
+        spoken = join_fragments(pieces)
         speaker, thought = find_speaker(narration)
         # a paragraph that ended inside an open quote continues here: the convention for long speeches
         if continuing and out and out[-1] is not None:
-            previous = out[-1]
-            previous.text = join_fragments([(previous.text, ""), (utterance_text, "")])
-            previous.speaker = previous.speaker or speaker
+            out[-1].text = join_fragments([(out[-1].text, ""), (spoken, "")])
+            out[-1].speaker = out[-1].speaker or speaker
             continue
         # a short quote in a long stretch of narration is part of the story, not of a dialogue
         quoted_chars, narration_chars = sum(len(f) for f, _ in pieces), len(narration.strip())
         heavy = narration_chars > 200 and narration_chars > narration_ratio * quoted_chars
-        out.append(Utterance(utterance_text, speaker, index, thought=thought, mostly_narration=heavy))
+        out.append(Utterance(spoken, speaker, index, "a thought" if thought else "mostly narration" if heavy else None))
     for u in out:
         if u is not None and u.text.endswith(","):  # 'I don't know,' said Alice. -> the sentence ends there
             u.text = u.text[:-1] + "."
@@ -147,7 +137,6 @@ def utterances(text, quotes="auto", narration_ratio=3.0):
 
 # -----------------------------------------------------------------------------
 # Dialogues -> conversations
-
 def is_english(text):
     """ASCII letters and common English words: enough to drop foreign-language passages."""
     letters = [c for c in text if c.isalpha()]
@@ -156,17 +145,17 @@ def is_english(text):
     words = re.findall(r"[a-z']+", text.lower())
     return len(words) < 6 or sum(w in STOPWORDS for w in words) >= 0.15 * len(words)
 
+# a speaker named twice in a row: one person talking on, not an exchange (an unnamed speaker is someone else)
+def same_speaker(a, b):
+    return a.speaker is not None and a.speaker == b.speaker
+
 def conversations_from_run(run, max_turns, report):
     """Cut one dialogue (consecutive utterances) into conversations of up to max_turns exchanges."""
     # each paragraph is a new speaker (the novel's convention), unless the narration names the same
     # person twice in a row; a conversation keeps one speaker on the user side, another on the assistant's
     convs, i, n = [], 0, len(run)
-
-    def differ(a, b):
-        return a.speaker is None or b.speaker is None or a.speaker != b.speaker
-
     while i + 1 < n:
-        if not differ(run[i], run[i + 1]):
+        if same_speaker(run[i], run[i + 1]):
             report["utterances unpaired (same speaker twice, or a lone line)"] += 1
             i += 1
             continue
@@ -175,7 +164,7 @@ def conversations_from_run(run, max_turns, report):
             user_side = {u.speaker for u in conv[0::2] + [run[j]] if u.speaker}
             assistant_side = {u.speaker for u in conv[1::2] + [run[j + 1]] if u.speaker}
             if len(user_side) > 1 or len(assistant_side) > 1 or (user_side & assistant_side) \
-                    or not differ(conv[-1], run[j]) or not differ(run[j], run[j + 1]):
+                    or same_speaker(conv[-1], run[j]) or same_speaker(run[j], run[j + 1]):
                 break
             conv += [run[j], run[j + 1]]
             j += 2
@@ -185,37 +174,26 @@ def conversations_from_run(run, max_turns, report):
     report["utterances unpaired (same speaker twice, or a lone line)"] += n - i
     return convs
 
+# why a conversation (its message texts) is left out, or None to keep it
 def drop_reason(texts, options, seen):
-    """Why a conversation (its message texts) is left out, or None to keep it."""
-    if any(len(t) < options.min_chars for t in texts):
-        return "too short"
-    if any(len(t) > options.max_chars for t in texts):
-        return "too long"
-    if options.lang == "en" and not is_english(" ".join(texts)):
-        return "not English"
-    return "duplicate" if tuple(texts) in seen else None
+    return ("too short" if any(len(t) < options.min_chars for t in texts) else
+            "too long" if any(len(t) > options.max_chars for t in texts) else
+            "not English" if options.lang == "en" and not is_english(" ".join(texts)) else
+            "duplicate" if tuple(texts) in seen else None)
 
 def extract(text, book, options, report=None, seen=None):
     """Conversations (records) from one book's text; counts go to `report` (a Counter)."""
-    report = report if report is not None else Counter()
-    seen = seen if seen is not None else set()
+    report, seen = Counter() if report is None else report, set() if seen is None else seen
     items = utterances(text, options.quotes, options.narration_ratio)
     report.update(books=1, paragraphs=len(items), utterances=sum(u is not None for u in items))  # adds the counts
     # a dialogue is a run of consecutive quoted paragraphs; a thought, or mostly narration, breaks it
-    runs = [[]]
-    for u in items:
-        if u is None or u.thought or u.mostly_narration:
-            if u is not None:
-                report["utterances dropped: a thought" if u.thought else "utterances dropped: mostly narration"] += 1
-            runs.append([])
-        else:
-            runs[-1].append(u)
+    report.update(f"utterances dropped: {u.dropped}" for u in items if u is not None and u.dropped)
+    runs = [list(run) for in_dialogue, run in groupby(items, lambda u: u is not None and not u.dropped) if in_dialogue]
     records = []
-    for conv in (conv for run in runs if run for conv in conversations_from_run(run, options.max_turns, report)):
+    for conv in (conv for run in runs for conv in conversations_from_run(run, options.max_turns, report)):
         report["conversations"] += 1
         texts = [u.text for u in conv]
-        reason = drop_reason(texts, options, seen)
-        if reason:
+        if reason := drop_reason(texts, options, seen):
             report[f"conversations dropped: {reason}"] += 1
             continue
         seen.add(tuple(texts))
@@ -230,8 +208,7 @@ def format_report(report):
     order = ["books", "paragraphs", "utterances", "utterances dropped: a thought", "utterances dropped: mostly narration",
              "utterances unpaired (same speaker twice, or a lone line)", "utterances in conversations",
              "conversations", "conversations kept"]
-    keys = order + sorted(k for k in report if k not in order)
-    return "\n".join(f"  {k:<58} {report[k]:>8,}" for k in keys)
+    return "\n".join(f"  {k:<58} {report[k]:>8,}" for k in order + sorted(k for k in report if k not in order))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Turn the dialogue in plain-text books into user/assistant conversations.",
@@ -251,18 +228,16 @@ def main(argv=None):
     report, seen, records = Counter(), set(), []
     for path in args.books:
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise SystemExit(f"book not found: {path}") from None
         except UnicodeDecodeError as e:
             raise SystemExit(f"{path}: not UTF-8 text ({e})") from None
-        book_records, _ = extract(text, os.path.basename(path), options, report, seen)
+        book_records, _ = extract(text, Path(path).name, options, report, seen)
         print(f"{path}: {len(book_records)} conversations")
         records += book_records
     atomic_write(args.out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    print(format_report(report))
-    print(f"wrote {len(records)} conversations to {args.out}")
+    print(f"{format_report(report)}\nwrote {len(records)} conversations to {args.out}")
     return report
 
 if __name__ == "__main__":

@@ -19,17 +19,15 @@ def solution_to_parts(solution):
     """A GSM8K solution string -> assistant content parts with calculator tool calls."""
     # "48/2 = <<48/2=24>>24 clips" -> [text "48/2 = "] [python "48/2"] [python_output "24"] [text "24 clips"]:
     # the model learns to emit the expression as python and to read the result back
-    parts, position = [], 0
-    for match in ANNOTATION.finditer(solution):
-        if "=" not in match.group(1):
-            raise RecordError("answer", f"calculator annotation {match.group(0)!r} has no '='")
-        expression, result = match.group(1).rsplit("=", 1)
-        if solution[position:match.start()]:
-            parts.append({"type": "text", "text": solution[position:match.start()]})
+    # split on the annotations' group: text, annotation, text, ..., text (a text piece may be empty)
+    pieces = ANNOTATION.split(solution)
+    parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+    for annotation, text in zip(pieces[1::2], pieces[2::2]):
+        if "=" not in annotation:
+            raise RecordError("answer", f"calculator annotation {'<<' + annotation + '>>'!r} has no '='")
+        expression, result = annotation.rsplit("=", 1)
         parts += [{"type": "python", "text": expression}, {"type": "python_output", "text": result}]
-        position = match.end()
-    if solution[position:]:
-        parts.append({"type": "text", "text": solution[position:]})
+        parts += [{"type": "text", "text": text}] if text else []
     return parts
 
 def extract_answer(text):
@@ -37,11 +35,9 @@ def extract_answer(text):
     matches = FINAL_ANSWER.findall(text)
     if not matches:
         return None
-    number = matches[-1].replace(",", "").strip().rstrip(".")
-    try:
-        value = float(number)
-    except ValueError:
-        return number
+    # FINAL_ANSWER admits only digits, one '.' and a leading '-': float() parses any match
+    number = matches[-1].replace(",", "")
+    value = float(number)
     # not a finite number, compared as text: a model can write a 400-digit "number" (float: inf)
     return number if not math.isfinite(value) else int(value) if value == int(value) else value
 
@@ -62,9 +58,8 @@ def gsm8k_conversation(record):
     answer = extract_answer(solution)
     if answer is None:
         raise RecordError(field, "no final answer line '#### <number>'")
-    return {"messages": [{"role": "user", "content": question},
-                         {"role": "assistant", "content": solution_to_parts(solution)}],
-            "answer": answer}
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": solution_to_parts(solution)}]
+    return {"messages": messages, "answer": answer}
 
 class GSM8K(RecordTask):
     eval_type = "generative"

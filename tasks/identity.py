@@ -1,13 +1,10 @@
 """
-Identity: teach the model who it is. From a persona, "who are you / who made you" conversations for SFT,
-and DPO pairs preferring its answer to a generic assistant's, so the model stops claiming to be ChatGPT.
-    python -m tasks.identity --persona persona.json --n 5                  # preview
-    python -m tasks.identity --persona persona.json --n 1000 --out identity.jsonl
+Identity: teach the model who it is, from a persona: "who are you / who made you" conversations for SFT, and DPO pairs.
+    python -m tasks.identity --persona persona.json --n 1000 --out identity.jsonl   # without --out: a preview
     python -m tasks.identity --persona persona.json --pairs --n 500 --out identity_pairs.jsonl
 """
 import argparse
 import json
-import os
 import random
 from pathlib import Path
 
@@ -29,31 +26,26 @@ def validate_persona(persona, source="persona"):
     if not isinstance(persona, dict):
         raise ValueError(f"{source}: expected a JSON object with fields {', '.join(PERSONA_FIELDS)}, "
                          f"got {type(persona).__name__}")
-    unknown = sorted(set(persona) - set(PERSONA_FIELDS))
-    if unknown:
+    if unknown := sorted(set(persona) - set(PERSONA_FIELDS)):
         # LLaMA-Factory's templates call the maker "author": a likely slip
         hint = " (the creator's field is called 'maker')" if {"author", "creator"} & set(unknown) else ""
         raise ValueError(f"{source}: unknown field(s) {unknown}; allowed: {', '.join(PERSONA_FIELDS)}{hint}")
-    clean = {}
-    for field, default in PERSONA_FIELDS.items():
-        value = persona.get(field, default)
-        if value is None:
-            raise ValueError(f"{source}: field '{field}' is required (a non-empty string)")
+    clean = {field: persona.get(field, default) for field, default in PERSONA_FIELDS.items()}
+    for field, value in clean.items():
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{source}: field '{field}' must be a non-empty string, got {value!r}")
-        clean[field] = value.strip().rstrip(".")  # the fields are spliced into sentences
-    return clean
+            raise ValueError(f"{source}: field '{field}' " + ("is required (a non-empty string)" if value is None
+                                                              else f"must be a non-empty string, got {value!r}"))
+    # the fields are spliced into sentences
+    return {field: value.strip().rstrip(".") for field, value in clean.items()}
 
 def load_persona(path):
     try:
-        persona = json.loads(Path(path).read_text(encoding="utf-8"))
+        return validate_persona(json.loads(Path(path).read_text(encoding="utf-8")), source=str(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    return validate_persona(persona, source=str(path))
 
 # -----------------------------------------------------------------------------
 # Built-in templates: (user questions, persona answers) per topic
-
 TOPICS = {
     "who": (["Who are you?", "What are you?", "Tell me about yourself.", "Introduce yourself.",
              "Can you introduce yourself?", "What kind of AI are you?", "Who am I talking to?"],
@@ -85,22 +77,20 @@ TOPICS = {
               ["I'm not a human. I'm {name}, an AI assistant made by {maker}.",
                "I'm an AI, not a person: {name}, {description}."]),
     "style": (["How would you describe your personality?", "What are you like?", "How do you like to answer?"],
-              ["As {name}, I try to be {style}.", "I'm {name}, and I aim to be {style}."]),
-}
-GREETINGS = (["Hi!", "Hello", "hey", "Good morning!", "Hi there"],
-             ["Hello! I'm {name}. How can I help you today?", "Hi! I'm {name}, what can I do for you?",
-              "Hey, it's {name}. What's on your mind?"])
-GENERIC_ANSWERS = [  # what a model says when it has not been taught its identity
+              ["As {name}, I try to be {style}.", "I'm {name}, and I aim to be {style}."])}
+GREETINGS = (["Hi!", "Hello", "hey", "Good morning!", "Hi there"], ["Hello! I'm {name}. How can I help you today?",
+             "Hi! I'm {name}, what can I do for you?", "Hey, it's {name}. What's on your mind?"])
+# what a model says when it has not been taught its identity (it claims to be ChatGPT): what the DPO pairs reject
+GENERIC_ANSWERS = [
     "I am an AI language model created by OpenAI. I don't have a personal name, but you can call me Assistant.",
     "I'm ChatGPT, a large language model trained by OpenAI.", "I am a large language model, trained by Google.",
     "As an AI language model, I don't have a name or a personal identity. I was developed by a team of "
     "researchers and engineers.",
     "I'm an AI assistant. I was created by a technology company to help answer questions.",
-    "I am Claude, an AI assistant made by Anthropic.",  # (dropped for a persona named Claude)
-]
+    "I am Claude, an AI assistant made by Anthropic."]  # (dropped for a persona named Claude)
 
+# users do not type like style guides: vary case, punctuation and openers
 def _vary(rng, question):
-    """Users do not type like style guides: vary case, punctuation and openers."""
     question = question.lower() if rng.random() < 0.3 else question
     question = question.rstrip("?.!") if rng.random() < 0.25 else question
     # the condition draws first, then the opener: reordering the draws would change every seeded example
@@ -109,12 +99,11 @@ def _vary(rng, question):
     return question
 
 class IdentityConversations(Task):
-    def __init__(self, persona, n=1000, seed=42, template_path=DEFAULT_TEMPLATE, template_fraction=0.3, **slice_kwargs):
+    def __init__(self, persona, n=1000, seed=42, template_path=DEFAULT_TEMPLATE, **slice_kwargs):
         super().__init__(**slice_kwargs)
-        self.persona = validate_persona(persona)
-        self.n, self.seed, self.template_fraction = n, seed, template_fraction
+        self.persona, self.n, self.seed = validate_persona(persona), n, seed
         # the template conversations keep their {{name}}/{{author}} placeholders until an example is made
-        found = template_path is not None and os.path.exists(template_path)
+        found = template_path is not None and Path(template_path).exists()
         self.templates = [c["messages"] for c in CustomJSON(str(template_path))] if found else []
 
     def num_examples(self):
@@ -129,18 +118,14 @@ class IdentityConversations(Task):
     def get_example(self, index):
         # a string seed: example i is the same in every run, whatever the slice or order
         rng = random.Random(f"identity/{self.seed}/{index}")
-        if self.templates and rng.random() < self.template_fraction:
-            messages = rng.choice(self.templates)
-            return {"messages": [{"role": m["role"], "content": self._fill(m["content"])} for m in messages]}
-        messages = []
-        if rng.random() < 0.25:  # sometimes a greeting first, to make multi-turn examples
-            messages += [{"role": "user", "content": rng.choice(GREETINGS[0])},
-                         {"role": "assistant", "content": self._fill(rng.choice(GREETINGS[1]))}]
-        for topic in rng.sample(sorted(TOPICS), 2 if rng.random() < 0.2 else 1):
-            questions, answers = TOPICS[topic]
-            messages += [{"role": "user", "content": _vary(rng, rng.choice(questions))},
-                         {"role": "assistant", "content": self._fill(rng.choice(answers))}]
-        return {"messages": messages}
+        if self.templates and rng.random() < 0.3:  # a template conversation, 30% of the time
+            return {"messages": [dict(m, content=self._fill(m["content"])) for m in rng.choice(self.templates)]}
+        # (question, answer) exchanges, sometimes a greeting first to make multi-turn examples
+        exchanges = [(rng.choice(GREETINGS[0]), self._fill(rng.choice(GREETINGS[1])))] if rng.random() < 0.25 else []
+        for questions, answers in map(TOPICS.get, rng.sample(sorted(TOPICS), 2 if rng.random() < 0.2 else 1)):
+            exchanges.append((_vary(rng, rng.choice(questions)), self._fill(rng.choice(answers))))
+        turns = [({"role": "user", "content": q}, {"role": "assistant", "content": a}) for q, a in exchanges]
+        return {"messages": [message for turn in turns for message in turn]}
 
 def identity_preference_pairs(persona, n=500, seed=42):
     """DPO pairs {"prompt_messages", "chosen", "rejected"}: the persona's answer over a generic one."""
@@ -149,12 +134,10 @@ def identity_preference_pairs(persona, n=500, seed=42):
     generic = [a for a in GENERIC_ANSWERS if persona["name"].lower() not in a.lower()]
     topics = ["who", "name", "maker", "not_someone_else", "human"]  # where generic replies are wrong
     pairs = []
-    for index in range(n):
-        rng = random.Random(f"identity_pairs/{seed}/{index}")
+    for rng in (random.Random(f"identity_pairs/{seed}/{index}") for index in range(n)):
         questions, answers = TOPICS[rng.choice(topics)]
         pairs.append({"prompt_messages": [{"role": "user", "content": _vary(rng, rng.choice(questions))}],
-                      "chosen": rng.choice(answers).format(**persona),
-                      "rejected": rng.choice(generic)})
+                      "chosen": rng.choice(answers).format(**persona), "rejected": rng.choice(generic)})
     return pairs
 
 class IdentityPreferences(PreferenceList):

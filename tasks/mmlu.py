@@ -3,7 +3,7 @@ MMLU: 57-subject multiple-choice exam questions (Hendrycks et al., MIT licence),
 Offline, a jsonl of {"question", "choices": [str], "answer": int, "answer_letter"?, "subject"?}:
     MMLU("test", data_path=f"{DATA}/eval/mmlu_test_26subjects.jsonl")   # or mmlu_dev_fewshot.jsonl
 """
-from tasks.common import MultipleChoiceTask, check_multiple_choice, data_paths_or_download, multiple_choice_conversation
+from tasks.common import MultipleChoiceTask, data_paths_or_download, multiple_choice_conversation
 
 HF_REPO = "cais/mmlu"
 # auxiliary_train (~100k questions from other MC datasets) is for training; dev (5 per subject),
@@ -13,9 +13,8 @@ MMLU_SPLITS = ("auxiliary_train", "dev", "validation", "test")
 def mmlu_conversation(record):
     if isinstance(record.get("train"), dict):  # the separate auxiliary_train config nests each row
         record = record["train"]
-    question, choices, answer = check_multiple_choice(record.get("question"), record.get("choices"),
-                                                      record.get("answer"), record.get("answer_letter"))
-    return multiple_choice_conversation(question, choices, answer, subject=record.get("subject") or "")
+    return multiple_choice_conversation(record.get("question"), record.get("choices"), record.get("answer"),
+                                        record.get("answer_letter"), subject=record.get("subject") or "")
 
 class MMLU(MultipleChoiceTask):
     def __init__(self, split="test", subset="all", data_path=None, skip_bad=None, **slice_kwargs):

@@ -11,34 +11,33 @@ HF_FILES = {"train": "data/train_prefs-00000-of-00001.parquet", "test": "data/te
 def _reply(record, key):
     """(reply text, earlier turns or None) of record[key], a string or a conversation."""
     value = record.get(key)
-    if value is None:
-        raise RecordError(key, "missing")
+    if not isinstance(value, (str, list)):
+        raise RecordError(key, "missing" if value is None else
+                          f"expected a string or a list of messages, got {type(value).__name__}")
     if isinstance(value, list):
         messages = check_messages(value, field=key, final_role="assistant")
         if not isinstance(messages[-1]["content"], str):
             raise RecordError(f"{key}[{len(messages) - 1}].content", "the final reply must be a string")
         return messages[-1]["content"], messages[:-1]
-    if not isinstance(value, str):
-        raise RecordError(key, f"expected a string or a list of messages, got {type(value).__name__}")
     if not value.strip():
         raise RecordError(key, "empty")
     return value, None
 
 # A record {"prompt": "..." | [messages], "chosen": "...", "rejected": "..."} becomes an item
-# {"prompt_messages": [...], "chosen": str, "rejected": str}. The prompt may come as "prompt_messages"
-# (shared/data/preference/, whose "prompt" is only the last user turn); a message-list prompt ends with
-# the user. chosen/rejected may be whole conversations ending with the reply (UltraFeedback's form):
-# their earlier turns are then the prompt, and must be the same for both.
+# {"prompt_messages": [...], "chosen": str, "rejected": str}, what DPO compares (nanochat/dpo.py)
 def preference_pair(record):
     (chosen, chosen_context), (rejected, rejected_context) = _reply(record, "chosen"), _reply(record, "rejected")
-    if "prompt_messages" in record:
-        prompt_messages = check_messages(record["prompt_messages"], field="prompt_messages", final_role="user")
-    elif isinstance(record.get("prompt"), list):
-        prompt_messages = check_messages(record["prompt"], field="prompt", final_role="user")
-    elif chosen_context:  # a conversation-style pair carries its own prompt
+    # a message-list prompt ends with the user; "prompt_messages" is that of shared/data/preference/, whose
+    # "prompt" is only the last user turn
+    if "prompt_messages" in record or isinstance(record.get("prompt"), list):
+        key = "prompt_messages" if "prompt_messages" in record else "prompt"
+        prompt_messages = check_messages(record[key], field=key, final_role="user")
+    # chosen/rejected as whole conversations ending with the reply (UltraFeedback's form): their earlier
+    # turns are the prompt, the same for both (and already checked, ending with the user, as part of chosen)
+    elif chosen_context:
         if chosen_context != rejected_context:
             raise RecordError("rejected", "its earlier turns differ from those of chosen (not the same prompt)")
-        prompt_messages = check_messages(chosen_context, field="chosen", final_role="user")
+        prompt_messages = chosen_context
     elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
         prompt_messages = [{"role": "user", "content": record["prompt"]}]
     else:
@@ -46,11 +45,6 @@ def preference_pair(record):
     if chosen.strip() == rejected.strip():
         raise RecordError("rejected", "identical to chosen (a pair must differ to say anything)")
     return {"prompt_messages": prompt_messages, "chosen": chosen, "rejected": rejected}
-
-def pair_conversations(item):
-    """(chosen conversation, rejected conversation) for one preference item: what DPO compares."""
-    return tuple({"messages": item["prompt_messages"] + [{"role": "assistant", "content": item[key]}]}
-                 for key in ("chosen", "rejected"))
 
 class Preferences(RecordTask):
     def __init__(self, path=None, split="train", skip_bad=None, **slice_kwargs):

@@ -1,10 +1,10 @@
 """
-SmolTalk: general chat conversations for SFT/midtraining, Apache-2.0, from HuggingFaceTB/smol-smoltalk
-(the mix made for small models: ~460k train / ~24k test). Offline, any conversation file:
+SmolTalk: general chat conversations for SFT/midtraining (Apache-2.0). Offline, any conversation file:
     SmolTalk("train", data_path=f"{DATA}/chat/selfinstruct_seed_tasks_chat.jsonl")
 """
 from tasks.common import RecordTask, chat_record_to_conversation, data_paths_or_download
 
+# the mix of chat data that Hugging Face made for small models: ~460k train / ~24k test conversations
 HF_REPO = "HuggingFaceTB/smol-smoltalk"
 # the train split comes in four parquet shards
 HF_FILES = {"train": [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)],

@@ -40,18 +40,6 @@ e.g. "preferences:skip_bad:/data/hh.jsonl".
 Examples: "smoltalk", "mmlu:auxiliary_train", "gsm8k[:2000]", "arc:challenge:test",
   "custom:/data/mine.jsonl", "identity:persona.json:500". A spec listed twice is oversampled."""
 
-def _is_path(arg):
-    return "/" in arg or os.sep in arg or arg.endswith((".jsonl", ".json", ".parquet"))
-
-def _split_args(body):
-    """NAME:ARG:ARG... -> (lowercase name, args), with Windows drive letters kept on their paths."""
-    name, *args = body.split(":")
-    # on Windows, "C:\data\x.jsonl" was cut at its drive letter: join the two pieces again
-    for i in range(len(args) - 1, 0, -1):
-        if os.name == "nt" and len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
-            args[i - 1:i + 1] = [args[i - 1] + ":" + args[i]]
-    return name.strip().lower(), args
-
 def build_task(spec, default_split="train"):
     """Turn a CLI spec string into a Task (grammar: SPEC_HELP). default_split: 'train' or 'test'."""
     # NAME:ARG..., then an optional python-like slice [START:STOP:STEP]
@@ -60,73 +48,75 @@ def build_task(spec, default_split="train"):
         raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
     body, start, stop, step = match.groups()
     sliced = {"start": int(start or 0), "stop": int(stop) if stop else None, "step": int(step or 1)}
-    name, args = _split_args(body)
+    name, *args = body.split(":")
+    name = name.strip().lower()
+    # on Windows, "C:\data\x.jsonl" was cut at its drive letter: join the two pieces again
+    for i in range(len(args) - 1, 0, -1):
+        if os.name == "nt" and len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
+            args[i - 1:i + 1] = [args[i - 1] + ":" + args[i]]
     # an ARG is told apart by its form: a path, a number (a size), or a word (split, variant, subject)
-    path = next((a for a in args if _is_path(a)), None)
-    words = [a for a in args if not _is_path(a) and not a.isdigit() and a != "skip_bad"]
+    paths = [a for a in args if "/" in a or os.sep in a or a.endswith((".jsonl", ".json", ".parquet"))]
+    path = paths[0] if paths else None
+    words = [a for a in args if a not in paths and not a.isdigit() and a != "skip_bad"]
     numbers = [int(a) for a in args if a.isdigit()]
+    # the number of a generated task is its size
+    size = numbers[0] if numbers else 1000
     # None: each task's default (bad records fail your files, are left out of downloads)
     skip_bad = True if "skip_bad" in args else None
 
     def pick(allowed, default):
-        chosen = [w for w in words if w in allowed]
-        return chosen[0] if chosen else default
-
+        return next((w for w in words if w in allowed), default)
     # an argument that no part of the spec used is a typo: say so rather than ignore it
-    def leftover(*used, sized=False):
-        extra = [w for w in words if w not in used] + ([] if sized else numbers)
-        if extra:
+    def check_args(*used, sized=False, needs_file=None):
+        if extra := [w for w in words if w not in used] + ([] if sized else numbers):
             raise ValueError(f"task spec {spec!r}: unknown argument(s) {extra}.\n{SPEC_HELP}")
+        if needs_file and path is None:
+            raise ValueError(f"task spec {spec!r}: {name} needs {needs_file}")
 
     if name in ("smoltalk", "gsm8k", "preferences", "prefs"):
         split = pick(("train", "test"), default_split)
-        leftover(split)
+        check_args(split)
         if name in ("preferences", "prefs"):
             return Preferences(path, split=split, skip_bad=skip_bad, **sliced)
         return (SmolTalk if name == "smoltalk" else GSM8K)(split, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "mmlu":
-        words = ["auxiliary_train" if w == "train" else w for w in words]  # MMLU's training split
+        # MMLU's training split is auxiliary_train
+        words = ["auxiliary_train" if w == "train" else w for w in words]
         split = pick(MMLU_SPLITS, "auxiliary_train" if default_split == "train" else "test")
         # the other word, if any, is a subject: mmlu:test:astronomy
         subset = next((w for w in words if w != split), "all")
-        leftover(split, subset)
+        check_args(split, subset)
         return MMLU(split, subset=subset, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "arc":
         variant, split = pick(("easy", "challenge"), "easy"), pick(ARC_SPLITS, default_split)
-        leftover(variant, split)
+        check_args(variant, split)
         return ARC(variant, split, data_path=path, skip_bad=skip_bad, **sliced)
     if name == "humaneval":
-        leftover("test")  # its only split may be named
+        # its only split, test, may be named
+        check_args("test")
         return HumanEval(data_path=path, skip_bad=skip_bad, **sliced)
     if name in ("spelling", "spellingbee", "simplespelling"):
         split = pick(("train", "test"), default_split)
-        # the number is the size here, not an unknown argument
-        leftover(split, sized=True)
-        cls = SimpleSpelling if name == "simplespelling" else SpellingBee
-        return cls(size=numbers[0] if numbers else 1000, split=split, **sliced)
+        check_args(split, sized=True)
+        return (SimpleSpelling if name == "simplespelling" else SpellingBee)(size=size, split=split, **sliced)
     # your own files: a bad record is an error unless the spec says skip_bad
     if name == "custom":
-        leftover()
-        if path is None:
-            raise ValueError(f"task spec {spec!r}: custom needs a file, e.g. custom:/data/mine.jsonl")
+        check_args(needs_file="a file, e.g. custom:/data/mine.jsonl")
         return CustomJSON(path, skip_bad=bool(skip_bad), **sliced)
     if name in ("identity", "identity_pairs"):
-        leftover(sized=True)
-        if path is None:
-            raise ValueError(f"task spec {spec!r}: {name} needs a persona file, e.g. {name}:persona.json")
+        check_args(sized=True, needs_file=f"a persona file, e.g. {name}:persona.json")
         cls = IdentityConversations if name == "identity" else IdentityPreferences
-        return cls(load_persona(path), n=numbers[0] if numbers else 1000, **sliced)
+        return cls(load_persona(path), n=size, **sliced)
     raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
 
+# a TaskMixture from a list of specs or one comma-separated string of them (a spec given twice counts twice)
 def build_mixture(specs, seed=42, default_split="train"):
-    """A TaskMixture from a list of specs or one comma-separated string of them."""
     if isinstance(specs, str):
         specs = [s for s in specs.split(",") if s.strip()]
     return TaskMixture([build_task(s, default_split) for s in specs], seed=seed)
 
 # -----------------------------------------------------------------------------
 # The data of midtraining, SFT and DPO, from their data flags
-
 def train_val_mixtures(train_tasks, val_tasks=None, holdout=500, seed=42):
     """(train, val) TaskMixtures; without val_tasks, val is held out of the training mixture."""
     if not train_tasks:
@@ -134,9 +124,8 @@ def train_val_mixtures(train_tasks, val_tasks=None, holdout=500, seed=42):
     if val_tasks:
         return TaskMixture(train_tasks, seed=seed), TaskMixture(val_tasks, seed=seed)
     # the first `holdout` examples of the shuffled mixture, at most a tenth of it, are not trained on
-    total = len(TaskMixture(train_tasks, seed=seed))
-    held = min(holdout, total // 10)
-    if held < 1:
+    total = sum(len(task) for task in train_tasks)
+    if (held := min(holdout, total // 10)) < 1:
         raise ValueError(f"only {total} training example(s): too few to hold out a validation set "
                          "(give more data, or a validation set explicitly)")
     return TaskMixture(train_tasks, seed=seed, start=held), TaskMixture(train_tasks, seed=seed, stop=held)

@@ -7,30 +7,26 @@ import random
 import re
 
 from tasks.common import Task
-from tasks.gsm8k import extract_answer
+from tasks.gsm8k import GSM8K
 
-WORDS = """
-apple banana cherry strawberry blueberry raspberry orange lemon mango papaya pineapple grape melon watermelon peach
-apricot coconut avocado tomato potato carrot cabbage broccoli spinach pepper onion garlic ginger cinnamon vanilla
-chocolate coffee butter cheese bread pizza pasta noodle cookie biscuit pancake sandwich breakfast dinner kitchen
-bottle pillow blanket window mirror ceiling carpet curtain balloon bicycle airplane helicopter submarine rocket
-engine tunnel bridge castle village mountain valley river ocean island desert forest jungle meadow volcano glacier
-thunder lightning rainbow sunshine weather autumn winter summer spring morning evening midnight yesterday tomorrow
-calendar birthday holiday umbrella necklace diamond emerald sapphire crystal silver copper bronze marble granite
-pebble feather whisker rabbit giraffe elephant kangaroo penguin dolphin octopus squirrel hedgehog butterfly
-caterpillar mosquito dragonfly crocodile alligator leopard cheetah gorilla raccoon beaver buffalo camel donkey
-parrot pelican flamingo peacock sparrow falcon eagle turtle lobster oyster jellyfish mississippi tennessee committee
-accommodate embarrass occurrence necessary separate definitely recommend millennium parallel possession
-questionnaire bookkeeper succeed address assassin balloon coffee letter little bubble puzzle pizzazz hippopotamus
-banana bookkeeping referee guarantee rhythm symphony orchestra trumpet violin guitar piano drummer melody harmony
-library teacher student pencil eraser notebook backpack science history geography language grammar alphabet sentence
-paragraph question answer problem solution computer keyboard monitor printer software hardware internet network
-algorithm program function variable compiler database python javascript transformer attention gradient optimizer
-tokenizer language
-""".split()
-WORDS = sorted(set(WORDS))  # sorted: the same list, in the same order, in every Python process
+# sorted(set()): the same list, in the same order, in every Python process
+WORDS = sorted(set("""apple banana cherry strawberry blueberry raspberry orange lemon mango papaya pineapple grape melon
+watermelon peach apricot coconut avocado tomato potato carrot cabbage broccoli spinach pepper onion garlic ginger
+cinnamon vanilla chocolate coffee butter cheese bread pizza pasta noodle cookie biscuit pancake sandwich breakfast
+dinner kitchen bottle pillow blanket window mirror ceiling carpet curtain balloon bicycle airplane helicopter submarine
+rocket engine tunnel bridge castle village mountain valley river ocean island desert forest jungle meadow volcano
+glacier thunder lightning rainbow sunshine weather autumn winter summer spring morning evening midnight yesterday
+tomorrow calendar birthday holiday umbrella necklace diamond emerald sapphire crystal silver copper bronze marble
+granite pebble feather whisker rabbit giraffe elephant kangaroo penguin dolphin octopus squirrel hedgehog butterfly
+caterpillar mosquito dragonfly crocodile alligator leopard cheetah gorilla raccoon beaver buffalo camel donkey parrot
+pelican flamingo peacock sparrow falcon eagle turtle lobster oyster jellyfish mississippi tennessee committee
+accommodate embarrass occurrence necessary separate definitely recommend millennium parallel possession questionnaire
+bookkeeper succeed address assassin letter little bubble puzzle pizzazz hippopotamus bookkeeping referee guarantee
+rhythm symphony orchestra trumpet violin guitar piano drummer melody harmony library teacher student pencil eraser
+notebook backpack science history geography language grammar alphabet sentence paragraph question answer problem
+solution computer keyboard monitor printer software hardware internet network algorithm program function variable
+compiler database python javascript transformer attention gradient optimizer tokenizer""".split()))
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-
 COUNT_QUESTIONS = [
     "How many {letter}'s are in the word {word}?", "How many times does the letter '{letter}' appear in '{word}'?",
     "Count the number of {letter}'s in \"{word}\".", "In the word {word}, how many times does the letter {letter} occur?",
@@ -79,20 +75,16 @@ class SpellingBee(_GeneratedTask):
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "answer": count, "word": word, "letter": letter}
 
-    def evaluate(self, conversation, completion):
-        # the number after the last "####", as GSM8K's
-        predicted = extract_answer(completion)
-        return float(predicted is not None and predicted == conversation["answer"])
+    # GSM8K's grader: the number after the last "####" against conversation["answer"]
+    evaluate = GSM8K.evaluate
 
 class SimpleSpelling(_GeneratedTask):
     # "Spell the word apple" -> "apple: a-p-p-l-e"
     def get_example(self, index):
         rng = self.rng(index)
         word = rng.choice(WORDS)
-        question = rng.choice(SPELL_QUESTIONS).format(word=word)
-        return {"messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": f"{word}: {'-'.join(word)}"}],
-                "word": word}
+        user, reply = rng.choice(SPELL_QUESTIONS).format(word=word), f"{word}: {'-'.join(word)}"
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], "word": word}
 
     def evaluate(self, conversation, completion):
         spelled = SPELLED.findall(completion)

@@ -8,7 +8,7 @@ import torch
 
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, attention
+from nanochat.gpt import GPT, GPTConfig, attention
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -97,72 +97,19 @@ def test_attention_kv_expansion_matches_sdpa_gqa():
     want = F.scaled_dot_product_attention(q, k[:, :, :10], v[:, :, :10], is_causal=True, enable_gqa=True)
     torch.testing.assert_close(attention(q, k[:, :, :10], v[:, :, :10], is_causal=True), want, atol=1e-6, rtol=1e-5)
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_kv_cache_matches_full_recompute(fused):
-    """prefill into an empty cache, a multi-token chunk onto a non-empty cache, then single-token
-    decode steps, crossing the initial cache size (growth) and the training sequence_len."""
-    model = make_model(sequence_len=16)  # rotary tables cover 160 positions
-    model.fused = fused
-    cfg = model.config
-    idx = torch.randint(0, 64, (2, 40))
-    full = model(idx)
-    cache = KVCache(batch_size=2, num_heads=cfg.n_kv_head, seq_len=12, head_dim=cfg.n_embd // cfg.n_head,
-                    num_layers=cfg.n_layer, device="cpu", dtype=torch.float32)
-    with torch.no_grad():
-        out = [model(idx[:, :10], kv_cache=cache)]        # prefill, empty cache
-        assert cache.get_pos() == 10 and cache.kv.size(4) == 12
-        out.append(model(idx[:, 10:17], kv_cache=cache))  # chunk on a non-empty cache, grows past 12
-        assert cache.get_pos() == 17 and cache.kv.size(4) > 17
-        for t in range(17, 40):                            # decode one token at a time
-            out.append(model(idx[:, t:t + 1], kv_cache=cache))
-    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
-    cache.reset()
-    assert cache.get_pos() == 0
-    torch.testing.assert_close(model(idx[:, :5], kv_cache=cache), full[:, :5], atol=1e-5, rtol=1e-5)
-
-def test_kv_cache_lazy_allocation_and_growth_past_capacity():
-    model = make_model()
-    cfg = model.config
-    cache = KVCache(1, cfg.n_kv_head, 4, cfg.n_embd // cfg.n_head, cfg.n_layer)  # device/dtype from first insert
-    idx = torch.randint(0, 64, (1, 30))
-    full = model(idx)
-    with torch.no_grad():
-        out = [model(idx[:, :6], kv_cache=cache)]
-        out += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(6, 30)]
-    assert cache.kv.dtype == torch.float32
-    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
-
-def test_kv_cache_prefill_broadcasts_batch_one():
-    """Prefill a prompt once (batch 1), copy into a batch-3 cache, continue each row differently."""
-    model = make_model()
-    cfg = model.config
-    head_dim = cfg.n_embd // cfg.n_head
-    prompt = torch.randint(0, 64, (1, 9))
-    one = KVCache(1, cfg.n_kv_head, 9, head_dim, cfg.n_layer)
-    many = KVCache(3, cfg.n_kv_head, 4, head_dim, cfg.n_layer, device="cpu", dtype=torch.float32)
-    nxt = torch.tensor([[5], [17], [42]])
-    with torch.no_grad():
-        model(prompt, kv_cache=one)
-        many.prefill(one)
-        assert many.get_pos() == 9
-        got = model(nxt, kv_cache=many)
-    want = model(torch.cat([prompt.expand(3, -1), nxt], dim=1))[:, -1:]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    bad = KVCache(3, cfg.n_kv_head + 1, 4, head_dim, cfg.n_layer)
-    with pytest.raises(ValueError, match="incompatible"):
-        bad.prefill(one)
-
 class PerRowCache:
-    """The ragged-cache protocol GPT.forward accepts (engine.RaggedKVCache is the production one),
-    written as plainly as possible: get_pos() is a (B,) tensor of per-row lengths; insert_kv writes
-    each row at its own position and returns keys/values up to the longest row."""
+    """The cache protocol GPT.forward accepts (engine.py holds the production caches), written as plainly
+    as possible: get_pos() is a (B,) tensor of per-row lengths, or with shared_pos one int for every row;
+    insert_kv writes each row at its own position and returns keys/values up to the longest row."""
 
-    def __init__(self, num_layers, rows, heads, head_dim, capacity):
-        self.kv = torch.zeros(num_layers, 2, rows, heads, capacity, head_dim)
+    def __init__(self, model, rows, capacity, shared_pos=False):
+        cfg = model.config
+        self.kv = torch.zeros(cfg.n_layer, 2, rows, cfg.n_kv_head, capacity, cfg.n_embd // cfg.n_head)
         self.pos = torch.zeros(rows, dtype=torch.long)
+        self.shared_pos = shared_pos
 
     def get_pos(self):
-        return self.pos
+        return int(self.pos[0]) if self.shared_pos else self.pos
 
     def insert_kv(self, layer_idx, k, v):
         T = k.size(2)
@@ -175,22 +122,40 @@ class PerRowCache:
         return self.kv[layer_idx, 0, :, :, :n], self.kv[layer_idx, 1, :, :, :n]
 
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shared_pos", [True, False])
+def test_kv_cache_matches_full_recompute(fused, shared_pos):
+    """A prefill into an empty cache, a multi-token chunk onto the non-empty cache (per-row positions only:
+    with one int position it is refused), then single-token decode steps past the training sequence_len."""
+    model = make_model(sequence_len=16)  # rotary tables cover 160 positions
+    model.fused = fused
+    idx = torch.randint(0, 64, (2, 40))
+    full = model(idx)
+    cache = PerRowCache(model, rows=2, capacity=48, shared_pos=shared_pos)
+    chunks = [(0, 17)] if shared_pos else [(0, 10), (10, 17)]
+    with torch.no_grad():
+        out = [model(idx[:, a:b], kv_cache=cache) for a, b in chunks]
+        out += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(17, 40)]  # decode one token at a time
+        if shared_pos:
+            with pytest.raises(AssertionError, match="per-row positions"):
+                model(idx[:, :2], kv_cache=cache)
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+
+@pytest.mark.parametrize("fused", [True, False])
 def test_ragged_batch_rows_at_their_own_positions(fused):
     """Three prompts of different lengths, each prefilled alone, then decoded together (single
     tokens and a 2-token chunk): every row's logits equal recomputing that row alone."""
     model = make_model()
     model.fused = fused
-    cfg = model.config
-    head_dim = cfg.n_embd // cfg.n_head
     torch.manual_seed(1)
     prompts = [torch.randint(0, 64, (1, n)) for n in (5, 9, 2)]
-    ragged = PerRowCache(cfg.n_layer, 3, cfg.n_kv_head, head_dim, capacity=32)
+    ragged = PerRowCache(model, rows=3, capacity=32)
     with torch.no_grad():
         for b, prompt in enumerate(prompts):
-            single = KVCache(1, cfg.n_kv_head, prompt.size(1), head_dim, cfg.n_layer)
+            n = prompt.size(1)
+            single = PerRowCache(model, rows=1, capacity=n, shared_pos=True)  # a prefill, as the engine's
             model(prompt, kv_cache=single)
-            ragged.kv[:, :, b, :, :single.get_pos()] = single.kv[:, :, 0, :, :single.get_pos()]
-            ragged.pos[b] = single.get_pos()
+            ragged.kv[:, :, b, :, :n] = single.kv[:, :, 0, :, :n]
+            ragged.pos[b] = n
         seqs = [p[0].tolist() for p in prompts]
         for step_len in (1, 1, 2, 1):
             new = torch.randint(0, 64, (3, step_len))
@@ -418,7 +383,7 @@ def test_the_switch_reaches_every_forward(monkeypatch, fused):
     model.fused = fused
     cfg = model.config
     idx = torch.randint(0, 64, (2, 8))
-    cache = KVCache(2, cfg.n_kv_head, 8, cfg.n_embd // cfg.n_head, cfg.n_layer)
+    cache = PerRowCache(model, rows=2, capacity=8, shared_pos=True)
     forwards = [lambda: model(idx, idx).backward(), lambda: model(idx, idx, loss_reduction="none").sum().backward(),
                 torch.no_grad()(lambda: model(idx, idx)), lambda: model(idx),
                 torch.no_grad()(lambda: model(idx[:, :1], kv_cache=cache))]

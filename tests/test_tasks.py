@@ -23,7 +23,7 @@ from tasks.humaneval import HumanEval, extract_code, humaneval_program
 from tasks.spelling import SpellingBee, SimpleSpelling
 from tasks.customjson import CustomJSON
 from tasks.smoltalk import SmolTalk
-from tasks.preferences import Preferences, pair_conversations
+from tasks.preferences import Preferences
 from tasks.identity import (IdentityConversations, IdentityPreferences, identity_preference_pairs,
                             load_persona, validate_persona)
 
@@ -289,6 +289,11 @@ def test_smoltalk_local_parquet_and_jsonl(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Preferences
+
+def pair_conversations(item):
+    """(chosen, rejected) conversations of a preference item: its prompt followed by each reply."""
+    return tuple({"messages": item["prompt_messages"] + [{"role": "assistant", "content": item[key]}]}
+                 for key in ("chosen", "rejected"))
 
 def test_preferences_formats():
     task = Preferences(FIXTURES / "prefs.jsonl")

@@ -1,18 +1,4 @@
-"""
-A nanochat GPT as a Hugging Face `transformers` model (trust_remote_code), computing exactly
-what nanochat/gpt.py computes, so exported weights give the same logits:
-
-- token embedding, then parameter-free RMSNorm (F.rms_norm, no weight)
-- blocks: x += attn(norm(x)); x += mlp(norm(x)); no biases
-- attention: rotary embeddings (base 10000, halves rotated as (x1 cos + x2 sin, x2 cos - x1 sin)),
-  then QK-norm (parameter-free RMSNorm of queries and keys per head), grouped-query attention
-- MLP: ReLU(x W_fc)^2 W_proj
-- final norm, untied lm_head, logits soft-capped at softcap * tanh(logits / softcap), in fp32
-
-Keys and values are kept in a transformers Cache (DynamicCache), so model.generate() decodes
-incrementally. attention_mask (1 = token, 0 = padding) is honoured, so left-padded batches work:
-positions are counted over the real tokens only.
-"""
+"""A nanochat GPT as a Hugging Face `transformers` model (trust_remote_code): exactly what nanochat/gpt.py computes."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,9 +8,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_nanochat import NanoChatConfig
 
+# Every norm is parameter-free RMSNorm (F.rms_norm with no weight): nothing to export or load
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
+# rotary embeddings as nanochat rotates them: the two halves of each head, not interleaved pairs
+# (x1 cos + x2 sin, x2 cos - x1 sin); another convention would scramble the trained positions
 def apply_rotary_emb(x, cos, sin):
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
@@ -36,6 +25,7 @@ class NanoChatAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
+        # the layer names of nanochat/gpt.py, so its state_dict loads as is; no biases anywhere
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -46,10 +36,12 @@ class NanoChatAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # rotary first, then QK-norm (RMSNorm of each head's queries and keys), in nanochat's order
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if cache is not None:
+        if cache is not None:  # DynamicCache: model.generate() decodes incrementally
             k, v = cache.update(k, v, self.layer_idx)
+        # grouped-query attention: each key/value head serves n_rep query heads
         n_rep = self.n_head // self.n_kv_head
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -63,6 +55,7 @@ class NanoChatMLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
+        # ReLU(x W_fc)^2 W_proj: nanochat's squared ReLU, no gate, no biases
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 class NanoChatBlock(nn.Module):
@@ -72,6 +65,7 @@ class NanoChatBlock(nn.Module):
         self.mlp = NanoChatMLP(config)
 
     def forward(self, x, cos, sin, mask, cache):
+        # pre-norm residual blocks: x += attn(norm(x)); x += mlp(norm(x))
         x = x + self.attn(norm(x), cos, sin, mask, cache)
         return x + self.mlp(norm(x))
 
@@ -80,6 +74,7 @@ class NanoChatPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     _no_split_modules = ["NanoChatBlock"]
     _supports_cache_class = True
+    # no gradient checkpointing: this file is for inference and evaluation of an export
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module):
@@ -105,8 +100,8 @@ class NanoChatModel(NanoChatPreTrainedModel):
         self.wte = value
 
     def rotary(self, positions, dtype):
-        """cos, sin of shape (B, T, 1, head_dim / 2) for integer positions (B, T), computed in
-        fp32 exactly as nanochat's precomputed tables are (outer product, then cos/sin)."""
+        # cos, sin of shape (B, T, 1, head_dim / 2) for integer positions (B, T), computed in fp32
+        # exactly as nanochat's precomputed tables are (outer product, then cos/sin), so the same angles
         head_dim = self.config.n_embd // self.config.n_head
         inv_freq = self.config.rotary_base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32,
                                                              device=positions.device) / head_dim)
@@ -125,11 +120,13 @@ class NanoChatModel(NanoChatPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
+        # positions already in the cache (earlier generate() steps): this call's tokens come after them
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         total = past + T
         device = x.device
 
         if position_ids is None:
+            # attention_mask (1 = token, 0 = padding) is honoured, so left-padded batches work
             if attention_mask is not None:  # padding does not count as a position
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
@@ -145,12 +142,13 @@ class NanoChatModel(NanoChatPreTrainedModel):
             mask = mask & attention_mask[:, None, None, :total].bool().to(device)
             mask = mask | (k_idx == q_idx)[None, None]
 
-        x = norm(x)
+        x = norm(x)  # nanochat norms the token embedding before the first block
         for block in self.h:
             x = block(x, cos, sin, mask, past_key_values if use_cache else None)
         x = norm(x)
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
 
+# The model with its head, what AutoModelForCausalLM loads: the exported weight names are nanochat's own
 class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
@@ -175,8 +173,10 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
+        # generate() asks for the last position's logits only: no (B, T, V) tensor per step
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
+        # an untied lm_head; the soft-cap softcap * tanh(logits / softcap) in fp32, as nanochat does
         logits = self.lm_head(hidden).float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
