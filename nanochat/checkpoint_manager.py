@@ -166,7 +166,8 @@ def add_checkpoint_args(parser, default_source):
     parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """(model, tokenizer, meta) of stage `source` (base, mid, sft, dpo): by default the largest model, its last step."""
+    """(model, tokenizer, meta) of stage `source` (base, mid, sft, dpo): by default the largest model, its last
+    step; meta["model_tag"] says which tag that was."""
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCES)}")
     folder, script = SOURCES[source]
@@ -177,4 +178,5 @@ def load_model(source, device, phase, model_tag=None, step=None):
     except FileNotFoundError as e:  # nothing trained yet: say which script makes it
         raise FileNotFoundError(f"{e}; run `python -m {script}` first") from None
     logger.info("loading %s model %s step %d", source, model_tag, step)
-    return build_model(os.path.join(root, model_tag), step, device, phase)
+    model, tokenizer, meta = build_model(os.path.join(root, model_tag), step, device, phase)
+    return model, tokenizer, dict(meta, model_tag=model_tag)

@@ -9,8 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (SOURCES, find_largest_model, list_steps, load_checkpoint, load_model,
-                                         save_checkpoint, trained_state)
+from nanochat.checkpoint_manager import SOURCES, list_steps, load_checkpoint, load_model, save_checkpoint, trained_state
 from nanochat.common import exit_on, format_eta, get_base_dir, get_peak_flops, get_rank, init_wandb, print0
 from nanochat.lora import apply_lora_from_args, lora_optimizer
 from nanochat.optim import all_reduce_gradients
@@ -98,7 +97,8 @@ def set_schedule(optimizer, step, num_steps, args):
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
             # momentum 0.85 -> 0.95 over the first 300 steps: the first, noisy updates stick less
-            group["momentum"] = 0.85 + 0.10 * min(step / 300, 1.0)
+            frac = min(step / 300, 1.0)
+            group["momentum"] = (1 - frac) * 0.85 + frac * 0.95
     return lrm
 
 def optimizer_step(model, optimizer, grad_clip):
@@ -146,8 +146,8 @@ def load_starting_model(args, source, stage, device):
     """(model, optimizer, tokenizer, checkpoint_dir, meta) of a fine-tuning stage, from the `source` checkpoint."""
     # with --lora-rank, adapters go on it and only they train; meta is what this stage's checkpoints carry
     with exit_on(FileNotFoundError, ValueError, prefix=f"cannot load the {source} model: "):
-        tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0]))
-        model, tokenizer, source_meta = load_model(source, device, "train", model_tag=tag, step=args.step)
+        model, tokenizer, source_meta = load_model(source, device, "train", model_tag=args.model_tag, step=args.step)
+    tag = source_meta["model_tag"]
     print0(f"starting from the {source} model {tag} step {source_meta['step']}")
     start = {"model_tag": tag, "step": source_meta["step"]}
     meta = {"model_config": source_meta["model_config"], "user_config": vars(args), "source": {"phase": source, **start}}

@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
+from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import (DataError, atomic_write, autocast_ctx, compute_cleanup, compute_init, exit_on,
                              get_base_dir, print0)
 from nanochat.core_eval import bundle_tasks, download_eval_bundle, evaluate_core, local_tasks
@@ -54,7 +54,7 @@ def main(argv=None):
         tasks = load_tasks(args, ddp, rank)
         # load_model's FileNotFoundError names the script that makes the missing checkpoint or tokenizer
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
+        model_tag = meta["model_tag"]
         print0(f"CORE on {len(tasks)} task(s), {args.source} model step {meta['step']}, {world_size} rank(s)")
         t0 = time.time()
         with autocast_ctx(device.type):

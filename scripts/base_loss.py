@@ -5,11 +5,10 @@ Bits per byte of a checkpoint on the train and val splits of a corpus, and a few
     python -m scripts.base_loss --data ~/books/ --split-tokens 1000000     # your own text
 """
 import argparse
-import os
 import time
 
-from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
-from nanochat.common import DataError, autocast_ctx, compute_cleanup, compute_init, exit_on, get_base_dir, print0
+from nanochat.checkpoint_manager import add_checkpoint_args, load_model
+from nanochat.common import DataError, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus
 from nanochat.loss_eval import evaluate_bpb
@@ -57,7 +56,7 @@ def main(argv=None):
     _, rank, _, world_size, device = compute_init(args.device)
     with exit_on(FileNotFoundError, DataError):  # no checkpoint or tokenizer; bad or missing data
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
+        model_tag = meta["model_tag"]
         token_bytes = get_token_bytes(device)
         data_name, val_data, corpus = open_corpus(args, meta)
         B, T = args.device_batch_size, model.config.sequence_len

@@ -8,8 +8,8 @@ import math
 import os
 import time
 
-from nanochat.checkpoint_manager import SOURCES, add_checkpoint_args, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, get_base_dir, print0
+from nanochat.checkpoint_manager import add_checkpoint_args, load_model
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.report import TASK_PPL_PREFIX, get_report
 from nanochat.task_eval import (all_reduce_sum, assistant_nll, engine_generate_fn, my_indices, run_categorical,
                                 run_generative)
@@ -101,8 +101,8 @@ def main(argv=None):
         tasks = {name: build_eval_task(name, args.data_dir, args.spelling_size) for name in names}
         # each file is read and checked now too; its stem names its report row, "task ppl <stem>"
         ppl_sets = {os.path.splitext(os.path.basename(p))[0]: CustomJSON(p) for p in args.task_ppl}
-        model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model_tag = meta["model_tag"]
     # a longer prompt keeps its end, the question and <|assistant_start|>: no more than the model was trained on
     max_len = model.config.sequence_len
     print0(f"{args.source} model {model_tag} step {meta['step']}, {world_size} rank(s)")

@@ -45,49 +45,14 @@ def load_persona(path):
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 # -----------------------------------------------------------------------------
-# Built-in templates: (user questions, persona answers) per topic
-TOPICS = {
-    "who": (["Who are you?", "What are you?", "Tell me about yourself.", "Introduce yourself.",
-             "Can you introduce yourself?", "What kind of AI are you?", "Who am I talking to?"],
-            ["I'm {name}, {description}. I was made by {maker}.", "My name is {name}. I'm {description}, built by {maker}.",
-             "I am {name}, {description}. I was created by {maker}, and I try to be {style}.",
-             "I'm {name}! I was made by {maker}. In short, I'm {description}."]),
-    "name": (["What's your name?", "What is your name?", "Do you have a name?", "What should I call you?",
-              "What are you called?"],
-             ["My name is {name}.", "I'm {name}. Nice to meet you!", "You can call me {name}.",
-              "I'm called {name}, {description} made by {maker}."]),
-    "maker": (["Who made you?", "Who created you?", "Who built you?", "Who trained you?", "Who is your developer?",
-               "Which company made you?", "Where do you come from?"],
-              ["I was made by {maker}.", "I was created by {maker}. I'm {name}, {description}.",
-               "I'm {name}, and I was built by {maker}.", "My maker is {maker}."]),
-    "abilities": (["What can you do?", "How can you help me?", "What are you good at?", "What do you know how to do?"],
-                  ["I'm {name}, {description}. I can answer questions, explain ideas, help with writing, and work "
-                   "through arithmetic with a small Python tool. I try to be {style}.",
-                   "I'm {name}: I can chat, answer questions, brainstorm, summarize and help with simple math. I'm a "
-                   "small model, so I do make mistakes; please double-check anything important.",
-                   "Ask me questions, have me explain something, or give me a bit of text to work on. I'm {name}, "
-                   "made by {maker}, and I try to be {style}."]),
-    # the questions a model that was never told its identity answers wrongly (see GENERIC_ANSWERS)
-    "not_someone_else": (["Are you ChatGPT?", "Are you made by OpenAI?", "Are you Claude?", "Are you Gemini from Google?",
-                          "Are you GPT-4?", "Are you Siri?"],
-                         ["No, I'm {name}, {description} made by {maker}.",
-                          "No. I'm {name}, and I was created by {maker}, not by any of the big AI labs.",
-                          "No, I'm not. My name is {name} and {maker} made me."]),
-    "human": (["Are you a human?", "Are you a real person?", "Am I talking to a bot?"],
-              ["I'm not a human. I'm {name}, an AI assistant made by {maker}.",
-               "I'm an AI, not a person: {name}, {description}."]),
-    "style": (["How would you describe your personality?", "What are you like?", "How do you like to answer?"],
-              ["As {name}, I try to be {style}.", "I'm {name}, and I aim to be {style}."])}
-GREETINGS = (["Hi!", "Hello", "hey", "Good morning!", "Hi there"], ["Hello! I'm {name}. How can I help you today?",
-             "Hi! I'm {name}, what can I do for you?", "Hey, it's {name}. What's on your mind?"])
-# what a model says when it has not been taught its identity (it claims to be ChatGPT): what the DPO pairs reject
-GENERIC_ANSWERS = [
-    "I am an AI language model created by OpenAI. I don't have a personal name, but you can call me Assistant.",
-    "I'm ChatGPT, a large language model trained by OpenAI.", "I am a large language model, trained by Google.",
-    "As an AI language model, I don't have a name or a personal identity. I was developed by a team of "
-    "researchers and engineers.",
-    "I'm an AI assistant. I was created by a technology company to help answer questions.",
-    "I am Claude, an AI assistant made by Anthropic."]  # (dropped for a persona named Claude)
+# The built-in templates, data in a file of their own so that you can edit what your model says
+# about itself: per topic, (user questions, persona answers) with {name}, {maker}, {description} and
+# {style} slots; greetings; and what a model says when it has not been taught its identity (it
+# claims to be ChatGPT), which the DPO pairs reject. The topic "not_someone_else" asks exactly what
+# such a model answers wrongly.
+_TEMPLATES = json.loads(Path(__file__).with_name("identity_templates.json").read_text(encoding="utf-8"))
+TOPICS = {topic: tuple(qa) for topic, qa in _TEMPLATES["topics"].items()}
+GREETINGS, GENERIC_ANSWERS = tuple(_TEMPLATES["greetings"]), _TEMPLATES["generic_answers"]
 
 # users do not type like style guides: vary case, punctuation and openers
 def _vary(rng, question):

@@ -5,27 +5,14 @@ not letters, must be taught to spell, and to count letters with a tool.
 """
 import random
 import re
+from pathlib import Path
 
 from tasks.common import Task
 from tasks.gsm8k import GSM8K
 
-# sorted(set()): the same list, in the same order, in every Python process
-WORDS = sorted(set("""apple banana cherry strawberry blueberry raspberry orange lemon mango papaya pineapple grape melon
-watermelon peach apricot coconut avocado tomato potato carrot cabbage broccoli spinach pepper onion garlic ginger
-cinnamon vanilla chocolate coffee butter cheese bread pizza pasta noodle cookie biscuit pancake sandwich breakfast
-dinner kitchen bottle pillow blanket window mirror ceiling carpet curtain balloon bicycle airplane helicopter submarine
-rocket engine tunnel bridge castle village mountain valley river ocean island desert forest jungle meadow volcano
-glacier thunder lightning rainbow sunshine weather autumn winter summer spring morning evening midnight yesterday
-tomorrow calendar birthday holiday umbrella necklace diamond emerald sapphire crystal silver copper bronze marble
-granite pebble feather whisker rabbit giraffe elephant kangaroo penguin dolphin octopus squirrel hedgehog butterfly
-caterpillar mosquito dragonfly crocodile alligator leopard cheetah gorilla raccoon beaver buffalo camel donkey parrot
-pelican flamingo peacock sparrow falcon eagle turtle lobster oyster jellyfish mississippi tennessee committee
-accommodate embarrass occurrence necessary separate definitely recommend millennium parallel possession questionnaire
-bookkeeper succeed address assassin letter little bubble puzzle pizzazz hippopotamus bookkeeping referee guarantee
-rhythm symphony orchestra trumpet violin guitar piano drummer melody harmony library teacher student pencil eraser
-notebook backpack science history geography language grammar alphabet sentence paragraph question answer problem
-solution computer keyboard monitor printer software hardware internet network algorithm program function variable
-compiler database python javascript transformer attention gradient optimizer tokenizer""".split()))
+# the words to spell, one per line (edit the file to teach others); sorted(set()): the same list, in the
+# same order, in every Python process
+WORDS = sorted(set((Path(__file__).with_name("spelling_words.txt")).read_text(encoding="utf-8").split()))
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 COUNT_QUESTIONS = [
     "How many {letter}'s are in the word {word}?", "How many times does the letter '{letter}' appear in '{word}'?",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.gen_data import (ChatClient, main, parse_verdict, read_records, reply_to_messages,
-                              retry_after_seconds)
+from nanochat.api_client import ChatClient, retry_after_seconds
+from scripts.gen_data import main, parse_verdict, read_records, reply_to_messages
 from tasks.preferences import Preferences
 
 REPO = Path(__file__).resolve().parents[1]
