@@ -112,4 +112,4 @@ def hf_dataset_file(repo_id, filename, revision="main", **kwargs):
             os.remove(tmp)  # no later process would ever resume this one's .tmp
         # the user cannot fix the network from here, but can fetch the file elsewhere or use their own
         raise type(e)(f"{e}\nFetch it elsewhere and put it at\n  {path}\nor give the task a local file (data_path=..., "
-                      "or a --mixture path like 'gsm8k:train:/path/train.jsonl'; see tasks/common.py).") from None
+                      "or a --mixture path like 'gsm8k:train:/path/train.jsonl'; python -m tasks.specs --help lists them).") from None
