@@ -3,6 +3,7 @@ Shared pieces of the post-training tests (mid_train, chat_sft, chat_dpo): a $NAN
 with a tiny trained tokenizer and a tiny GPT saved as a checkpoint, small generated tasks with
 a clear signal, and launching the scripts in a subprocess (one process or torchrun on gloo).
 """
+import contextlib
 import json
 import os
 import random
@@ -50,6 +51,15 @@ def make_base_dir(root, tags=("d2",), seq_len=48, n_embd=64, n_layer=2):
         save_tiny_model(root / "base_checkpoints" / tag, tok.get_vocab_size(), seed=i, seq_len=seq_len,
                         n_embd=n_embd, n_layer=n_layer)
     return tok
+
+@contextlib.contextmanager
+def offline_base_dir(tmp_path_factory, **make_kwargs):
+    """A fresh $NANOCHAT_BASE_DIR (make_base_dir) set for the duration, with Hugging Face unreachable: yields (root, tok)."""
+    root = tmp_path_factory.mktemp("nanochat")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(root))
+        mp.setenv("NANOCHAT_HF_URL", "http://127.0.0.1:9")  # never the internet, even by mistake
+        yield root, make_base_dir(root, **make_kwargs)
 
 def save_tiny_model(checkpoint_dir, vocab_size, seed=0, seq_len=48, n_embd=64, n_layer=2, step=0):
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nanochat.dpo import (collate_pairs, dpo_loss, pair_losses, reference_logps, tokenize_pairs, truncate_pair)
 from nanochat.gpt import GPT, GPTConfig
-from posttrain_helpers import make_base_dir, run_main, run_script, tree_snapshot, write_jsonl
+from posttrain_helpers import offline_base_dir, run_main, run_script, tree_snapshot, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -31,11 +31,7 @@ def preference_pairs(n, seed):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nanochat")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(root))
-        mp.setenv("NANOCHAT_HF_URL", "http://127.0.0.1:9")  # never the internet, even by mistake
-        tok = make_base_dir(root)
+    with offline_base_dir(tmp_path_factory) as (root, tok):
         write_jsonl(root / "pairs.jsonl", preference_pairs(320, seed=0))
         write_jsonl(root / "val_pairs.jsonl", preference_pairs(48, seed=1))
         yield root, tok

@@ -10,7 +10,7 @@ import torch
 
 from nanochat.chat_data import StepBatches, collate_padded, padded_batches, scaled_token_loss
 from nanochat.gpt import GPT, GPTConfig
-from posttrain_helpers import (SHARED_DATA, make_base_dir, reverse_conversation, reverse_words, run_main, run_script,
+from posttrain_helpers import (SHARED_DATA, offline_base_dir, reverse_conversation, reverse_words, run_main, run_script,
                                tree_snapshot, write_jsonl)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -19,11 +19,7 @@ TINY = ["--source", "base", "--device", "cpu", "--eval-tasks", "--log-every", "1
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nanochat")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(root))
-        mp.setenv("NANOCHAT_HF_URL", "http://127.0.0.1:9")  # never the internet, even by mistake
-        tok = make_base_dir(root)
+    with offline_base_dir(tmp_path_factory) as (root, tok):
         words = reverse_words(600, seed=5)
         held_out = sorted(set(reverse_words(200, seed=99)) - set(words))[:32]
         write_jsonl(root / "reverse.jsonl", [reverse_conversation(w) for w in words])

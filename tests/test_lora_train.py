@@ -16,7 +16,7 @@ import torch
 from nanochat.checkpoint_manager import build_model, find_largest_model, load_checkpoint, load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora import LoRALinear, has_lora, lora_parameters, lora_state_dict, merge_lora
-from posttrain_helpers import make_base_dir, reverse_conversation, reverse_words, run_main, run_script, write_jsonl
+from posttrain_helpers import offline_base_dir, reverse_conversation, reverse_words, run_main, run_script, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -51,11 +51,7 @@ def preference_pairs(n, seed):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nanochat")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(root))
-        mp.setenv("NANOCHAT_HF_URL", "http://127.0.0.1:9")  # never the internet, even by mistake
-        tok = make_base_dir(root, tags=())
+    with offline_base_dir(tmp_path_factory, tags=()) as (root, tok):
         save_base_model(root, tok.get_vocab_size())
         write_jsonl(root / "reverse.jsonl", [reverse_conversation(w) for w in reverse_words(400, seed=5)])
         write_jsonl(root / "pairs.jsonl", preference_pairs(160, seed=0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanochat.chat_data import PackedConversations
-from posttrain_helpers import (SHARED_DATA, make_base_dir, reverse_conversation, reverse_words,
+from posttrain_helpers import (SHARED_DATA, offline_base_dir, reverse_conversation, reverse_words,
                                run_main, run_script, tree_snapshot, write_jsonl)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -30,11 +30,7 @@ def varied_conversations(n, seed=0):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nanochat")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(root))
-        mp.setenv("NANOCHAT_HF_URL", "http://127.0.0.1:9")  # never the internet, even by mistake
-        tok = make_base_dir(root)
+    with offline_base_dir(tmp_path_factory) as (root, tok):
         write_jsonl(root / "chat.jsonl", varied_conversations(400, seed=1))
         yield root, tok
 
