@@ -1,14 +1,38 @@
 """Run untrusted Python (model-written code: tool calls, HumanEval completions) in a sandboxed child process.
-Usage: result = execute_code("print(1 + 1)"); then result.success is True and result.stdout == "2\\n"."""
+Usage: result = execute_code("print(1 + 1)"); then result.success is True and result.stdout == "2\\n".
+`python -m nanochat.execution` prints which of the kernel's isolation layers this machine gives the sandbox.
+
+Python cannot contain Python (an audit hook is one `import _posixsubprocess` away from a shell), so
+the walls are the kernel's, raised in the child before the code runs. On Linux:
+  - rlimits: memory (RLIMIT_AS), CPU time, file size, open files; no core dumps
+  - its own session and process group, killed whole on timeout; a fresh empty working dir, no env secrets
+  - as root: its own network, IPC and mount namespaces (no network at all; the working dir is a small
+    tmpfs, so the code cannot fill the disk), then it drops to uid/gid 65534 (nobody), or, where nobody
+    could not read Python itself (a pyenv under /root), to uid 0 with every capability dropped
+  - no_new_privs: no setuid binary can give privileges back
+  - Landlock (kernel >= 5.13): reads only from system and Python dirs, writes only in its working
+    dir, executes nothing; no TCP (>= 6.7) and no signals to processes outside it (>= 6.12)
+  - seccomp (x86_64, aarch64): no fork/exec (threads are fine), no sockets, no ptrace, no signals
+    but to itself, no chmod/chown/utime/xattr, no mount/namespace/bpf/io_uring/keyctl syscalls
+On macOS and other systems only the first two hold: there the code can read and write what your user
+can, so run untrusted code only in a VM or container. Success is the child's exit status (0), never
+what the code prints, so the code cannot forge a pass; calling sys.exit(0) or os._exit(0) still counts."""
 import contextlib
+import ctypes
+import io
 import json
 import os
+import platform
+import resource
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 @dataclass
 class ExecResult:
@@ -20,138 +44,162 @@ class ExecResult:
     memory_exceeded: bool = False
     truncated: bool = False   # stdout or stderr went over max_output_bytes
 
-# The code runs in a fresh interpreter (`python -I`: no user site, no PYTHON* variables) in its own
-# process group and a throwaway working directory. This bootstrap, run with `python -I -c`, reads the
-# job {"code", limits...} as JSON from stdin, locks the process down, and only then runs the code,
-# reporting how it ended on the status pipe (fd argv[1]); stdout/stderr are the code's own.
-# It defends against accidents and sloppy model output, not a determined attacker: real isolation
-# needs a container or VM around the whole server.
-_CHILD = r'''
-import builtins, io, json, os, resource, sys, traceback
-status_fd = int(sys.argv[1])
-sys.dont_write_bytecode = True
-job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-sys.stdin = io.StringIO("")  # user code reading input() gets EOF, not our job spec
+NOBODY, MEMORY_ERROR_STATUS = 65534, 3
+# the syscalls seccomp denies, as "name x86_64 aarch64" ("-": not on that architecture)
+_DENIED = """fork 57 -  vfork 58 -  execve 59 221  execveat 322 281  clone3 435 435  socket 41 198
+socketpair 53 199  ptrace 101 117  process_vm_readv 310 270  process_vm_writev 311 271  pidfd_open 434 434
+pidfd_send_signal 424 424  pidfd_getfd 438 438  unshare 272 97  setns 308 268  mount 165 40  umount2 166 39
+chroot 161 51  pivot_root 155 41  open_tree 428 428  move_mount 429 429  fsopen 430 430  fsmount 432 432
+bpf 321 280  perf_event_open 298 241  io_uring_setup 425 425  keyctl 250 219  add_key 248 217
+request_key 249 218  userfaultfd 323 282  chmod 90 -  fchmod 91 52  fchmodat 268 53  fchmodat2 452 452
+chown 92 -  fchown 93 55  lchown 94 -  fchownat 260 54  utime 132 -  utimes 235 -  utimensat 280 88
+futimesat 261 -  setxattr 188 5  lsetxattr 189 6  fsetxattr 190 7  removexattr 197 14  lremovexattr 198 15
+fremovexattr 199 16  mknod 133 -  mknodat 259 33""".split()
+# per architecture: its AUDIT_ARCH, clone, and the signal calls (kill, tkill, tgkill, rt_(tg)sigqueueinfo)
+_ARCH = {"x86_64": (0xC000003E, 56, (62, 200, 234, 129, 297)), "aarch64": (0xC00000B7, 220, (129, 130, 131, 138, 240))}
 
-# the status has its own pipe, so nothing the code prints can forge it
-def report(kind, message=None):
+def _seccomp_program(arch, pid):
+    """A classic-BPF seccomp filter for `arch`, as (code, jt, jf, k) tuples."""
+    LD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JSET/JGE|K, BPF_RET|K
+    ALLOW, EPERM, ENOSYS, KILL = 0x7FFF0000, 0x00050001, 0x00050026, 0x80000000
+    audit_arch, clone, signal_calls = _ARCH[arch]
+    column = 1 if arch == "x86_64" else 2
+    denied = [int(_DENIED[i + column]) for i in range(0, len(_DENIED), 3) if _DENIED[i + column] != "-"]
+    # another architecture's numbering (x86's i386 entry point) would bypass the table: kill the process
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, audit_arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]
+    if arch == "x86_64":
+        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]  # the x32 ABI's numbers
+    # clone3 gets ENOSYS so that glibc falls back to clone, whose flags (args[0]) a filter can read
+    prog += [(JEQ, 0, 1, 435), (RET, 0, 0, ENOSYS)]
+    prog += [(JEQ, 0, 4, clone), (LD, 0, 0, 16), (JSET, 0, 1, 0x10000), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    for nr in signal_calls:  # signals: only to itself (args[0] is the target pid or tgid)
+        prog += [(JEQ, 0, 4, nr), (LD, 0, 0, 16), (JEQ, 0, 1, pid), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    for nr in denied:
+        prog += [(JEQ, 0, 1, nr), (RET, 0, 0, EPERM)]
+    return prog + [(RET, 0, 0, ALLOW)]
+
+def _landlock(libc, workdir):
+    """Confine the filesystem, TCP and signals with Landlock; returns its ABI version (0: not available)."""
+    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    if abi < 1:
+        return 0
+    fs = (1 << {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)) - 1  # every filesystem right this ABI knows
+    attr = struct.pack("QQQ", fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)[:8 if abi < 4 else 16 if abi < 6 else 24]
+    ruleset = libc.syscall(444, attr, len(attr), 0)
+    READ, FILE_RIGHTS = (1 << 2) | (1 << 3), (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)
+    WRITE = READ | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 8) | (1 << 14)  # files and dirs; no fifo/dev/sock
+    # not the user's home, /tmp, /proc (the parent's environ and memory) or /sys; the venv is under sys.prefix
+    rules = [(p, READ) for p in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc", sys.prefix, sys.base_prefix)]
+    for path, access in rules + [(workdir, WRITE), ("/dev/null", (1 << 1) | (1 << 2))]:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            access &= fs if os.path.isdir(path) else fs & FILE_RIGHTS
+            libc.syscall(445, ruleset, 1, struct.pack("=Qi", access, fd), 0)  # LANDLOCK_RULE_PATH_BENEATH
+            os.close(fd)
+    return abi if libc.syscall(446, ruleset, 0) == 0 else 0  # landlock_restrict_self
+
+def _sandbox_uid():
+    """As root: the uid the child runs as, nobody unless nobody cannot read Python (a pyenv under /root);
+    then it stays uid 0 without capabilities. Not root: None (the child keeps the caller's uid)."""
+    if os.geteuid() != 0:
+        return None
+    # nobody needs o+x on every directory down to the stdlib and the venv, and o+r on them
+    paths = [os.path.realpath(p) for p in (os.path.dirname(os.__file__), sys.prefix)]
+    readable = all(os.stat(d).st_mode & 0o001 for p in paths for d in [p, *Path(p).parents]) and \
+        all(os.stat(p).st_mode & 0o004 for p in paths)
+    return NOBODY if readable else 0
+
+def _lock_down(job):
+    """Raise every wall this kernel offers around this process; returns the names of those raised."""
+    for limit, value in [(resource.RLIMIT_AS, job["max_memory_bytes"]), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_FSIZE, job["max_file_bytes"]), (resource.RLIMIT_NOFILE, 64),
+                         (resource.RLIMIT_CPU, int(job["timeout"]) + 2)]:  # CPU: a backstop for the wall clock
+        resource.setrlimit(limit, (value, value))  # the hard limit too, so the code cannot raise it back
+    layers = ["rlimits", "session"]
+    if sys.platform != "linux":
+        return layers
+    libc, workdir = ctypes.CDLL(None, use_errno=True), os.getcwd()
+    libc.syscall.restype = ctypes.c_long
+    if (uid := _sandbox_uid()) is not None:
+        # CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS; mount propagation private, so the tmpfs stays ours
+        if libc.unshare(0x40000000 | 0x08000000 | 0x00020000) == 0 and libc.mount(b"none", b"/", None, 0x44000, None) == 0:
+            opts = f"size={job['max_file_bytes']},nr_inodes=256,mode=0700,uid={uid},gid={uid}".encode()
+            if libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", 0x6, opts) == 0:  # MS_NOSUID | MS_NODEV
+                os.chdir(workdir)  # into the new mount
+                layers.append("namespaces")
+        if uid == NOBODY:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            layers.append("nobody")
+        # capset(version 3, this process, every capability set empty): root by name, with no privilege
+        elif libc.syscall({"x86_64": 126, "aarch64": 91}.get(platform.machine(), -1), struct.pack("Ii", 0x20080522, 0), bytes(24)) == 0:
+            layers.append("no_capabilities")
+    if libc.prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS: needed for Landlock and seccomp without root
+        layers.append("no_new_privs")
+        if abi := _landlock(libc, workdir):
+            layers.append(f"landlock{abi}")
+        if (arch := platform.machine()) in _ARCH:
+            prog = _seccomp_program(arch, os.getpid())
+            filters = (ctypes.c_ubyte * (8 * len(prog))).from_buffer_copy(b"".join(struct.pack("HBBI", *f) for f in prog))
+            fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(filters))
+            if libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+                layers.append("seccomp")
+    return layers
+
+def _child_main():
+    """The sandboxed side (`python -I execution.py --child`): read the job, lock down, run the code."""
+    sys.dont_write_bytecode = True
+    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    sys.stdin = io.StringIO("")  # user code reading input() gets EOF, not our job spec
+    layers = _lock_down(job)
+    if job.get("probe"):
+        print(" ".join(layers))
+    status = 0
     try:
-        os.write(status_fd, json.dumps({"kind": kind, "message": message}).encode())
-        os.close(status_fd)
-    except OSError:
-        pass
-
-# 1. resource limits (hard limits too, so the code cannot raise them back); RLIMIT_AS makes a runaway
-# allocation raise MemoryError instead of eating the machine
-mem = job["max_memory_bytes"]
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-fsize = job["max_file_bytes"]
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-cpu = int(job["timeout"]) + 2  # backstop for the parent's wall clock
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-
-# 2. an audit hook (PEP 578: once installed it cannot be removed) refuses what a snippet has no business
-# doing: sockets, processes, signals, deleting or renaming files, writes outside its directory, ctypes
-workdir = os.path.realpath(os.getcwd())
-BLOCKED_EVENTS = {
-    "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
-    "socket.gethostbyname", "socket.gethostbyaddr",
-    "subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
-    "os.forkpty", "os.kill", "os.killpg", "os.remove", "os.rmdir", "os.rename", "os.truncate",
-    "os.chmod", "os.chown", "os.link", "os.symlink", "os.chroot",
-    "shutil.rmtree", "shutil.chown", "resource.setrlimit", "resource.prlimit",
-    "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata", "pty.spawn",
-    "webbrowser.open", "urllib.Request", "http.client.connect", "ftplib.connect",
-    "smtplib.connect", "poplib.connect", "imaplib.open", "telnetlib.Telnet.open",
-}
-def audit(event, args):
-    if event in BLOCKED_EVENTS:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        mode, flags = args[1], args[2]
-        if isinstance(mode, str):
-            writing = any(c in mode for c in "wax+")
-        else:
-            writing = isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
-        if writing:
-            path = os.fsdecode(args[0])
-            full = os.path.realpath(os.path.join(workdir, path))
-            if full != workdir and not full.startswith(workdir + os.sep):
-                raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory is not allowed")
-sys.addaudithook(audit)
-
-# 3. the usual foot-guns raise at once, so the error says what was blocked (the hook is the real barrier)
-def _disabled(name):
-    def fn(*args, **kwargs):
-        raise PermissionError(f"sandbox: {name} is disabled")
-    return fn
-import shutil, subprocess
-for name in ["system", "popen", "remove", "unlink", "rmdir", "removedirs", "rename", "renames",
-             "replace", "truncate", "kill", "killpg", "fork", "forkpty", "setuid", "chmod", "chown", "chroot", "execv", "execve", "execl", "execvp",
-             "spawnv", "spawnl", "posix_spawn", "posix_spawnp"]:
-    if hasattr(os, name):
-        setattr(os, name, _disabled(f"os.{name}"))
-for name in ["rmtree", "move", "chown"]:
-    setattr(shutil, name, _disabled(f"shutil.{name}"))
-for name in ["Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"]:
-    setattr(subprocess, name, _disabled(f"subprocess.{name}"))
-builtins.exit = builtins.quit = sys.exit  # the site-module versions close stdin
-
-# 4. run
-try:
-    exec(compile(job["code"], "<sandbox>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-except MemoryError:
-    report("memory")
-    os._exit(1)
-except SystemExit as e:
-    ok = e.code is None or e.code == 0
-    report("ok" if ok else "error", None if ok else f"SystemExit: {e.code}")
-    os._exit(0 if ok else 1)
-except BaseException as e:
-    try:
-        traceback.print_exc()
+        exec(compile(job["code"], "<sandbox>", "exec"), {"__name__": "__main__"})
     except MemoryError:
-        pass
-    report("error", f"{type(e).__name__}: {e}")
-    os._exit(1)
-sys.stdout.flush()
-sys.stderr.flush()
-report("ok")
-os._exit(0)
-'''
+        os._exit(MEMORY_ERROR_STATUS)  # at once: reporting it could need memory
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            print(f"SystemExit: {e.code}", file=sys.stderr)
+            status = 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    with contextlib.suppress(Exception):  # what it printed before failing is part of the answer
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)
 
 def _drain(stream, limit, out):
-    """Read a pipe to EOF, keeping the first `limit` bytes (reading on, so the child never blocks)."""
-    kept, overflow = bytearray(), False
+    """Read a pipe to EOF, keeping the first `limit` bytes and the last 4 kB (the traceback's end)."""
+    kept, tail, overflow = bytearray(), b"", False
     while chunk := stream.read1(65536):
         room = limit - len(kept)
         kept += chunk[:max(room, 0)]
-        overflow = overflow or len(chunk) > room
-    out["data"], out["overflow"] = bytes(kept), overflow
+        overflow, tail = overflow or len(chunk) > room, (tail + chunk)[-4096:]
+    out["data"], out["overflow"], out["tail"] = bytes(kept), overflow, tail
 
 def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_output_bytes=64 * 1024,
-                 max_file_bytes=16 * 1024 * 1024):
+                 max_file_bytes=16 * 1024 * 1024, probe=False):
     """Run `code` in a locked-down child interpreter; never raises for problems in the code itself."""
-    status_r, status_w = os.pipe()
     job = json.dumps({"code": code, "timeout": timeout, "max_memory_bytes": int(max_memory_bytes),
-                      "max_file_bytes": int(max_file_bytes)}).encode("utf-8")
+                      "max_file_bytes": int(max_file_bytes), "probe": probe}).encode("utf-8")
     with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_") as workdir:
+        if _sandbox_uid() == NOBODY:
+            os.chown(workdir, NOBODY, NOBODY)  # the child runs as nobody; the dir must stay its own
         # a minimal environment: the parent's variables (API keys, tokens) never reach the code
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir,
-               "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        try:
-            # a session (and process group) of its own, so that a timeout kills all that the code started
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _CHILD, str(status_w)], cwd=workdir, env=env,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(status_w,), start_new_session=True)
-        finally:
-            os.close(status_w)  # the child holds its own copy; ours must go so reads see EOF
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        # a session (and process group) of its own, so that a timeout kills all that the code started
+        proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "--child"], cwd=workdir, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
         # read the pipes while the child runs: one blocked on a full pipe would never finish
-        outputs = {"stdout": {}, "stderr": {}, "status": {}}
-        readers = [threading.Thread(target=_drain, args=(proc.stdout, max_output_bytes, outputs["stdout"]), daemon=True),
-                   threading.Thread(target=_drain, args=(proc.stderr, max_output_bytes, outputs["stderr"]), daemon=True),
-                   threading.Thread(target=_drain, args=(os.fdopen(status_r, "rb"), 65536, outputs["status"]), daemon=True)]
+        outputs = {"stdout": {}, "stderr": {}}
+        readers = [threading.Thread(target=_drain, args=(getattr(proc, name), max_output_bytes, out), daemon=True)
+                   for name, out in outputs.items()]
         for t in readers:
             t.start()
         # a child that died before reading its job is reported below, from its exit status
@@ -163,8 +211,7 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
             proc.wait(timeout=max(0.0, timeout))
         except subprocess.TimeoutExpired:
             timed_out = True
-            # SIGKILL (it cannot be caught or ignored) to the whole group: anything the code started dies with
-            # it. The group may have exited by itself already
+            # SIGKILL (it cannot be caught or ignored) to the whole group: anything the code started dies with it
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -178,28 +225,25 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
     # the code may print any bytes: what is not UTF-8 reads as U+FFFD rather than failing the whole run
     text = {name: out.get("data", b"").decode("utf-8", errors="replace") for name, out in outputs.items()}
     truncated = outputs["stdout"].get("overflow", False) or outputs["stderr"].get("overflow", False)
-    result = ExecResult(success=False, stdout=text["stdout"], stderr=text["stderr"], truncated=truncated)
-    try:
-        status = json.loads(text["status"])
-    except ValueError:
-        status = None
+    rc = proc.returncode
+    result = ExecResult(success=rc == 0 and not timed_out, stdout=text["stdout"], stderr=text["stderr"], truncated=truncated)
+    last_line = ([""] + outputs["stderr"].get("tail", b"").decode("utf-8", errors="replace").strip().splitlines())[-1]
     if timed_out:
         result.timed_out, result.error = True, f"timed out after {timeout}s"
-    elif status is None:  # it died before it could report: killed by a signal, or the bootstrap itself failed
-        rc = proc.returncode
-        if rc is not None and rc < 0:
-            name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-            result.error = f"killed by signal {name}"
-            # SIGXCPU: the CPU-time backstop fired, which only happens on a busy loop
-            result.timed_out = -rc == signal.SIGXCPU
-        else:
-            result.error = f"the sandbox exited with status {rc} without reporting"
-        if "MemoryError" in result.stderr:
-            result.memory_exceeded = True
-    elif status["kind"] == "ok":
-        result.success = True
-    elif status["kind"] == "memory":
+    elif rc == MEMORY_ERROR_STATUS or rc == 1 and "MemoryError" in last_line:
         result.memory_exceeded, result.error = True, f"MemoryError: over the {max_memory_bytes // 2**20} MiB memory limit"
-    else:
-        result.error = status["message"]
+    elif rc is not None and rc < 0:
+        result.error = f"killed by signal {signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else -rc}"
+        result.timed_out = -rc == signal.SIGXCPU  # the CPU-time backstop fired: only a busy loop does that
+    elif rc != 0:
+        result.error = last_line or f"exited with status {rc}"
     return result
+
+def sandbox_layers():
+    """The isolation layers the sandbox gets on this machine, e.g. ['rlimits', 'session', ..., 'seccomp']."""
+    return execute_code("", probe=True).stdout.split()
+
+if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
+    _child_main()
+elif __name__ == "__main__":
+    print("sandbox layers on this machine:", " ".join(sandbox_layers()))

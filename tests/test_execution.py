@@ -1,5 +1,5 @@
-"""The sandbox: untrusted code runs, its output is captured, and it cannot hang, hog memory,
-touch the network, spawn processes or delete files."""
+"""The sandbox as a tool: untrusted code runs, its output and errors are captured, and it cannot
+hang or hog memory. What it cannot escape to is tested in test_sandbox_escape.py."""
 import time
 
 import pytest
@@ -46,43 +46,15 @@ def test_memory_bomb_hits_the_limit(code):
     r = execute_code(code, timeout=10.0, max_memory_bytes=256 * 1024**2)
     assert r.memory_exceeded and not r.success and not r.timed_out
 
-@pytest.mark.parametrize("code", [
-    "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)",
-    "import socket\nsocket.create_connection(('127.0.0.1', 9))",
-    "import _socket\n_socket.socket()",
-    "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:9/')",
-])
-def test_network_is_blocked(code):
-    r = execute_code(code)
-    assert not r.success and "PermissionError" in r.error
-
-@pytest.mark.parametrize("code", [
-    "import os\nos.system('echo pwned')",
-    "import subprocess\nsubprocess.run(['echo', 'pwned'])",
-    "import subprocess\nsubprocess.Popen(['echo', 'pwned'])",
-    "import os\nos.execv('/bin/echo', ['echo', 'pwned'])",
-    "import os\nos.fork()",
-    "import ctypes\nctypes.CDLL(None).system(b'echo pwned')",
-    "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
-])
-def test_processes_and_escapes_are_blocked(code):
-    r = execute_code(code)
-    assert not r.success and "PermissionError" in r.error
-    assert "pwned" not in r.stdout
-
-def test_files_cannot_be_deleted_or_written_outside_the_sandbox(tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    for code in [f"import os\nos.remove({str(victim)!r})",
-                 f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-                 f"open({str(victim)!r}, 'w').write('gone')",
-                 f"import os\nos.rename({str(victim)!r}, 'stolen.txt')"]:
-        r = execute_code(code)
-        assert not r.success and "PermissionError" in r.error, code
-    assert victim.read_text() == "precious"
-    # scratch files inside the sandbox's own directory are fine, and it starts empty
+def test_scratch_files_inside_its_own_directory_are_fine():
+    # the escapes (network, processes, files outside, signals, /proc) are in test_sandbox_escape.py
     r = execute_code("import os\nprint(os.listdir('.'))\nopen('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())")
     assert r.success and r.stdout == "[]\nok\n"
+
+def test_error_line_survives_a_flood_of_output():
+    # the error comes from the end of stderr, past what max_output_bytes keeps
+    r = execute_code("import sys\nsys.stderr.write('x' * 100000)\nraise KeyError('late')", max_output_bytes=1000)
+    assert not r.success and r.truncated and r.error == "KeyError: 'late'"
 
 def test_output_is_size_limited():
     r = execute_code("print('x' * 10**7)", max_output_bytes=1000)
