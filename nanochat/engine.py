@@ -3,6 +3,7 @@ Usage: results, masks = Engine(model, tokenizer).generate_batch(prompt_ids, num_
 import ast
 import codecs
 import operator
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -15,45 +16,68 @@ from nanochat.common import autocast_ctx
 # The calculator tool. The model writes <|python_start|>expr<|python_end|>; the engine evaluates
 # expr and forces <|output_start|>result<|output_end|> into the stream. expr is never given to
 # eval(): we walk its AST over a whitelist (arithmetic, a few string methods), so nothing else
-# can run, and sizes are capped so "9**9**9" or "'a' * 10**9" cannot hang the server.
+# can run. It runs on the decode thread, between two tokens of every row in the batch, so no
+# operation may be slow: each size is checked *before* the operation that would build it, and a
+# wall-clock budget is checked before each node ("9**9**9", "'a' * 10**9", "round(1, -10**9)").
 _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_FUNCTIONS = {"abs": abs, "round": round, "min": min, "max": max, "len": len, "int": int, "float": float}
+MAX_CALC_EXPR_CHARS, MAX_CALC_VALUE_CHARS, MAX_CALC_SECONDS = 200, 1000, 0.05
+
+def _round(x, ndigits=None):
+    # round(1, -10**9) would compute 10**(10**9) first
+    if ndigits is not None and not (isinstance(ndigits, int) and abs(ndigits) <= 100):
+        raise ValueError("too many digits")
+    return round(x, ndigits)
+
+_FUNCTIONS = {"abs": abs, "round": _round, "min": min, "max": max, "len": len, "int": int, "float": float}
 _STRING_METHODS = {"count", "find", "index", "rfind", "startswith", "endswith", "upper", "lower",
                    "strip", "lstrip", "rstrip", "replace", "split", "join", "isdigit", "isalpha"}
-MAX_CALC_EXPR_CHARS, MAX_CALC_VALUE_CHARS = 200, 1000
+
+def _size(value):
+    """About how many characters str(value) takes, counted through nested lists, stopping past the limit."""
+    if isinstance(value, int):
+        return value.bit_length() // 3  # 3 bits per digit is generous (a digit is 3.3 bits)
+    if not isinstance(value, (str, list, tuple)):
+        return 0
+    total = len(value)
+    # the items of [['a'*1000]*1000]*1000 are shared: its str() is 1 GB, built from 8 kB of lists
+    for item in value if not isinstance(value, str) else ():
+        if (total := total + _size(item)) > MAX_CALC_VALUE_CHARS:
+            break
+    return total
 
 def _check_size(value):
-    # 3 bits per digit is generous (a digit is 3.3 bits): numbers stay near MAX_CALC_VALUE_CHARS digits
-    if (isinstance(value, int) and value.bit_length() > 3 * MAX_CALC_VALUE_CHARS
-            or isinstance(value, (str, list, tuple)) and len(value) > MAX_CALC_VALUE_CHARS):
+    if _size(value) > MAX_CALC_VALUE_CHARS:
         raise ValueError("too large")
     return value
 
-def _evaluate(node):
+def _evaluate(node, deadline):
+    if time.monotonic() > deadline:
+        raise ValueError("too slow")
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
         return _check_size(node.value)
     if isinstance(node, (ast.List, ast.Tuple)):
-        return _check_size([_evaluate(elt) for elt in node.elts])
+        return _check_size([_evaluate(elt, deadline) for elt in node.elts])
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        return _UNARY_OPS[type(node.op)](_evaluate(node.operand))
+        return _UNARY_OPS[type(node.op)](_evaluate(node.operand, deadline))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left, right = _evaluate(node.left), _evaluate(node.right)
+        left, right = _evaluate(node.left, deadline), _evaluate(node.right, deadline)
         seq, count = (left, right) if isinstance(left, (str, list)) else (right, left)
         # refused before they run, as the result would be built before any size check
-        if (isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 1000
+        if (isinstance(node.op, ast.Pow) and isinstance(right, (int, float))
+                and (abs(right) > 1000 or isinstance(left, int) and left.bit_length() * right > 3 * MAX_CALC_VALUE_CHARS)
                 or isinstance(node.op, ast.Mod) and isinstance(left, str)  # '%0999999999d' % 1
                 or isinstance(node.op, ast.Mult) and isinstance(seq, (str, list)) and isinstance(count, int)
-                and count * len(seq) > MAX_CALC_VALUE_CHARS):  # "ab" * 10**9
+                and count * _size(seq) > MAX_CALC_VALUE_CHARS):  # "ab" * 10**9, [[1] * 999] * 999
             raise ValueError("too large")
         return _check_size(_BINARY_OPS[type(node.op)](left, right))
     if isinstance(node, ast.Call) and not node.keywords:
-        args = [_evaluate(arg) for arg in node.args]
+        args = [_evaluate(arg, deadline) for arg in node.args]
         if isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
             return _check_size(_FUNCTIONS[node.func.id](*args))
         if isinstance(node.func, ast.Attribute) and node.func.attr in _STRING_METHODS:
-            if isinstance(target := _evaluate(node.func.value), str):
+            if isinstance(target := _evaluate(node.func.value, deadline), str):
                 return _check_size(getattr(target, node.func.attr)(*args))
     raise ValueError("not allowed")
 
@@ -62,7 +86,7 @@ def use_calculator(expr):
     if len(expr.strip()) > MAX_CALC_EXPR_CHARS:
         return None
     try:
-        value = _evaluate(ast.parse(expr.strip(), mode="eval").body)
+        value = _evaluate(ast.parse(expr.strip(), mode="eval").body, time.monotonic() + MAX_CALC_SECONDS)
     except (SyntaxError, ArithmeticError, ValueError, TypeError, IndexError, RecursionError):
         return None
     if isinstance(value, float):
@@ -73,6 +97,8 @@ def use_calculator(expr):
 # -----------------------------------------------------------------------------
 # Sampling. Every row has its own seeded torch.Generator, so a request's output does not
 # depend on what else happens to share its batch.
+MIN_TEMPERATURE = 1e-3  # anything lower samples greedily (see sample_token)
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0       # 0 = greedy
@@ -91,14 +117,15 @@ def add_sampling_args(parser, temperature, max_tokens):
 
 def sampling_from_args(args, seed=42):
     """SamplingParams from add_sampling_args' flags; SystemExit when one is out of range."""
-    if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1 or not (args.top_p is None or 0 < args.top_p <= 1):
+    if not args.temperature >= 0 or args.top_k < 0 or args.max_tokens < 1 or not (args.top_p is None or 0 < args.top_p <= 1):
         raise SystemExit("error: need --temperature >= 0, --top-k >= 0, --max-tokens >= 1, --top-p in (0, 1]")
     return SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                           max_tokens=args.max_tokens, seed=seed)
 
 def sample_token(logits, params, rng):
     """One token id from a (V,) row of logits, in the order of GPT.generate (the reference)."""
-    if params.temperature == 0.0:
+    # below 1e-3 sampling is greedy in all but name, and logits / 1e-300 overflow to inf, then NaN
+    if params.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     if params.top_k is not None and params.top_k < logits.size(-1):
         logits = logits.masked_fill(logits < torch.topk(logits, params.top_k).values[-1], -float("inf"))
@@ -107,6 +134,7 @@ def sample_token(logits, params, rng):
         sorted_probs, order = torch.sort(probs, descending=True)
         # drop a token when the mass before it already reaches top_p (so the first always stays)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
+        drop[0] = False  # even when top_p rounds to 0 in fp32 (1e-300)
         probs = probs.scatter(0, order[drop], 0.0)
     return int(torch.multinomial(probs[None], num_samples=1, generator=rng))
 
@@ -246,7 +274,8 @@ class Row:
     masks: list = field(default_factory=list)   # 1 = sampled, 0 = forced
     forced: deque = field(default_factory=deque)
     python_tokens: list | None = None  # the expression being written between python_start/end
-    finish_reason: str | None = None   # "stop" (end token or stop string), "length", "cancelled"
+    finish_reason: str | None = None   # "stop" (end token or stop string), "length", "cancelled", "error"
+    error: str | None = None           # what went wrong, for finish_reason "error"
 
 class BatchDecoder:
     """Continuous batching over one model: add() prompts at any time, step() until num_rows is 0."""
@@ -324,7 +353,11 @@ class BatchDecoder:
         if row.forced:
             token, sampled = row.forced.popleft(), 0
         else:
-            token, sampled = (sample_token(logits, row.params, row.rng) if argmax is None else argmax), 1
+            try:
+                token, sampled = (sample_token(logits, row.params, row.rng) if argmax is None else argmax), 1
+            except RuntimeError as e:  # this row's request fails; the other rows of the batch go on
+                row.finish_reason, row.error = "error", f"sampling failed: {e}"
+                return row, ""
         row.tokens.append(token)
         row.masks.append(sampled)
         text = row.text.push(token)

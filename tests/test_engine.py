@@ -3,6 +3,8 @@ The inference engine against the naive reference (GPT.generate / full recompute)
 multi-sample and multi-prompt (ragged) batches, continuous batching, sampling, stop strings,
 UTF-8-safe text streaming, and the calculator tool driven by a model trained to call it.
 """
+import time
+
 import pytest
 import torch
 
@@ -163,7 +165,29 @@ def test_top_k_1_and_tiny_top_p_are_greedy(tok, model):
     greedy, _ = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)
     top1, _ = engine.generate_batch(prompt, max_tokens=20, temperature=1.0, top_k=1, seed=1)
     nucleus, _ = engine.generate_batch(prompt, max_tokens=20, temperature=1.0, top_p=1e-6, seed=2)
-    assert greedy == top1 == nucleus
+    # values that once overflowed to inf/NaN in fp32 ("probability tensor contains inf/nan")
+    tiny_t, _ = engine.generate_batch(prompt, max_tokens=20, temperature=1e-300, seed=3)
+    tiny_p, _ = engine.generate_batch(prompt, max_tokens=20, temperature=1.0, top_p=5e-324, seed=4)
+    assert greedy == top1 == nucleus == tiny_t == tiny_p
+
+def test_a_row_whose_sampling_fails_ends_alone(tok, model, monkeypatch):
+    import nanochat.engine as engine_module
+    real = engine_module.sample_token
+    def flaky(logits, params, rng):  # the request with seed 666 hits a sampling error
+        if params.seed == 666:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, params, rng)
+    monkeypatch.setattr(engine_module, "sample_token", flaky)
+    engine = Engine(model, tok)
+    prompt = prompts_of(tok, ["What is two plus"])[0]
+    alone, _ = engine.generate_batch(prompt, max_tokens=12, temperature=1.0, seed=5)
+    decoder = engine.decoder()
+    good = decoder.add(prompt, SamplingParams(temperature=1.0, max_tokens=12, seed=5))[0]
+    bad = decoder.add(prompt, SamplingParams(temperature=1.0, max_tokens=12, seed=666))[0]
+    while decoder.num_rows:
+        decoder.step()
+    assert bad.finish_reason == "error" and "sampling failed" in bad.error and bad.tokens == []
+    assert good.finish_reason == "length" and good.tokens == alone[0][len(prompt):]
 
 def test_top_p_keeps_only_the_nucleus():
     from nanochat.engine import sample_token
@@ -295,6 +319,11 @@ def test_calculator_evaluates(expr, expected):
     "__import__('os').system('echo hi')", "open('/etc/passwd').read()", "(1).__class__", "9**9**9",
     "'a' * 10**9", "10**5000", "[].__class__.__base__", "lambda: 1", "x + 1", "1/0", "", "1 +",
     "'abc'.format", "print(1)", "2.0 ** 5000", "'%0999999999d' % 1", "[1] * 10**9", "'ab'.join(['x' * 999] * 999)",
+    # each of these once took seconds to minutes (or ~1 GB) on the server's decode thread
+    "round(1, -10**9)", "round(1.5, 10**9)", "[['a' * 1000] * 1000] * 1000", "[[1] * 999] * 999", "10**10**10",
+    "(2**2999)**1000", "max([[['a' * 999] * 999]])",
 ])
 def test_calculator_refuses(expr):
+    start = time.perf_counter()
     assert use_calculator(expr) is None
+    assert time.perf_counter() - start < 0.1  # the issue's bound; the evaluator's own budget is 50 ms
