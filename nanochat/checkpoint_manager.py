@@ -1,10 +1,12 @@
 """
 Checkpoints: saving a training step, finding and loading one (a LoRA adapter with its base model), the -i/--step flags.
 """
+import errno
 import glob
 import json
 import os
 import re
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -38,14 +40,34 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
     # every file goes to a temp name and is renamed into place (atomic), and the meta goes last,
     # after a barrier: a process killed at any moment leaves a complete step or an invisible one
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
+    # this rank's temp files (atomic_write's .<name>.<random>.tmp) of any step, left by a save killed earlier
+    for path in [model_path, meta_path, optim_path] if rank == 0 else [optim_path]:
+        stale = f".{os.path.basename(path).replace(f'{step:06d}', '*')}.*.tmp"
+        for tmp in glob.glob(os.path.join(glob.escape(checkpoint_dir), stale)):
+            os.remove(tmp)
+    replaced = []  # files this save renamed into place, undone if a later write fails
+    try:
+        if rank == 0:
+            atomic_write(model_path, lambda f: torch.save(model_state, f))
+            replaced.append(model_path)
+        if optimizer_state is not None:
+            atomic_write(optim_path, lambda f: torch.save(optimizer_state, f))
+            replaced.append(optim_path)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.barrier()
+        if rank == 0:
+            atomic_write(meta_path, json.dumps(dict(meta, step=step), indent=2))
+    except BaseException as e:
+        if replaced:  # a step is complete or absent: no orphan files, nor an older meta of this step that would lie
+            delete_checkpoint(checkpoint_dir, step) if rank == 0 else os.remove(optim_path)
+        # torch.save reports a full disk as a RuntimeError of its zip writer, with the OSError in the chain
+        while e is not None and getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+            e = e.__cause__ or e.__context__
+        if e is None:
+            raise
+        raise SystemExit(f"cannot save checkpoint step {step} to {checkpoint_dir}: {os.strerror(e.errno).lower()} "
+                         f"({shutil.disk_usage(checkpoint_dir).free / 2**20:.1f} MiB free)") from None  # 1 line, not 30
     if rank == 0:
-        atomic_write(model_path, lambda f: torch.save(model_state, f))
-    if optimizer_state is not None:
-        atomic_write(optim_path, lambda f: torch.save(optimizer_state, f))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
-    if rank == 0:
-        atomic_write(meta_path, json.dumps(dict(meta, step=step), indent=2))
         logger.info("saved checkpoint step %d to %s", step, checkpoint_dir)
         for old in list_steps(checkpoint_dir)[:-keep_last] if keep_last else []:
             delete_checkpoint(checkpoint_dir, old)
@@ -61,10 +83,8 @@ def delete_checkpoint(checkpoint_dir, step):
 def list_steps(checkpoint_dir):
     """Sorted steps that are complete (meta and model both present)."""
     # a meta without its weights file (deleted by hand) is no step that can load
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    steps = {int(m.group(1)) for name in os.listdir(checkpoint_dir)
-             if (m := re.fullmatch(r"(?:meta|lora)_(\d+)\.json", name))}
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    steps = {int(m.group(1)) for name in names if (m := re.fullmatch(r"(?:meta|lora)_(\d+)\.json", name))}
     return sorted(s for s in steps if os.path.exists(_paths(checkpoint_dir, s)[0]))
 
 def find_last_step(checkpoint_dir):

@@ -1,6 +1,7 @@
 """
 nanochat.checkpoint_manager: a real round trip (model + optimizers continue identically), the
-default model tag and step, atomicity under a failing write and under SIGKILL, the
+default model tag and step, atomicity under a failing write and under SIGKILL, a full disk (a
+real 3 MB tmpfs: one clear line, no orphan files) and stale temp files of a killed save, the
 torch.compile key prefix (removeprefix, never lstrip), clear errors, rotation, and the
 distributed save (every optimizer file exists before the meta appears).
 """
@@ -90,7 +91,9 @@ def test_defaults_pick_the_deepest_model_and_the_last_complete_step(with_tokeniz
     os.utime(other / "zebra", (time.time() + 100, time.time() + 100))
     assert cm.find_largest_model(str(other)) == "zebra"
 
-def test_a_failed_write_leaves_no_visible_or_partial_checkpoint(base_dir, monkeypatch):
+@pytest.mark.parametrize("error, raised", [(OSError(28, "No space left on device"), SystemExit),
+                                           (KeyboardInterrupt(), KeyboardInterrupt), (ValueError("boom"), ValueError)])
+def test_a_failed_write_leaves_no_visible_or_partial_checkpoint(base_dir, monkeypatch, error, raised):
     checkpoint_dir = base_dir / "ckpt"
     model = make_model()
     optimizer = model.setup_optimizer()
@@ -99,21 +102,113 @@ def test_a_failed_write_leaves_no_visible_or_partial_checkpoint(base_dir, monkey
 
     def save_then_fail(obj, f, *args, **kwargs):
         calls.append(obj)
-        if len(calls) == 2:  # the optimizer file: half written when the "disk fills up"
+        if len(calls) == 2:  # the optimizer file: half written when the "disk fills up" (or Ctrl-C, or a bug)
             f.write(b"partial bytes")
-            raise OSError(28, "No space left on device")
+            raise error
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(raised) as failure:
         save(checkpoint_dir, 20, model, optimizer)
     monkeypatch.setattr(torch, "save", real_save)
+    if raised is SystemExit:  # a full disk: one clear line; anything else goes through unchanged
+        assert str(failure.value).startswith(f"cannot save checkpoint step 20 to {checkpoint_dir}: no space left on device")
+    else:
+        assert failure.value is error
     assert cm.list_steps(str(checkpoint_dir)) == [10]
-    assert not [n for n in os.listdir(checkpoint_dir) if n.endswith(".tmp")]  # temp file cleaned up
+    # the model file of step 20 was already renamed into place: removed too, no orphan
+    assert sorted(os.listdir(checkpoint_dir)) == ["meta_000010.json", "model_000010.pt", "optim_000010_rank0.pt"]
     cm.load_checkpoint(str(checkpoint_dir), 10, "cpu", load_optimizer=True)
     save(checkpoint_dir, 20, model, optimizer)  # and the next attempt works
     assert cm.find_last_step(str(checkpoint_dir)) == 20
 
+def test_a_failed_overwrite_of_a_step_before_anything_is_replaced_keeps_the_old_one(base_dir, monkeypatch):
+    checkpoint_dir = base_dir / "ckpt"
+    model = make_model()
+    save(checkpoint_dir, 10, model, model.setup_optimizer())
+
+    def fail(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fail)  # the first file (weights) fails: nothing of step 10 was touched
+    with pytest.raises(SystemExit):
+        save(checkpoint_dir, 10, make_model(seed=1), model.setup_optimizer())
+    monkeypatch.undo()
+    model_state, _, _ = cm.load_checkpoint(str(checkpoint_dir), 10, "cpu", load_optimizer=True)
+    assert torch.equal(model_state["lm_head.weight"], model.lm_head.weight)
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MB tmpfs, so a save really runs out of space (mounting needs root)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                       check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount a 3 MB tmpfs (needs root and mount(8)): {getattr(e, 'stderr', None) or e}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+def assert_one_line_disk_full(failure, checkpoint_dir, step):
+    message = str(failure.value)
+    assert "\n" not in message and failure.value.__cause__ is None and failure.value.__suppress_context__
+    assert f"cannot save checkpoint step {step} to {checkpoint_dir}: no space left on device (" in message, message
+    assert " MiB free)" in message
+
+@pytest.mark.parametrize("model_numel, optim_numel", [(1_000_000, 10),  # the weights alone do not fit
+                                                      (450_000, 450_000)])  # they do, the optimizer state not
+def test_a_full_disk_fails_in_one_line_and_leaves_the_earlier_step_intact(small_disk, model_numel, optim_numel):
+    checkpoint_dir = small_disk / "d2"
+    model = make_model()
+    optimizer = model.setup_optimizer()
+    save(checkpoint_dir, 1, model, optimizer)
+    before = {name: (checkpoint_dir / name).read_bytes() for name in os.listdir(checkpoint_dir)}
+    with pytest.raises(SystemExit) as failure:  # torch.save says "inline_container.cc ... unexpected pos"
+        cm.save_checkpoint(checkpoint_dir, 2, {"w": torch.zeros(model_numel)}, {"m": torch.zeros(optim_numel)},
+                           {"model_config": asdict(CONFIG)})
+    assert_one_line_disk_full(failure, checkpoint_dir, 2)
+    # nothing of step 2 (no weights, no temp files), step 1 byte for byte as it was, and it loads
+    assert {name: (checkpoint_dir / name).read_bytes() for name in os.listdir(checkpoint_dir)} == before
+    model_state, optim_state, meta = cm.load_checkpoint(str(checkpoint_dir), 1, "cpu", load_optimizer=True)
+    assert meta["step"] == 1 and all(torch.equal(a, b) for a, b in zip(model_state.values(), model.state_dict().values()))
+    assert cm.list_steps(str(checkpoint_dir)) == [1]
+
+def test_temp_files_of_a_killed_save_are_cleaned_at_the_next_save(small_disk):
+    checkpoint_dir = small_disk / "d2"
+    checkpoint_dir.mkdir()
+    # what kill -9 in mid-save leaves: atomic_write's hidden temp files, here filling most of the disk
+    stale = [".model_000007.pt.k2j4h1.tmp", ".optim_000007_rank0.pt.a8x9q0.tmp", ".meta_000007.json.zz01.tmp"]
+    (checkpoint_dir / stale[0]).write_bytes(bytes(2_500_000))
+    for name in stale[1:]:
+        (checkpoint_dir / name).write_bytes(b"partial")
+    # not ours to delete: another rank's shard in flight, and files that only look alike
+    others = [".optim_000007_rank1.pt.b1c2d3.tmp", "notes.tmp", ".model_000007.pt", "model_000007.pt.tmp"]
+    for name in others:
+        (checkpoint_dir / name).write_bytes(b"keep me")
+    model = make_model()
+    save(checkpoint_dir, 8, model, model.setup_optimizer())  # fits only once the stale 2.5 MB are gone
+    assert sorted(os.listdir(checkpoint_dir)) == sorted(others + ["meta_000008.json", "model_000008.pt",
+                                                                  "optim_000008_rank0.pt"])
+    assert cm.list_steps(str(checkpoint_dir)) == [8]
+
+def test_base_train_on_a_full_disk_exits_with_one_line(small_disk, base_dir, tiny_tokenizer):
+    from conftest import sample_texts
+    from scripts import base_train
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    torch.save(torch.tensor(tiny_tokenizer.token_bytes()), base_dir / "tokenizer" / "token_bytes.pt")
+    (base_dir / "corpus.txt").write_text(sample_texts()[0][:40_000], encoding="utf-8")
+    (base_dir / "base_checkpoints").symlink_to(small_disk)  # the checkpoints go to the small disk
+    (small_disk / "filler").write_bytes(bytes(2_000_000))  # leaving ~1 MB: less than the step needs
+    argv = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64", "--device", "cpu",
+            "--device-batch-size", "4", "--total-batch-size", "256", "--eval-tokens", "256", "--eval-every", "-1",
+            "--num-iterations", "1", "--data", str(base_dir / "corpus.txt"), "--model-tag", "full"]
+    with pytest.raises(SystemExit) as failure:  # what python -m scripts.base_train prints, whole, on stderr
+        base_train.main(argv)
+    assert_one_line_disk_full(failure, base_dir / "base_checkpoints" / "full", 1)
+    assert os.listdir(small_disk / "full") == []
 KILL_WRITER = """
 import sys, torch
 from nanochat.checkpoint_manager import save_checkpoint
