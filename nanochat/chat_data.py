@@ -22,8 +22,7 @@ def _resumed_state(state, rank, identity):
     if not isinstance(state, dict) or state.get("kind") != what:
         raise ValueError(f"cannot resume: the checkpoint's loader state is not a {what} state")
     # a state from other data or settings would resume "somewhere": refuse it, saying what differs
-    mismatched = {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}
-    if mismatched:
+    if mismatched := {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}:
         raise ValueError(f"cannot resume the {what} exactly, it was saved with different settings or data: "
                          + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
     return state

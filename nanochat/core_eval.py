@@ -16,12 +16,12 @@ import zipfile
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
 from nanochat.common import DataError, get_base_dir, get_dist_info, print0
 from nanochat.download import DownloadError, download_file
+from nanochat.task_eval import all_reduce_sum
 
 # A task is a jsonl of items of one type (the records of llm-foundry's "eval gauntlet"):
 #   multiple_choice    {"query", "choices", "gold"}: the model picks the choice of the lowest mean loss after the query
@@ -270,7 +270,7 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indic
     pad_id = tokenizer.get_bos_token_id()
     # rank r scores items r, r + world_size, ... of `indices`; the counts are summed over ranks below
     mine = list(range(len(items)) if indices is None else indices)[rank::world_size]
-    counts = torch.tensor([0, len(mine)], device=device)  # correct, total
+    correct = 0
     for index in mine:
         prompts = render_prompts(items[index], task.task_type, task.continuation_delimiter,
                                  fewshot_examples(items, index, task.num_fewshot))
@@ -278,10 +278,8 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indic
             sequences = tokenize_prompts(tokenizer, prompts, max_seq_len)
         except ValueError as e:
             raise DataError(f"{task.path}: item {index} of {task.label!r}: {e}") from None
-        counts[0] += int(score_item(model, sequences, task.task_type, items[index].get("gold"), device, pad_id))
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    correct, total = counts.tolist()
+        correct += int(score_item(model, sequences, task.task_type, items[index].get("gold"), device, pad_id))
+    correct, total = all_reduce_sum([correct, len(mine)], device)
     return correct / total if total else float("nan")
 
 # centered accuracy: 0 is chance and 1 perfect, so tasks with 2 and with 4 choices average fairly

@@ -41,9 +41,7 @@ class BestFitBuffer:
     def pop_largest_fitting(self, room):
         """The longest document of at most `room` tokens (the oldest among equals), or None."""
         i = bisect.bisect_right(self.keys, (room, float("inf"))) - 1
-        if i < 0:
-            return None
-        return self._pop(bisect.bisect_left(self.keys, (self.keys[i][0], -1)))
+        return self._pop(bisect.bisect_left(self.keys, (self.keys[i][0], -1))) if i >= 0 else None
 
     def pop_shortest(self):
         return self._pop(0)

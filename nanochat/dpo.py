@@ -51,21 +51,16 @@ def tokenize_pairs(items, tokenizer, max_seq_len, min_prompt_tokens=32, min_resp
         # model also learns where a good answer stops
         prompt = tokenizer.render_for_completion({"messages": item["prompt_messages"]})
         chosen, rejected = tokenizer.encode(item["chosen"]), tokenizer.encode(item["rejected"])
-        if not chosen or not rejected:
-            counts["dropped_empty"] += 1
-            continue
-        if chosen == rejected:
-            counts["dropped_identical"] += 1
-            continue
-        fitted = truncate_pair(prompt, chosen + [end], rejected + [end], max_seq_len,
-                               min(min_prompt_tokens, len(prompt)), min_response_tokens)
-        if fitted is None:
-            counts["dropped_too_long"] += 1
+        why = "empty" if not chosen or not rejected else "identical" if chosen == rejected else None
+        if not why:
+            fitted = truncate_pair(prompt, chosen + [end], rejected + [end], max_seq_len,
+                                   min(min_prompt_tokens, len(prompt)), min_response_tokens)
+            # identical after truncation: the two only differed past the cut
+            why = "too_long" if fitted is None else "identical_after_truncation" if fitted[1] == fitted[2] else None
+        if why:
+            counts[f"dropped_{why}"] += 1
             continue
         prompt, chosen, rejected, cut = fitted
-        if chosen == rejected:  # they only differed past the cut
-            counts["dropped_identical_after_truncation"] += 1
-            continue
         if cut:
             counts[f"truncated_{cut}"] += 1
         counts["kept"] += 1

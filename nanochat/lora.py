@@ -90,8 +90,7 @@ def apply_lora(model, rank, alpha=None, dropout=0.0, targets=DEFAULT_TARGETS):
     if not adapted:
         raise ValueError(f"no nn.Linear in the model matches the LoRA targets {targets}")
     # frozen weights get no gradients and no optimizer state: that is where LoRA saves its memory
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for name in adapted:
         _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
     # what a checkpoint's meta records, so that load_lora can rebuild the same adapters
@@ -133,8 +132,7 @@ def merge_lora(model):
     for name, m in lora_modules(model):
         _replace(model, name, m.merged_linear())
     # trainable again, like any GPT: a merged model may start another stage of training
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model.requires_grad_(True)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -26,10 +26,8 @@ def my_indices(num_problems, max_problems=-1):
 def _padded(rows, pad_id, device):
     """Rows of different lengths as one right-padded (B, width) batch."""
     # right, not left: with causal attention the padding after a row never changes that row's logits
-    batch = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        batch[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return batch.to(device)
+    width = max(map(len, rows))
+    return torch.tensor([list(row) + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
 
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_len=None):

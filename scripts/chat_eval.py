@@ -66,8 +66,7 @@ def parse_task_list(text):
         return list(ALL_TASKS)
     if names == ["none"]:
         return []
-    unknown = [n for n in names if n not in ALL_TASKS]
-    if unknown:
+    if unknown := [n for n in names if n not in ALL_TASKS]:
         raise SystemExit(f"error: -a: unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)} (or all, none)")
     return names
 
