@@ -166,12 +166,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=10**9)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-    def visualize(self, ids, mask=None, color=True):
-        """Tokens joined by '|' for debugging, supervised ones green (or [[wrapped]] without color)."""
-        texts = (self.enc.decode([token_id], errors="replace").replace("\n", "\\n") for token_id in ids)
-        mask = mask if mask is not None else [0] * len(ids)
-        return "|".join((f"\033[92m{t}\033[0m" if color else f"[[{t}]]") if m else t for t, m in zip(texts, mask))
-
 # -----------------------------------------------------------------------------
 # The one conversation validator: of the task records, gen_data's replies, and what is rendered
 

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import SOURCES, list_steps, load_checkpoint, load_model, save_checkpoint, trained_state
-from nanochat.common import exit_on, format_eta, get_base_dir, get_peak_flops, get_rank, init_wandb, print0
+from nanochat.common import (compute_cleanup, exit_on, format_eta, get_base_dir, get_peak_flops, get_rank, init_wandb,
+                             print0)
 from nanochat.lora import apply_lora_from_args, lora_optimizer
 from nanochat.optim import all_reduce_gradients
 
@@ -166,12 +167,12 @@ def load_starting_model(args, source, stage, device):
 # -----------------------------------------------------------------------------
 # Checkpoints: save and resume
 
-def save(checkpoint_dir, step, model, optimizer, meta, loader_state, log, world_size=1):
+def save(checkpoint_dir, step, model, optimizer, meta, loader_state, log):
     """Save a step on every rank: weights (or the LoRA adapters), optimizer shards, meta."""
     # the meta holds every rank's loader position and the log's running state (loss EMA, train time),
     # so that --resume continues exactly where this step ended
-    if world_size > 1:  # each rank reads its own slice of the data: keep all their positions
-        gathered = [None] * world_size
+    if log.world_size > 1:  # each rank reads its own slice of the data: keep all their positions
+        gathered = [None] * log.world_size
         dist.all_gather_object(gathered, loader_state)
         loader_state = gathered
     meta = dict(meta, step=step, loader_state=loader_state, trainer=log.state())
@@ -203,6 +204,12 @@ def resume(requested, checkpoint_dir, model, optimizer, meta, device):
     optimizer.load_state_dict(optimizer_state)
     print0(f"resumed from {checkpoint_dir} at step {step}")
     return step, saved.get("loader_state"), saved
+
+def finish(log, model, meta):
+    """A stage's last act: tear down the process group; return the log, with what the tests inspect."""
+    compute_cleanup()
+    log.model, log.meta = model, meta  # log.num_steps, log.history, ... are there already
+    return log
 
 # -----------------------------------------------------------------------------
 # The progress line

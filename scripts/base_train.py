@@ -12,7 +12,7 @@ import torch
 
 from nanochat import training
 from nanochat.checkpoint_manager import SOURCES
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, get_base_dir, print0
+from nanochat.common import autocast_ctx, compute_init, exit_on, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
@@ -137,22 +137,18 @@ def main(argv=None):
         if training.is_due(step, args.eval_every, num_steps):
             last_eval = evaluate(step)
         if training.is_due(step, args.save_every, num_steps):  # with the last eval's val_bpb in its meta
-            training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log,
-                          world_size)
+            training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log)
 
     # the number to size --device-batch-size by on a GPU
     peak_mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | val bpb {last_eval.get('val_bpb', float('nan')):.4f}"
            + (f" | peak memory {peak_mem:.0f} MiB" if peak_mem else ""))
-    if rank == 0:
-        get_report().log(section="Base model training", data=[vars(args), {
-            "parameters": num_params, "flops_per_token": f"{flops_per_token:e}", "steps": num_steps,
-            "tokens": total_tokens, "tokens_per_param": round(total_tokens / num_params, 2),
-            "min_val_bpb": last_eval.get("val_bpb"), "training_time_min": round(log.train_time / 60, 2),
-            "peak_memory_mib": peak_mem}])
-    compute_cleanup()
-    log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
-    return log
+    get_report().log(section="Base model training", data=[vars(args), {  # (a no-op off rank 0)
+        "parameters": num_params, "flops_per_token": f"{flops_per_token:e}", "steps": num_steps,
+        "tokens": total_tokens, "tokens_per_param": round(total_tokens / num_params, 2),
+        "min_val_bpb": last_eval.get("val_bpb"), "training_time_min": round(log.train_time / 60, 2),
+        "peak_memory_mib": peak_mem}])
+    return training.finish(log, orig_model, meta)  # (and the process group torn down)
 
 if __name__ == "__main__":
     main()

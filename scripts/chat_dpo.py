@@ -10,7 +10,7 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import StepBatches, padded_batches
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
+from nanochat.common import autocast_ctx, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.dpo import LOSS_TYPES, collate_pairs, describe_counts, pair_losses, reference_logps, tokenize_pairs
 from nanochat.lora import disable_lora
@@ -153,19 +153,15 @@ def main(argv=None):
         if val_pairs and training.is_due(step, args.eval_every, num_steps):  # none left after tokenizing: no eval
             last_eval = evaluate(step)
         if training.is_due(step, args.save_every, num_steps):
-            training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log,
-                          world_size)
+            training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log)
 
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min")
-    if rank == 0:
-        source = meta["source"]
-        get_report().log(section="Chat DPO", data=[vars(args), {
-            "source": f"{args.source} {source['model_tag']} step {source['step']}", "training_pairs": len(train_pairs),
-            **{f"pairs_{k}": v for k, v in sorted(train_counts.items())}, "steps": num_steps,
-            "training_time_min": round(log.train_time / 60, 2), **last_eval}])
-    compute_cleanup()
-    log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
-    return log
+    source = meta["source"]
+    get_report().log(section="Chat DPO", data=[vars(args), {  # (a no-op off rank 0)
+        "source": f"{args.source} {source['model_tag']} step {source['step']}", "training_pairs": len(train_pairs),
+        **{f"pairs_{k}": v for k, v in sorted(train_counts.items())}, "steps": num_steps,
+        "training_time_min": round(log.train_time / 60, 2), **last_eval}])
+    return training.finish(log, orig_model, meta)  # (and the process group torn down)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import StepBatches, collate_padded, padded_batches, scaled_token_loss
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
+from nanochat.common import autocast_ctx, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.report import get_report
 from nanochat.task_eval import all_reduce_sum, assistant_nll, engine_generate_fn, run_categorical, run_generative
@@ -139,18 +139,15 @@ def main(argv=None):
         if training.is_due(step, args.save_every, num_steps):
             # the truncation counts go in the meta: a resumed run keeps counting from them
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval, truncated=truncated),
-                          loader_state, log, world_size)
+                          loader_state, log)
 
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | "
            + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-    if rank == 0:
-        get_report().log(section="Chat SFT", data=[vars(args), {
-            "source": f"{args.source} {meta['source']['model_tag']} step {meta['source']['step']}",
-            "training_conversations": len(train_task), "truncated_conversations": truncated["truncated"],
-            "steps": num_steps, "training_time_min": round(log.train_time / 60, 2), **last_eval}])
-    compute_cleanup()
-    log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
-    return log
+    get_report().log(section="Chat SFT", data=[vars(args), {  # (a no-op off rank 0)
+        "source": f"{args.source} {meta['source']['model_tag']} step {meta['source']['step']}",
+        "training_conversations": len(train_task), "truncated_conversations": truncated["truncated"],
+        "steps": num_steps, "training_time_min": round(log.train_time / 60, 2), **last_eval}])
+    return training.finish(log, orig_model, meta)  # (and the process group torn down)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import PackedConversations, StepBatches, scaled_token_loss
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
+from nanochat.common import autocast_ctx, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -122,20 +122,16 @@ def main(argv=None):
             last_eval = evaluate(step)
         if training.is_due(step, args.save_every, num_steps):
             # loader_state: after this step's last micro-batch, not after the next step's, read ahead
-            training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log,
-                          world_size)
+            training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log)
 
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | "
            f"val bpb {last_eval.get('val_bpb', float('nan')):.4f}")
-    if rank == 0:
-        source = meta["source"]
-        get_report().log(section="Midtraining", data=[vars(args), {
-            "source": f"base {source['model_tag']} step {source['step']}", "training_conversations": len(train_task),
-            "steps": num_steps, "tokens": num_steps * args.total_batch_size, "val_bpb": last_eval.get("val_bpb"),
-            "training_time_min": round(log.train_time / 60, 2)}])
-    compute_cleanup()
-    log.model, log.meta, log.num_steps = orig_model, meta, num_steps  # what the tests inspect
-    return log
+    source = meta["source"]
+    get_report().log(section="Midtraining", data=[vars(args), {  # (a no-op off rank 0)
+        "source": f"base {source['model_tag']} step {source['step']}", "training_conversations": len(train_task),
+        "steps": num_steps, "tokens": num_steps * args.total_batch_size, "val_bpb": last_eval.get("val_bpb"),
+        "training_time_min": round(log.train_time / 60, 2)}])
+    return training.finish(log, orig_model, meta)  # (and the process group torn down)
 
 if __name__ == "__main__":
     main()

@@ -91,21 +91,6 @@ class TaskMixture(Task):
         task, local_index = self.locate(index)
         return task[local_index]
 
-class TaskSequence(Task):
-    """The tasks one after another, unshuffled (e.g. a curriculum, or one eval pass over several)."""
-
-    def __init__(self, tasks, **slice_kwargs):
-        super().__init__(**slice_kwargs)
-        self.tasks = list(tasks)
-        self.offsets = np.cumsum([0] + [len(task) for task in self.tasks]).tolist()
-
-    def num_examples(self):
-        return self.offsets[-1]
-
-    def get_example(self, index):
-        which, local_index = _locate(self.offsets, index)
-        return self.tasks[which][local_index]
-
 # -----------------------------------------------------------------------------
 # Reading records from jsonl / parquet files, and validating all of them up front
 class Records:

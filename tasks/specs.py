@@ -109,12 +109,6 @@ def build_task(spec, default_split="train"):
         return cls(load_persona(path), n=size, **sliced)
     raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
 
-# a TaskMixture from a list of specs or one comma-separated string of them (a spec given twice counts twice)
-def build_mixture(specs, seed=42, default_split="train"):
-    if isinstance(specs, str):
-        specs = [s for s in specs.split(",") if s.strip()]
-    return TaskMixture([build_task(s, default_split) for s in specs], seed=seed)
-
 # -----------------------------------------------------------------------------
 # The data of midtraining, SFT and DPO, from their data flags
 def train_val_mixtures(train_tasks, val_tasks=None, holdout=500, seed=42):

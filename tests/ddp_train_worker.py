@@ -62,7 +62,7 @@ def train(args, ddp, rank, world_size, device):
         step += 1
         log.step(step, t0, lrm, loss_sum / grad_accum, tokens=grad_accum * B * T)
         if training.is_due(step, args.save_every, num_steps):
-            training.save(args.checkpoint_dir, step, model, optimizer, {}, {"step": step}, log, world_size)
+            training.save(args.checkpoint_dir, step, model, optimizer, {}, {"step": step}, log)
     if rank == 0:
         torch.save(model.state_dict(), f"{args.checkpoint_dir}/final_weights_clip{args.grad_clip}.pt")
     return [loss for _, loss in log.history]

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.common import Task, TaskMixture, TaskSequence, RecordError, check_messages, first_letter
-from tasks.specs import build_task, build_mixture
+from tasks.common import Task, TaskMixture, RecordError, check_messages, first_letter
+from tasks.specs import build_task, train_val_mixtures
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 from tasks.gsm8k import GSM8K, solution_to_parts, extract_answer
@@ -55,7 +55,7 @@ class Numbers(Task):
         return self.offset + index
 
 # -----------------------------------------------------------------------------
-# Task, TaskMixture, TaskSequence
+# Task, TaskMixture
 
 def test_task_slicing():
     assert list(Numbers(10)) == list(range(10))
@@ -83,11 +83,6 @@ def test_mixture_is_deterministic_and_oversamples():
     assert order[:50] != list(range(50))  # actually shuffled
     assert mixture.locate(0)[0] in (a, b)
     assert list(TaskMixture([a, b], seed=7, stop=5)) == list(TaskMixture([a, b], seed=7))[:5]
-
-def test_sequence():
-    seq = TaskSequence([Numbers(3), Numbers(0), Numbers(2, start=1), Numbers(2)])
-    assert list(seq) == [0, 1, 2, 1, 0, 1] and len(seq) == 6
-    assert seq[3] == 1 and seq[-1] == 1
 
 # -----------------------------------------------------------------------------
 # Multiple choice
@@ -437,8 +432,10 @@ def test_build_task_specs():
     assert build_task(f"mmlu:{FIXTURES}/mc.jsonl").split == "auxiliary_train"
     assert build_task(f"mmlu:{FIXTURES}/mc.jsonl", default_split="test").split == "test"
     assert build_task(f"mmlu:train:{FIXTURES}/mc.jsonl", default_split="test").split == "auxiliary_train"
-    mixture = build_mixture(f"spelling:30,spelling:30,identity:{persona}:40")
-    assert len(mixture) == 100
+    # as build_chat_tasks mixes the --mixture specs: a spec given twice counts twice
+    specs = ["spelling:30", "spelling:30", f"identity:{persona}:40"]
+    train, _ = train_val_mixtures([build_task(spec) for spec in specs], [build_task("spelling:test:5")])
+    assert len(train) == 100
     for spec in ["nonsense", "custom", "arc:medium:" + str(FIXTURES / "mc.jsonl"), "spelling[1:x]",
                  f"gsm8k:5:{FIXTURES}/gsm8k_chat.jsonl", f"mmlu:test:a:b:{FIXTURES}/mc.jsonl"]:
         with pytest.raises(ValueError):
