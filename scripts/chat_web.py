@@ -3,10 +3,13 @@
 Usage: python -m scripts.chat_web  # the latest SFT model, at http://127.0.0.1:8000 (--num-gpus 8: a replica per GPU)"""
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import queue
 import random
+import re
 import threading
 import time
 import uuid
@@ -16,7 +19,7 @@ import torch
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import autodetect_device_type, logger, setup_logging
-from nanochat.engine import Engine, SamplingParams, add_sampling_args, sampling_from_args
+from nanochat.engine import MIN_TEMPERATURE, Engine, SamplingParams, add_sampling_args, sampling_from_args
 
 UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
 # OpenAI's newer "developer" role is its system role under another name
@@ -36,8 +39,12 @@ def get_parser():
                                 ("--limit-top-k", 200, "largest top_k a request may ask for"),
                                 ("--max-messages", 500, "most messages in one chat request"),
                                 ("--max-message-chars", 8000, "most characters in one message"),
-                                ("--max-total-chars", 32000, "most characters in all messages of a request")]:
+                                ("--max-total-chars", 32000, "most characters in all messages of a request"),
+                                ("--max-body-bytes", 2**20, "largest request body, in bytes (413 past it)")]:
         p.add_argument(flag, type=int, default=default, help=what)
+    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a client has to send its body (408 past it)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also serve Host: NAME, any port ('*': any host); loopback names and --host always are")
     p.add_argument("--model-name", default=None, help="model id reported by the API (default: nanochat-<source>-<tag>)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="server log level")
     return p
@@ -54,9 +61,9 @@ class ErrorResponse(Exception):
         kind = "server_error" if status >= 500 else "invalid_request_error"
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
-def _check(ok, message, param=None):
+def _check(ok, message, param=None, status=400):
     if not ok:
-        raise ErrorResponse(message, param)
+        raise ErrorResponse(message, param, status)
 
 def _number(body, name, default, low, high, integer=False, low_inclusive=True):
     value = body.get(name)
@@ -65,13 +72,15 @@ def _number(body, name, default, low, high, integer=False, low_inclusive=True):
     # bool is an int in Python, but "temperature": true is a client bug, not 1
     kind_ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
     _check(kind_ok, f"'{name}' must be {'an integer' if integer else 'a number'}", name)
-    _check(low <= value <= high and (value != low or low_inclusive),
+    _check(low <= value <= high and (value != low or low_inclusive),  # NaN and +-Infinity (valid JSON here) fail too
            f"'{name}' must be in {'[' if low_inclusive else '('}{low}, {high}], got {value}", name)
     return value
 
 def sampling_params(body, defaults, args, default_max_tokens):
     """(SamplingParams, stream, include_usage) from the knobs both endpoints share."""
     temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
+    _check(temperature == 0 or temperature >= MIN_TEMPERATURE,  # logits / 1e-300 overflow: greedy in all but name
+           f"'temperature' must be 0 or at least {MIN_TEMPERATURE}; use 0 for greedy decoding", "temperature")
     # top_p = 0 would keep no token at all: its range is open at 0
     top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0, low_inclusive=False)
     top_k = _number(body, "top_k", defaults.top_k, 0, args.limit_top_k, integer=True) or None  # 0 = off
@@ -106,8 +115,9 @@ def chat_conversation(body, args):
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
         _check(isinstance(message, dict), f"{param} must be an object", param)
-        role, content = ROLES.get(message.get("role")), message.get("content")
-        _check(role, f"{param}.role must be one of {sorted(ROLES)}, got {message.get('role')!r}", f"{param}.role")
+        role, content = message.get("role"), message.get("content")  # role: a str first, ROLES.get([]) is a TypeError
+        _check(isinstance(role, str) and role in ROLES, f"'{param}.role' must be one of {sorted(ROLES)}, got {role!r:.40}",
+               f"{param}.role")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             _check(all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
                        for part in content), f"{param}.content: only text parts are supported", f"{param}.content")
@@ -115,7 +125,7 @@ def chat_conversation(body, args):
         _check(isinstance(content, str), f"{param}.content must be a string", f"{param}.content")
         _check(len(content) <= args.max_message_chars,
                f"{param}.content is {len(content)} characters (at most {args.max_message_chars})", f"{param}.content")
-        out.append({"role": role, "content": content})
+        out.append({"role": ROLES[role], "content": content})
     # messages each within their own limit can still add up to too much for one prompt
     total = sum(len(m["content"]) for m in out)
     _check(total <= args.max_total_chars, f"the messages total {total} characters (at most {args.max_total_chars})",
@@ -204,7 +214,9 @@ class Replica:
             for row, text in outputs:
                 if text:
                     row.request.emit("text", text)
-                if row.finish_reason:
+                if row.finish_reason == "error":  # this request only: the rest of the batch goes on
+                    row.request.emit("error", row.error)
+                elif row.finish_reason:
                     row.request.emit("done", row.finish_reason, len(row.tokens))
 
 class WorkerPool:
@@ -241,8 +253,9 @@ class WorkerPool:
 # -----------------------------------------------------------------------------
 # The app: tokens go from each request's Job to its client as they come, streamed (SSE) or whole
 def create_app(pool, tokenizer, model_name, args, max_context):
-    from fastapi import FastAPI, Request
+    from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -254,8 +267,16 @@ def create_app(pool, tokenizer, model_name, args, max_context):
         logger.exception("unhandled error")
         return JSONResponse(ErrorResponse("internal server error", status=500).body, status_code=500)
 
-    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, lifespan=lifespan, exception_handlers={
-        ErrorResponse: lambda request, exc: JSONResponse(exc.body, status_code=exc.status), Exception: internal_error})
+    # against DNS rebinding (its pages send their own name as Host), served with any port: loopback, --host, --allowed-host
+    hosts = {"127.0.0.1", "localhost", "[::1]", args.host.lower(), *(h.lower() for h in args.allowed_host)} - {"0.0.0.0", "::"}
+
+    def check_host(request: Request):
+        host = request.headers.get("host", "").lower()
+        _check("*" in hosts or re.sub(r":\d*$", "", host) in hosts,
+               f"Host {host!r:.80} is not served here (DNS rebinding?); see --allowed-host", status=421)
+
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, lifespan=lifespan, dependencies=[Depends(check_host)],
+                  exception_handlers={ErrorResponse: lambda _, e: JSONResponse(e.body, e.status), Exception: internal_error})
     created, defaults = int(time.time()), sampling_from_args(args)
 
     def usage(prompt_tokens, completion_tokens):
@@ -265,20 +286,37 @@ def create_app(pool, tokenizer, model_name, args, max_context):
     def sse(obj):
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    async def read_body(request):
+        # JSON only: a cross-site page may POST text/plain or a form without asking first (CSRF), but not JSON
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        _check(kind == "application/json", "the request's Content-Type must be application/json", status=415)
+        body = bytearray()
+        async for part in request.stream():  # counted as it comes: a chunked body has no Content-Length
+            body.extend(part)
+            _check(len(body) <= args.max_body_bytes, f"the request body is over {args.max_body_bytes} bytes", status=413)
+        return body
+
     @app.post("/v1/chat/completions")
     @app.post("/v1/completions")
     async def complete(request: Request):  # Request: FastAPI passes it to a parameter annotated so
         """Validate, run and answer one request, as OpenAI's chat.completion or text_completion objects."""
         chat = request.url.path.endswith("/chat/completions")
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
+        try:  # a client that stalls mid-body would hold its connection forever
+            body = json.loads(await asyncio.wait_for(read_body(request), args.request_timeout))
+        except asyncio.TimeoutError:
+            raise ErrorResponse(f"the request body did not arrive within {args.request_timeout:g} s", status=408) from None
+        except ClientDisconnect:  # a client hanging up is routine: one line in the log, not a traceback
+            logger.info("client went away: while sending its request")
+            raise ErrorResponse("client disconnected", status=499) from None
+        except (ValueError, RecursionError) as e:  # RecursionError: [[[[... nested 100k deep
             raise ErrorResponse(f"the request body is not valid JSON: {e}") from None
         _check(isinstance(body, dict), "the request body must be a JSON object")
-        # validated in this order: the prompt, then the sampling knobs, then the prompt's tokens
-        prompt = chat_conversation(body, args) if chat else completion_prompt(body, args)
-        # 16: OpenAI's default max_tokens for /v1/completions
-        params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens if chat else 16)
+        try:  # validated in this order: the prompt, then the sampling knobs, then the prompt's tokens
+            prompt = chat_conversation(body, args) if chat else completion_prompt(body, args)
+            # 16: OpenAI's default max_tokens for /v1/completions
+            params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens if chat else 16)
+        except TypeError as e:  # a wrong JSON type that no explicit check caught: still the client's mistake
+            raise ErrorResponse(f"malformed request: {e}") from None
         try:
             tokens = tokenizer.render_for_completion(prompt) if chat else tokenizer.encode(prompt, prepend="<|bos|>")
         except ValueError as e:  # e.g. roles that do not alternate
@@ -314,6 +352,9 @@ def create_app(pool, tokenizer, model_name, args, max_context):
                     if include_usage:  # one last chunk with no choices, only the usage
                         yield sse(dict(chunk(None, None), choices=[], usage=usage(len(tokens), event[2])))
                 yield "data: [DONE]\n\n"
+            except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
+                logger.info("client went away: %s mid-stream", head["id"])
+                raise
             finally:
                 job.cancelled = True  # a no-op when finished; when the client went away, its row leaves the batch
 
@@ -325,18 +366,27 @@ def create_app(pool, tokenizer, model_name, args, max_context):
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:  # nothing for a second: is anyone still waiting?
-                if await request.is_disconnected():
-                    job.cancelled = True
-                    raise ErrorResponse("client disconnected", status=499) from None
-                continue
+            except asyncio.TimeoutError:  # nothing for a second: look at the client all the same
+                event = ("text", "")
+            if await request.is_disconnected():  # at every token: a reply nobody waits for stops at once
+                job.cancelled = True
+                logger.info("client went away: %s before its reply was done", head["id"])
+                raise ErrorResponse("client disconnected", status=499)
             if event[0] == "error":
                 raise ErrorResponse(event[1], status=500)
             if event[0] == "done":
                 return dict(head, choices=[choice("".join(parts), event[1])], usage=usage(len(tokens), event[2]))
             parts.append(event[1])
 
-    app.get("/")(lambda: HTMLResponse(UI_PATH.read_text(encoding="utf-8")))
+    # The page is one file: its inline <script> and <style> run by hash, not 'unsafe-inline', so injected markup runs
+    # nothing; it fetches from this origin only; no site may frame it. uvicorn sends these with every response, 500s too
+    page = UI_PATH.read_text(encoding="utf-8")
+    inline = {tag: " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'"
+                            for block in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)) for tag in ("script", "style")}
+    app.state.security_headers = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"), (
+        "Content-Security-Policy", f"default-src 'self'; script-src {inline['script']}; style-src {inline['style']}; "
+        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")]
+    app.get("/")(lambda: HTMLResponse(page))
     app.get("/health")(lambda: {"status": "ok", "model": model_name, "replicas": len(pool.replicas)})
     app.get("/stats")(lambda: dict(pool.stats(), model=model_name))
     app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -370,7 +420,7 @@ def main(argv=None):
     logger.info("serving %s (step %s) on %d replica(s) at http://%s:%d", model_name, meta.get("step"),
                 len(engines), args.host, args.port)
     import uvicorn  # only now: --help and bad flags do not pay for importing the server
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, headers=app.state.security_headers)
 
 if __name__ == "__main__":
     main()

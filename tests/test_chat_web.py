@@ -5,7 +5,10 @@ checkpoint_manager into a temporary NANOCHAT_BASE_DIR, and served by `python -m 
 on a free loopback port. The official `openai` client talks to it; so do 32 concurrent
 streaming clients; so do malformed and oversized requests.
 """
+import asyncio
+import base64
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -96,8 +99,11 @@ class Server:
         raise RuntimeError(f"the server did not come up:\n{self.output()}")
 
     def output(self):
+        return self.log_text()[-4000:]
+
+    def log_text(self):
         self.log.seek(0)
-        return self.log.read()[-4000:]
+        return self.log.read()
 
     def stats(self):
         return requests.get(self.url + "/stats", timeout=10).json()
@@ -119,6 +125,13 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(base_dir):
     srv = Server(base_dir, "--max-batch-size", "32")
+    yield srv
+    srv.stop()
+
+@pytest.fixture(scope="module")
+def strict_server(base_dir):
+    """The one server with flags of its own: a 2 s body timeout, one more allowed Host, and info logs (client aborts)."""
+    srv = Server(base_dir, "--request-timeout", "2", "--allowed-host", "Chat.Example", "--log-level", "info")
     yield srv
     srv.stop()
 
@@ -208,6 +221,12 @@ def test_multi_turn_conversation(client):
 # Bad input: a clear 4xx, and the server keeps going
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+JSON = {"Content-Type": "application/json"}
+
+def raw(**fields):
+    """GOOD with these fields, as the bytes Python's JSON writes: NaN and Infinity literals included."""
+    return json.dumps(dict(GOOD, **fields)).encode()
+
 BAD_REQUESTS = [
     ("malformed json", b"{\"messages\": [", None),
     ("not an object", b"[1, 2, 3]", None),
@@ -238,16 +257,160 @@ BAD_REQUESTS = [
     ("stop not strings", dict(GOOD, stop=[1]), "stop"),
     ("stream not a bool", dict(GOOD, stream="yes"), "stream"),
     ("seed a string", dict(GOOD, seed="abc"), "seed"),
+    # wrong JSON types anywhere are the client's mistake (a 400), never a TypeError (a 500)
+    ("role a list", {"messages": [{"role": [], "content": "hi"}]}, "messages[0].role"),
+    ("role an object", {"messages": [{"role": {}, "content": "hi"}]}, "messages[0].role"),
+    ("role a number", {"messages": [{"role": 1, "content": "hi"}]}, "messages[0].role"),
+    ("messages an object", {"messages": {"role": "user"}}, "messages"),
+    ("message a list", {"messages": [["user", "hi"]]}, "messages[0]"),
+    ("content an object", {"messages": [{"role": "user", "content": {}}]}, "messages[0].content"),
+    ("content part type a list", {"messages": [{"role": "user", "content": [{"type": [], "text": "x"}]}]},
+     "messages[0].content"),
+    ("content part text a list", {"messages": [{"role": "user", "content": [{"type": "text", "text": []}]}]},
+     "messages[0].content"),
+    ("stop an object", dict(GOOD, stop={}), "stop"),
+    ("stop a list of lists", dict(GOOD, stop=[[]]), "stop"),
+    ("n a list", dict(GOOD, n=[]), "n"),
+    ("stream_options a list", dict(GOOD, stream_options=[1]), "stream_options"),
+    ("max_tokens a list", dict(GOOD, max_tokens=[4]), "max_tokens"),
+    ("nested 100k deep", b"[" * 100_000 + b"]" * 100_000, None),
+    ("messages nested 100k deep", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    # NaN and +-Infinity: Python's JSON parser takes the literals, the API does not
+    ("temperature NaN", raw(temperature=float("nan")), "temperature"),
+    ("temperature Infinity", raw(temperature=float("inf")), "temperature"),
+    ("temperature -Infinity", raw(temperature=-float("inf")), "temperature"),
+    ("top_p NaN", raw(top_p=float("nan")), "top_p"),
+    ("top_p Infinity", raw(top_p=float("inf")), "top_p"),
+    ("top_k NaN", raw(top_k=float("nan")), "top_k"),
+    ("max_tokens Infinity", raw(max_tokens=float("inf")), "max_tokens"),
+    ("seed NaN", raw(seed=float("nan")), "seed"),
+    # a tiny positive temperature: greedy in all but name, and logits / 1e-300 overflow
+    ("temperature 1e-300", dict(GOOD, temperature=1e-300), "temperature"),
+    ("temperature 5e-324", dict(GOOD, temperature=5e-324), "temperature"),
+    ("temperature just under 1e-3", dict(GOOD, temperature=0.00099), "temperature"),
 ]
 
 @pytest.mark.parametrize("name,body,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_openai_style_400(server, name, body, param):
-    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kwargs = {"data": body, "headers": JSON} if isinstance(body, bytes) else {"json": body}
     r = requests.post(server.url + "/v1/chat/completions", timeout=30, **kwargs)
     assert r.status_code == 400, (r.status_code, r.text)
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
+
+def test_type_errors_name_the_field_and_tiny_temperatures_say_use_zero(server):
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": [], "content": "hi"}]}, timeout=30)
+    assert r.json()["error"]["message"].startswith("'messages[0].role' must be one of")
+    r = requests.post(server.url + "/v1/chat/completions", json=dict(GOOD, temperature=1e-300), timeout=30)
+    assert "use 0 for greedy" in r.json()["error"]["message"]
+    # the edges that are allowed: exactly 0 (greedy) and 1e-3
+    for temperature in (0, 1e-3, 2):
+        assert chat(server, dict(GOOD, temperature=temperature, max_tokens=2))[1] in ("stop", "length")
+
+def test_oversized_bodies_get_413_before_any_parsing(server):
+    url = server.url + "/v1/completions"
+    # not JSON at all: a 413 and not a 400 shows that the size is checked first
+    for size, status in [(2**20 + 1, 413), (2**20, 400)]:
+        r = requests.post(url, data=b"x" * size, headers=JSON, timeout=60)
+        assert r.status_code == status, (size, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    # chunked, with no Content-Length to go by
+    r = requests.post(url, data=iter([b"x" * 65536] * 17), headers=JSON, timeout=60)
+    assert r.status_code == 413 and "over 1048576 bytes" in r.json()["error"]["message"]
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonp"])
+def test_posts_that_are_not_json_get_415(server, content_type):
+    # what a cross-site page may send without a CORS preflight: a form or text/plain (CSRF)
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = requests.post(server.url + "/v1/chat/completions", data=json.dumps(GOOD), headers=headers, timeout=30)
+    assert r.status_code == 415, r.text
+    assert "application/json" in r.json()["error"]["message"]
+
+def test_json_content_type_with_charset_is_accepted(server):
+    for content_type in ("application/json; charset=utf-8", "Application/JSON"):
+        r = requests.post(server.url + "/v1/chat/completions", data=json.dumps(GOOD), headers={"Content-Type": content_type},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+
+def asgi_status(app, host):
+    """GET /health straight through an ASGI app, with this Host header: the status."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/health", "raw_path": b"/health", "root_path": "", "query_string": b"",
+             "headers": [(b"host", host.encode())], "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 8000)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"]
+
+@pytest.mark.parametrize("flags,host,status", [
+    ([], "127.0.0.1:8000", 200), ([], "localhost", 200), ([], "LocalHost:1", 200), ([], "[::1]:8000", 200),
+    ([], "[::1]", 200), ([], "evil.example", 421), ([], "evil.example:8000", 421), ([], "localhost.evil.example", 421),
+    ([], "127.0.0.1.nip.io", 421), ([], "0.0.0.0:8000", 421), ([], "", 421),
+    (["--host", "192.168.1.5"], "192.168.1.5:8000", 200), (["--host", "0.0.0.0"], "0.0.0.0:8000", 421),
+    (["--host", "0.0.0.0"], "192.168.1.5:8000", 421), (["--host", "0.0.0.0"], "localhost:8000", 200),
+    (["--allowed-host", "a.example", "--allowed-host", "B.example"], "b.example:443", 200),
+    (["--allowed-host", "a.example"], "c.example", 421), (["--allowed-host", "*"], "anything.example:1", 200),
+])
+def test_host_allow_list(flags, host, status):
+    import types
+    from scripts.chat_web import create_app, get_parser
+    pool = types.SimpleNamespace(replicas=[None], stop=lambda: None)
+    app = create_app(pool, None, "m", get_parser().parse_args(flags), 64)
+    assert asgi_status(app, host) == status
+
+def test_foreign_host_gets_421_from_the_real_server(server, strict_server):
+    r = requests.get(server.url + "/v1/models", headers={"Host": f"rebound.example:{server.port}"}, timeout=10)
+    assert r.status_code == 421
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "--allowed-host" in error["message"]
+    # --allowed-host Chat.Example: any case, any port
+    assert requests.get(strict_server.url + "/health", headers={"Host": "chat.example:80"}, timeout=10).status_code == 200
+    assert requests.get(strict_server.url + "/health", headers={"Host": "rebound.example"}, timeout=10).status_code == 421
+
+def test_security_headers(server):
+    page = requests.get(server.url + "/", timeout=10)
+    csp = page.headers["content-security-policy"]
+    directives = {d.split()[0]: d.split()[1:] for d in csp.split(";")}
+    assert directives["frame-ancestors"] == ["'none'"] and directives["default-src"] == ["'self'"]
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    # the page's inline <script> and <style> run by hash: each one served is allowed, exactly as served
+    for tag, directive in [("script", "script-src"), ("style", "style-src")]:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.S)
+        assert blocks
+        for block in blocks:
+            assert f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'" in directives[directive]
+    # and nothing inline that no hash allows: event handler or style attributes in the markup
+    markup = re.sub(r"<(script|style)>.*?</\1>", "", page.text, flags=re.S)
+    assert not re.search(r"<[^>]*\s(on[a-z]+|style)\s*=", markup)
+    # on every response: the page, JSON, errors
+    for r in [page, requests.get(server.url + "/health", timeout=10), requests.get(server.url + "/nope", timeout=10),
+              requests.post(server.url + "/v1/chat/completions", json={}, timeout=10)]:
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+        assert r.headers["content-security-policy"] == csp
+
+def test_stalled_body_gets_408_within_the_timeout(strict_server):
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as s:
+        t0 = time.time()
+        # 1000 bytes announced, 10 sent, then nothing
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b'{"messages')
+        answer = s.recv(65536)
+        answered = time.time() - t0
+        rest = b""
+        while chunk := s.recv(65536):  # the server hangs up too, rather than wait on
+            rest += chunk
+        closed = time.time() - t0
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"did not arrive within 2 s" in answer + rest
+    assert 1.5 < answered < 6, answered
+    assert closed < 15, closed
 
 def test_prompt_longer_than_the_context_is_refused(server):
     # 3 chars per token or so: 7000 chars of digits is far past the 640-token context
@@ -293,6 +456,55 @@ def test_client_disconnect_frees_its_row(server):
     chat(server, GOOD)
     assert time.time() - t0 < 20
 
+LONG = {"prompt": "To be, or not", "max_tokens": 600, "temperature": 0}  # greedy: 600 tokens, no end token
+
+def test_client_aborts_log_one_line_each(strict_server):
+    url, served = strict_server.url, strict_server.stats()["requests_served"]
+    before = len(strict_server.log_text())
+    # 1. mid-stream
+    with requests.post(url + "/v1/completions", json=dict(LONG, stream=True), stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+    # 2. waiting for a whole (non-streaming) completion
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(url + "/v1/completions", json=LONG, timeout=0.3)
+    # 3. halfway through sending the request
+    with socket.create_connection(("127.0.0.1", strict_server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b'{"prompt":')
+        time.sleep(0.3)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        log = strict_server.log_text()[before:]
+        if log.count("client went away") >= 3 and strict_server.stats()["replicas"][0]["active_rows"] == 0:
+            break
+        time.sleep(0.2)
+    went_away = [line for line in log.splitlines() if "client went away" in line]
+    assert len(went_away) == 3, log
+    assert sum(bool(re.search(r"client went away: cmpl-\w+ (mid-stream|before its reply was done)$", line)) for line in went_away) == 2
+    assert sum(line.endswith("client went away: while sending its request") for line in went_away) == 1
+    assert "Traceback" not in log and "ERROR" not in log, log
+    # both generations stopped when their clients left, long before their 600 tokens: none was served
+    assert strict_server.stats()["requests_served"] == served
+
+def test_bad_sampling_requests_are_refused_while_a_long_stream_runs(server):
+    alone = requests.post(server.url + "/v1/completions", json=LONG, timeout=120).json()["choices"][0]["text"]
+    with requests.post(server.url + "/v1/completions", json=dict(LONG, stream=True), stream=True, timeout=120) as r:
+        lines = (line for line in r.iter_lines() if line)  # the SSE events, without the blank lines between them
+        head = [next(lines) for _ in range(3)]
+        bad = [requests.post(server.url + "/v1/completions", data=body, headers=JSON, timeout=30)
+               for body in (json.dumps(dict(LONG, temperature=float("nan"))), json.dumps(dict(LONG, temperature=1e-300)))]
+        rows = server.stats()["replicas"][0]["active_rows"]
+        rest = list(lines)
+    assert [b.status_code for b in bad] == [400, 400], [b.text for b in bad]
+    assert all(b.json()["error"]["param"] == "temperature" for b in bad)
+    assert rows == 1, "the stream was still being decoded when they were refused"
+    events = [json.loads(line[len(b"data: "):]) for line in head + rest if line != b"data: [DONE]"]
+    assert rest[-1] == b"data: [DONE]"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events) == alone
+
 # -----------------------------------------------------------------------------
 # Load: 32 concurrent streaming clients, decoded together, none corrupted
 
@@ -314,7 +526,7 @@ def test_32_concurrent_streams_are_batched_and_uncorrupted(server):
 
     def bad_traffic():  # bad requests mixed into the load
         for body in [b"{oops", {"messages": [{"role": "user", "content": "x" * 10000}]}, dict(GOOD, temperature=9)]:
-            kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+            kwargs = {"data": body, "headers": JSON} if isinstance(body, bytes) else {"json": body}
             bad_statuses.append(requests.post(server.url + "/v1/chat/completions", timeout=60, **kwargs).status_code)
 
     t0 = time.time()

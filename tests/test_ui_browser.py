@@ -62,7 +62,7 @@ def throttle(page, bytes_per_second):
                                                        "downloadThroughput": bytes_per_second or -1})
 
 def wait_idle(page):
-    page.wait_for_function("!document.body.classList.contains('generating')", timeout=60_000)
+    page.wait_for_function("() => !document.body.classList.contains('generating')", timeout=60_000)
 
 def messages(page):
     return page.eval_on_selector_all("#chat .message", "els => els.map(e => [e.classList[1], e.querySelector('.content') ? e.querySelector('.content').innerText : null])")
@@ -123,7 +123,7 @@ def test_stop_button_aborts_a_streaming_reply(page, server, tmp_path):
         throttle(page, 2000)
         page.fill("#input", XSS_QUESTION)
         page.press("#input", "Enter")
-        page.wait_for_function("document.querySelector('.message.assistant.streaming .content')?.textContent.length > 0",
+        page.wait_for_function("() => document.querySelector('.message.assistant.streaming .content')?.textContent.length > 0",
                                timeout=30_000)
         assert page.is_visible("#stop") and not page.is_visible("#send")
         page.click("#stop")
