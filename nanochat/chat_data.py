@@ -103,7 +103,7 @@ class PackedConversations:
         self.buffer_size, self.device = buffer_size, device
         self.identity = {"kind": what, "version": STATE_VERSION, "num_items": len(task), "T": T, "seed": seed,
                          "world_size": world_size, "buffer_size": buffer_size, "loss_on": loss_on}
-        self._perm, self.buffer = (None, None), BestFitBuffer()
+        self._perm, self.buffer = (None, None), BestFitBuffer(self.row_len)
         # rank r reads conversations r, r + world_size, ... of each epoch's seeded permutation
         self.cursor = [0, rank % len(task)]  # (epoch, position) of the next conversation this rank reads
         self.stats = {"rows": 0, "cropped": 0}  # cropped = tokens of conversations cut off to fill a row
@@ -143,8 +143,8 @@ class PackedConversations:
                 room = self.row_len - len(row)
                 tokens = self.buffer.pop_largest_fitting(room)
                 if tokens is None:
-                    tokens = self.buffer.pop_shortest()
-                    self.stats["cropped"] += len(tokens) - room
+                    length, tokens = self.buffer.pop_shortest()
+                    self.stats["cropped"] += length - room
                     tokens = tokens[:room]
                 row.extend(tokens)
             rows.append(row)

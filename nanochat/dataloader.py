@@ -21,7 +21,10 @@ WARN_CROPPED = 0.25  # warn once if more than this fraction of the tokens read i
 # passages of ~2*T chars, but 74% at T=256 with 4000-char passages (hence WARN_CROPPED).
 class BestFitBuffer:
     """Tokenized documents kept sorted by length, so 'largest that fits' is a binary search."""
-    def __init__(self):
+    def __init__(self, row_len):
+        # a document longer than a row can only be cropped to one: keep no more of it (1000 whole 5 MB
+        # records once took 22 GB), but sort and count it by its true length, so packing is unchanged
+        self.row_len = row_len
         self.keys = []   # sorted (length, arrival number): ties go to the oldest document
         self.docs = {}   # arrival number -> (tokens, ref); dicts keep arrival order
         self.arrivals = 0
@@ -31,17 +34,17 @@ class BestFitBuffer:
 
     def add(self, tokens, ref):
         bisect.insort(self.keys, (len(tokens), self.arrivals))
-        self.docs[self.arrivals] = (tokens, ref)
+        self.docs[self.arrivals] = (tokens[:self.row_len], ref)
         self.arrivals += 1
 
     def _pop(self, i):
-        _, arrival = self.keys.pop(i)
-        return self.docs.pop(arrival)[0]
+        length, arrival = self.keys.pop(i)
+        return length, self.docs.pop(arrival)[0]
 
     def pop_largest_fitting(self, room):
         """The longest document of at most `room` tokens (the oldest among equals), or None."""
         i = bisect.bisect_right(self.keys, (room, float("inf"))) - 1
-        return self._pop(bisect.bisect_left(self.keys, (self.keys[i][0], -1))) if i >= 0 else None
+        return self._pop(bisect.bisect_left(self.keys, (self.keys[i][0], -1)))[1] if i >= 0 else None
 
     def pop_shortest(self):
         return self._pop(0)
@@ -64,7 +67,7 @@ def tokenizing_distributed_data_loader_with_state(
     # the state is per rank and JSON-serialisable; resuming it needs these to be the same
     identity = {"version": STATE_VERSION, "corpus": corpus.fingerprint, "split": split, "rank": rank,
                 "world_size": world_size, "T": T, "buffer_size": buffer_size}
-    buffer = BestFitBuffer()
+    buffer = BestFitBuffer(row_len)
     cursor = None  # where the document stream continues: the document after the last one buffered
     stats = {"rows": 0, "tokens": 0, "cropped": 0}  # cropped = tokens of documents thrown away
     if resume_state_dict:
@@ -109,8 +112,8 @@ def tokenizing_distributed_data_loader_with_state(
                 # best fit: the largest document that fits the room left, again and again
                 if (tokens := buffer.pop_largest_fitting(room)) is None:
                     # none fits: crop the shortest to fill the row (the rest of it is thrown away)
-                    tokens = buffer.pop_shortest()
-                    stats["cropped"] += len(tokens) - room
+                    length, tokens = buffer.pop_shortest()
+                    stats["cropped"] += length - room
                     tokens = tokens[:room]
                 row.extend(tokens)
             rows.append(row)

@@ -274,14 +274,19 @@ class Corpus:
         split = "train" if self.val_data else "hash"
         # read everything once: bad input fails now, before training, and we learn the document counts
         self.files, self.num_chars = [], 0
-        for path, key, file_split in [(p, k, split) for p, k in train_files] + [(p, k, "val") for p, k in val_files]:
-            if path.endswith(".parquet"):  # it knows its row count
-                num_docs = _open_parquet(path).metadata.num_rows
-            else:  # a text file is read through, and so checked
-                num_docs = 0
-                for index, text in read_documents(path, self.txt_doc_chars):
-                    num_docs, self.num_chars = index + 1, self.num_chars + len(text)
-            self.files.append(SourceFile(path, key, file_split, num_docs))
+        jobs = [(p, k, split) for p, k in train_files] + [(p, k, "val") for p, k in val_files]
+        # a progress line once it takes over 10 s (1 GB: ~20 s); characters counted as bytes, close enough
+        total = sum(os.path.getsize(p) for p, _, _ in jobs if os.path.isfile(p) and not p.endswith(".parquet"))
+        with tqdm(total=total, unit="B", unit_scale=True, desc="checking the corpus", delay=10, mininterval=10) as bar:
+            for path, key, file_split in jobs:
+                if path.endswith(".parquet"):  # it knows its row count
+                    num_docs = _open_parquet(path).metadata.num_rows
+                else:  # a text file is read through, and so checked
+                    num_docs = 0
+                    for index, text in read_documents(path, self.txt_doc_chars):
+                        num_docs, self.num_chars = index + 1, self.num_chars + len(text)
+                        bar.update(len(text))
+                self.files.append(SourceFile(path, key, file_split, num_docs))
         if not any(f.num_docs for f in self.files if f.split != "val"):
             raise DataError(f"{self.data}: the corpus is empty (no text in {len(train_files)} file(s))")
         if self.val_data and not any(f.num_docs for f in self.files if f.split == "val"):

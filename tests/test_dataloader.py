@@ -137,13 +137,24 @@ def test_val_loader_reads_only_val_documents_and_can_stop(corpus, tiny_tokenizer
     assert batches and seen <= val_tags
 
 def test_best_fit_buffer_picks_largest_fitting_then_shortest():
-    buffer = BestFitBuffer()
+    buffer = BestFitBuffer(row_len=10)
     for n, length in enumerate([5, 9, 3, 9, 12]):
         buffer.add(list(range(length)), (0, n))
     assert len(buffer.pop_largest_fitting(10)) == 9
     assert buffer.refs() == [[0, 0], [0, 2], [0, 3], [0, 4]]  # the older of the two 9s went first
     assert buffer.pop_largest_fitting(2) is None
-    assert len(buffer.pop_shortest()) == 3
+    length, tokens = buffer.pop_shortest()
+    assert length == 3 and tokens == [0, 1, 2]
+
+def test_best_fit_buffer_keeps_at_most_a_row_of_a_long_document():
+    # a 5 MB record once sat whole in each of the buffer's 1000 slots (22 GB): only a row of it can be used
+    buffer = BestFitBuffer(row_len=10)
+    buffer.add(list(range(1_000_000)), (0, 0))
+    buffer.add(list(range(4)), (0, 1))
+    assert max(len(tokens) for tokens, _ in buffer.docs.values()) == 10
+    assert buffer.pop_largest_fitting(10) == [0, 1, 2, 3]
+    length, tokens = buffer.pop_shortest()
+    assert length == 1_000_000 and tokens == list(range(10))  # cropped counted by the true length
 
 def test_real_text_packs_well(shared_data, tiny_tokenizer):
     corpus = Corpus(str(shared_data / "pretrain" / "train"), txt_doc_chars=400)
