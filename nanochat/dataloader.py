@@ -23,7 +23,7 @@ class BestFitBuffer:
     """Tokenized documents kept sorted by length, so 'largest that fits' is a binary search."""
     def __init__(self, row_len):
         # a document longer than a row can only be cropped to one: keep no more of it (1000 whole 5 MB
-        # records once took 22 GB), but sort and count it by its true length, so packing is unchanged
+        # records once took 22 GB), but sort and count it by its tokenized length
         self.row_len = row_len
         self.keys = []   # sorted (length, arrival number): ties go to the oldest document
         self.docs = {}   # arrival number -> (tokens, ref); dicts keep arrival order
@@ -64,6 +64,9 @@ def tokenizing_distributed_data_loader_with_state(
     pin = torch.device(device).type == "cuda"
     row_len = T + 1  # T inputs and, shifted by one, T targets
     bos = tokenizer.get_bos_token_id()
+    # a document longer than a row is cropped to one: tokenize no more of it (a book as one record took
+    # minutes and GBs); no token is longer than max bytes, so this many characters still give >= row_len tokens
+    max_chars = row_len * max(tokenizer.token_bytes())
     # the state is per rank and JSON-serialisable; resuming it needs these to be the same
     identity = {"version": STATE_VERSION, "corpus": corpus.fingerprint, "split": split, "rank": rank,
                 "world_size": world_size, "T": T, "buffer_size": buffer_size}
@@ -84,14 +87,14 @@ def tokenizing_distributed_data_loader_with_state(
         cursor, stats, refs = state["cursor"], dict(state["stats"]), state["buffer"]
         # the state names the buffered documents, not their text: read them back and re-tokenize
         texts = corpus.fetch_documents(refs)
-        for ref, tokens in zip(refs, tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)):
+        for ref, tokens in zip(refs, tokenizer.encode([t[:max_chars] for t in texts], prepend=bos, num_threads=tokenizer_threads)):
             buffer.add(tokens, ref)
     # each rank tokenizes only its own documents (dealt round-robin by the Corpus)
     documents = corpus.iter_documents(split, rank=rank, world_size=world_size, start=cursor, num_epochs=num_epochs)
 
     def tokenize_documents():
         # tokenizer_batch_size documents per call, on tokenizer_threads threads
-        while chunk := list(islice(documents, tokenizer_batch_size)):
+        while chunk := [(text[:max_chars], position) for text, position in islice(documents, tokenizer_batch_size)]:
             token_lists = tokenizer.encode([text for text, _ in chunk], prepend=bos, num_threads=tokenizer_threads)
             yield from zip((position for _, position in chunk), token_lists)
 
@@ -139,10 +142,6 @@ def gather_state_dicts(state_dict):
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, state_dict)
     return states
-
-def tokenizing_distributed_data_loader(*args, **kwargs):
-    """Like tokenizing_distributed_data_loader_with_state, yielding just (inputs, targets)."""
-    return ((inputs, targets) for inputs, targets, _ in tokenizing_distributed_data_loader_with_state(*args, **kwargs))
 
 def cropped_fraction(state_dict):
     """Fraction of the tokens read that were cropped away so far (packing waste)."""

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from nanochat.dataloader import (BestFitBuffer, cropped_fraction, gather_state_dicts, tokenizing_distributed_data_loader,
+from nanochat.dataloader import (BestFitBuffer, cropped_fraction, gather_state_dicts,
                                  tokenizing_distributed_data_loader_with_state)
 from nanochat.dataset import Corpus, DataError
 
@@ -80,10 +80,10 @@ def test_resume_gives_the_same_batches(corpus, tiny_tokenizer):
 def test_tokenizer_batching_does_not_change_the_data(corpus, tiny_tokenizer):
     """Tokenizing ahead in chunks is not part of the state, so it must not matter."""
     def batches(chunk):
-        loader = tokenizing_distributed_data_loader(tiny_tokenizer, 2, 32, "train", data=corpus,
-                                                    tokenizer_batch_size=chunk, buffer_size=10)
+        loader = tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 2, 32, "train", data=corpus,
+                                                               tokenizer_batch_size=chunk, buffer_size=10)
         return take(loader, 25)
-    for (x1, y1), (x2, y2) in zip(batches(3), batches(128)):
+    for (x1, y1, _), (x2, y2, _) in zip(batches(3), batches(128)):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 def test_resume_refuses_different_settings(corpus, tiny_tokenizer):
@@ -131,9 +131,9 @@ def test_ranks_read_disjoint_documents_and_resume_per_rank(corpus, tiny_tokenize
 
 def test_val_loader_reads_only_val_documents_and_can_stop(corpus, tiny_tokenizer):
     val_tags = {text.split(":")[0] for text, _ in corpus.iter_documents("val", num_epochs=1)}
-    loader = tokenizing_distributed_data_loader(tiny_tokenizer, 1, 16, "val", data=corpus, num_epochs=1)
+    loader = tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 1, 16, "val", data=corpus, num_epochs=1)
     batches = list(loader)  # finite with num_epochs
-    seen = set().union(*(doc_tags(x, y, tiny_tokenizer) for x, y in batches))
+    seen = set().union(*(doc_tags(x, y, tiny_tokenizer) for x, y, _ in batches))
     assert batches and seen <= val_tags
 
 def test_best_fit_buffer_picks_largest_fitting_then_shortest():
@@ -164,3 +164,22 @@ def test_real_text_packs_well(shared_data, tiny_tokenizer):
         assert (inputs[:, 0] == bos).all()
         assert all(len(split_at_bos(row, bos)) >= 1 for row in rows_of(inputs, targets))
     assert cropped_fraction(state) < 0.2
+
+def test_a_book_sized_record_is_tokenized_only_as_far_as_a_row_can_use(tmp_path, tiny_tokenizer):
+    # a corpus of one 2 MB record: each of the buffer's slots once held it tokenized whole (5 MB: 22 GB)
+    (tmp_path / "book.jsonl").write_text(json.dumps({"text": "the cat sat on the mat. " * 80_000}) + "\n")
+    corpus = Corpus(str(tmp_path / "book.jsonl"), val_fraction=0)
+    longest, encode = [0], tiny_tokenizer.encode
+    def spy(texts, *args, **kwargs):
+        longest[0] = max([longest[0], *map(len, texts)])
+        return encode(texts, *args, **kwargs)
+    tiny_tokenizer.encode = spy
+    try:
+        loader = tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 2, 32, "train", data=corpus, buffer_size=50)
+        batches = take(loader, 5)
+    finally:
+        del tiny_tokenizer.encode
+    assert 0 < longest[0] <= 33 * max(tiny_tokenizer.token_bytes())
+    # every row is still the book's first 33 tokens, cropped, as when it was tokenized whole
+    book = tiny_tokenizer.encode("the cat sat on the mat. " * 20, prepend=tiny_tokenizer.get_bos_token_id())
+    assert all(row == book[:33] for x, y, _ in batches for row in rows_of(x, y))
