@@ -2,11 +2,13 @@
 on the same corpus, vocab size and split pattern; the merges are compared to ours, in order.
 
     python -m dev.bench_tokenizer                     # all text under ../shared/data, vocab 32768
-    python -m dev.bench_tokenizer --data my_corpus/ --vocab-size 65536 --rounds 3"""
+    python -m dev.bench_tokenizer --data my_corpus/ --vocab-size 65536 --rounds 3
+    python -m dev.bench_tokenizer --reading           # instead: tok_train and base_train's reading, 2 MB..1 GB"""
 import argparse
 import itertools
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -24,11 +26,8 @@ CONTENDERS = ["ours", "hf", "pypi_rustbpe"]
 
 def json_strings(value):
     """Every string inside a parsed JSON value, depth first."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, (dict, list)):
-        for v in value.values() if isinstance(value, dict) else value:
-            yield from json_strings(v)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return [value] if isinstance(value, str) else [s for v in items for s in json_strings(v)]
 
 def load_corpus(data):
     """All texts under `data` (a file or folder): each blank-line-separated block of .txt, each string of .jsonl."""
@@ -124,19 +123,62 @@ def run_contender(contender, args):
         result["merges"] = [bytes(byte_of[c] for c in m).hex() for m in result["merges"]]
     return result
 
+# -----------------------------------------------------------------------------
+# --reading: tok_train, and base_train's data path (read and check the corpus, count its split, then 20
+# batches from the loader), on generated inputs: time should grow linearly with the input, memory not at all
+LOADER = ("import sys; from nanochat.dataset import Corpus; from nanochat.tokenizer import Tokenizer; from nanochat."
+          "dataloader import tokenizing_distributed_data_loader_with_state as L; c = Corpus(sys.argv[1], txt_doc_chars=1024); print("
+          "c.summary(), flush=True); all(zip(range(20), L(Tokenizer.from_directory(sys.argv[2]), 8, 512, 'train', data=c)))")
+
+def run_timed(cmd, env):
+    """Wall time, peak RSS (MB) and the longest stretch without a line of output (s) of a child process."""
+    t0 = last = time.perf_counter()
+    silent, proc = 0, subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in proc.stdout:
+        silent, last = max(silent, time.perf_counter() - last), time.perf_counter()
+    _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+    if status:
+        raise SystemExit(f"{cmd[1:3]} failed (wait status {status})")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, max(silent, time.perf_counter() - last)
+
+def bench_reading():
+    r = random.Random(0)
+    words = ["".join(r.choices("abcdefghijklmnopqrstuvwxyz", k=r.randint(2, 9))) for _ in range(20_000)]
+    prose = "\n\n".join(" ".join(r.choices(words, k=80)) for _ in range(2000))  # ~1 MB of paragraphs
+    # (name, files, extension, the pieces each file is made of)
+    cases = [(f"{mb} MB single-line .txt", 1, ".txt", ["word " * 200_000] * mb) for mb in (2, 4, 8, 50)]
+    cases += [(f"{50 * n} MB folder of .txt", n, ".txt", [prose + "\n\n"] * 50) for n in (4, 20)]
+    cases += [("50 MB .jsonl record + 2000 short", 1, ".jsonl", ['{"text": "'] + ["word " * 200_000] * 50 + ['"}\n']
+               + [json.dumps({"text": p}) + "\n" for p in prose.split("\n\n")])]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", NANOCHAT_BASE_DIR=tmp)  # tok_train's report goes there too
+        header = f"| {'input':<32} | {'MB':>5} |" + "".join(f" {w} s | peak RSS MB | max silent s |" for w in ("tok_train", "data path"))
+        print(f"tok_train --vocab-size 512 (reads all of it: --max-chars is 2e9) | base_train's data path at T=512 | peak RSS"
+              f" of importing torch alone: {run_timed([sys.executable, '-c', 'import torch'], env)[1]:.0f} MB\n{header}\n|"
+              + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+        for i, (name, n_files, ext, pieces) in enumerate(cases):
+            (data := Path(tmp) / f"data{i}").mkdir()
+            for j in range(n_files):
+                (data / f"part{j}{ext}").write_text("".join(pieces))
+            tok_train = ["-m", "scripts.tok_train", "--data", data, "--vocab-size", "512", "--output-dir", f"{tmp}/tok{i}"]
+            results = [run_timed([sys.executable, *c], env) for c in (tok_train, ["-c", LOADER, data, f"{tmp}/tok{i}"])]
+            print(f"| {name:<32} | {n_files * sum(map(len, pieces)) / 1e6:5.0f} | "
+                  + " | ".join(f"{t:11.1f} | {rss:11.0f} | {q:12.1f}" for t, rss, q in results) + " |", flush=True)
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus: a .txt/.jsonl file or a folder of them")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size (256 bytes + merges)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {CONTENDERS}")
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times, interleaved; report the fastest")
+    parser.add_argument("--reading", action="store_true", help="instead: time tok_train and base_train's reading of 2 MB..1 GB")
     parser.add_argument("--pypi-venv", type=Path, default=DEFAULT_VENV, help="venv holding the PyPI rustbpe (created if missing)")
     # how the parent starts a worker: not for people
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return run_worker(args)
+    if args.worker or args.reading:
+        return run_worker(args) if args.worker else bench_reading()
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if unknown := set(contenders) - set(CONTENDERS):
         parser.error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")

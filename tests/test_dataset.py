@@ -131,6 +131,24 @@ def test_txt_long_blocks_and_lines_are_cut_without_losing_words():
     assert " ".join(docs).split() == text.split()
     assert any(d.startswith("    line") for d in docs)  # indentation survives
 
+class CountingStr(str):
+    """A str that counts the characters copied by slicing it (or the strs sliced or stripped from it)."""
+    copied = 0
+    def __getitem__(self, key):
+        piece = CountingStr(super().__getitem__(key))
+        CountingStr.copied += len(piece)
+        return piece
+    def lstrip(self, chars=None):
+        return CountingStr(super().lstrip(chars))
+
+def test_cutting_a_long_line_copies_each_character_once():
+    # time-independent: re-slicing the rest of the line for every piece (the old, quadratic code) copies
+    # ~len(line)**2 / (2 * max_chars) characters, here ~150x the line; walking an offset copies each once
+    CountingStr.copied, line = 0, CountingStr(" ".join(f"w{i % 1000}" for i in range(250_000)))
+    pieces = _cut_long_line(line, 4000)
+    assert len(next(pieces)) <= 4000 and CountingStr.copied <= 4000  # lazily, a piece at a time
+    assert sum(map(len, pieces)) < len(line) and CountingStr.copied <= len(line)
+
 def test_a_huge_single_line_is_cut_in_linear_time(tmp_path):
     """A one-line 20 MB .txt (a dump without newlines): cutting it used to re-slice the rest of the
     line for every piece, quadratic, so a file like this never finished."""
