@@ -24,8 +24,7 @@ _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.
 _UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_CALC_EXPR_CHARS, MAX_CALC_VALUE_CHARS, MAX_CALC_SECONDS = 200, 1000, 0.05
 
-def _round(x, ndigits=None):
-    # round(1, -10**9) would compute 10**(10**9) first
+def _round(x, ndigits=None):  # round(1, -10**9) would compute 10**(10**9) first
     if ndigits is not None and not (isinstance(ndigits, int) and abs(ndigits) <= 100):
         raise ValueError("too many digits")
     return round(x, ndigits)
@@ -38,11 +37,9 @@ def _size(value):
     """About how many characters str(value) takes, counted through nested lists, stopping past the limit."""
     if isinstance(value, int):
         return value.bit_length() // 3  # 3 bits per digit is generous (a digit is 3.3 bits)
-    if not isinstance(value, (str, list, tuple)):
-        return 0
-    total = len(value)
+    total = len(value) if isinstance(value, (str, list, tuple)) else 0
     # the items of [['a'*1000]*1000]*1000 are shared: its str() is 1 GB, built from 8 kB of lists
-    for item in value if not isinstance(value, str) else ():
+    for item in value if isinstance(value, (list, tuple)) else ():
         if (total := total + _size(item)) > MAX_CALC_VALUE_CHARS:
             break
     return total

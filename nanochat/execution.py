@@ -3,20 +3,16 @@ Usage: result = execute_code("print(1 + 1)"); then result.success is True and re
 `python -m nanochat.execution` prints which of the kernel's isolation layers this machine gives the sandbox.
 
 Python cannot contain Python (an audit hook is one `import _posixsubprocess` away from a shell), so
-the walls are the kernel's, raised in the child before the code runs. On Linux:
-  - rlimits: memory (RLIMIT_AS), CPU time, file size, open files; no core dumps
-  - its own session and process group, killed whole on timeout; a fresh empty working dir, no env secrets
-  - as root: its own network, IPC and mount namespaces (no network at all; the working dir is a small
-    tmpfs, so the code cannot fill the disk), then it drops to uid/gid 65534 (nobody), or, where nobody
-    could not read Python itself (a pyenv under /root), to uid 0 with every capability dropped
-  - no_new_privs: no setuid binary can give privileges back
-  - Landlock (kernel >= 5.13): reads only from system and Python dirs, writes only in its working
-    dir, executes nothing; no TCP (>= 6.7) and no signals to processes outside it (>= 6.12)
-  - seccomp (x86_64, aarch64): no fork/exec (threads are fine), no sockets, no ptrace, no signals
-    but to itself, no chmod/chown/utime/xattr, no mount/namespace/bpf/io_uring/keyctl syscalls
-On macOS and other systems only the first two hold: there the code can read and write what your user
-can, so run untrusted code only in a VM or container. Success is the child's exit status (0), never
-what the code prints, so the code cannot forge a pass; calling sys.exit(0) or os._exit(0) still counts."""
+the walls are the kernel's, raised in the child before the code runs (README: "Model-written code"):
+  - everywhere: rlimits (memory, CPU time, file size, open files, no core), its own session (killed
+    whole on timeout), a fresh empty working dir, no environment secrets
+  - Linux, as root: network, IPC and mount namespaces (the working dir a small tmpfs), then uid nobody,
+    or uid 0 without capabilities where nobody cannot read Python (a pyenv under /root)
+  - Linux: no_new_privs; Landlock (kernel >= 5.13): reads only system and Python dirs, writes only its
+    own dir, no exec, no TCP (>= 6.7), no signals out (>= 6.12); seccomp (x86_64, aarch64): no fork,
+    exec, sockets or ptrace, signals only to itself, no chmod/chown/utime/xattr/mount/bpf/io_uring/keyctl
+Elsewhere (macOS) only the first line holds: run untrusted code in a VM or container there. Success is
+the exit status (0), never what the code prints, so it cannot forge a pass (sys.exit(0) still counts)."""
 import contextlib
 import ctypes
 import io
@@ -99,8 +95,7 @@ def _landlock(libc, workdir):
     return abi if libc.syscall(446, ruleset, 0) == 0 else 0  # landlock_restrict_self
 
 def _sandbox_uid():
-    """As root: the uid the child runs as, nobody unless nobody cannot read Python (a pyenv under /root);
-    then it stays uid 0 without capabilities. Not root: None (the child keeps the caller's uid)."""
+    """As root, the child's uid: nobody, or 0 (without capabilities) where nobody cannot read Python; else None."""
     if os.geteuid() != 0:
         return None
     # nobody needs o+x on every directory down to the stdlib and the venv, and o+r on them
@@ -119,7 +114,6 @@ def _lock_down(job):
     if sys.platform != "linux":
         return layers
     libc, workdir = ctypes.CDLL(None, use_errno=True), os.getcwd()
-    libc.syscall.restype = ctypes.c_long
     if (uid := _sandbox_uid()) is not None:
         # CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS; mount propagation private, so the tmpfs stays ours
         if libc.unshare(0x40000000 | 0x08000000 | 0x00020000) == 0 and libc.mount(b"none", b"/", None, 0x44000, None) == 0:

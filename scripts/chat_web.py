@@ -311,12 +311,10 @@ def create_app(pool, tokenizer, model_name, args, max_context):
         except (ValueError, RecursionError) as e:  # RecursionError: [[[[... nested 100k deep
             raise ErrorResponse(f"the request body is not valid JSON: {e}") from None
         _check(isinstance(body, dict), "the request body must be a JSON object")
-        try:  # validated in this order: the prompt, then the sampling knobs, then the prompt's tokens
-            prompt = chat_conversation(body, args) if chat else completion_prompt(body, args)
-            # 16: OpenAI's default max_tokens for /v1/completions
-            params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens if chat else 16)
-        except TypeError as e:  # a wrong JSON type that no explicit check caught: still the client's mistake
-            raise ErrorResponse(f"malformed request: {e}") from None
+        # validated in this order: the prompt, then the sampling knobs, then the prompt's tokens
+        prompt = chat_conversation(body, args) if chat else completion_prompt(body, args)
+        # 16: OpenAI's default max_tokens for /v1/completions
+        params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens if chat else 16)
         try:
             tokens = tokenizer.render_for_completion(prompt) if chat else tokenizer.encode(prompt, prepend="<|bos|>")
         except ValueError as e:  # e.g. roles that do not alternate
