@@ -30,12 +30,16 @@ pytestmark = pytest.mark.slow
 
 TOOL_QUESTION = "what is 6 times 7?"
 XSS_QUESTION = "hello"
+BOMB_QUESTION, BOMB = "round it", "round(1, -10**9)"
 XSS_REPLY = "<img src=x onerror=\"document.title='pwned'\"> Hi! <b>bold</b> & done"
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": TOOL_QUESTION}, {"role": "assistant", "content": [
         {"type": "text", "text": "sure: "}, {"type": "python", "text": "6*7"},
         {"type": "python_output", "text": "42"}, {"type": "text", "text": " so it is 42."}]}]},
     {"messages": [{"role": "user", "content": XSS_QUESTION}, {"role": "assistant", "content": XSS_REPLY}]},
+    # a tool call that once held the decode thread (and every stream on it) for > 40 s: refused, no output
+    {"messages": [{"role": "user", "content": BOMB_QUESTION}, {"role": "assistant", "content": [
+        {"type": "text", "text": "ok "}, {"type": "python", "text": BOMB}, {"type": "text", "text": " no."}]}]},
 ]
 CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4,
           "Hello there, how are you? I am a small model. What is six times seven? It is forty two."] * 30
@@ -456,7 +460,7 @@ def test_client_disconnect_frees_its_row(server):
     chat(server, GOOD)
     assert time.time() - t0 < 20
 
-LONG = {"prompt": "To be, or not", "max_tokens": 600, "temperature": 0}  # greedy: 600 tokens, no end token
+LONG = {"prompt": "To a", "max_tokens": 600, "temperature": 0}  # greedy: 600 tokens, no end token (the tests check)
 
 def test_client_aborts_log_one_line_each(strict_server):
     url, served = strict_server.url, strict_server.stats()["requests_served"]
@@ -504,6 +508,22 @@ def test_bad_sampling_requests_are_refused_while_a_long_stream_runs(server):
     assert rest[-1] == b"data: [DONE]"
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert "".join(e["choices"][0]["text"] for e in events) == alone
+
+def test_a_calculator_bomb_does_not_stall_the_other_streams(server):
+    with requests.post(server.url + "/v1/completions", json=dict(LONG, stream=True), stream=True, timeout=120) as r:
+        lines = (line for line in r.iter_lines() if line)
+        head = [next(lines) for _ in range(3)]
+        t0 = time.time()
+        content, finish, _, _ = chat(server, {"messages": [{"role": "user", "content": BOMB_QUESTION}],
+                                              "temperature": 0, "max_tokens": 40})
+        bomb_seconds = time.time() - t0
+        rows = server.stats()["replicas"][0]["active_rows"]
+        rest = list(lines)
+    # the model wrote the call, the engine refused it (nothing forced in), and the reply went on
+    assert content == f"ok <<{BOMB}= no." and finish == "stop"
+    assert rows == 1, "the long stream was still being decoded when the tool call was done"
+    assert bomb_seconds < 10  # round(1, -10**9) alone took > 40 s on the decode thread, every stream stalled
+    assert rest[-1] == b"data: [DONE]" and len(head + rest) > 100
 
 # -----------------------------------------------------------------------------
 # Load: 32 concurrent streaming clients, decoded together, none corrupted
