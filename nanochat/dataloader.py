@@ -99,29 +99,35 @@ def tokenizing_distributed_data_loader_with_state(
             yield from zip((position for _, position in chunk), token_lists)
 
     tokenized = tokenize_documents()  # (position, tokens), read ahead of the buffer: not part of the state
+
+    def next_row():
+        nonlocal cursor
+        row = []
+        while len(row) < row_len:
+            # top the buffer up from the read-ahead stream (which ends only with num_epochs)
+            for position, tokens in islice(tokenized, buffer_size - len(buffer)):
+                buffer.add(tokens, (position.file, position.doc))
+                cursor = position.resume_point()
+            if not len(buffer):
+                return None  # the data ran out (num_epochs): this unfinished row is dropped
+            room = row_len - len(row)
+            # best fit: the largest document that fits the room left, again and again
+            if (tokens := buffer.pop_largest_fitting(room)) is None:
+                # none fits: crop the shortest to fill the row (the rest of it is thrown away)
+                length, tokens = buffer.pop_shortest()
+                stats["cropped"] += length - room
+                tokens = tokens[:room]
+            row.extend(tokens)
+        return row
+
     warned = False
     while True:
-        rows = []
-        for _ in range(B):
-            row = []
-            while len(row) < row_len:
-                # top the buffer up from the read-ahead stream (which ends only with num_epochs)
-                for position, tokens in islice(tokenized, buffer_size - len(buffer)):
-                    buffer.add(tokens, (position.file, position.doc))
-                    cursor = position.resume_point()
-                if not len(buffer):
-                    return  # the data ran out (num_epochs): the partial batch is dropped
-                room = row_len - len(row)
-                # best fit: the largest document that fits the room left, again and again
-                if (tokens := buffer.pop_largest_fitting(room)) is None:
-                    # none fits: crop the shortest to fill the row (the rest of it is thrown away)
-                    length, tokens = buffer.pop_shortest()
-                    stats["cropped"] += length - room
-                    tokens = tokens[:room]
-                row.extend(tokens)
-            rows.append(row)
-        stats["rows"] += B
-        stats["tokens"] += B * row_len
+        # B rows; fewer only in the last batch of num_epochs passes, so that an evaluation of one
+        # pass over a small split sees all of it
+        if not (rows := list(islice(iter(next_row, None), B))):
+            return
+        stats["rows"] += len(rows)
+        stats["tokens"] += len(rows) * row_len
         # warn once, and only after enough rows for the fraction to mean something
         if not warned and stats["rows"] >= 256 and (cropped := cropped_fraction({"stats": stats})) > WARN_CROPPED:
             warned = True
@@ -129,8 +135,8 @@ def tokenizing_distributed_data_loader_with_state(
                    f"than a row of {T} tokens (for .txt corpora, lower txt_doc_chars to about 2 x T characters)")
         batch = torch.tensor(rows, dtype=torch.long)
         # page-locked host copies let the host->GPU transfer run asynchronously with compute
-        inputs = torch.empty((B, T), dtype=torch.long, pin_memory=pin).copy_(batch[:, :-1])
-        targets = torch.empty((B, T), dtype=torch.long, pin_memory=pin).copy_(batch[:, 1:])
+        inputs = torch.empty((len(rows), T), dtype=torch.long, pin_memory=pin).copy_(batch[:, :-1])
+        targets = torch.empty((len(rows), T), dtype=torch.long, pin_memory=pin).copy_(batch[:, 1:])
         # restarting from this state gives the very batches a run that never stopped would see next
         state_dict = dict(identity, epoch=cursor["epoch"], cursor=dict(cursor), buffer=buffer.refs(), stats=dict(stats))
         yield inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin), state_dict

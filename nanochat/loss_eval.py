@@ -4,22 +4,27 @@ Bits per byte: the validation loss made independent of the tokenizer, so any two
     bpb = evaluate_bpb(model, val_loader, steps, get_token_bytes(device))
 """
 import math
+from itertools import islice
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+from nanochat.common import get_rank
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
-    """bpb = sum(nats) / (ln 2 * sum(bytes)) over `steps` batches of (inputs, targets[, state]).
-    token_bytes[id]: UTF-8 bytes of a token, 0 for specials. The caller sets eval mode and autocast."""
+    """bpb = sum(nats) / (ln 2 * sum(bytes)) over `steps` batches of (inputs, targets[, state]), or fewer
+    if `batches` ends first (a loader of one pass over a small split). token_bytes[id]: UTF-8 bytes of a
+    token, 0 for specials. The caller sets eval mode and autocast."""
     device = model.get_device() if hasattr(model, "get_device") else next(model.parameters()).device
     accumulate = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     total_nats = torch.zeros((), dtype=accumulate, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     token_bytes = token_bytes.to(device)
-    batch_iter = iter(batches)
-    for _ in range(steps):
-        inputs, targets = next(batch_iter)[:2]
+    # a bar only for evaluations long enough to look like a hang (10 s), and on one rank
+    for inputs, targets, *_ in tqdm(islice(batches, steps), total=steps, desc="eval", unit="batch", leave=False,
+                                    delay=10, disable=get_rank() != 0):
         # model(x, y, loss_reduction="none"): the loss in nats of every target, (B, T)
         loss = model(inputs, targets, loss_reduction="none").reshape(-1)
         targets = targets.reshape(-1)
@@ -35,6 +40,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_bytes = total_bytes.item()
     if total_bytes == 0:
-        raise ValueError("evaluate_bpb saw no bytes: every target was ignored or a special token")
+        raise ValueError("evaluate_bpb saw no bytes: no batch, or every target was ignored or a special token "
+                         "(a validation split shorter than one row of the context gives no batch)")
     # per byte of text, not per token: how much text a token holds depends on the vocabulary
     return total_nats.item() / (math.log(2) * total_bytes)

@@ -48,7 +48,8 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="corpus to measure: file, folder or glob of .txt/.jsonl/.parquet")
     parser.add_argument("--val-data", default=None, help="explicit validation text (default: held out from --data)")
     parser.add_argument("--txt-doc-chars", type=int, default=-1, help="chars per .txt document (-1: as in training)")
-    parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens per split (in whole batches)")
+    parser.add_argument("--split-tokens", type=int, default=20 * 524288,
+                        help="tokens per split (whole batches, at most one pass)")
     parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per device")
     parser.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample (0 = no samples)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt to sample from (repeatable)")
@@ -66,7 +67,9 @@ def main(argv=None):
                f"x {world_size} rank(s) per split, data: {data_name}")
         t0, results = time.time(), {}
         for split in ("train", "val"):
-            loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device=device, data=corpus)
+            # at most one pass over each split: a small corpus is measured whole, not looped over for minutes
+            loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device=device, data=corpus,
+                                                                   num_epochs=1)
             with autocast_ctx(device.type):
                 results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
             print0(f"{split} bpb: {results[f'{split}_bpb']:.4f}")

@@ -52,7 +52,7 @@ def main(argv=None):
                         "2 rows' worth, so little is cropped; 0: one document per file)")
     g.add_argument("--target-param-data-ratio", type=float, default=20,
                    help="train for this many tokens per parameter (used when --num-iterations=-1)")
-    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens of validation data per evaluation")
+    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (at most one pass over the validation split)")
     g.add_argument("--sample-every", type=int, default=-1, help="print samples every N steps (-1 = at the end only)")
     training.add_training_flags(parser)
     args = parser.parse_args(argv)
@@ -85,7 +85,7 @@ def main(argv=None):
         max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
     total_tokens = num_steps * args.total_batch_size
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens = {total_tokens:,} tokens "
-           f"({total_tokens / num_params:.1f} per parameter) | grad accumulation: {grad_accum}")
+           f"({total_tokens / num_params:.3g} per parameter) | grad accumulation: {grad_accum}")
     # the meta is what load_model needs to rebuild the model (its config), and how it was trained
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES["base"][0], args.model_tag or f"d{args.depth}")
     meta = {"model_config": asdict(config), "user_config": vars(args), "num_params": num_params}
@@ -97,8 +97,10 @@ def main(argv=None):
 
     def evaluate(step):
         model.eval()
-        # a fresh loader each time: every evaluation reads the very same validation tokens
-        val_loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "val", device=device, data=corpus)
+        # a fresh loader each time: every evaluation reads the very same validation tokens, at most once each
+        # (looping over a small split would only repeat them, for minutes)
+        val_loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "val", device=device, data=corpus,
+                                                                   num_epochs=1)
         with autocast_ctx(device.type):
             bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
         print0(f"step {step:05d} | val bpb {bpb:.4f}")

@@ -171,3 +171,30 @@ def test_bad_input_fails_before_training(base_dir, tmp_path):
         assert expected in out, out[-2000:]
         assert "base step" not in out  # failed before the first step
         assert "Traceback" not in out
+
+def test_default_eval_is_one_pass_over_a_small_validation_split(base_dir, monkeypatch):
+    """With the default --eval-tokens (10.5M), a small corpus's validation split is read once per
+    evaluation, not looped over for minutes: the eval's forward calls == the batches of one pass."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
+    from nanochat.dataset import Corpus
+    from nanochat.gpt import GPT
+    from nanochat.tokenizer import get_tokenizer
+    from scripts import base_train
+    eval_calls = []
+    forward = GPT.forward
+
+    def counting_forward(self, idx, targets=None, loss_reduction="mean", **kw):
+        if loss_reduction == "none":  # only evaluate_bpb asks for per-token losses
+            eval_calls.append(idx.shape[0])
+        return forward(self, idx, targets, loss_reduction=loss_reduction, **kw)
+    monkeypatch.setattr(GPT, "forward", counting_forward)
+    flags = [f for f in TINY if f not in ("--eval-tokens", "1024")]  # the default eval size
+    base_train.main(flags + ["--data", str(base_dir / "corpus"), "--num-iterations", "2", "--eval-every", "-1",
+                             "--model-tag", "onepass", "--compile", "0"])
+    corpus = Corpus(str(base_dir / "corpus"), txt_doc_chars=128)  # the run's default: 2 × --max-seq-len
+    one_pass = list(tokenizing_distributed_data_loader_with_state(get_tokenizer(), 4, 64, "val", data=corpus,
+                                                                  num_epochs=1))
+    assert 0 < len(one_pass) < 10.5e6 / (4 * 64)
+    assert len(eval_calls) == len(one_pass)  # one evaluation at the end, one pass
+    assert sum(eval_calls) == sum(x.shape[0] for x, _, _ in one_pass)  # the last, partial batch too
