@@ -12,7 +12,10 @@
 #   NANOCHAT_BASE_DIR   where everything is written (default ~/.cache/nanochat)
 #   PRESET              auto | gpu | cpu
 #   NANOCHAT_DATA       local data in the shared/data layout (pretrain/, chat/, preference/, eval/);
-#                       the CPU preset defaults to ../shared/data when present, so it runs offline
+#                       the CPU preset defaults to ../shared/data when present (offline), else it
+#                       downloads dev/cpu_data.json's files once
+#   NANOCHAT_DATA_URL   a mirror of that layout for that download (else only the upstream files
+#                       come from their sources, and the chat/eval sets from Hugging Face)
 #   DEPTH, NPROC        GPU preset: model depth (default 20) and GPUs to use (default: all)
 #   WANDB_RUN           wandb run name (default: dummy = no wandb)
 #   PERSONA             persona.json giving your model its name (default: dev/persona_example.json)
@@ -102,21 +105,37 @@ else
     # -------------------------------------------------------------------------
     # CPU preset: a tiny model through every stage, ~15 minutes on 2 cores. It teaches the
     # pipeline; the model itself only learns the surface of English and of the chat format.
+    # Its data: NANOCHAT_DATA, else ../shared/data when present, else the small open datasets of
+    # dev/cpu_data.json, fetched once (~20 MB, sha256-checked) into $NANOCHAT_BASE_DIR/cpu_data
     DATA="${NANOCHAT_DATA:-}"
     if [ -z "$DATA" ] && [ -d ../shared/data ]; then DATA="$(cd ../shared/data && pwd)"; fi
-    if [ -z "$DATA" ] || [ ! -d "$DATA/pretrain" ]; then
-        echo "The CPU preset trains on local files: set NANOCHAT_DATA to a folder laid out like"
-        echo "shared/data (pretrain/train/*.txt, pretrain/val/*.txt, chat/*.jsonl, preference/*.jsonl,"
-        echo "eval/*.jsonl, eval/core/*.jsonl). (Or run PRESET=gpu on a GPU node, which downloads its data.)"
+    if [ -z "$DATA" ]; then
+        DATA="$NANOCHAT_BASE_DIR/cpu_data"
+        $PY -m nanochat.download dev/cpu_data.json "$DATA"
+    fi
+    if [ ! -d "$DATA/pretrain" ]; then
+        echo "NANOCHAT_DATA=$DATA has no pretrain/ folder: it must be laid out like shared/data"
+        echo "(pretrain/train/*.txt, pretrain/val/*.txt, chat/*.jsonl, preference/*.jsonl, eval/*.jsonl, eval/core/*.jsonl)"
         exit 1
     fi
     echo "local data: $DATA"
     TAG=cpu
     TINY="--depth 4 --aspect-ratio 64 --head-dim 64 --max-seq-len 256 --device cpu --model-tag $TAG"
-    CHAT_MIX="gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl[:1500] custom:$DATA/chat/selfinstruct_seed_tasks_chat.jsonl spelling:300"
-    CHAT_VAL="gsm8k:test:$DATA/eval/gsm8k_test.jsonl[:100]"
-    PREFS="prefs:train:$DATA/preference/hh_rlhf_harmless_base_test.jsonl:skip_bad"
-    EVAL="--data-dir $DATA/eval --max-problems 60 --device cpu"
+    if [ -f "$DATA/chat/gsm8k_train_chat.jsonl" ]; then
+        CHAT_MIX="gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl[:1500] custom:$DATA/chat/selfinstruct_seed_tasks_chat.jsonl spelling:300"
+        CHAT_VAL="gsm8k:test:$DATA/eval/gsm8k_test.jsonl[:100]"
+        SFT_EVAL="arc:easy:test:$DATA/eval/arc_easy.jsonl[:100]"
+        PREFS="prefs:train:$DATA/preference/hh_rlhf_harmless_base_test.jsonl:skip_bad"
+        EVAL="--data-dir $DATA/eval"
+    else
+        # only the upstream files came down (the converted ones need NANOCHAT_DATA_URL, a mirror):
+        # the chat, preference and eval sets come from Hugging Face and the CORE bundle instead
+        CHAT_MIX="gsm8k:train[:1500] spelling:300"
+        CHAT_VAL="gsm8k:test[:100]"
+        SFT_EVAL="arc:easy:test[:100]"
+        PREFS="prefs:test[:1000]"
+        EVAL=""
+    fi
 
     stage tok_train $PY -m scripts.tok_train --data "$DATA/pretrain/train" --vocab-size 4096
     stage tok_eval $PY -m scripts.tok_eval --text-file "$DATA/pretrain/val/wikitext2_valid.txt" --max-chars 200000
@@ -126,26 +145,26 @@ else
         --num-iterations 200 --eval-every 100 --eval-tokens 65536 --save-every 50 --warmup-ratio 0.02 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
     stage base_loss $PY -m scripts.base_loss --model-tag $TAG --device cpu --split-tokens 65536
-    stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu --data-dir "$DATA/eval" --max-per-task 50
+    stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu $EVAL --max-per-task 50
 
     stage mid_train $PY -m scripts.mid_train --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
         --device-batch-size 16 --total-batch-size 8192 --num-iterations 100 --eval-every 50 --save-every 50 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")
-    stage mid_eval $PY -m scripts.chat_eval -i mid --model-tag $TAG $EVAL
+    stage mid_eval $PY -m scripts.chat_eval -i mid --model-tag $TAG $EVAL --max-problems 60 --device cpu
 
     stage chat_sft $PY -m scripts.chat_sft --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
-        --eval-tasks "arc:easy:test:$DATA/eval/arc_easy.jsonl[:100]" spelling:test:50 \
+        --eval-tasks "$SFT_EVAL" spelling:test:50 \
         --device-batch-size 8 --num-iterations 100 --eval-every 50 --save-every 50 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")
-    stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL
+    stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL --max-problems 60 --device cpu
 
     stage chat_dpo $PY -m scripts.chat_dpo --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $PREFS --val-mixture --persona "$PERSONA" \
         --device-batch-size 4 --num-iterations 60 --eval-every 30 --save-every 30 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatdpo_checkpoints/$TAG")
-    stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL
+    stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL --max-problems 60 --device cpu
 fi
 
 # -----------------------------------------------------------------------------

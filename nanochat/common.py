@@ -2,6 +2,7 @@
 Shared plumbing for every stage: where artifacts live (and writing them safely), which
 device/dtype to use, distributed init from torchrun's environment, rank-0 printing, wandb.
 """
+import argparse
 import contextlib
 import logging
 import os
@@ -36,6 +37,9 @@ def format_eta(seconds):
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's line breaks and shows every flag's default (stage defaults included)."""
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file, line and field."""

@@ -3,7 +3,11 @@ Downloading files, the one way nanochat does it: retried, resumed, checked, rena
 
     path = download_file(url, "/data/shard.parquet", check=lambda tmp: None if ok(tmp) else "why not")
     path = hf_dataset_file("openai/gsm8k", "main/test-00000-of-00001.parquet")
+    python -m nanochat.download dev/cpu_data.json ~/.cache/nanochat/cpu_data   # a sha256-pinned manifest
 """
+import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -12,7 +16,7 @@ from urllib.parse import quote, urlparse
 import requests
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import HelpFormatter, get_base_dir, print0
 
 CHUNK_BYTES = 1 << 16      # a dropped connection loses at most this much of a resumable download
 BAR_MIN_BYTES = 1 << 20    # smaller files arrive before a progress bar would say anything
@@ -113,3 +117,50 @@ def hf_dataset_file(repo_id, filename, revision="main", **kwargs):
         # the user cannot fix the network from here, but can fetch the file elsewhere or use their own
         raise type(e)(f"{e}\nFetch it elsewhere and put it at\n  {path}\nor give the task a local file (data_path=..., "
                       "or a --mixture path like 'gsm8k:train:/path/train.jsonl'; python -m tasks.specs --help lists them).") from None
+
+def sha256_problem(path, entry):
+    """None if the file at `path` is the manifest entry's bytes, else what differs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES * 16):
+            digest.update(chunk)
+    got = digest.hexdigest()
+    return None if got == entry["sha256"] else f"sha256 {got[:12]}… instead of {entry['sha256'][:12]}…"
+
+def fetch_manifest(manifest, dest, base_url=None):
+    """Every file of `manifest` ({"files": [{"path", "sha256", "bytes", "url"?}, ...]}) at dest/<path>,
+    sha256-checked: from base_url/<path> (a mirror laid out like the manifest) or else from the entry's own
+    upstream "url" (entries without one are skipped). Returns the skipped entries."""
+    with open(manifest, encoding="utf-8") as f:
+        entries = json.load(f)["files"]
+    wanted = entries if base_url else [e for e in entries if e.get("url")]
+    for i, entry in enumerate(wanted, 1):
+        path = os.path.join(dest, entry["path"])
+        # a file from an earlier run is trusted only if it still has the pinned bytes
+        if os.path.exists(path) and (problem := sha256_problem(path, entry)):
+            print0(f"{path}: {problem}, fetching it again")
+            os.remove(path)
+        if not os.path.exists(path):
+            url = f"{base_url.rstrip('/')}/{quote(entry['path'])}" if base_url else entry["url"]
+            print0(f"[{i}/{len(wanted)}] {entry['path']} ({entry['bytes'] / 1e6:.1f} MB) from {url}")
+            # a corrupt copy is thrown away and fetched again, up to download_file's attempts
+            download_file(url, path, check=lambda tmp, e=entry: sha256_problem(tmp, e))
+    return [e for e in entries if e not in wanted]
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=fetch_manifest.__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("manifest", help="the manifest json, e.g. dev/cpu_data.json")
+    parser.add_argument("dest", help="the folder to fill, e.g. ~/.cache/nanochat/cpu_data")
+    parser.add_argument("--base-url", default=os.environ.get("NANOCHAT_DATA_URL"),
+                        help="a mirror laid out like the manifest's paths (default: $NANOCHAT_DATA_URL)")
+    args = parser.parse_args(argv)
+    try:
+        skipped = fetch_manifest(args.manifest, args.dest, args.base_url)
+    except DownloadError as e:
+        raise SystemExit(f"error: {e}\nOr use files you have: NANOCHAT_DATA=<a folder laid out like the manifest's "
+                         "paths>, or a mirror of them: NANOCHAT_DATA_URL=<base URL>") from None
+    print0(f"{args.dest}: the manifest's files are in place and match their sha256"
+           + (f" ({len(skipped)} converted ones need a mirror, NANOCHAT_DATA_URL, and were skipped)" if skipped else ""))
+
+if __name__ == "__main__":
+    main()

@@ -182,3 +182,83 @@ def test_default_datasets_come_from_hugging_face(hf_server, base_dir, tmp_path):
         assert path == str(base_dir / "hf_datasets" / repo / "main" / filename)
         assert pq.read_table(path).column("question").to_pylist() == ["1+1?"]
         assert requests_for(hf_server, f"datasets/{repo}/resolve/main/{filename}") == 1
+
+# -----------------------------------------------------------------------------
+# A sha256-pinned manifest (the CPU preset's data, dev/cpu_data.json)
+
+@pytest.fixture
+def manifest(file_server, tmp_path, monkeypatch):
+    """Three files laid out like shared/data on a mirror, one also at its own upstream URL; the manifest."""
+    import hashlib
+    import json
+    monkeypatch.setattr("nanochat.download.time.sleep", lambda s: None)  # the retries' backoff, not waited for
+    files = {"pretrain/train/a.txt": b"Once upon a time.\n\nThe end.\n", "chat/b.jsonl": b'{"messages": []}\n',
+             "eval/core/c.jsonl": BODY}
+    entries = []
+    for path, body in files.items():
+        (file_server.root / "mirror" / path).parent.mkdir(parents=True, exist_ok=True)
+        (file_server.root / "mirror" / path).write_bytes(body)
+        entries.append({"path": path, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(), "licence": "MIT"})
+    (file_server.root / "upstream.txt").write_bytes(files["pretrain/train/a.txt"])
+    entries[0]["url"] = f"{file_server.url}/upstream.txt"  # byte for byte an upstream file
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": entries}))
+    return file_server, str(tmp_path / "manifest.json"), tmp_path / "cpu_data", files
+
+def test_manifest_from_a_mirror_is_fetched_once_and_checked(manifest, monkeypatch, capsys):
+    from nanochat import download
+    server, path, dest, files = manifest
+    monkeypatch.setenv("NANOCHAT_DATA_URL", f"{server.url}/mirror/")
+    download.main([path, str(dest)])
+    assert {p: (dest / p).read_bytes() for p in files} == files
+    assert "match their sha256" in capsys.readouterr().out
+    download.main([path, str(dest)])  # a second run checks the files and fetches nothing
+    assert len(server.requests) == 3
+    (dest / "chat/b.jsonl").write_bytes(b"edited\n")  # a changed file is not trusted: fetched again
+    download.main([path, str(dest)])
+    assert (dest / "chat/b.jsonl").read_bytes() == files["chat/b.jsonl"] and len(server.requests) == 4
+    assert "sha256" in capsys.readouterr().out
+
+def test_manifest_corrupt_download_is_fetched_again_then_a_clear_error(manifest, monkeypatch):
+    from nanochat import download
+    server, path, dest, files = manifest
+    server.faults.extend([None, None, "garbage"])  # the third file arrives corrupt once: fetched again
+    download.fetch_manifest(path, str(dest), base_url=f"{server.url}/mirror")
+    assert [r[0] for r in server.requests].count("/mirror/eval/core/c.jsonl") == 2
+    assert (dest / "eval/core/c.jsonl").read_bytes() == BODY
+    # a mirror whose copy never matches the pinned sha256: every attempt fails, the error says why
+    (server.root / "mirror/chat/b.jsonl").write_bytes(b"not the pinned bytes\n")
+    (dest / "chat/b.jsonl").unlink()
+    monkeypatch.setenv("NANOCHAT_DATA_URL", f"{server.url}/mirror")
+    with pytest.raises(SystemExit, match=r"(?s)chat/b\.jsonl.*corrupt download \(sha256 .*NANOCHAT_DATA="):
+        download.main([path, str(dest)])
+    assert sorted(p.name for p in (dest / "chat").iterdir()) == []  # no corrupt file, no .tmp
+
+def test_manifest_without_a_mirror_takes_the_upstream_files_only(manifest, monkeypatch, capsys):
+    from nanochat import download
+    server, path, dest, files = manifest
+    monkeypatch.delenv("NANOCHAT_DATA_URL", raising=False)
+    download.main([path, str(dest)])
+    assert [r[0] for r in server.requests] == ["/upstream.txt"]
+    assert (dest / "pretrain/train/a.txt").read_bytes() == files["pretrain/train/a.txt"]
+    assert not (dest / "chat").exists() and "2 converted ones need a mirror" in capsys.readouterr().out
+
+def test_manifest_offline_names_the_local_alternatives(manifest, monkeypatch):
+    from nanochat import download
+    _, path, dest, _ = manifest
+    monkeypatch.setenv("NANOCHAT_DATA_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(SystemExit, match=r"(?s)offline\?.*NANOCHAT_DATA=.*NANOCHAT_DATA_URL="):
+        download.main([path, str(dest)])
+
+def test_the_cpu_preset_manifest_pins_what_shared_data_holds():
+    """dev/cpu_data.json: every entry has a path, size, sha256, licence and source; where ../shared/data
+    exists, its files are exactly those bytes (the manifest is the way to get them elsewhere)."""
+    import json
+    from conftest import SHARED_DATA
+    from nanochat.download import sha256_problem
+    entries = json.loads((Path(__file__).resolve().parents[1] / "dev" / "cpu_data.json").read_text())["files"]
+    assert all(e["path"] and e["bytes"] > 0 and len(e["sha256"]) == 64 and e["licence"] and e["source"] for e in entries)
+    assert all(e["url"].startswith("https://raw.githubusercontent.com/") for e in entries if "url" in e)
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA}")
+    assert all(sha256_problem(SHARED_DATA / e["path"], e) is None for e in entries)
+    assert len(entries) == sum(1 for p in SHARED_DATA.rglob("*") if p.is_file() and p.name != "README.md")
