@@ -1,11 +1,13 @@
 """Chat with your model in the terminal, the reply streamed as it is generated ('clear' starts over, 'quit' leaves).
 Usage: python -m scripts.chat_cli (the latest SFT model), or -p "Why is the sky blue?" for one answer, then exit."""
 import argparse
+import contextlib
 import sys
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, add_sampling_args, sampling_from_args
+from tasks.identity import load_persona
 
 def stream_reply(engine, tokens, params):
     """Generate after `tokens`, printing the text as it comes; returns the generated ids."""
@@ -23,6 +25,7 @@ def main(argv=None):
     add_checkpoint_args(p, "sft")
     add_sampling_args(p, temperature=0.6, max_tokens=1024)
     p.add_argument("--seed", type=int, default=42, help="sampling seed (the n-th reply uses seed + n)")
+    p.add_argument("--system", default="", metavar="TEXT", help="a system message that opens every conversation")
     args = p.parse_args(argv)
     # out-of-range sampling flags stop here, before the slow model load
     params = sampling_from_args(args, args.seed)
@@ -32,16 +35,20 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
         print(f"error: {e}", file=sys.stderr)
         return 1
-    engine, special = Engine(model, tokenizer), tokenizer.encode_special
-    bos, assistant_end = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
+    engine, bos = Engine(model, tokenizer), tokenizer.get_bos_token_id()
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    name = "nanochat"  # the replies' label, unless the model was fine-tuned with --persona (the meta keeps its path)
+    with contextlib.suppress(KeyError, TypeError, OSError, ValueError):  # no persona, or its file since moved or broken
+        name = load_persona(meta["user_config"]["persona"])["name"]
     # the conversation is kept as token ids, so tool calls and their forced outputs stay exactly as
     # the model saw them (tokenizing the text shown would not give them back)
     def prompt_tokens(history, text):
         # a base model never saw the chat tokens: it just continues the text
         if args.source == "base":
             return [bos] + tokenizer.encode(text)
-        return history + [special("<|user_start|>"), *tokenizer.encode(text), special("<|user_end|>"),
-                          special("<|assistant_start|>")]
+        # rendered as chat_web renders a conversation (--system folds into its first user turn), less the <|bos|>
+        system = [{"role": "system", "content": args.system}] if args.system and history == [bos] else []
+        return history + tokenizer.render_for_completion({"messages": system + [{"role": "user", "content": text}]})[1:]
 
     # one-shot: the reply alone on stdout (so it can be piped), problems on stderr with exit status 1
     if args.prompt is not None:
@@ -69,7 +76,7 @@ def main(argv=None):
         if not text:
             continue
         tokens = prompt_tokens(history, text)
-        print("\nnanochat: ", end="", flush=True)
+        print(f"\n{name}: ", end="", flush=True)
         try:
             generated = stream_reply(engine, tokens, params)
         except (ValueError, KeyboardInterrupt) as e:  # the conversation outgrew the context; Ctrl-C stops a reply

@@ -46,6 +46,7 @@ def get_parser():
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also serve Host: NAME, any port ('*': any host); loopback names and --host always are")
     p.add_argument("--model-name", default=None, help="model id reported by the API (default: nanochat-<source>-<tag>)")
+    p.add_argument("--accept-any-model", action="store_true", help="answer requests naming any model (default: 404)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="server log level")
     return p
 
@@ -55,15 +56,15 @@ def get_parser():
 class ErrorResponse(Exception):
     """Answer the request with this HTTP status and an OpenAI-style error body naming the faulty field."""
 
-    def __init__(self, message, param=None, status=400):
+    def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
         # OpenAI's SDKs read "type" to tell a client's mistake (4xx) from the server's own failure
         kind = "server_error" if status >= 500 else "invalid_request_error"
-        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
-def _check(ok, message, param=None, status=400):
+def _check(ok, message, param=None, status=400, code=None):
     if not ok:
-        raise ErrorResponse(message, param, status)
+        raise ErrorResponse(message, param, status, code)
 
 def _number(body, name, default, low, high, integer=False, low_inclusive=True):
     value = body.get(name)
@@ -76,7 +77,7 @@ def _number(body, name, default, low, high, integer=False, low_inclusive=True):
            f"'{name}' must be in {'[' if low_inclusive else '('}{low}, {high}], got {value}", name)
     return value
 
-def sampling_params(body, defaults, args, default_max_tokens):
+def sampling_params(body, defaults, args, max_context):
     """(SamplingParams, stream, include_usage) from the knobs both endpoints share."""
     temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
     _check(temperature == 0 or temperature >= MIN_TEMPERATURE,  # logits / 1e-300 overflow: greedy in all but name
@@ -85,7 +86,8 @@ def sampling_params(body, defaults, args, default_max_tokens):
     top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0, low_inclusive=False)
     top_k = _number(body, "top_k", defaults.top_k, 0, args.limit_top_k, integer=True) or None  # 0 = off
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"  # the newer name wins
-    max_tokens = _number(body, name, default_max_tokens, 1, args.limit_max_tokens, integer=True)
+    # None when the request sets none: its default depends on the room its prompt leaves, known once tokenized
+    max_tokens = _number(body, name, None, 1, min(args.limit_max_tokens, max_context), integer=True)
     # any 64-bit integer, as OpenAI's API takes
     seed = _number(body, "seed", None, -2**63, 2**63 - 1, integer=True)
     # OpenAI's own limits: a string or up to 4 of them
@@ -311,16 +313,21 @@ def create_app(pool, tokenizer, model_name, args, max_context):
         except (ValueError, RecursionError) as e:  # RecursionError: [[[[... nested 100k deep
             raise ErrorResponse(f"the request body is not valid JSON: {e}") from None
         _check(isinstance(body, dict), "the request body must be a JSON object")
+        # a client that asks for another model must not take this one's replies for that model's (OpenAI: a 404)
+        _check(body.get("model") in (None, model_name) or args.accept_any_model, f"the model {body.get('model')!r:.80} "
+               f"does not exist: this server serves {model_name!r} (see --accept-any-model)", "model", 404, "model_not_found")
         # validated in this order: the prompt, then the sampling knobs, then the prompt's tokens
         prompt = chat_conversation(body, args) if chat else completion_prompt(body, args)
-        # 16: OpenAI's default max_tokens for /v1/completions
-        params, streaming, include_usage = sampling_params(body, defaults, args, args.max_tokens if chat else 16)
+        params, streaming, include_usage = sampling_params(body, defaults, args, max_context)
         try:
             tokens = tokenizer.render_for_completion(prompt) if chat else tokenizer.encode(prompt, prepend="<|bos|>")
         except ValueError as e:  # e.g. roles that do not alternate
             raise ErrorResponse(str(e), "messages") from None
-        _check(len(tokens) < max_context, f"the prompt is {len(tokens)} tokens; this model's context is {max_context}",
-               "messages")
+        # max_context: the sequence_len the model was trained on, not its 10x rotary table; prompt and reply must fit in it
+        _check(len(tokens) + (params.max_tokens or 1) <= max_context, f"the prompt ({len(tokens)} tokens) + max_tokens "
+               f"({params.max_tokens or 'not set'}) do not fit this model's context of {max_context} tokens", "messages")
+        # no max_tokens: the server's default (16 on /v1/completions, as OpenAI's), cut to the room the prompt leaves
+        params.max_tokens = params.max_tokens or min(args.max_tokens if chat else 16, max_context - len(tokens))
         pool.submit(job := Job(tokens, params, asyncio.get_running_loop()))
         # one id for the whole completion: every chunk of a stream carries it
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
@@ -414,7 +421,7 @@ def main(argv=None):
     engines, tokenizer, meta = load_engines(args)
     model_name = args.model_name or f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
     pool = WorkerPool(engines, args.max_batch_size, args.max_queue)
-    app = create_app(pool, tokenizer, model_name, args, engines[0].max_context)
+    app = create_app(pool, tokenizer, model_name, args, engines[0].model.config.sequence_len)
     logger.info("serving %s (step %s) on %d replica(s) at http://%s:%d", model_name, meta.get("step"),
                 len(engines), args.host, args.port)
     import uvicorn  # only now: --help and bad flags do not pay for importing the server

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def build_checkpoint(base_dir, steps=80):
     tok = Tokenizer.train_from_iterator(iter(CORPUS), vocab_size=512)
     tok.save(os.path.join(base_dir, "tokenizer"))
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    # 640: the context the server reports and holds requests to (the engine's rotary table is 10x longer)
+    config = GPTConfig(sequence_len=640, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     model = GPT(config)
     rows = [tok.render_conversation(c)[0] for c in CONVERSATIONS]
     width = max(map(len, rows))
@@ -134,8 +136,10 @@ def server(base_dir):
 
 @pytest.fixture(scope="module")
 def strict_server(base_dir):
-    """The one server with flags of its own: a 2 s body timeout, one more allowed Host, and info logs (client aborts)."""
-    srv = Server(base_dir, "--request-timeout", "2", "--allowed-host", "Chat.Example", "--log-level", "info")
+    """The one server with flags of its own: a 2 s body timeout, one more allowed Host, info logs (client aborts),
+    and any model name accepted."""
+    srv = Server(base_dir, "--request-timeout", "2", "--allowed-host", "Chat.Example", "--log-level", "info",
+                 "--accept-any-model")
     yield srv
     srv.stop()
 
@@ -421,6 +425,44 @@ def test_prompt_longer_than_the_context_is_refused(server):
     r = requests.post(server.url + "/v1/completions", json={"prompt": "1 2 3 " * 1100, "max_tokens": 2}, timeout=30)
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
 
+def test_the_context_is_the_sequence_len_the_model_was_trained_on(server, base_dir):
+    meta = json.loads((base_dir / "chatsft_checkpoints" / "d2" / "meta_000080.json").read_text())
+    context = meta["model_config"]["sequence_len"]
+    # not the 10x longer rotary table (the old 6400), nor the server's own --limit-max-tokens (4096)
+    assert requests.get(server.url + "/v1/models", timeout=10).json()["data"][0]["context_length"] == context == 640
+    url = server.url + "/v1/chat/completions"
+    r = requests.post(url, json=dict(GOOD, max_tokens=context + 1), timeout=30)
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": f"'max_tokens' must be in [1, {context}], got {context + 1}", "type": "invalid_request_error",
+        "param": "max_tokens", "code": None}
+    # max_tokens that fits alone, but not after the prompt: refused, with the numbers
+    r = requests.post(url, json=dict(GOOD, max_tokens=context - 2), timeout=30)
+    assert r.status_code == 400, r.text
+    assert re.fullmatch(rf"the prompt \(\d+ tokens\) \+ max_tokens \({context - 2}\) do not fit this model's context "
+                        rf"of {context} tokens", r.json()["error"]["message"])
+    # no max_tokens: the server's default (1024 here) is cut to the room left, not refused
+    usage = chat(server, {"messages": GOOD["messages"], "temperature": 1.0, "seed": 3})[2]
+    assert usage["total_tokens"] <= context
+
+def test_unknown_model_gets_openai_style_404(server, strict_server, client):
+    import openai
+    for path, body in [("/v1/chat/completions", dict(GOOD, model="gpt-4o")),
+                       ("/v1/completions", {"prompt": "To be", "max_tokens": 2, "model": "gpt-4o"})]:
+        r = requests.post(server.url + path, json=body, timeout=30)
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "model_not_found" and error["param"] == "model"
+        # which name was wrong, and which one is served
+        assert "'gpt-4o'" in error["message"] and "'nanochat-sft'" in error["message"]
+        assert "--accept-any-model" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=GOOD["messages"], max_tokens=2)
+    # no model named: the one served
+    assert chat(server, GOOD)[1] in ("stop", "length")
+    # --accept-any-model: any name is answered, by this model under its own name
+    r = requests.post(strict_server.url + "/v1/chat/completions", json=dict(GOOD, model="gpt-4o"), timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == "nanochat-sft", r.text
+
 def test_server_still_serves_after_bad_requests(server):
     before = server.stats()["requests_served"]
     content, finish, usage, _ = chat(server, GOOD)
@@ -643,3 +685,34 @@ def test_cli_without_a_checkpoint_says_so(monkeypatch, capsys, tmp_path):
     status, out, err = run_cli(monkeypatch, capsys, tmp_path, ["-p", "hi"])
     assert status == 1
     assert "no checkpoint" in err and "scripts.chat_sft" in err
+
+def test_cli_labels_replies_with_the_persona_name(monkeypatch, capsys, base_dir, tmp_path):
+    # a model fine-tuned with --persona: its checkpoint meta keeps the persona file's path (user_config)
+    persona = tmp_path / "persona.json"
+    persona.write_text(json.dumps({"name": "Ada", "maker": "Grace"}))
+    shutil.copytree(base_dir / "tokenizer", tmp_path / "tokenizer")
+    checkpoint = shutil.copytree(base_dir / "chatsft_checkpoints" / "d2", tmp_path / "chatsft_checkpoints" / "d2")
+    meta = json.loads((checkpoint / "meta_000080.json").read_text())
+    (checkpoint / "meta_000080.json").write_text(json.dumps(dict(meta, user_config={"persona": str(persona)})))
+    stdin = f"{TOOL_QUESTION}\nquit\n"
+    status, out, err = run_cli(monkeypatch, capsys, tmp_path, ["--temperature", "0", "--max-tokens", "40"], stdin)
+    assert status == 0, err
+    assert "\nAda: sure: <<6*7=42>> so it is 42.\n" in out and "nanochat: " not in out
+    # the persona file gone: the model's name is not known, and the label is nanochat again
+    persona.unlink()
+    status, out, err = run_cli(monkeypatch, capsys, tmp_path, ["--temperature", "0", "--max-tokens", "40"], stdin)
+    assert status == 0 and "\nnanochat: sure: <<6*7=42>>" in out, err
+
+def test_cli_system_message_is_rendered_as_the_server_renders_it(monkeypatch, capsys, base_dir, server):
+    system = "Answer in one word."
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": TOOL_QUESTION}]
+    served = chat(server, {"messages": messages, "temperature": 0, "max_tokens": 30})[0]
+    without = chat(server, {"messages": messages[1:], "temperature": 0, "max_tokens": 30})[0]
+    assert served != without, "the system message should change this model's reply"
+    flags = ["--system", system, "--temperature", "0", "--max-tokens", "30"]
+    status, out, err = run_cli(monkeypatch, capsys, base_dir, ["-p", TOOL_QUESTION, *flags])
+    assert status == 0 and out == served + "\n", err
+    # interactive: it opens every conversation, the one after 'clear' too
+    stdin = f"{TOOL_QUESTION}\nclear\n{TOOL_QUESTION}\nquit\n"
+    status, out, err = run_cli(monkeypatch, capsys, base_dir, flags, stdin)
+    assert status == 0 and out.count(f"\nnanochat: {served}\n") == 2, out
