@@ -92,22 +92,22 @@ class TaskMixture(Task):
         return task[local_index]
 
 # -----------------------------------------------------------------------------
-# Reading records from jsonl / parquet files, and validating all of them up front
+# Reading records from jsonl / json / parquet files, and validating all of them up front
 class Records:
-    """The raw records of one or more .jsonl/.parquet files under one index."""
+    """The raw records of one or more .jsonl/.json/.parquet files under one index."""
 
     def __init__(self, paths, columns=None):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
             raise ValueError("no data files given")
-        self.files = []  # (path, kind, data): data is [(line_number, record)] or a pyarrow Table
+        self.files = []  # (path, kind, data): data is [(where in the file, record)] or a pyarrow Table
         for path in map(str, paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"data file not found: {path}")
             if not path.endswith((".parquet", ".jsonl", ".json")):
-                raise ValueError(f"{path}: unsupported file type (expected .jsonl or .parquet)")
+                raise ValueError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
             # parquet stays an Arrow table (compact): a row becomes a dict only when it is read
-            data = pq.read_table(path, columns=columns) if path.endswith(".parquet") else _read_jsonl(path)
+            data = pq.read_table(path, columns=columns) if path.endswith(".parquet") else _read_json_records(path)
             self.files.append((path, "jsonl" if isinstance(data, list) else "parquet", data))
         # where each file's records start in the one index
         self.offsets = np.cumsum([0] + [len(data) for _, _, data in self.files]).tolist()
@@ -121,10 +121,10 @@ class Records:
         return data[i][1] if kind == "jsonl" else data.slice(i, 1).to_pylist()[0]
 
     def where(self, index):
-        """'file:line' for jsonl (1-based line), 'file:row N' for parquet (0-based row)."""
+        """'file:line' for JSON Lines (1-based), 'file[N]' for a JSON array, 'file:row N' for parquet (0-based)."""
         which, i = _locate(self.offsets, index)
         path, kind, data = self.files[which]
-        return f"{path}:{data[i][0]}" if kind == "jsonl" else f"{path}:row {i}"
+        return f"{path}{data[i][0]}" if kind == "jsonl" else f"{path}:row {i}"
 
     def __iter__(self):
         for _, kind, data in self.files:
@@ -134,11 +134,24 @@ class Records:
                 for batch in data.to_batches(max_chunksize=4096):
                     yield from batch.to_pylist()
 
-def _read_jsonl(path):
+def _read_json_records(path):
+    """[(where, record)]: JSON Lines (where = ':line', 1-based), or one JSON array of records ('[index]')."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    # a JSON array, like Alpaca's own alpaca_data.json (often pretty-printed); else JSON Lines
+    array = _decode(text) if text.lstrip().startswith("[") else None
+    if isinstance(array, list):
+        return [(f"[{index}]", record) for index, record in enumerate(array)]
     # blank lines skipped, line numbers kept for the error messages; a line that is not JSON keeps its error
     # in its place, to be reported with the other bad records (no JSON value decodes to an exception)
-    with open(path, encoding="utf-8") as f:
-        return [(line_number, _decode(line)) for line_number, line in enumerate(f, start=1) if line.strip()]
+    lines = [(f":{number}", _decode(line)) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    failed = [(where, e) for where, e in lines if isinstance(e, json.JSONDecodeError)]
+    # a broken array, or not one line of JSON (a pretty-printed object): no JSON Lines file with a few bad lines
+    if failed and (array is not None or len(failed) == len(lines)):
+        as_array = f"; as a JSON array: line {array.lineno}: {array.msg}" if array else ""
+        raise ValueError(f"{path}{failed[0][0]}: expected JSON Lines or a JSON array "
+                         f"(as JSON Lines: {failed[0][1].msg}{as_array})")
+    return lines
 
 def _decode(line):
     try:

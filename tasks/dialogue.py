@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
-from nanochat.common import atomic_write
+from nanochat.common import HelpFormatter, atomic_write
 
-# the verbs of "said Jane" / "Jane replied", the narration that names who speaks
-SPEECH_VERBS = ("said|says|say|replied|replies|cried|asked|asks|answered|returned|observed|continued|added|"
-                "exclaimed|remarked|rejoined|whispered|shouted|called|began|repeated|resumed|interrupted|"
-                "muttered|murmured|inquired|enquired|explained|protested|declared|retorted|thought|thinks")
+# the verbs of "said Jane" / "Jane replied" that name who speaks: one missing, and a character may answer herself
+SPEECH_VERBS = ("said|says|say|replied|replies|cried|asked|asks|answered|returned|observed|continued|added|went on|"
+                "exclaimed|remarked|rejoined|whispered|shouted|screamed|called|began|repeated|resumed|interrupted|"
+                "pursued|demanded|suggested|assented|croaked|muttered|murmured|inquired|enquired|explained|protested|"
+                "declared|retorted|thought|thinks")
 NAME = r"((?:(?:Mr|Mrs|Miss|Dr|Lady|Sir|Colonel|Captain|Aunt|Uncle)\.?\s+)?[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*|I)"
 SPEAKER_AFTER_VERB = re.compile(rf"\b({SPEECH_VERBS})\s+(?:the\s+)?{NAME}")
 SPEAKER_BEFORE_VERB = re.compile(rf"{NAME}\s+(?:\w+ly\s+)?({SPEECH_VERBS})\b")
@@ -212,7 +213,7 @@ def format_report(report):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Turn the dialogue in plain-text books into user/assistant conversations.",
-                                     epilog="See tasks/dialogue.py for the rules.")
+                                     epilog="See tasks/dialogue.py for the rules.", formatter_class=HelpFormatter)
     parser.add_argument("books", nargs="+", help="plain-text books (UTF-8)")
     parser.add_argument("--out", required=True, help="output .jsonl of conversations")
     parser.add_argument("--max-turns", type=int, default=1, help="user/assistant exchanges per conversation, at most")

@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-from nanochat.common import atomic_write
+from nanochat.common import HelpFormatter, atomic_write
 from tasks.common import Task
 from tasks.customjson import CustomJSON
 from tasks.preferences import PreferenceList
@@ -110,20 +110,21 @@ class IdentityPreferences(PreferenceList):
         super().__init__(identity_preference_pairs(persona, n, seed), **slice_kwargs)
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Make identity conversations (or DPO pairs) for a persona.")
+    parser = argparse.ArgumentParser(description="Make identity conversations (or DPO pairs) for a persona.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--persona", required=True, help='persona JSON: {"name", "maker", "description"?, "style"?}')
     parser.add_argument("--n", type=int, default=5, help="how many conversations / pairs")
     parser.add_argument("--pairs", action="store_true", help="make DPO preference pairs instead of conversations")
     parser.add_argument("--seed", type=int, default=42, help="generation seed")
     parser.add_argument("--template", default=str(DEFAULT_TEMPLATE),
                         help="identity template jsonl with {{name}}/{{author}} placeholders ('' = built-ins only)")
-    parser.add_argument("--out", default="", help="write jsonl here (default: print to stdout)")
+    parser.add_argument("--out", default="-", help="write jsonl here ('-' = print to stdout)")
     args = parser.parse_args()
     persona = load_persona(args.persona)
     rows = (identity_preference_pairs(persona, args.n, args.seed) if args.pairs
             else list(IdentityConversations(persona, args.n, args.seed, template_path=args.template or None)))
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if args.out:
+    if args.out != "-":
         atomic_write(args.out, lines)
         print(f"wrote {len(rows)} {'pairs' if args.pairs else 'conversations'} to {args.out}")
     else:

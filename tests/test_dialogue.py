@@ -162,3 +162,20 @@ def test_pride_and_prejudice(shared_data):
     first = records[0]["messages"]
     assert first[0]["content"] == "Do you not want to know who has taken it?"
     assert first[1]["content"] == "You want to tell me, and I have no objection to hearing it."
+
+def test_a_character_does_not_answer_herself():
+    # the Queen speaks twice, named by verbs ("screamed", "went on") once unknown: her lines must not be a pair
+    book = ("‘Get up!’ said the Queen.\n\n‘Leave off that!’ screamed the Queen. ‘You make me giddy.’\n\n"
+            "‘I beg your pardon,’ said Alice.\n\n‘And what are you doing here?’ the Queen went on.\n")
+    records, report = extract(book, "queen.txt", Options())
+    assert pairs(records) == [["Leave off that! You make me giddy.", "I beg your pardon."]]
+    assert [u.speaker for u in utterances(book)] == ["queen", "queen", "alice", "queen"]
+    assert report["utterances unpaired (same speaker twice, or a lone line)"] == 2
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    for default in ("(default: 1)", "(default: 2)", "(default: 1000)", "(default: en)", "(default: auto)"):
+        assert default in printed

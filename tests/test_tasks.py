@@ -262,6 +262,42 @@ def test_customjson_reports_bad_records(tmp_path, bad_line, field, problem):
     # skip_bad: knowingly leave them out
     assert len(CustomJSON(path, skip_bad=True)) == 4
 
+ALPACA = [{"instruction": "Name a primary color.", "input": "", "output": "Red."},
+          {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+          {"instruction": "Add 2 and 2.", "input": "", "output": "4"}]
+
+def test_customjson_reads_a_json_array(tmp_path):
+    # alpaca_data.json's own shape: one pretty-printed JSON array of records, whatever the extension
+    for name in ("alpaca_data.json", "array.jsonl"):
+        path = tmp_path / name
+        path.write_text("\n  " + json.dumps(ALPACA, indent=4), encoding="utf-8")
+        task = CustomJSON(path)
+        assert len(task) == 3 and task[1]["messages"] == [
+            {"role": "user", "content": "Translate to French.\n\nGood morning"},
+            {"role": "assistant", "content": "Bonjour"}]
+    assert len(build_task(f"custom:{path}")) == 3
+    # a bad record is named by its index in the array, with the same checks as a JSON Lines record
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([ALPACA[0], {"instruction": "Do it", "output": ""}, ALPACA[2], ["a list"]]))
+    with pytest.raises(ValueError) as info:
+        CustomJSON(bad)
+    assert str(info.value).startswith(f"{bad}[1]: output: empty\n2 of 4 records are bad (first ones: {bad}[1], {bad}[3])")
+    assert len(CustomJSON(bad, skip_bad=True)) == 2
+
+@pytest.mark.parametrize("text, line", [
+    (json.dumps(ALPACA, indent=2)[:-2], 1),         # a JSON array cut short
+    ('{\n  "messages": [\n  ]\n}\n', 1),             # one pretty-printed object
+    ('\n\n{"instruction": "a", "output": }\n', 3),   # a single line, not JSON
+])
+def test_customjson_neither_json_lines_nor_an_array(tmp_path, text, line):
+    path = tmp_path / "data.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:{line}: expected JSON Lines or a JSON array \("):
+        CustomJSON(path)
+    # JSON Lines with a few bad lines stay bad records, counted (and skippable) with the good ones
+    path.write_text(f"{GOOD}\n{text}\n{GOOD}\n", encoding="utf-8")
+    assert len(CustomJSON(path, skip_bad=True)) == 2
+
 def test_check_messages_final_role():
     prompt = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     assert check_messages(prompt, final_role="user") == prompt
@@ -405,6 +441,18 @@ def test_identity_preference_pairs():
     assert len({p["rejected"] for p in pairs}) > 3
     task = IdentityPreferences(PERSONA, n=10)
     assert len(task) == 10 and task[3] == pairs[3]
+
+def test_identity_cli_help_shows_the_defaults():
+    result = subprocess.run([sys.executable, "-m", "tasks.identity", "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    printed = " ".join(result.stdout.split())  # argparse wraps the help lines
+    for default in ("(default: 5)", "(default: 42)", "(default: -)", "identity_template_chat.jsonl)"):
+        assert default in printed, printed
+    # the default --out '-': a preview on stdout
+    result = subprocess.run([sys.executable, "-m", "tasks.identity", "--persona", str(FIXTURES / "persona.json"),
+                             "--n", "2"], capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and len([json.loads(line) for line in result.stdout.splitlines()]) == 2
 
 # -----------------------------------------------------------------------------
 # CLI specs
