@@ -1,7 +1,7 @@
 """
 The report card of a run: each stage appends a markdown section as it finishes; `generate` stitches them into report.md.
     python -m nanochat.report reset       # a new run: drop old sections, write the header
-    python -m nanochat.report generate    # -> $NANOCHAT_BASE_DIR/report/report.md + ./report.md
+    python -m nanochat.report generate    # -> $NANOCHAT_BASE_DIR/report/report.md (--out PATH: a copy there too)
 """
 import argparse
 import datetime
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanochat.common import atomic_write, get_base_dir, get_rank
+from nanochat.common import HelpFormatter, atomic_write, get_base_dir, get_rank
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # of the sections' timestamps, parsed back to time the whole run
 DEFAULT_GPU_HOURLY_COST = 3.0  # USD per GPU-hour: about $24/h for an 8xH100 node
@@ -211,8 +211,8 @@ class Report:
                         table.setdefault(f"task ppl {key[len(TASK_PPL_PREFIX):]}", {})[stage] = value
         return table
 
-    def generate(self, gpu_hourly_cost=DEFAULT_GPU_HOURLY_COST, out_dir=None):
-        """Write report.md (header, tokenizer, every section, summary, time and cost); returns its path."""
+    def generate(self, gpu_hourly_cost=DEFAULT_GPU_HOURLY_COST, out=None):
+        """Write report.md (header, tokenizer, sections, summary, time, cost), and a copy to `out`; returns its path."""
         header_path = os.path.join(self.report_dir, "header.md")
         header = (Path(header_path).read_text(encoding="utf-8") if os.path.exists(header_path) else
                   _header("(no `python -m nanochat.report reset` at the start of this run: start time unknown)"))
@@ -227,10 +227,9 @@ class Report:
         text = "\n\n".join(p for p in parts if p).rstrip() + "\n"
         path = os.path.join(self.report_dir, "report.md")
         atomic_write(path, text)
-        # and a copy in out_dir (default: the current directory), where a speedrun user looks
-        out_dir = os.getcwd() if out_dir is None else out_dir
-        if os.path.realpath(out_dir) != os.path.realpath(self.report_dir):
-            atomic_write(os.path.join(out_dir, "report.md"), text)
+        # a copy only where asked: never a stray report.md in whatever folder the command ran from
+        if out is not None:
+            atomic_write(os.path.join(out, "report.md") if os.path.isdir(out) else out, text)
         return path
 
     def _tokenizer_markdown(self):
@@ -288,20 +287,20 @@ def get_report():
     return Report(os.path.join(get_base_dir(), "report")) if get_rank() == 0 else DummyReport()
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The run's report card: reset at the start, generate at the end.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("command", choices=["generate", "reset"], help="reset: start a new report (header with "
                         "environment + start time); generate: write report.md")
     parser.add_argument("--gpu-hourly-cost", type=float, default=DEFAULT_GPU_HOURLY_COST,
-                        help="USD per GPU-hour for the cost estimate (default: $3, ~$24/h for 8xH100)")
-    parser.add_argument("--out-dir", default=None, help="where to copy report.md (default: the current directory)")
+                        help="USD per GPU-hour for the cost estimate ($3: ~$24/h for 8xH100)")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="generate: also write report.md to this file (or into this folder)")
     args = parser.parse_args(argv)
     report = get_report()
     if args.command == "reset":
         print(f"new report started: {report.reset()}")
     else:
-        path = report.generate(gpu_hourly_cost=args.gpu_hourly_cost, out_dir=args.out_dir)
-        print(f"wrote {path}" + ("" if args.out_dir == os.path.dirname(path) else
-                                 f" and {os.path.join(args.out_dir or os.getcwd(), 'report.md')}"))
+        path = report.generate(gpu_hourly_cost=args.gpu_hourly_cost, out=args.out)
+        print(f"wrote {path}" + (f" and a copy at {args.out}" if args.out else ""))
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import os
 import time
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, exit_on, print0
+from nanochat.common import HelpFormatter, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.report import TASK_PPL_PREFIX, get_report
 from nanochat.task_eval import (all_reduce_sum, assistant_nll, engine_generate_fn, my_indices, run_categorical,
                                 run_generative)
@@ -43,13 +43,16 @@ def build_eval_task(name, data_dir=None, spelling_size=256):
             "HumanEval": lambda: HumanEval(data_path=path)}[name]()
 
 def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_len=None):
-    """(perplexity, number of tokens) of the assistant tokens of the conversations (all ranks)."""
+    """{ppl, tokens (scored), total_tokens, cut, conversations}: assistant-token perplexity (all ranks)."""
     # exp(mean NLL) of what the assistant says in held-out conversations (jsonl messages or Alpaca):
     # measured before and after fine-tuning, it says how much closer the model got to your data
     nll, tokens = assistant_nll(model, tokenizer, conversations, device, batch_size, max_len)
     if tokens == 0:
         raise ValueError("no assistant tokens to score (empty file, or every conversation cut before its answer)")
-    return math.exp(nll / tokens), tokens
+    # the end of a conversation longer than max_len + 1 tokens goes unscored: say how much was cut
+    full = [tokenizer.render_conversation(c, max_tokens=10**9) for c in conversations]
+    return {"ppl": math.exp(nll / tokens), "tokens": tokens, "total_tokens": sum(sum(mask) for _, mask in full),
+            "cut": sum(len(ids) > max_len + 1 for ids, _ in full) if max_len else 0, "conversations": len(full)}
 
 def chatcore(accuracies):
     """Mean centered accuracy over ALL_TASKS; None unless every one of them was evaluated."""
@@ -71,11 +74,11 @@ def parse_task_list(text):
     return names
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_args(parser, default_source="sft")
     parser.add_argument("-a", "--tasks", default=None,
                         help=f"tasks separated by | or , from {'|'.join(ALL_TASKS)}; 'all' or 'none' "
-                             "(default: all, or none when --task-ppl is given)")
+                             "(None: all, or none when --task-ppl is given)")
     parser.add_argument("--max-problems", type=int, default=-1, help="evaluate the first N problems of each task (-1 = all)")
     parser.add_argument("--data-dir", default=None,
                         help="offline: read the tasks from this folder (arc_easy.jsonl, arc_challenge.jsonl, "
@@ -132,14 +135,17 @@ def main(argv=None):
     ppl = {}
     for stem, conversations in ppl_sets.items():
         with autocast_ctx(device.type):
-            value, num_tokens = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
-        ppl[stem] = (value, num_tokens)
-        print0(f"task ppl {stem}: {value:.4f} over {num_tokens:,} assistant tokens ({len(conversations)} conversations)")
+            ppl[stem] = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
+        stats = ppl[stem]
+        print0(f"task ppl {stem}: {stats['ppl']:.4f} over {stats['tokens']:,} of {stats['total_tokens']:,} "
+               f"assistant tokens; {stats['cut']} of {stats['conversations']} conversations cut at {max_len + 1} tokens")
     # the report card: its summary table reads these keys (report.SUMMARY_ROWS)
     if rank == 0:
         metrics = dict(results, **({"ChatCORE": score} if score is not None else {}))
-        for stem, (value, num_tokens) in ppl.items():
-            metrics.update({TASK_PPL_PREFIX + stem: value, f"task_ppl_tokens:{stem}": num_tokens})
+        for stem, stats in ppl.items():
+            metrics.update({TASK_PPL_PREFIX + stem: stats["ppl"], f"task_ppl_tokens:{stem}": stats["tokens"],
+                            f"task_ppl_total_tokens:{stem}": stats["total_tokens"],
+                            f"task_ppl_cut_conversations:{stem}": stats["cut"]})
         get_report().log(section=f"Chat evaluation ({args.source})", data=[
             {"source": args.source, "model_tag": model_tag, "step": meta["step"], "tasks": "|".join(names) or "none",
              "max_problems": args.max_problems, "data_dir": args.data_dir, "num_samples": args.num_samples,

@@ -4,8 +4,8 @@ How well does our tokenizer compress? Bytes per token on varied texts, beside GP
     python -m scripts.tok_eval [--text-file my_domain.txt ...]
 """
 import argparse
-import os
 
+from nanochat.common import HelpFormatter
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 # prose, code, math and three other languages: a tokenizer trained on English web text compresses
@@ -38,24 +38,25 @@ SAMPLES = {
     "chinese": "北京是中华人民共和国的首都，也是全国的政治中心、文化中心、国际交往中心和科技创新中心。",
 }
 
-# the bytes of a text, then for each tokenizer its tokens and bytes per token (higher: compresses better)
-def table_row(name, nbytes, num_tokens):
-    return f"{name[:12]:<12} {nbytes:>8}" + "".join(f" {n:>10} {nbytes / max(n, 1):>10.2f}" for n in num_tokens)
+# the bytes of a text, then for each tokenizer its tokens and bytes per token (higher: compresses better);
+# the name column is as wide as the longest name: a name cut short could be any of several files
+def table_row(name, width, nbytes, num_tokens):
+    return f"{name:<{width}} {nbytes:>8}" + "".join(f" {n:>10} {nbytes / max(n, 1):>10.2f}" for n in num_tokens)
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer-dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--tokenizer-dir", default=None, help="tokenizer folder (None: $NANOCHAT_BASE_DIR/tokenizer)")
     parser.add_argument("--text-file", action="append", default=[], help="extra text file(s) to measure, e.g. your own")
     parser.add_argument("--max-chars", type=int, default=1_000_000, help="read at most this many chars of a --text-file")
     parser.add_argument("--no-stock", action="store_true", help="skip the GPT-2 / GPT-4 comparison columns")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     ours = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
     samples = dict(SAMPLES)
     for path in args.text_file:
         # errors="replace": a stray bad byte in your file should not stop the measurement
         with open(path, encoding="utf-8", errors="replace") as f:
-            samples[os.path.basename(path)] = f.read(args.max_chars)
+            samples[path] = f.read(args.max_chars)  # as typed: two val.txt of different folders stay two rows
     contenders = [("ours", ours)]
     for label, name in [] if args.no_stock else [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
         # tiktoken downloads a stock encoding on first use: offline, its column is left out with a note
@@ -68,16 +69,17 @@ def main():
     # UTF-8 bytes: the one measure of a text's size that no tokenizer decides
     sizes = {name: len(text.encode("utf-8")) for name, text in samples.items()}
     tokens = {name: [len(enc.encode(text)) for _, enc in contenders] for name, text in samples.items()}
-    header = f"{'text':<12} {'bytes':>8}" + "".join(f" {label + ' tok':>10} {label + ' B/tok':>10}"
-                                                    for label, _ in contenders)
+    width = max(map(len, samples))
+    header = f"{'text':<{width}} {'bytes':>8}" + "".join(f" {label + ' tok':>10} {label + ' B/tok':>10}"
+                                                        for label, _ in contenders)
     # a bigger vocabulary compresses better by itself: compare at similar sizes
     print("vocab: " + ", ".join(f"{label}={enc.get_vocab_size()}" for label, enc in contenders))
     print(header + "\n" + "-" * len(header))
     for name in samples:
-        print(table_row(name, sizes[name], tokens[name]))
+        print(table_row(name, width, sizes[name], tokens[name]))
     # the last row pools every text: total bytes over total tokens, not a mean of the ratios
     total_bytes, total_tokens = sum(sizes.values()), [sum(column) for column in zip(*tokens.values())]
-    print("-" * len(header) + "\n" + table_row("all", total_bytes, total_tokens))
+    print("-" * len(header) + "\n" + table_row("all", width, total_bytes, total_tokens))
     return {label: total_bytes / max(n, 1) for (label, _), n in zip(contenders, total_tokens)}
 
 if __name__ == "__main__":

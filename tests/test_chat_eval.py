@@ -165,17 +165,17 @@ def test_task_perplexity_by_hand(tiny_tokenizer):
     assert count == sum(sum(tiny_tokenizer.render_conversation(c)[1][1:]) for c in conversations)
     expected = math.exp(nll / count)
     for batch_size in (1, 2, 8):
-        ppl, tokens = task_perplexity(model, tiny_tokenizer, conversations, "cpu", batch_size=batch_size)
-        assert tokens == count
-        assert ppl == pytest.approx(expected, rel=1e-5)
+        measured = task_perplexity(model, tiny_tokenizer, conversations, "cpu", batch_size=batch_size)
+        assert measured["tokens"] == measured["total_tokens"] == count and measured["cut"] == 0
+        assert measured["ppl"] == pytest.approx(expected, rel=1e-5)
     # tool outputs are not the model's to predict: the python_output part is excluded
     tool = conversations[2]
     ids, mask = tiny_tokenizer.render_conversation(tool)
     output_start = tiny_tokenizer.encode_special("<|output_start|>")
     assert mask[ids.index(output_start)] == 0 and mask[ids.index(output_start) + 1] == 0
     # a cut: only the first max_len + 1 tokens count
-    short, short_tokens = task_perplexity(model, tiny_tokenizer, conversations, "cpu", max_len=30)
-    assert 0 < short_tokens < count
+    short = task_perplexity(model, tiny_tokenizer, conversations, "cpu", max_len=30)
+    assert 0 < short["tokens"] < short["total_tokens"] == count and short["cut"] > 0
 
 # -----------------------------------------------------------------------------
 # The script, on a tiny real GPT
@@ -189,13 +189,13 @@ def test_chat_eval_script_end_to_end(base_dir, tiny_tokenizer):
     assert set(out["results"]) == set(ALL_TASKS)
     assert all(0.0 <= v <= 1.0 for v in out["results"].values())
     assert out["ChatCORE"] == pytest.approx(chatcore(out["results"]))
-    ppl, tokens = out["task_ppl"]["conversations"]
-    assert ppl > 1.0 and tokens > 0
+    ppl = out["task_ppl"]["conversations"]["ppl"]
+    assert ppl > 1.0 and out["task_ppl"]["conversations"]["tokens"] > 0
     section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
     assert "- ChatCORE: " in section and "- task_ppl:conversations: " in section and "- HumanEval: " in section
 
     only_ppl = chat_eval.main(["--device", "cpu", "--task-ppl", str(FIXTURES / "conversations.jsonl")])
-    assert only_ppl["results"] == {} and only_ppl["task_ppl"]["conversations"][0] == pytest.approx(ppl, rel=1e-5)
+    assert only_ppl["results"] == {} and only_ppl["task_ppl"]["conversations"]["ppl"] == pytest.approx(ppl, rel=1e-5)
 
     bad = base_dir / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
@@ -206,3 +206,35 @@ def test_chat_eval_script_end_to_end(base_dir, tiny_tokenizer):
         chat_eval.main(["--device", "cpu", "-a", "MMLU", "--data-dir", str(FIXTURES / "core")])
     with pytest.raises(SystemExit, match="no checkpoint"):
         chat_eval.main(["--device", "cpu", "-i", "dpo", "-a", "ARC-Easy", "--data-dir", str(FIXTURES)])
+
+def test_task_ppl_says_what_the_context_cut(base_dir, tiny_tokenizer, capsys):
+    """A model of 40-token context on conversations of 29 to 83 tokens: chat_eval --task-ppl (default flags)
+    says how many conversations were cut and how many assistant tokens were scored of all of them, on
+    stdout, in what it returns and in its report section."""
+    from dataclasses import asdict
+
+    from nanochat.checkpoint_manager import save_checkpoint
+    from scripts import chat_eval
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    model = tiny_gpt(tiny_tokenizer, sequence_len=40)
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 7, model.state_dict(), None,
+                    {"model_config": asdict(model.config)})
+    path = FIXTURES / "conversations.jsonl"
+    # by hand: a conversation keeps its first 41 tokens (40 inputs, each predicting the next)
+    rendered = [tiny_tokenizer.render_conversation(c, max_tokens=10**9) for c in CustomJSON(str(path))]
+    total, scored = sum(sum(mask) for _, mask in rendered), sum(sum(mask[:41]) for _, mask in rendered)
+    cut = sum(len(ids) > 41 for ids, _ in rendered)
+    assert 0 < cut < len(rendered) and 0 < scored < total
+    capsys.readouterr()
+    out = chat_eval.main(["--device", "cpu", "--task-ppl", str(path)])
+    measured = out["task_ppl"]["conversations"]
+    assert {k: v for k, v in measured.items() if k != "ppl"} == {"tokens": scored, "total_tokens": total, "cut": cut,
+                                                                 "conversations": len(rendered)}
+    direct = task_perplexity(model, tiny_tokenizer, CustomJSON(str(path)), "cpu", max_len=40)
+    assert measured["ppl"] == pytest.approx(direct["ppl"], rel=1e-5)
+    assert (f"over {scored:,} of {total:,} assistant tokens; {cut} of {len(rendered)} conversations cut at 41 tokens"
+            in capsys.readouterr().out)
+    section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
+    for line in (f"- task_ppl_tokens:conversations: {scored:,}", f"- task_ppl_total_tokens:conversations: {total:,}",
+                 f"- task_ppl_cut_conversations:conversations: {cut}"):
+        assert line in section.splitlines()

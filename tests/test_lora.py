@@ -246,7 +246,7 @@ def test_merge_cli_writes_a_normal_checkpoint(base_dir, tiny_tokenizer):
                     "stage": "dpo", "base": {"source": "sft", "model_tag": "d4", "step": 3}})
 
     out_dir = lora_merge(["--lora-dir", str(lora_dir)])
-    assert out_dir == str(base_dir / "chatdpo_checkpoints" / "d4_merged")
+    assert out_dir == str(base_dir / "chatdpo_checkpoints" / "d4_lora_merged")
     merged, _, meta = build_model(out_dir, 10, "cpu", "eval")
     assert meta["merged_lora"]["rank"] == 8 and meta["base"]["model_tag"] == "d4"
     x, _ = batch(seed=3)
@@ -261,6 +261,54 @@ def test_merge_cli_writes_a_normal_checkpoint(base_dir, tiny_tokenizer):
     json_path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="which base model"):
         lora_merge(["--lora-dir", str(lora_dir)])
+
+def test_merging_two_adapters_of_one_base_gives_two_models(base_dir, tiny_tokenizer, capsys):
+    """Each merge is named after its adapter (not the base they share), prints the flags that load it, and
+    an existing output is replaced only with --force (which leaves no step of the old merge behind)."""
+    from nanochat.checkpoint_manager import load_model
+    from scripts.lora_merge import main as lora_merge
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d4"), 3, make_model().state_dict(), None,
+                    {"model_config": CONFIG})
+    x, _ = batch(seed=5)
+    tuned = {}
+    for seed, (name, steps) in enumerate([("d4_lora", 10), ("d4_lora_persona", 20)]):
+        model = make_model()
+        apply_lora(model, rank=4)
+        torch.manual_seed(seed)
+        train_adapters(model, steps=steps, lr=1e-2 * (seed + 1))
+        save_checkpoint(str(base_dir / "chatsft_checkpoints" / name), steps, trained_state(model), None,
+                        {"model_config": CONFIG, "lora": model.lora_config, "stage": "sft",
+                         "base": {"source": "sft", "model_tag": "d4", "step": 3}})
+        with torch.no_grad():
+            tuned[name] = model(x)
+    printed = {}
+    for name in tuned:
+        capsys.readouterr()
+        out_dir = lora_merge(["--lora-dir", str(base_dir / "chatsft_checkpoints" / name)])
+        assert out_dir == str(base_dir / "chatsft_checkpoints" / f"{name}_merged")
+        printed[name] = capsys.readouterr().out
+        assert f"load it with `-i sft --model-tag {name}_merged`" in printed[name]
+    assert (tuned["d4_lora"] - tuned["d4_lora_persona"]).abs().max() > 0.1, "two different adapters"
+    for name in tuned:  # the printed flags load each merge, and it is that adapter's model
+        merged, _, meta = load_model("sft", "cpu", "eval", model_tag=f"{name}_merged")
+        with torch.no_grad():
+            assert (merged(x) - tuned[name]).abs().max().item() <= 1e-4
+        assert meta["merged_lora"]["lora_dir"].endswith(name)
+
+    # merging again into an existing folder: refused, one line naming the folder and the flag
+    target = base_dir / "chatsft_checkpoints" / "d4_lora_merged"
+    with pytest.raises(SystemExit) as refused:
+        lora_merge(["--lora-dir", str(base_dir / "chatsft_checkpoints" / "d4_lora_persona"), "--model-tag", "d4_lora_merged"])
+    assert str(refused.value) == f"error: {target} already holds a checkpoint; pass --force to replace it"
+    assert list_steps(str(target)) == [10]
+    # --force replaces it: only the new merge's step is left, so loading cannot pick the old one
+    lora_merge(["--lora-dir", str(base_dir / "chatsft_checkpoints" / "d4_lora_persona"), "--model-tag", "d4_lora_merged",
+                "--force"])
+    assert list_steps(str(target)) == [20]
+    merged, _, _ = load_model("sft", "cpu", "eval", model_tag="d4_lora_merged")
+    with torch.no_grad():
+        assert (merged(x) - tuned["d4_lora_persona"]).abs().max().item() <= 1e-4
 
 def test_adapter_folders_from_before_the_redesign_still_load(base_dir, tiny_tokenizer):
     """LoRA runs used to write lora_<step>.pt / lora_<step>.json / lora_optim_<step>_rank<r>.pt (a

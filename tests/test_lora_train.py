@@ -134,8 +134,8 @@ def test_sft_lora_trains_adapters_only_saves_them_small_and_loads_merged(base, c
     # or merge explicitly into a normal checkpoint
     from scripts.lora_merge import main as lora_merge
     out_dir = lora_merge(["--lora-dir", str(lora_dir)])
-    assert out_dir == str(root / "chatsft_checkpoints" / "d4_merged")
-    written, _, _ = load_model("sft", "cpu", "eval", model_tag="d4_merged")
+    assert out_dir == str(root / "chatsft_checkpoints" / "d4_lora_merged")
+    written, _, _ = load_model("sft", "cpu", "eval", model_tag="d4_lora_merged")
     with torch.no_grad():
         assert torch.equal(written(x), merged)
 

@@ -85,11 +85,11 @@ def test_generate_writes_a_complete_report(base_dir, clock, tmp_path, tiny_token
     tiny_tokenizer.save(base_dir / "tokenizer")
     report = get_report()
     full_run(report, clock)
-    out_dir = tmp_path / "cwd"
+    out_dir = tmp_path / "copies"
     out_dir.mkdir()
-    path = report.generate(out_dir=str(out_dir))
+    path = report.generate(out=str(out_dir))  # a folder: the copy goes into it as report.md
     text = open(path).read()
-    assert open(out_dir / "report.md").read() == text
+    assert path == str(base_dir / "report" / "report.md") and open(out_dir / "report.md").read() == text
     assert text.startswith("# nanochat training report")
     order = ["## Environment", "## Tokenizer\n", "## Tokenizer training", "## Base model training",
              "## Loss evaluation (base)", "## CORE evaluation (base)", "## Midtraining", "## Chat evaluation (mid)",
@@ -120,21 +120,31 @@ def test_cost_estimate_with_gpus(base_dir, clock, tmp_path, monkeypatch):
     real_environment = report_module.environment
     monkeypatch.setattr(report_module, "environment",
                         lambda: dict(real_environment(), gpu_count=8, gpus="8 x NVIDIA H100 80GB HBM3 (80 GiB)"))
-    text = open(report.generate(gpu_hourly_cost=2.5, out_dir=str(tmp_path))).read()
+    text = open(report.generate(gpu_hourly_cost=2.5)).read()
     assert "- GPU hours: 20.00 (8 x NVIDIA H100" in text  # 2.5 h x 8
     assert "- estimated cost: $50.00 at $2.50 per GPU-hour" in text
 
 def test_generate_without_reset_or_sections(base_dir, tmp_path):
-    text = open(Report(str(base_dir / "report")).generate(out_dir=str(tmp_path))).read()
+    text = open(Report(str(base_dir / "report")).generate()).read()
     assert "start time unknown" in text and "(no metrics logged yet)" in text and "## Environment" in text
 
 def test_cli(base_dir, clock, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+    """generate writes under the base dir only, never into the folder it runs from; --out PATH adds a copy."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     report_module.main(["reset"])
     get_report().log(section="CORE evaluation (base)", data={"CORE": 0.25})
-    report_module.main(["generate", "--gpu-hourly-cost", "4"])
-    assert "| CORE | 0.2500 | - | - | - |" in (tmp_path / "report.md").read_text()
-    assert (base_dir / "report" / "report.md").exists()
+    capsys.readouterr()
+    report_module.main(["generate"])
+    written = base_dir / "report" / "report.md"
+    assert "| CORE | 0.2500 | - | - | - |" in written.read_text()
+    assert capsys.readouterr().out.strip() == f"wrote {written}"
+    assert os.listdir(cwd) == []
+    copy = tmp_path / "elsewhere" / "card.md"
+    report_module.main(["generate", "--gpu-hourly-cost", "4", "--out", str(copy)])
+    assert copy.read_text() == written.read_text() and os.listdir(cwd) == []
+    assert capsys.readouterr().out.strip() == f"wrote {written} and a copy at {copy}"
     with pytest.raises(SystemExit):
         report_module.main(["publish"])
 
@@ -155,12 +165,12 @@ def test_real_eval_sections_feed_the_summary(base_dir, tiny_tokenizer, tmp_path)
     core = base_eval.main(["--device", "cpu", "--data-dir", str(FIXTURES), "--tasks", "copa,winograd"])
     chat = chat_eval.main(["-i", "sft", "--device", "cpu", "-a", "ARC-Easy|MMLU", "--data-dir", str(FIXTURES),
                            "--task-ppl", str(FIXTURES / "conversations.jsonl")])
-    text = open(get_report().generate(out_dir=str(tmp_path))).read()
+    text = open(get_report().generate()).read()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:6]]
             for line in text[text.index("## Summary"):].splitlines() if line.startswith("| ")}
     assert rows["CORE"][0] == f"{core['core']:.4f}"
     assert rows["val bpb"][0] == f"{loss['val_bpb']:.4f}"
     assert rows["ARC-Easy"][2] == f"{chat['results']['ARC-Easy']:.4f}"
-    assert rows["task ppl conversations"][2] == f"{chat['task_ppl']['conversations'][0]:.4f}"
+    assert rows["task ppl conversations"][2] == f"{chat['task_ppl']['conversations']['ppl']:.4f}"
     assert "'Once upon a time' -> " in text
 

@@ -144,3 +144,26 @@ def test_a_chat_with_an_empty_reply_still_renders(tok):
     ids, mask = tok.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
                                                       {"role": "user", "content": "hello?"}]})
     assert sum(mask) == 1 and ids[-1] == tok.encode_special("<|user_end|>")  # only the empty reply's <|assistant_end|>
+
+def test_tok_eval_table_shows_file_names_whole(tok, base_dir, tmp_path, capsys):
+    """scripts/tok_eval on files whose names agree on their first 12 characters (and two that share a name in
+    different folders): every row shows its file as typed, whole, and the columns stay aligned."""
+    from scripts import tok_eval
+    tok.save(str(base_dir / "tokenizer"))
+    paths = [tmp_path / "a" / "my_domain_corpus_train.txt", tmp_path / "b" / "my_domain_corpus_train.txt",
+             tmp_path / "a" / "my_domain_corpus_valid.txt"]
+    for i, path in enumerate(paths):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(TEXTS[i] * (i + 1), encoding="utf-8")
+    capsys.readouterr()
+    # --no-stock: tiktoken would download GPT-2 / GPT-4 (offline here)
+    ratios = tok_eval.main([arg for path in paths for arg in ("--text-file", str(path))] + ["--no-stock"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("text "))
+    rows = [line for line in lines if line.startswith(str(tmp_path))]
+    assert [row.split()[0] for row in rows] == [str(path) for path in paths]
+    assert len({row.split()[1] for row in rows}) == 3, "three files of different sizes, three rows of their own"
+    # aligned: every row (and the pooled one) as long as the header, its numbers right under the header's
+    table = lines[lines.index(header):]
+    assert all(len(line) == len(header) for line in table if line.strip("-"))
+    assert table[-1].startswith("all ") and float(table[-1].split()[-1]) == pytest.approx(ratios["ours"], abs=0.01)
