@@ -7,17 +7,19 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, get_base_dir, logger
+from nanochat.common import atomic_write, get_base_dir, logger, print0
 from nanochat.lora import load_lora, merge_lora
 
 # source name -> (folder under the base dir, the script that writes it)
 SOURCES = {"base": ("base_checkpoints", "scripts.base_train"), "mid": ("mid_checkpoints", "scripts.mid_train"),
            "sft": ("chatsft_checkpoints", "scripts.chat_sft"), "dpo": ("chatdpo_checkpoints", "scripts.chat_dpo")}
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the model and prefixes every key with this
+DEFAULT_TAG_HELP = "the deepest d<N>, else the newest; <tag>_lora only if nothing else"  # find_largest_model's pick
 
 # $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/ holds, per saved step,
 #     model_<step:06d>.pt            weights (rank 0): all of them, or only the LoRA adapters
@@ -165,10 +167,14 @@ def build_model(checkpoint_dir, step, device, phase, merge=True):
     model.train(phase == "train")
     return model, tokenizer, meta
 
+def trained_tags(checkpoints_root):
+    """The model tags (sub-folders) of checkpoints_root that hold at least one complete step."""
+    names = sorted(os.listdir(checkpoints_root)) if os.path.isdir(checkpoints_root) else []
+    return [t for t in names if list_steps(os.path.join(checkpoints_root, t))]
+
 def find_largest_model(checkpoints_root):
     """The model tag to load by default: the deepest `d<N>`, else the most recently modified."""
-    tags = [t for t in os.listdir(checkpoints_root) if list_steps(os.path.join(checkpoints_root, t))] \
-        if os.path.isdir(checkpoints_root) else []
+    tags = trained_tags(checkpoints_root)
     # LoRA folders (<tag>_lora) count only when there is no full checkpoint to load instead
     tags = [t for t in tags if not t.endswith("_lora")] or tags
     if not tags:
@@ -181,7 +187,7 @@ def add_checkpoint_args(parser, default_source):
     parser.add_argument("-i", "--source", default=default_source, choices=list(SOURCES),
                         help="which training stage's checkpoints to load")
     parser.add_argument("--model-tag", default=None, help="checkpoint folder, e.g. d20, or d20_lora for LoRA "
-                                                          "adapters (merged into their base on load) (default: the largest)")
+                                                          f"adapters (merged into their base on load) (default: {DEFAULT_TAG_HELP})")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
 
@@ -195,8 +201,13 @@ def load_model(source, device, phase, model_tag=None, step=None):
     try:
         model_tag = model_tag or find_largest_model(root)
         step = find_last_step(os.path.join(root, model_tag)) if step is None else step
-    except FileNotFoundError as e:  # nothing trained yet: say which script makes it
-        raise FileNotFoundError(f"{e}; run `python -m {script}` first") from None
-    logger.info("loading %s model %s step %d", source, model_tag, step)
-    model, tokenizer, meta = build_model(os.path.join(root, model_tag), step, device, phase)
+    except FileNotFoundError as e:  # nothing trained yet: say which script makes it, and what else is there to load
+        trained = [f"{name} ({', '.join(tags)})" for name, (other, _) in SOURCES.items()
+                   if (tags := trained_tags(os.path.join(get_base_dir(), other)))]
+        hint = f", or pick one that exists with --source/--model-tag: {'; '.join(trained)}" if trained else ""
+        raise FileNotFoundError(f"{e}; run `python -m {script}` first{hint}") from None
+    checkpoint_dir = os.path.join(root, model_tag)
+    model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase)
+    # on stderr, so that a script's answer on stdout (chat_cli -p) stays clean
+    print0(f"loaded {source}/{model_tag} step {step} from {checkpoint_dir}", file=sys.stderr)
     return model, tokenizer, dict(meta, model_tag=model_tag)

@@ -9,13 +9,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import SOURCES, list_steps, load_checkpoint, load_model, save_checkpoint, trained_state
+from nanochat.checkpoint_manager import (DEFAULT_TAG_HELP, SOURCES, list_steps, load_checkpoint, load_model,
+                                         save_checkpoint, trained_state)
 from nanochat.common import (compute_cleanup, exit_on, format_eta, get_base_dir, get_peak_flops, get_rank, init_wandb,
                              print0)
 from nanochat.lora import apply_lora_from_args, lora_optimizer
 from nanochat.optim import all_reduce_gradients
 
-def add_training_flags(parser):
+def add_training_flags(parser, model_tag_help="checkpoint sub-folder name (default: d<depth>)"):
     """The flags every stage has; a stage changes their defaults with parser.set_defaults."""
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
@@ -45,13 +46,15 @@ def add_training_flags(parser):
     g.add_argument("--eval-every", type=int, default=250, help="evaluate every N steps (-1 = only at the end)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this --model-tag")
-    g.add_argument("--model-tag", default=None, help="checkpoint sub-folder name (default: d<depth>)")
+    g.add_argument("--model-tag", default=None, help=model_tag_help)
     g.add_argument("--log-every", type=int, default=1, help="print a progress line every N steps")
 
-def add_finetuning_flags(parser, default_mixture, default_val, noun="conversations"):
-    """The flags mid, SFT and DPO share: where the model comes from, the data, and LoRA."""
-    # a stage's own defaults (its mixture, its validation specs) come in as arguments: one help text for three
+def add_finetuning_flags(parser, default_source, default_mixture, default_val, noun="conversations"):
+    """The flags mid, SFT and DPO share (where the model comes from, the data, LoRA), then add_training_flags."""
+    # a stage's own defaults (its source, mixture, validation specs) come in as arguments: one help text for three
     g = parser.add_argument_group("starting model and output")
+    g.add_argument("-i", "--source", default=default_source, choices=list(SOURCES),
+                   help=f"which stage's checkpoint to start from (default: {default_source})")
     g.add_argument("--step", type=int, default=None, help="step of the starting checkpoint (default: the last)")
     g.add_argument("--output-tag", default=None, help="save under <this stage's folder>/<this> (default: "
                                                       "--model-tag; with --lora-rank: <this>_lora, the adapters only)")
@@ -76,6 +79,8 @@ def add_finetuning_flags(parser, default_mixture, default_val, noun="conversatio
     g.add_argument("--lora-targets", default="c_q,c_k,c_v,c_proj,c_fc",
                    help="comma-separated Linear names to adapt (c_q,c_k,c_v,c_proj,c_fc,lm_head; or attn.c_proj)")
     g.add_argument("--lora-lr", type=float, default=1e-3, help="AdamW learning rate of the adapters")
+    add_training_flags(parser, model_tag_help=f"the --source checkpoint folder to start from, and the output's unless "
+                                              f"--output-tag (default: {DEFAULT_TAG_HELP})")
 
 # -----------------------------------------------------------------------------
 # The schedule and the optimizer step
@@ -149,9 +154,11 @@ def load_starting_model(args, source, stage, device):
     with exit_on(FileNotFoundError, ValueError, prefix=f"cannot load the {source} model: "):
         model, tokenizer, source_meta = load_model(source, device, "train", model_tag=args.model_tag, step=args.step)
     tag = source_meta["model_tag"]
-    print0(f"starting from the {source} model {tag} step {source_meta['step']}")
     start = {"model_tag": tag, "step": source_meta["step"]}
-    meta = {"model_config": source_meta["model_config"], "user_config": vars(args), "source": {"phase": source, **start}}
+    # the lineage: the checkpoint this run starts from, and (from its meta) what that one started from, and so on
+    lineage = {"stage": source, **start, **({"source": source_meta["source"]} if "source" in source_meta else {})}
+    print0(f"starting from {describe_lineage(lineage)}")
+    meta = {"model_config": source_meta["model_config"], "user_config": vars(args), "source": lineage}
     output_tag = args.output_tag or tag
     if args.lora_rank > 0:  # on the plain module, before torch.compile
         print0(apply_lora_from_args(model, args))
@@ -162,7 +169,17 @@ def load_starting_model(args, source, stage, device):
         output_tag = output_tag if output_tag.endswith("_lora") else f"{output_tag}_lora"
     else:
         optimizer = build_optimizer(args, model)
-    return model, optimizer, tokenizer, os.path.join(get_base_dir(), SOURCES[stage][0], output_tag), meta
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES[stage][0], output_tag)
+    # continuing a stage from its own checkpoint: the new run's steps would overwrite (and mix with) the old run's
+    if checkpoint_dir == os.path.join(get_base_dir(), SOURCES[source][0], tag):
+        raise SystemExit(f"error: this run would save into {checkpoint_dir}, the checkpoint it starts from "
+                         f"(--source {source} --model-tag {tag}): pass --output-tag NEW_TAG to save it elsewhere")
+    return model, optimizer, tokenizer, checkpoint_dir, meta
+
+def describe_lineage(source):
+    """'sft d4 step 100 <- mid d4 step 800 <- base d4 step 0' of a meta["source"] chain (older checkpoints: "phase")."""
+    this = f"{source.get('stage') or source.get('phase')} {source['model_tag']} step {source['step']}"
+    return f"{this} <- {describe_lineage(source['source'])}" if source.get("source") else this
 
 # -----------------------------------------------------------------------------
 # Checkpoints: save and resume

@@ -10,7 +10,7 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import StepBatches, padded_batches
-from nanochat.common import autocast_ctx, compute_init, exit_on, print0
+from nanochat.common import HelpFormatter, autocast_ctx, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.dpo import LOSS_TYPES, collate_pairs, describe_counts, pair_losses, reference_logps, tokenize_pairs
 from nanochat.lora import disable_lora
@@ -28,9 +28,8 @@ STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group("DPO")
-    g.add_argument("--source", default="sft", choices=["sft", "mid", "base"], help="which checkpoint to start from")
     g.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference (KL weight)")
     g.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES, help="sigmoid: DPO; ipo: IPO's squared loss")
     g.add_argument("--length-norm", action="store_true",
@@ -42,8 +41,7 @@ def main(argv=None):
                    help="answers may be cut to fit, but not below this (else the pair is dropped)")
     g.add_argument("--examples-per-step", type=int, default=32, help="pairs per optimizer step over all ranks")
     g.add_argument("--eval-pairs", type=int, default=500, help="held-out pairs per evaluation")
-    training.add_finetuning_flags(parser, DEFAULT_MIXTURE, DEFAULT_VAL, noun="pairs")
-    training.add_training_flags(parser)
+    training.add_finetuning_flags(parser, "sft", DEFAULT_MIXTURE, DEFAULT_VAL, noun="pairs")
     # gentler than SFT (init_lr_frac 0.01 here, 0.02 there); --device-batch-size counts pairs (2 rows each)
     parser.set_defaults(device_batch_size=4, init_lr_frac=0.01, warmup_ratio=0.1, warmdown_ratio=0.9,
                         eval_every=50, compile="0", total_batch_size=None, lora_lr=5e-4, val_holdout=200)
@@ -156,9 +154,8 @@ def main(argv=None):
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log)
 
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min")
-    source = meta["source"]
     get_report().log(section="Chat DPO", data=[vars(args), {  # (a no-op off rank 0)
-        "source": f"{args.source} {source['model_tag']} step {source['step']}", "training_pairs": len(train_pairs),
+        "source": training.describe_lineage(meta["source"]), "training_pairs": len(train_pairs),
         **{f"pairs_{k}": v for k, v in sorted(train_counts.items())}, "steps": num_steps,
         "training_time_min": round(log.train_time / 60, 2), **last_eval}])
     return training.finish(log, orig_model, meta)  # (and the process group torn down)

@@ -10,11 +10,11 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import StepBatches, collate_padded, padded_batches, scaled_token_loss
-from nanochat.common import autocast_ctx, compute_init, exit_on, print0
+from nanochat.common import HelpFormatter, autocast_ctx, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.report import get_report
 from nanochat.task_eval import all_reduce_sum, assistant_nll, engine_generate_fn, run_categorical, run_generative
-from tasks.specs import SPEC_HELP, build_chat_tasks, build_task
+from tasks.specs import SPEC_HELP, build_chat_tasks, build_tasks
 
 # Offline, give every dataset as a local file, e.g. --mixture gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl
 # --val-mixture gsm8k:test:$DATA/eval/gsm8k_test.jsonl --eval-tasks arc:easy:test:$DATA/eval/arc_easy.jsonl
@@ -25,18 +25,16 @@ DEFAULT_EVAL_TASKS = ["mmlu:test", "arc:easy:test"]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group("SFT")
-    g.add_argument("--source", default="mid", choices=["mid", "base"], help="which checkpoint to fine-tune")
     g.add_argument("--examples-per-step", type=int, default=32,
                    help="conversations per optimizer step over all ranks (gradient accumulation fills the gap)")
     g.add_argument("--eval-examples", type=int, default=1000, help="validation conversations per evaluation")
-    g.add_argument("--eval-tasks", nargs="*", default=DEFAULT_EVAL_TASKS,
-                   help="task specs to score: multiple choice by letter logits, others by greedy generation (none: skip)")
+    g.add_argument("--eval-tasks", nargs="*", default=None, help="task specs to score: multiple choice by letter logits, "
+                   f"others by greedy generation (default: {' '.join(DEFAULT_EVAL_TASKS)}; none with --data-only or no specs)")
     g.add_argument("--eval-items", type=int, default=256, help="items per --eval-tasks task")
     g.add_argument("--eval-max-tokens", type=int, default=128, help="generation budget for generative tasks")
-    training.add_finetuning_flags(parser, DEFAULT_MIXTURE, DEFAULT_VAL)
-    training.add_training_flags(parser)
+    training.add_finetuning_flags(parser, "mid", DEFAULT_MIXTURE, DEFAULT_VAL)
     # fine-tuning: small LRs decaying linearly to 0; padded rows vary in length, so no compile
     parser.set_defaults(device_batch_size=4, init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100,
                         compile="0", total_batch_size=None)
@@ -45,11 +43,13 @@ def main(argv=None):
     if args.total_batch_size is not None:
         raise SystemExit("--total-batch-size counts tokens; SFT steps are counted in conversations: "
                          "use --examples-per-step")
+    if args.eval_tasks is None:  # not given: --data-only means only your data, so no default downloads either
+        args.eval_tasks = [] if args.data_only else DEFAULT_EVAL_TASKS
 
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     with exit_on(ValueError, FileNotFoundError, DownloadError):  # read and check all the data before loading a model
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL)
-        eval_tasks = {spec: build_task(spec, "test") for spec in args.eval_tasks}
+        eval_tasks = dict(zip(args.eval_tasks, build_tasks(args.eval_tasks, "test", "--eval-tasks", scored=True)))
     orig_model, optimizer, tokenizer, checkpoint_dir, meta = training.load_starting_model(args, args.source, "sft", device)
     # dynamic shapes: the padded rows change length from one micro-batch to the next
     model = training.maybe_compile(orig_model, args, device, dynamic=True)
@@ -144,7 +144,7 @@ def main(argv=None):
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | "
            + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
     get_report().log(section="Chat SFT", data=[vars(args), {  # (a no-op off rank 0)
-        "source": f"{args.source} {meta['source']['model_tag']} step {meta['source']['step']}",
+        "source": training.describe_lineage(meta["source"]),
         "training_conversations": len(train_task), "truncated_conversations": truncated["truncated"],
         "steps": num_steps, "training_time_min": round(log.train_time / 60, 2), **last_eval}])
     return training.finish(log, orig_model, meta)  # (and the process group torn down)

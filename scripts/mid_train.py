@@ -11,7 +11,7 @@ import torch
 
 from nanochat import training
 from nanochat.chat_data import PackedConversations, StepBatches, scaled_token_loss
-from nanochat.common import autocast_ctx, compute_init, exit_on, print0
+from nanochat.common import HelpFormatter, autocast_ctx, compute_init, exit_on, print0
 from nanochat.download import DownloadError
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -35,7 +35,7 @@ def estimate_tokens(task, tokenizer, max_tokens, sample=2000, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group("midtraining")
     # nanochat's midtraining trains on every token, like pretraining; "assistant" is SFT's masking
     g.add_argument("--loss-on", default="all", choices=["all", "assistant"],
@@ -43,15 +43,14 @@ def main(argv=None):
     g.add_argument("--buffer-size", type=int, default=256, help="conversations to choose from when packing a row")
     g.add_argument("--eval-tokens", type=int, default=20 * 524288,
                    help="validation tokens per evaluation (at most one pass over the validation set)")
-    training.add_finetuning_flags(parser, DEFAULT_MIXTURE, DEFAULT_VAL)
-    training.add_training_flags(parser)
+    training.add_finetuning_flags(parser, "base", DEFAULT_MIXTURE, DEFAULT_VAL)
     parser.set_defaults(eval_every=150, persona_examples=1000)
     args = parser.parse_args(argv)
 
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     with exit_on(ValueError, FileNotFoundError, DownloadError):  # read and check all the data before loading a model
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL)
-    orig_model, optimizer, tokenizer, checkpoint_dir, meta = training.load_starting_model(args, "base", "mid", device)
+    orig_model, optimizer, tokenizer, checkpoint_dir, meta = training.load_starting_model(args, args.source, "mid", device)
     model = training.maybe_compile(orig_model, args, device, dynamic=False)  # packed rows: one static shape
     # validation in bits per byte, as base_train reports it: the two stages' curves compare
     token_bytes = get_token_bytes(device)
@@ -126,9 +125,8 @@ def main(argv=None):
 
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | "
            f"val bpb {last_eval.get('val_bpb', float('nan')):.4f}")
-    source = meta["source"]
     get_report().log(section="Midtraining", data=[vars(args), {  # (a no-op off rank 0)
-        "source": f"base {source['model_tag']} step {source['step']}", "training_conversations": len(train_task),
+        "source": training.describe_lineage(meta["source"]), "training_conversations": len(train_task),
         "steps": num_steps, "tokens": num_steps * args.total_batch_size, "val_bpb": last_eval.get("val_bpb"),
         "training_time_min": round(log.train_time / 60, 2)}])
     return training.finish(log, orig_model, meta)  # (and the process group torn down)

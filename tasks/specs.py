@@ -9,9 +9,10 @@ import os
 import random
 import re
 
-from nanochat.common import print0
+from nanochat.common import HelpFormatter, exit_on, print0
+from nanochat.download import DownloadError
 from tasks.arc import ARC, ARC_SPLITS
-from tasks.common import TaskMixture
+from tasks.common import Task, TaskMixture
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -109,6 +110,22 @@ def build_task(spec, default_split="train"):
         return cls(load_persona(path), n=size, **sliced)
     raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
 
+def build_tasks(specs, default_split, flag, scored=False):
+    """[build_task(spec)] of the specs of `flag`; a failed download says which flag and spec asked for it.
+    scored=True (--eval-tasks): every task must be one that can be scored, checked before any model is loaded."""
+    tasks = []
+    for spec in specs:
+        try:
+            tasks.append(build_task(spec, default_split))
+        except DownloadError as e:  # download.py's hint is generic: only here is it known where the spec came from
+            raise type(e)(f"{e}\n(from {flag} {spec}: give it a local file, or list {flag} without it; "
+                          f"`{flag}` alone means none)") from None
+        if scored and type(tasks[-1]).evaluate is Task.evaluate:  # no eval_type, no evaluate(): a training set
+            raise ValueError(f"{flag} {spec}: {type(tasks[-1]).__name__} has no answers to score. Give your questions as "
+                             'multiple choice, arc:test:FILE ({"question", "choices": [...], "answer": index} per line), or '
+                             'gsm8k:test:FILE ({"question", "answer": "... #### 42"}); for a loss: --val-mixture custom:FILE')
+    return tasks
+
 # -----------------------------------------------------------------------------
 # The data of midtraining, SFT and DPO, from their data flags
 def train_val_mixtures(train_tasks, val_tasks=None, holdout=500, seed=42):
@@ -132,10 +149,11 @@ def build_chat_tasks(args, default_val, pairs=False):
     own = [files(path) for path in args.data]
     if args.persona:
         own.append(persona(load_persona(args.persona), n=args.persona_examples))
-    train_tasks = ([] if args.data_only else [build_task(spec, "train") for spec in args.mixture]) + own
+    args.mixture = [] if args.data_only else args.mixture  # as the checkpoint's user_config records what was trained on
+    train_tasks = build_tasks(args.mixture, "train", "--mixture") + own
     # no --val-mixture: the default specs; with --data-only (or --val-mixture alone): held out of the data
     val_specs = args.val_mixture if args.val_mixture is not None else [] if args.data_only else default_val
-    val_tasks = [build_task(spec, "test") for spec in val_specs]
+    val_tasks = build_tasks(val_specs, "test", "--val-mixture")
     train, val = train_val_mixtures(train_tasks, val_tasks, args.val_holdout, seed=args.seed)
     noun = "pairs" if pairs else "conversations"
     print0(f"training data: {len(train):,} {noun} from {len(train_tasks)} source(s) | validation: "
@@ -144,7 +162,7 @@ def build_chat_tasks(args, default_val, pairs=False):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load task specs (validating their data) and show examples.",
-                                     epilog=SPEC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=SPEC_HELP, formatter_class=HelpFormatter)
     parser.add_argument("specs", nargs="+", help="task specs, e.g. gsm8k:train custom:/data/mine.jsonl")
     parser.add_argument("--split", default="train", choices=["train", "test"], help="default split")
     parser.add_argument("--show", type=int, default=1, help="how many examples of each task to print")
@@ -153,7 +171,8 @@ if __name__ == "__main__":
     # random examples, seeded: the same ones again for the same --seed
     rng = random.Random(cli.seed)
     for spec in cli.specs:
-        task = build_task(spec, cli.split)
+        with exit_on(ValueError, FileNotFoundError, DownloadError):  # a bad file: its file:line: field, not a traceback
+            task = build_task(spec, cli.split)
         print(f"== {spec}: {task}")
         for index in rng.sample(range(len(task)), min(cli.show, len(task))):
             print(f"-- [{index}]\n{json.dumps(task[index], indent=2, ensure_ascii=False)}")

@@ -102,7 +102,7 @@ def test_sft_learns_to_reverse_unseen_words(base, capsys):
     assert [step for step, _ in trainer.eval_history] == [0, 30, 60]
     assert val[-1] < 0.3 * val[0], val
     model, _, meta = load_model("sft", "cpu", "eval", model_tag="reverse")
-    assert meta["step"] == 60 and meta["source"]["phase"] == "base"
+    assert meta["step"] == 60 and meta["source"]["stage"] == "base"
     accuracy = greedy_accuracy(model, tok, held)
     assert accuracy >= 0.5, accuracy
     assert "val_loss" in (root / "report" / "chat-sft.md").read_text()  # the report card's section

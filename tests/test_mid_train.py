@@ -98,14 +98,15 @@ def test_midtraining_learns_saves_and_feeds_sft(base):
     assert [s for s, _ in trainer.eval_history] == [0, 15, 30] and bpbs[-1] < 0.7 * bpbs[0]
     from nanochat.checkpoint_manager import load_model
     _, _, meta = load_model("mid", "cpu", "eval", model_tag="mid1")
-    assert meta["step"] == 30 and meta["source"] == {"phase": "base", "model_tag": "d2", "step": 0}
+    assert meta["step"] == 30 and meta["source"] == {"stage": "base", "model_tag": "d2", "step": 0}
     assert meta["loader_state"]["kind"] == "mid conversations" and meta["val_bpb"] == bpbs[-1]
     assert "val_bpb" in (root / "report" / "midtraining.md").read_text()  # the report card's section
     # SFT starts from the mid model by default
     sft = run_main("chat_sft", ["--device", "cpu", "--model-tag", "mid1", "--data", root / "chat.jsonl", "--data-only",
                                 "--eval-tasks", "--device-batch-size", "4", "--examples-per-step", "4",
                                 "--num-iterations", "2", "--eval-every", "-1"])
-    assert sft.meta["source"] == {"phase": "mid", "model_tag": "mid1", "step": 30}
+    assert sft.meta["source"] == {"stage": "mid", "model_tag": "mid1", "step": 30,  # and what mid1 started from
+                                  "source": {"stage": "base", "model_tag": "d2", "step": 0}}
 
 def test_loss_on_assistant_flag(base):
     root, _ = base

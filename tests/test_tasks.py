@@ -541,3 +541,12 @@ def test_gsm8k_huge_or_odd_numbers_do_not_crash():
     assert extract_answer(f"so #### {huge}") == huge
     assert extract_answer("#### 1,234.0") == 1234
     assert extract_answer("#### 2.5") == 2.5
+
+def test_specs_cli_prints_the_error_line_not_a_traceback(tmp_path):
+    """python -m tasks.specs custom:FILE on a bad file: the file:line: field error, exit 1, no traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = subprocess.run([sys.executable, "-m", "tasks.specs", f"custom:{bad}"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"{bad}:1: messages[0].role" in out.stderr
