@@ -165,13 +165,16 @@ else
         --device-batch-size 4 --num-iterations 60 --eval-every 30 --save-every 30 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatdpo_checkpoints/$TAG")
     stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL --max-problems 60 --device cpu
+    # does the model know its name? (greedy; the persona is what mid, SFT and DPO taught with their defaults)
+    echo "Who are you? -> $($PY -m scripts.chat_cli -i dpo --model-tag $TAG --device cpu -p "Who are you?" \
+        --temperature 0 --max-tokens 48)"
 fi
 
 # -----------------------------------------------------------------------------
 $PY -m nanochat.report generate
 cat <<EOF
 
-Done. The report card: report.md (and $NANOCHAT_BASE_DIR/report/report.md).
+Done. The report card: $NANOCHAT_BASE_DIR/report/report.md
 Chat with your model:
     .venv/bin/python -m scripts.chat_cli -i dpo            # in the terminal (-p "question" for one answer)
     .venv/bin/python -m scripts.chat_web -i dpo            # then open http://127.0.0.1:8000

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanochat.common import HelpFormatter
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_VENV = REPO_ROOT / "dev" / "bench_out" / "pypi_rustbpe_venv"
@@ -166,7 +168,7 @@ def bench_reading():
                   + " | ".join(f"{t:11.1f} | {rss:11.0f} | {q:12.1f}" for t, rss, q in results) + " |", flush=True)
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus: a .txt/.jsonl file or a folder of them")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size (256 bytes + merges)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {CONTENDERS}")

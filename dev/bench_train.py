@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import autocast_ctx, get_peak_flops, synchronize
+from nanochat.common import HelpFormatter, autocast_ctx, get_peak_flops, synchronize
 from nanochat.gpt import GPT, GPTConfig
 
 NAMES = {"fused": "nanochat GPT, fused path", "plain": "same GPT, plain path", "classic": "classic GPT-2 style"}
@@ -86,7 +86,7 @@ def build_contenders(args, device, dim, n_head):
         yield key, torch.compile(model) if args.compile else model, opt, flops
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # --grad-accum: training uses many micro-batches, which share the optimizer's fixed cost (large for Muon)
     for flag, default, text in [
             ("--depth", 4, None), ("--aspect-ratio", 64, None), ("--head-dim", 64, None), ("--vocab-size", 8192, None),

@@ -41,6 +41,13 @@ def format_eta(seconds):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's line breaks and shows every flag's default (stage defaults included)."""
 
+    def _get_help_string(self, action):
+        # a help that already says what its default means ("default: the latest") is not repeated, and an
+        # empty default (None, "", off) says nothing
+        if "default" in (action.help or "") or action.default in (None, "", False, []):
+            return action.help
+        return super()._get_help_string(action)
+
 class DataError(ValueError):
     """Bad or missing input data; the message names the file, line and field."""
 

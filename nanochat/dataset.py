@@ -19,7 +19,7 @@ from typing import NamedTuple
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import DataError, get_base_dir
+from nanochat.common import DataError, HelpFormatter, get_base_dir
 from nanochat.download import DownloadError, OfflineError, download_file
 
 # -----------------------------------------------------------------------------
@@ -369,7 +369,7 @@ class Corpus:
 # -----------------------------------------------------------------------------
 # Command line: download shards, or check a local corpus
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("-n", "--num-files", type=int, default=8, help="training shards to download (-1: all)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--max-attempts", type=int, default=5, help="tries per shard before giving up")

@@ -13,7 +13,7 @@ import time
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
-from nanochat.common import (DataError, atomic_write, autocast_ctx, compute_cleanup, compute_init, exit_on,
+from nanochat.common import (DataError, HelpFormatter, atomic_write, autocast_ctx, compute_cleanup, compute_init, exit_on,
                              get_base_dir, print0)
 from nanochat.core_eval import bundle_tasks, download_eval_bundle, evaluate_core, local_tasks
 from nanochat.download import DownloadError
@@ -37,7 +37,7 @@ def load_tasks(args, ddp, rank):
     return [by_label[name] for name in names]
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_args(parser, default_source="base")
     parser.add_argument("--max-per-task", type=int, default=-1, help="at most this many items per task (-1: all)")
     parser.add_argument("--tasks", default="", help="comma-separated task labels to run (default: all)")

@@ -8,7 +8,7 @@ import argparse
 import time
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
-from nanochat.common import DataError, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
+from nanochat.common import DataError, HelpFormatter, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus
 from nanochat.loss_eval import evaluate_bpb
@@ -42,7 +42,7 @@ def open_corpus(args, meta):
     return data or "FineWeb-Edu shards", val_data, Corpus(data, val_data=val_data, txt_doc_chars=txt_doc_chars)
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_checkpoint_args(parser, default_source="base")
     # by default, the corpus the base training run used (recorded in the checkpoint), else the shards
     parser.add_argument("--data", default=None, help="corpus to measure: file, folder or glob of .txt/.jsonl/.parquet")

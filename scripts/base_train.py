@@ -12,7 +12,7 @@ import torch
 
 from nanochat import training
 from nanochat.checkpoint_manager import SOURCES
-from nanochat.common import autocast_ctx, compute_init, exit_on, get_base_dir, print0
+from nanochat.common import HelpFormatter, autocast_ctx, compute_init, exit_on, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
@@ -36,7 +36,7 @@ def model_config_from_args(args, vocab_size):
                      n_head=num_heads, n_kv_head=num_kv_heads, n_embd=model_dim)
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--depth", type=int, default=20, help="number of transformer layers: the one complexity dial")
     g.add_argument("--aspect-ratio", type=int, default=64, help="width = depth × aspect ratio")

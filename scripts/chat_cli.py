@@ -5,7 +5,7 @@ import contextlib
 import sys
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
-from nanochat.common import autodetect_device_type
+from nanochat.common import HelpFormatter, autodetect_device_type
 from nanochat.engine import Engine, add_sampling_args, sampling_from_args
 from tasks.identity import load_persona
 
@@ -20,7 +20,7 @@ def stream_reply(engine, tokens, params):
     return row.tokens
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
+    p = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal", formatter_class=HelpFormatter)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
     add_checkpoint_args(p, "sft")
     add_sampling_args(p, temperature=0.6, max_tokens=1024)

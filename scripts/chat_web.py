@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
-from nanochat.common import autodetect_device_type, logger, setup_logging
+from nanochat.common import HelpFormatter, autodetect_device_type, logger, setup_logging
 from nanochat.engine import MIN_TEMPERATURE, Engine, SamplingParams, add_sampling_args, sampling_from_args
 
 UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
@@ -26,7 +26,8 @@ UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Serve a nanochat model: web chat UI + OpenAI-compatible API")
+    p = argparse.ArgumentParser(description="Serve a nanochat model: web chat UI + OpenAI-compatible API",
+                                formatter_class=HelpFormatter)
     add_checkpoint_args(p, "sft")
     add_sampling_args(p, temperature=0.8, max_tokens=1024)  # the defaults of requests that set none
     p.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (on CPU: copies on the CPU)")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanochat.checkpoint_manager import add_checkpoint_args, build_model, load_model
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import HelpFormatter, atomic_write, get_base_dir
 
 HF_CODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "hf")
 
@@ -230,7 +230,8 @@ def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_
 
 # -----------------------------------------------------------------------------
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face transformers folder (verified).")
+    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face transformers folder (verified).",
+                                     formatter_class=HelpFormatter)
     add_checkpoint_args(parser, "sft")  # --device: where to load it (default cpu); the check runs on CPU anyway
     parser.add_argument("--lora-dir", default=None, help="export this LoRA adapter merged into its base (overrides --source)")
     parser.add_argument("--out", default=None, help="output folder (default: $NANOCHAT_BASE_DIR/export/<source>_<tag>_<step>)")

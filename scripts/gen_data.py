@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
+from nanochat.common import HelpFormatter
 from nanochat.api_client import STOP, APIError, ChatClient, FatalAPIError
 from tasks.common import RecordError, chat_record_to_conversation, check_messages
 from tasks.preferences import preference_pair
@@ -380,9 +381,9 @@ def add_client_args(parser, prefix="", what="the generator"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="Details: the comments "
-                                     "in scripts/gen_data.py", formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     "in scripts/gen_data.py", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="conversations from a template and topics")
+    g = sub.add_parser("generate", help="conversations from a template and topics", formatter_class=HelpFormatter)
     add_client_args(g)
     g.add_argument("--template", required=True, help="prompt template file with {topic}-style placeholders")
     g.add_argument("--topics", required=True, help="one topic per line (or a JSON object of placeholder values)")
@@ -393,7 +394,7 @@ def main(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply")
     g.add_argument("--seed", type=int, default=None, help="send a per-item seed (seed + hash of the item) if set")
-    j = sub.add_parser("judge", help="DPO pairs from judged answers")
+    j = sub.add_parser("judge", help="DPO pairs from judged answers", formatter_class=HelpFormatter)
     j.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl prompts")
     add_client_args(j, "judge-", "the judge")
     add_client_args(j, "answer-", "the answering model (instead of --source)")

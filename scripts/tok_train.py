@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from nanochat.common import DataError, atomic_write, exit_on, print0
+from nanochat.common import DataError, HelpFormatter, atomic_write, exit_on, print0
 from nanochat.dataset import Corpus
 from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
@@ -23,7 +23,7 @@ def text_iterator(data, chars_left, doc_cap):
             return
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, including the special tokens")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
