@@ -42,7 +42,7 @@ def main(argv=None):
     g.add_argument("--examples-per-step", type=int, default=32, help="pairs per optimizer step over all ranks")
     g.add_argument("--eval-pairs", type=int, default=500, help="held-out pairs per evaluation")
     training.add_finetuning_flags(parser, "sft", DEFAULT_MIXTURE, DEFAULT_VAL, noun="pairs")
-    # gentler than SFT (init_lr_frac 0.01 here, 0.02 there); --device-batch-size counts pairs (2 rows each)
+    # gentler than SFT (init_lr_frac 0.01 here, 0.2 there); --device-batch-size counts pairs (2 rows each)
     parser.set_defaults(device_batch_size=4, init_lr_frac=0.01, warmup_ratio=0.1, warmdown_ratio=0.9,
                         eval_every=50, compile="0", total_batch_size=None, lora_lr=5e-4, val_holdout=200)
     args = parser.parse_args(argv)

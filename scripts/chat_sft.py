@@ -35,8 +35,9 @@ def main(argv=None):
     g.add_argument("--eval-items", type=int, default=256, help="items per --eval-tasks task")
     g.add_argument("--eval-max-tokens", type=int, default=128, help="generation budget for generative tasks")
     training.add_finetuning_flags(parser, "mid", DEFAULT_MIXTURE, DEFAULT_VAL)
-    # fine-tuning: small LRs decaying linearly to 0; padded rows vary in length, so no compile
-    parser.set_defaults(device_batch_size=4, init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100,
+    # fine-tuning: LRs at 0.2 of pretraining's, decaying linearly to 0 (at 0.02, 50 steps left a CPU-preset model
+    # ignorant of its --persona: tests/test_chat_sft.py); padded rows vary in length, so no compile
+    parser.set_defaults(device_batch_size=4, init_lr_frac=0.2, warmdown_ratio=1.0, eval_every=100,
                         compile="0", total_batch_size=None)
     args = parser.parse_args(argv)
     # None by default here, so that a --total-batch-size given out of habit (it counts tokens) is refused, not ignored

@@ -241,3 +241,25 @@ def test_local_shared_data_mixture(base, tmp_path):
                           "acc/simplespelling:test:4"}
     assert all(0.0 <= v for v in final.values())
 
+
+@pytest.mark.slow
+def test_persona_is_learned_with_the_stage_defaults(tmp_path_factory, capsys):
+    """The newcomer's run: a pretrained model of the CPU preset's shape, then 50 SFT steps of their own
+    data with --persona and every other flag at its default; greedy "Who are you?" names the persona.
+    (With the old default --init-lr-frac 0.02 the answer was a sentence of the pretraining corpus.)"""
+    import json
+    from scripts import base_train, chat_cli, chat_sft
+    from test_base_train import make_corpus
+    with offline_base_dir(tmp_path_factory, tags=()) as (root, _):
+        base_train.main(["--depth", "4", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "256",
+                         "--device", "cpu", "--device-batch-size", "8", "--total-batch-size", "2048",
+                         "--num-iterations", "60", "--data", str(make_corpus(root / "corpus", n_docs=600)),
+                         "--eval-every", "-1", "--model-tag", "cpu"])
+        persona = root / "persona.json"
+        persona.write_text(json.dumps({"name": "Quillby", "maker": "Ada Brightwater"}))
+        mine = write_jsonl(root / "mine.jsonl", [reverse_conversation(w) for w in reverse_words(200, seed=3)])
+        chat_sft.main(["--source", "base", "--data", str(mine), "--data-only", "--persona", str(persona),
+                       "--num-iterations", "50", "--device", "cpu"])
+        capsys.readouterr()
+        chat_cli.main(["--device", "cpu", "-p", "Who are you?", "--temperature", "0", "--max-tokens", "30"])
+        assert "Quillby" in capsys.readouterr().out
