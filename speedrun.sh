@@ -103,7 +103,7 @@ if [ "$PRESET" = "gpu" ]; then
     stage dpo_eval $RUN -m scripts.chat_eval -i dpo
 else
     # -------------------------------------------------------------------------
-    # CPU preset: a tiny model through every stage, ~15 minutes on 2 cores. It teaches the
+    # CPU preset: a tiny model through every stage, under 15 minutes on 2 cores. It teaches the
     # pipeline; the model itself only learns the surface of English and of the chat format.
     # Its data: NANOCHAT_DATA, else ../shared/data when present, else the small open datasets of
     # dev/cpu_data.json, fetched once (~20 MB, sha256-checked) into $NANOCHAT_BASE_DIR/cpu_data
@@ -142,29 +142,29 @@ else
 
     stage base_train $PY -m scripts.base_train $TINY --data "$DATA/pretrain/train" \
         --val-data "$DATA/pretrain/val" --device-batch-size 16 --total-batch-size 8192 \
-        --num-iterations 200 --eval-every 100 --eval-tokens 65536 --save-every 50 --warmup-ratio 0.02 \
+        --num-iterations 120 --eval-every 60 --eval-tokens 65536 --save-every 40 --warmup-ratio 0.02 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
     stage base_loss $PY -m scripts.base_loss --model-tag $TAG --device cpu --split-tokens 65536
-    stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu $EVAL --max-per-task 50
+    stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu $EVAL --max-per-task 25
 
     stage mid_train $PY -m scripts.mid_train --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
-        --device-batch-size 16 --total-batch-size 8192 --num-iterations 100 --eval-every 50 --save-every 50 \
+        --device-batch-size 16 --total-batch-size 8192 --num-iterations 50 --eval-every -1 --save-every 25 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")
-    stage mid_eval $PY -m scripts.chat_eval -i mid --model-tag $TAG $EVAL --max-problems 60 --device cpu
+    stage mid_eval $PY -m scripts.chat_eval -i mid --model-tag $TAG $EVAL --max-problems 30 --device cpu
 
     stage chat_sft $PY -m scripts.chat_sft --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
         --eval-tasks "$SFT_EVAL" spelling:test:50 \
-        --device-batch-size 8 --num-iterations 100 --eval-every 50 --save-every 50 \
+        --device-batch-size 8 --num-iterations 50 --eval-every -1 --save-every 25 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")
-    stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL --max-problems 60 --device cpu
+    stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL --max-problems 30 --device cpu
 
     stage chat_dpo $PY -m scripts.chat_dpo --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $PREFS --val-mixture --persona "$PERSONA" \
-        --device-batch-size 4 --num-iterations 60 --eval-every 30 --save-every 30 \
+        --device-batch-size 4 --num-iterations 20 --eval-every -1 --save-every 10 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatdpo_checkpoints/$TAG")
-    stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL --max-problems 60 --device cpu
+    stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL --max-problems 30 --device cpu
     # does the model know its name? (greedy; the persona is what mid, SFT and DPO taught with their defaults)
     echo "Who are you? -> $($PY -m scripts.chat_cli -i dpo --model-tag $TAG --device cpu -p "Who are you?" \
         --temperature 0 --max-tokens 48)"

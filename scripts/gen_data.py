@@ -399,7 +399,7 @@ def main(argv=None):
     add_client_args(j, "judge-", "the judge")
     add_client_args(j, "answer-", "the answering model (instead of --source)")
     j.add_argument("--source", default=None, choices=["base", "mid", "sft", "dpo"], help="answer with our checkpoint")
-    j.add_argument("--model-tag", default=None, help="checkpoint model tag (default: the largest)")
+    j.add_argument("--model-tag", default=None, help="checkpoint model tag (default: the deepest d<N>, else the newest)")
     j.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     j.add_argument("--device", default=None, help="device for our model (default: cuda if available, else cpu)")
     j.add_argument("--num-answers", type=int, default=2, help="answers per prompt; every pair of them is judged")

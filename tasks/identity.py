@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-from nanochat.common import HelpFormatter, atomic_write
+from nanochat.common import HelpFormatter, atomic_write, exit_on
 from tasks.common import Task
 from tasks.customjson import CustomJSON
 from tasks.preferences import PreferenceList
@@ -120,7 +120,8 @@ if __name__ == "__main__":
                         help="identity template jsonl with {{name}}/{{author}} placeholders ('' = built-ins only)")
     parser.add_argument("--out", default="-", help="write jsonl here ('-' = print to stdout)")
     args = parser.parse_args()
-    persona = load_persona(args.persona)
+    with exit_on(ValueError, OSError):  # a bad or missing persona file: one line naming it, not a traceback
+        persona = load_persona(args.persona)
     rows = (identity_preference_pairs(persona, args.n, args.seed) if args.pairs
             else list(IdentityConversations(persona, args.n, args.seed, template_path=args.template or None)))
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

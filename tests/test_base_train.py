@@ -172,7 +172,7 @@ def test_bad_input_fails_before_training(base_dir, tmp_path):
         assert "base step" not in out  # failed before the first step
         assert "Traceback" not in out
 
-def test_default_eval_is_one_pass_over_a_small_validation_split(base_dir, monkeypatch):
+def test_default_eval_is_one_pass_over_a_small_validation_split(base_dir, monkeypatch, capsys):
     """With the default --eval-tokens (10.5M), a small corpus's validation split is read once per
     evaluation, not looped over for minutes: the eval's forward calls == the batches of one pass."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
@@ -198,3 +198,6 @@ def test_default_eval_is_one_pass_over_a_small_validation_split(base_dir, monkey
     assert 0 < len(one_pass) < 10.5e6 / (4 * 64)
     assert len(eval_calls) == len(one_pass)  # one evaluation at the end, one pass
     assert sum(eval_calls) == sum(x.shape[0] for x, _, _ in one_pass)  # the last, partial batch too
+    # a small budget's tokens per parameter keep their digits: "(0.0142 per parameter)", not "(0.0 per parameter)"
+    ratio = re.search(r"\(([\d.e-]+) per parameter\)", capsys.readouterr().out).group(1)
+    assert float(ratio) > 0 and len(ratio.strip("0.")) >= 2
