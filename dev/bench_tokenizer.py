@@ -115,8 +115,7 @@ def run_contender(contender, args):
         # our own package must not shadow the PyPI one in the other venv (and vice versa)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         # run from a scratch directory: whatever the contender writes there goes with it
-        proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
-        if proc.returncode != 0:
+        if (proc := subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)).returncode != 0:
             raise SystemExit(f"{contender} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         result = json.loads(out.read_text())
     if contender == "hf":  # byte-level characters -> the bytes they stand for

@@ -2,31 +2,18 @@
 Conversations into training batches: packed rows (midtraining) or padded rows (SFT, DPO: one conversation
 per row), and StepBatches, which weighs every supervised token of an optimizer step the same.
 """
+import functools
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.dataloader import BestFitBuffer
+from nanochat.dataloader import BestFitBuffer, resumed_state
 
 # Loader states are small JSON in the checkpoint's meta, so that a resumed run sees the very same batches
 STATE_VERSION = 1
 
-def _resumed_state(state, rank, identity):
-    """This rank's part of a checkpoint's loader state; a ValueError unless saved with this `identity`."""
-    what, world_size = identity["kind"], identity["world_size"]
-    if isinstance(state, (list, tuple)):  # under DDP a checkpoint holds every rank's state, else one dict
-        if len(state) != world_size:
-            raise ValueError(f"cannot resume the {what}: the checkpoint holds {len(state)} ranks, "
-                             f"this run has {world_size}")
-        state = state[rank]
-    if not isinstance(state, dict) or state.get("kind") != what:
-        raise ValueError(f"cannot resume: the checkpoint's loader state is not a {what} state")
-    # a state from other data or settings would resume "somewhere": refuse it, saying what differs
-    if mismatched := {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}:
-        raise ValueError(f"cannot resume the {what} exactly, it was saved with different settings or data: "
-                         + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
-    return state
-
+@functools.lru_cache(maxsize=8)  # a loader reads one epoch for many batches: each permutation is made once
 def epoch_permutation(num_items, epoch, seed):
     return np.random.default_rng([seed, epoch]).permutation(num_items)
 
@@ -44,42 +31,29 @@ def collate_padded(rows, pad_id, device="cpu"):
         # next-token targets: ids[j+1] where mask[j+1] is 1 (the model is to produce it), else -1 (ignored)
         targets[i, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])], dtype=torch.long)
     # page-locked host memory lets the copy to the GPU run asynchronously with compute
-    pin = torch.device(device).type == "cuda"
-    if pin:
+    if pin := torch.device(device).type == "cuda":
         inputs, targets = inputs.pin_memory(), targets.pin_memory()
     return inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
-
-class MicroBatchOrder:
-    """Each epoch a seeded permutation of the examples, cut into micro-batches of batch_size (the last may be short)."""
-    # Global micro-batch g goes to rank g % world_size, so a step of one process with grad_accum
-    # = k * world_size reads the very micro-batches that world_size ranks with grad_accum = k read
-    # together: that is what makes DDP == gradient accumulation (and testable)
-
-    def __init__(self, num_items, batch_size, seed=42):
-        if num_items < 1:
-            raise ValueError("no examples to train on")
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.per_epoch = -(-num_items // batch_size)  # ceil
-        self._perm = (None, None)
-
-    def indices(self, g):
-        epoch, j = divmod(g, self.per_epoch)
-        if self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(self.num_items, epoch, self.seed))
-        return self._perm[1][j * self.batch_size:(j + 1) * self.batch_size].tolist(), epoch
 
 def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, resume_state=None,
                    what="padded batches"):
     """(items, state) forever: items = [(index, render(task[index]))] of this rank's next micro-batch."""
-    order = MicroBatchOrder(len(task), batch_size, seed)
+    # Each epoch a seeded permutation of the examples, cut into micro-batches of batch_size (the last may be
+    # short). Global micro-batch g goes to rank g % world_size, so a step of one process with grad_accum
+    # = k * world_size reads the very micro-batches that world_size ranks with grad_accum = k read
+    # together: that is what makes DDP == gradient accumulation (and testable)
+    if len(task) < 1:
+        raise ValueError("no examples to train on")
+    per_epoch = -(-len(task) // batch_size)  # micro-batches per epoch (ceil)
     identity = {"kind": what, "version": STATE_VERSION, "num_items": len(task), "batch_size": batch_size,
                 "seed": seed, "world_size": world_size}
     # a resume state that does not fit is a ValueError here, at the call, not at the first batch
-    g = _resumed_state(resume_state, rank, identity)["next"] if resume_state else rank
+    g = resumed_state(resume_state, rank, identity, what)["next"] if resume_state else rank
 
     def generate(g):
         while True:
-            indices, epoch = order.indices(g)
+            epoch, j = divmod(g, per_epoch)
+            indices = epoch_permutation(len(task), epoch, seed)[j * batch_size:(j + 1) * batch_size].tolist()
             g += world_size
             yield [(i, render(task[i])) for i in indices], dict(identity, next=g, epoch=epoch)
     return generate(g)
@@ -103,22 +77,19 @@ class PackedConversations:
         self.buffer_size, self.device = buffer_size, device
         self.identity = {"kind": what, "version": STATE_VERSION, "num_items": len(task), "T": T, "seed": seed,
                          "world_size": world_size, "buffer_size": buffer_size, "loss_on": loss_on}
-        self._perm, self.buffer = (None, None), BestFitBuffer(self.row_len)
+        self.buffer = BestFitBuffer(self.row_len)
         # rank r reads conversations r, r + world_size, ... of each epoch's seeded permutation
         self.cursor = [0, rank % len(task)]  # (epoch, position) of the next conversation this rank reads
         self.stats = {"rows": 0, "cropped": 0}  # cropped = tokens of conversations cut off to fill a row
         if resume_state:  # checked here, when the loader is made, not at the first batch
-            state = _resumed_state(resume_state, rank, self.identity)
+            state = resumed_state(resume_state, rank, self.identity, what)
             self.cursor, self.stats = list(state["cursor"]), dict(state["stats"])
             for ref in state["buffer"]:
                 self.buffer.add(self._render(*ref), tuple(ref))
 
     def _render(self, epoch, position):
-        if self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(len(self.task), epoch, self.seed))
-        conversation = self.task[int(self._perm[1][position])]
-        ids, mask = self.tokenizer.render_conversation(conversation, max_tokens=self.row_len)
-        return list(zip(ids, mask))
+        conversation = self.task[int(epoch_permutation(len(self.task), epoch, self.seed)[position])]
+        return list(zip(*self.tokenizer.render_conversation(conversation, max_tokens=self.row_len)))  # (id, mask) pairs
 
     def _fill_buffer(self):
         while len(self.buffer) < self.buffer_size:
@@ -140,13 +111,7 @@ class PackedConversations:
                 # the longest conversation that fits, again and again; when none fits, the
                 # shortest is cropped to fill the row (a conversation longer than a row: cut to one)
                 self._fill_buffer()
-                room = self.row_len - len(row)
-                tokens = self.buffer.pop_largest_fitting(room)
-                if tokens is None:
-                    length, tokens = self.buffer.pop_shortest()
-                    self.stats["cropped"] += length - room
-                    tokens = tokens[:room]
-                row.extend(tokens)
+                row.extend(self.buffer.take(self.row_len - len(row), self.stats))
             rows.append(row)
         self.stats["rows"] += self.B
         ids = torch.tensor([[t for t, _ in row] for row in rows], dtype=torch.long)

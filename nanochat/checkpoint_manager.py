@@ -90,8 +90,7 @@ def list_steps(checkpoint_dir):
     return sorted(s for s in steps if os.path.exists(_paths(checkpoint_dir, s)[0]))
 
 def find_last_step(checkpoint_dir):
-    steps = list_steps(checkpoint_dir)
-    if not steps:
+    if not (steps := list_steps(checkpoint_dir)):
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
     return steps[-1]
 
@@ -105,12 +104,10 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         meta = json.load(f)
     # weights_only: a checkpoint holds tensors and plain containers, never code to unpickle
     model_state = torch.load(model_path, map_location=device, weights_only=True)
-    optimizer_state = None
-    if load_optimizer:
-        if not os.path.exists(optim_path):
-            raise FileNotFoundError(f"{optim_path} is missing: step {step} was saved without optimizer "
-                                    f"state for rank {rank} (or with a different number of ranks)")
-        optimizer_state = torch.load(optim_path, map_location=device, weights_only=True)
+    if load_optimizer and not os.path.exists(optim_path):
+        raise FileNotFoundError(f"{optim_path} is missing: step {step} was saved without optimizer "
+                                f"state for rank {rank} (or with a different number of ranks)")
+    optimizer_state = torch.load(optim_path, map_location=device, weights_only=True) if load_optimizer else None
     return model_state, optimizer_state, meta
 
 def trained_state(model):

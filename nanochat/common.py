@@ -33,8 +33,7 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 def format_eta(seconds):
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
+    h, rem = divmod(max(0, int(seconds)), 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
@@ -92,11 +91,7 @@ def atomic_write(path, data):
 # Device and dtype policy (the one place that decides)
 
 def autodetect_device_type():
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 # Params stay fp32 everywhere; on CUDA the forward runs under bf16 autocast. CPU and MPS compute
 # in fp32 through the very same code, which is why what the CPU tests prove holds on GPU.
@@ -118,11 +113,8 @@ def get_peak_flops(device_type):
     if device_type != "cuda":
         return None
     name = torch.cuda.get_device_name(0).lower()
-    for key, flops in [("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
-                       ("4090", 165e12), ("a10", 125e12), ("3090", 71e12)]:
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in [("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12),
+                                          ("4090", 165e12), ("a10", 125e12), ("3090", 71e12)] if key in name), None)
 
 # -----------------------------------------------------------------------------
 # Distributed init
@@ -137,10 +129,8 @@ def compute_init(device_type=None, seed=42):
     """Device (cuda -> mps -> cpu unless told), process group when launched by torchrun, seeds,
     matmul precision. Returns (ddp, rank, local_rank, world_size, device)."""
     device_type = device_type or autodetect_device_type()
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but CUDA is not available")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device mps was requested but MPS is not available")
+    if device_type in ("cuda", "mps") and not {"cuda": torch.cuda, "mps": torch.backends.mps}[device_type].is_available():
+        raise RuntimeError(f"--device {device_type} was requested but {device_type.upper()} is not available")
     # the same seed on every rank: identical initial weights without broadcasting them
     random.seed(seed)
     torch.manual_seed(seed)

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 import yaml
 
 from nanochat.common import DataError, get_base_dir, get_dist_info, print0
 from nanochat.download import DownloadError, download_file
-from nanochat.task_eval import all_reduce_sum
+from nanochat.task_eval import all_reduce_sum, right_padded
 
 # A task is a jsonl of items of one type (the records of llm-foundry's "eval gauntlet"):
 #   multiple_choice    {"query", "choices", "gold"}: the model picks the choice of the lowest mean loss after the query
@@ -165,16 +166,14 @@ def download_eval_bundle(base_dir=None, url=None, **kwargs):
 def _check_item(record, task_type):
     """The fields of one record for its task type, validated; raises ValueError naming the field."""
     def text(key, allow_empty=False):
-        value = record.get(key)
-        if not isinstance(value, str) or (not allow_empty and not value):
+        if not isinstance(value := record.get(key), str) or (not allow_empty and not value):
             raise ValueError(f"field {key!r}: expected a {'' if allow_empty else 'non-empty '}string, got {value!r}"[:200])
         return value
     def options(key):
         value = record.get(key)
         if not isinstance(value, list) or len(value) < 2 or not all(isinstance(v, str) and v for v in value):
             raise ValueError(f"field {key!r}: expected a list of at least 2 non-empty strings")
-        gold = record.get("gold")
-        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(value):
+        if isinstance(gold := record.get("gold"), bool) or not isinstance(gold, int) or not 0 <= gold < len(value):
             raise ValueError(f"field 'gold': expected an index 0..{len(value) - 1}, got {gold!r}")
         return {key: value, "gold": gold}
     if task_type == MC:
@@ -193,8 +192,7 @@ def load_items(task):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
+                if not isinstance(record := json.loads(line), dict):
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
                 record.update({ours: record.get(theirs) for ours, theirs in task.fields.items()})
                 items.append(_check_item(record, task.task_type))
@@ -252,8 +250,7 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
 def score_item(model, sequences, task_type, gold, device, pad_id):
     """Whether the model answers one item right, running its sequences [(ids, start, end)] as one batch."""
     # right-padded: with causal attention the padding after a row never influences it
-    width = max(len(ids) for ids, _, _ in sequences)
-    batch = torch.tensor([list(ids) + [pad_id] * (width - len(ids)) for ids, _, _ in sequences], device=device)
+    batch = right_padded([ids for ids, _, _ in sequences], pad_id, device)
     logits = model(batch)  # (rows, width, vocab); position t predicts token t + 1
     if task_type == LM:
         _, start, end = sequences[0]
@@ -271,7 +268,8 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indic
     # rank r scores items r, r + world_size, ... of `indices`; the counts are summed over ranks below
     mine = list(range(len(items)) if indices is None else indices)[rank::world_size]
     correct = 0
-    for index in mine:
+    # a bar only when a task takes long enough to look like a hang (10 s), on one rank
+    for index in tqdm(mine, desc=task.label, unit="item", leave=False, delay=10, disable=rank != 0):
         prompts = render_prompts(items[index], task.task_type, task.continuation_delimiter,
                                  fewshot_examples(items, index, task.num_fewshot))
         try:

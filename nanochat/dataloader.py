@@ -49,9 +49,33 @@ class BestFitBuffer:
     def pop_shortest(self):
         return self._pop(0)
 
+    def take(self, room, stats):
+        """The longest document that fits `room`, else the shortest cropped to it (stats["cropped"] counts the loss)."""
+        if (tokens := self.pop_largest_fitting(room)) is None:
+            length, tokens = self.pop_shortest()
+            stats["cropped"] += length - room
+            tokens = tokens[:room]
+        return tokens
+
     def refs(self):
         """The documents in arrival order: adding them again in this order rebuilds this very buffer."""
         return [list(ref) for _, ref in self.docs.values()]
+
+def resumed_state(state, rank, identity, what, required=()):
+    """This rank's part of a saved loader state (every rank's under DDP); a DataError unless it was saved with
+    `identity` (its "kind", if any, included) and holds the `required` keys."""
+    if isinstance(state, (list, tuple)):
+        if len(state) != identity["world_size"]:
+            raise DataError(f"cannot resume the {what}: the state holds {len(state)} ranks but this run has "
+                            f"{identity['world_size']}")
+        state = state[rank]
+    if not isinstance(state, dict) or state.get("kind") != identity.get("kind") or not set(required) <= state.keys():
+        raise DataError(f"cannot resume: the state is not a {what} state (expected the dict saved with a batch)")
+    # a state from other data or settings would resume "somewhere": refuse it, saying what differs
+    if mismatched := {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}:
+        raise DataError(f"cannot resume the {what} exactly, it was saved with different settings or data: "
+                        + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
+    return state
 
 def tokenizing_distributed_data_loader_with_state(
         tokenizer, B, T, split, device="cpu", data=None, resume_state_dict=None, tokenizer_threads=4,
@@ -75,15 +99,7 @@ def tokenizing_distributed_data_loader_with_state(
     stats = {"rows": 0, "tokens": 0, "cropped": 0}  # cropped = tokens of documents thrown away
     if resume_state_dict:
         # a list holds every rank's state (see gather_state_dicts): each rank picks its own
-        per_rank = isinstance(resume_state_dict, (list, tuple))
-        if per_rank and len(resume_state_dict) != world_size:
-            raise DataError(f"the dataloader state holds {len(resume_state_dict)} ranks but this run has {world_size}")
-        state = resume_state_dict[rank] if per_rank else resume_state_dict
-        if not isinstance(state, dict) or "cursor" not in state or "buffer" not in state:
-            raise DataError("resume_state_dict is not a dataloader state (expected the dict yielded with a batch)")
-        if mismatched := {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}:
-            raise DataError("cannot resume the dataloader exactly, the state was saved with different settings "
-                            "or data: " + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
+        state = resumed_state(resume_state_dict, rank, identity, "dataloader", required=("cursor", "buffer"))
         cursor, stats, refs = state["cursor"], dict(state["stats"]), state["buffer"]
         # the state names the buffered documents, not their text: read them back and re-tokenize
         texts = corpus.fetch_documents(refs)
@@ -110,14 +126,9 @@ def tokenizing_distributed_data_loader_with_state(
                 cursor = position.resume_point()
             if not len(buffer):
                 return None  # the data ran out (num_epochs): this unfinished row is dropped
-            room = row_len - len(row)
-            # best fit: the largest document that fits the room left, again and again
-            if (tokens := buffer.pop_largest_fitting(room)) is None:
-                # none fits: crop the shortest to fill the row (the rest of it is thrown away)
-                length, tokens = buffer.pop_shortest()
-                stats["cropped"] += length - room
-                tokens = tokens[:room]
-            row.extend(tokens)
+            # best fit: the largest document that fits the room left, again and again; when none fits, the
+            # shortest is cropped to fill the row (the rest of it is thrown away)
+            row.extend(buffer.take(row_len - len(row), stats))
         return row
 
     warned = False

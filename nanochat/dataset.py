@@ -182,8 +182,7 @@ def _read_parquet(path, _txt_doc_chars, start):
 
 def read_documents(path, txt_doc_chars=TXT_DOC_CHARS, start=0):
     """Yield (doc_index, text) for the documents of one file, from index `start` on."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in SUPPORTED_EXTENSIONS:
+    if (ext := os.path.splitext(path)[1].lower()) not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{path}: unsupported file type {ext or '(none)'} (expected {', '.join(SUPPORTED_EXTENSIONS)})")
     try:
         yield from {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[ext](path, txt_doc_chars, start)
@@ -212,8 +211,7 @@ def resolve_data_files(spec):
             raise DataError(f"{s}: no such file or folder")
         # everything but folders: a dangling link is named as unreadable, not silently skipped
         candidates = [p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p)]
-        matched = [p for p in candidates if os.path.splitext(p)[1].lower() in SUPPORTED_EXTENSIONS]
-        if not matched:
+        if not (matched := [p for p in candidates if os.path.splitext(p)[1].lower() in SUPPORTED_EXTENSIONS]):
             raise DataError(f"{s}: no {'/'.join(SUPPORTED_EXTENSIONS)} files found")
         found.update((os.path.abspath(p), os.path.relpath(p, root or ".")) for p in matched)
     return sorted(found.items())
@@ -257,8 +255,7 @@ class Corpus:
         self.fingerprint = hashlib.blake2b(json.dumps(identity).encode(), digest_size=8).hexdigest()
 
     def _init_shards(self):
-        paths = list_parquet_files()
-        if len(paths) < 2:
+        if len(paths := list_parquet_files()) < 2:
             raise DataError(f"{'only one shard' if paths else 'no pretraining data'} in {get_data_dir()} (the last "
                             f"shard is val): run `python -m nanochat.dataset -n 8`, or pass --data PATH for local text")
         # the last shard is val: shard_01822 is always downloaded (first), so the split never moves

@@ -36,8 +36,7 @@ def truncate_pair(prompt, chosen, rejected, max_seq_len, min_prompt_tokens=2, mi
     if len(prompt) + longest <= max_seq_len:
         return prompt, chosen, rejected, "prompt"
     # then both answers, from the right, as long as each keeps min_response_tokens
-    room = max_seq_len - len(prompt)
-    if room < min_response_tokens:
+    if (room := max_seq_len - len(prompt)) < min_response_tokens:
         return None
     return prompt, chosen[:room], rejected[:room], "response"
 
@@ -113,12 +112,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
     h = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
+    if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {LOSS_TYPES}")
+    losses = -F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 def pair_losses(model, batch, beta, loss_type="sigmoid", length_norm=False, sft_weight=0.0):

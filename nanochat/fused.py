@@ -154,16 +154,14 @@ class LinearSoftcapCrossEntropyPerToken(torch.autograd.Function):
 
 def linear_softcap_cross_entropy(x, weight, targets, cap, reduction="mean"):
     """CE(cap * tanh(x W^T / cap), targets) of x (N, D), targets (N,) (-1 = ignore), reduced like F.cross_entropy."""
-    # no graph to build (evaluation): the chunks alone, without gradients
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if reduction == "none":
-        if needs_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if reduction == "none":
             return LinearSoftcapCrossEntropyPerToken.apply(x, weight, targets, cap)
-        return softcap_ce_chunks(x, weight, targets, cap, with_grads=False)[0]
-    if needs_grad:
         total = LinearSoftcapCrossEntropy.apply(x, weight, targets, cap)
-    else:
-        total = softcap_ce_chunks(x, weight, targets, cap, with_grads=False)[0].sum()
-    if reduction == "sum":
-        return total
-    return total / (targets >= 0).sum()  # mean over counted tokens (nan if none), as F.cross_entropy
+    else:  # no graph to build (evaluation): the chunks alone, without gradients
+        losses = softcap_ce_chunks(x, weight, targets, cap, with_grads=False)[0]
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+    # mean over counted tokens (nan if none), as F.cross_entropy
+    return total if reduction == "sum" else total / (targets >= 0).sum()

@@ -46,8 +46,7 @@ FUSED_OPS = SimpleNamespace(norm=RMSNorm.apply, rotary=RotaryEmbedding.apply, re
 
 def attention(q, k, v, is_causal=False, attn_mask=None):
     """SDPA over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D); query head h reads kv head h // (Hq // Hkv)."""
-    n_rep = q.size(1) // k.size(1)
-    if n_rep == 1:
+    if (n_rep := q.size(1) // k.size(1)) == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     # SDPA's enable_gqa only reaches a fused kernel (flash) on CUDA in half precision without a mask;
     # anywhere else it silently takes the slow math path, so there we expand the kv heads ourselves
@@ -74,8 +73,7 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        q, k = ops.norm(ops.rotary(q, cos, sin)), ops.norm(ops.rotary(k, cos, sin))
+        q, k = ops.norm(ops.rotary(q, *cos_sin)), ops.norm(ops.rotary(k, *cos_sin))
         q, k = q.to(v.dtype), k.to(v.dtype)  # no-op unless an autocast policy ran rms_norm in fp32
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
@@ -111,8 +109,7 @@ class Block(nn.Module):
 
     def forward(self, x, ops, cos_sin, kv_cache, positions=None):
         x = x + self.attn(ops.norm(x), ops, cos_sin, kv_cache, positions)
-        x = x + self.mlp(ops.norm(x), ops)
-        return x
+        return x + self.mlp(ops.norm(x), ops)
 
 class GPT(nn.Module):
     """GPT(config) comes out initialised; or build it on the meta device, then to_empty(device) and init_weights()."""
@@ -144,8 +141,7 @@ class GPT(nn.Module):
     def _precompute_rotary_embeddings(self, seq_len):
         head_dim, device = self.config.n_embd // self.config.n_head, self.transformer.wte.weight.device
         inv_freq = ROTARY_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-        t = torch.arange(seq_len, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq)  # (T, D/2)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
         # shaped (1, T, 1, D/2) to broadcast over (B, T, H, D/2)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
@@ -163,8 +159,7 @@ class GPT(nn.Module):
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
-        self.cos, self.sin = cos, sin
+        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -175,12 +170,11 @@ class GPT(nn.Module):
     def estimate_flops(self):
         """FLOPs per token for forward + backward."""
         # 6 per matmul weight (2 forward, 4 backward; the embedding is a lookup, not a matmul) plus the
-        # attention score/value matmuls, 12 * n_layer * n_head * head_dim * sequence_len (no causal
+        # attention score/value matmuls, 12 * n_layer * n_head * head_dim (= n_embd) * sequence_len (no causal
         # discount, by convention)
         cfg = self.config
         n_matmul = self.num_params() - self.transformer.wte.weight.numel()
-        head_dim = cfg.n_embd // cfg.n_head
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_len
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                         muon_dtype=None):
@@ -257,10 +251,7 @@ class GPT(nn.Module):
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
-            else:
-                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            next_id = (torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1, generator=rng)
+                       if temperature > 0 else torch.argmax(logits, dim=-1, keepdim=True))
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()

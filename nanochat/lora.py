@@ -156,8 +156,7 @@ def lora_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-
     # size (times sqrt(rows/cols), large for a (d_out, r) B) on a product whose scale LoRA already
     # sets through alpha / r; LoRA's known-good hyperparameters are Adam's, and Adam's
     # per-coordinate steps are what the zero-initialised B needs to grow smoothly.
-    params = lora_parameters(model)
-    if not params:
+    if not (params := lora_parameters(model)):
         raise ValueError("the model has no LoRA adapters (call apply_lora first)")
     return build_optimizer([dict(kind="adamw", params=params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)])
 

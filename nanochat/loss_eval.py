@@ -30,16 +30,14 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         targets = targets.reshape(-1)
         # special tokens (0 bytes) and ignored targets (-1) count in neither sum: a model's loss on
         # <|bos|> says nothing about how well it models text
-        valid = targets >= 0
-        num_bytes = torch.where(valid, token_bytes[targets.clamp(min=0)], 0)
+        num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
         total_nats += (loss.to(accumulate) * (num_bytes > 0)).sum()
         total_bytes += num_bytes.sum()
     # sums over all ranks when distributed: every rank must call this, and all get the same answer
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    total_bytes = total_bytes.item()
-    if total_bytes == 0:
+    if (total_bytes := total_bytes.item()) == 0:
         raise ValueError("evaluate_bpb saw no bytes: no batch, or every target was ignored or a special token "
                          "(a validation split shorter than one row of the context gives no batch)")
     # per byte of text, not per token: how much text a token holds depends on the vocabulary

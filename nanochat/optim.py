@@ -1,5 +1,6 @@
 """One optimizer for the model: param groups of kind "adamw" (embedding, lm_head) or "muon" (the block matrices)
 in one MuonAdamW, or in DistMuonAdamW, which shards both across ranks (build_optimizer picks)."""
+import contextlib
 import functools
 
 import torch
@@ -44,8 +45,7 @@ def all_reduce_gradients(model):
     # for gradient clipping, which must see the averaged gradient (clipping each rank's local one is wrong):
     # all_reduce_gradients(model), clip, step(grads_averaged=True). A SUM then * 1/world_size, as in the
     # optimizer: ReduceOp.AVG is not on every backend
-    ws = dist_world_size()
-    if ws == 1:
+    if (ws := dist_world_size()) == 1:
         return False
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
@@ -58,10 +58,8 @@ def newton_schulz_dtype(device):
     """bf16 where matmuls have bf16 hardware (CUDA; CPUs with AVX512-BF16/AMX), fp32 elsewhere."""
     # bf16 is ~8x faster than fp32 on such CPUs, and precise enough for an update direction
     if device.type == "cpu":
-        try:
+        with contextlib.suppress(AttributeError, RuntimeError):  # a torch build without the oneDNN query: fp32
             return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-        except (AttributeError, RuntimeError):  # a torch build without the oneDNN query
-            return torch.float32
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 def newton_schulz(G, steps=5, dtype=None):
@@ -202,10 +200,8 @@ class DistMuonAdamW(MuonAdamW):
     def step(self, grads_averaged=False):
         # grads_averaged=True: all_reduce_gradients already averaged every gradient (to clip the global one)
         # 1. launch the gradient reductions of every group, both kinds, before waiting on any: they overlap
-        launched = []
-        for group in self.param_groups:
-            launch = self._launch_adamw if group["kind"] == "adamw" else self._launch_muon
-            launched.append((group, *launch(group, grads_averaged)))
+        launched = [(group, *(self._launch_adamw if group["kind"] == "adamw" else self._launch_muon)(group, grads_averaged))
+                    for group in self.param_groups]
         # 2. group by group, as its reductions land: update this rank's share, launch its all-gathers
         gathers = []
         for group, owned, works in launched:

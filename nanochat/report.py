@@ -4,6 +4,7 @@ The report card of a run: each stage appends a markdown section as it finishes; 
     python -m nanochat.report generate    # -> $NANOCHAT_BASE_DIR/report/report.md (--out PATH: a copy there too)
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -53,18 +54,15 @@ def _format_value(value):
         return json.dumps(value, default=str)
     return str(value).replace("\n", " ")  # text, bools, None, nan and inf
 
-def _parse_number(text):
-    try:
+def _parse_number(text):  # None when it is no number
+    with contextlib.suppress(ValueError):
         return float(text.replace(",", ""))
-    except ValueError:
-        return None
 
 def _run(cmd, cwd):
     # git may be missing, or this may not be a checkout: the report then just says "-"
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    return ""
 
 # -----------------------------------------------------------------------------
 # The environment
@@ -93,15 +91,12 @@ def environment():
         env.update(gpus=f"{count} x {props.name} ({props.total_memory / 2**30:.0f} GiB)", gpu_count=count,
                    cuda=torch.version.cuda)
     else:
-        mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-        env.update(gpus="none (CPU" + (", MPS available)" if mps else ")"), gpu_count=0)
+        env.update(gpus="none (CPU" + (", MPS available)" if torch.backends.mps.is_available() else ")"), gpu_count=0)
     return env
 
-def _memory_gb():
-    try:
+def _memory_gb():  # None where sysconf has no such names (off Linux/macOS)
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
-    except (ValueError, OSError, AttributeError):  # sysconf has no such names off Linux/macOS
-        return None
 
 # header.md: the title, the environment, and last_line (the start time, when known)
 def _header(last_line):
@@ -126,16 +121,13 @@ def parse_blocks(text):
         blocks.append((title, timestamp, values))
     return blocks
 
-def _parse_time(text):
-    try:
+def _parse_time(text):  # None for None (no start time) or a hand-edited timestamp
+    with contextlib.suppress(TypeError, ValueError):
         return datetime.datetime.strptime(text, TIME_FORMAT)
-    except (TypeError, ValueError):  # None (no start time) or a hand-edited timestamp
-        return None
 
 # hours only once past an hour: a short stage reads 3m05s
 def _format_duration(seconds):
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
+    hours, rest = divmod(round(seconds), 3600)
     return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 # -----------------------------------------------------------------------------
@@ -163,9 +155,8 @@ class Report:
     def reset(self):
         """Start a new run: remove every section and report, write the header (environment + start time)."""
         os.makedirs(self.report_dir, exist_ok=True)
-        for name in os.listdir(self.report_dir):
-            if name.endswith(".md"):
-                os.remove(os.path.join(self.report_dir, name))
+        for path in Path(self.report_dir).glob("*.md"):
+            path.unlink()
         path = os.path.join(self.report_dir, "header.md")
         atomic_write(path, _header(f"Run started: {_now()}"))
         return path
@@ -256,9 +247,8 @@ def _summary_markdown(table):
 def _timing_markdown(start, end, sections, gpu_hourly_cost):
     lines = ["## Time and cost", ""]
     # the latest run of each training stage (a re-run replaces, not adds)
-    train_minutes = sum(_parse_number(values.get("training_time_min", "")) or 0.0
-                        for title in TRAINING_SECTIONS.values() for _, values, _ in sections.get(title, [])[-1:])
-    if train_minutes:
+    if train_minutes := sum(_parse_number(values.get("training_time_min", "")) or 0.0
+                            for title in TRAINING_SECTIONS.values() for _, values, _ in sections.get(title, [])[-1:]):
         lines.append(f"- training time (sum over stages): {_format_duration(train_minutes * 60)}")
     if start and end and end >= start:
         # wall clock, not the sum of stages: evals, downloads and idle time are paid for too

@@ -4,6 +4,7 @@ letters' logits, free answers generated and graded by the task, and the loss of 
 """
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from nanochat.chat_data import collate_padded
 from nanochat.common import get_dist_info
@@ -23,7 +24,7 @@ def my_indices(num_problems, max_problems=-1):
     _, rank, _, world_size = get_dist_info()
     return list(range(rank, n, world_size))
 
-def _padded(rows, pad_id, device):
+def right_padded(rows, pad_id, device):
     """Rows of different lengths as one right-padded (B, width) batch."""
     # right, not left: with causal attention the padding after a row never changes that row's logits
     width = max(map(len, rows))
@@ -35,17 +36,17 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=8, max_l
     # scoring by the logits of the letters alone: a small model that cannot yet write "B." well
     # may still know which letter is right, and there is nothing to parse
     letter_ids, right = {}, 0
-    for begin in range(0, len(indices), batch_size):
+    for begin in tqdm(range(0, len(indices), batch_size), desc=task.__class__.__name__, unit="batch", leave=False,
+                      delay=10, disable=get_dist_info()[1] != 0):  # a bar only after 10 s, on one rank
         conversations = [task[i] for i in indices[begin:begin + batch_size]]
         # a prompt too long keeps its end: the end of the question and <|assistant_start|>
         prompts = [tokenizer.render_for_completion(c)[-max_len if max_len else 0:] for c in conversations]
-        logits = model(_padded(prompts, tokenizer.get_bos_token_id(), device))  # (B, width, V)
+        logits = model(right_padded(prompts, tokenizer.get_bos_token_id(), device))  # (B, width, V)
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
             for letter in letters:  # each letter must be one token, or its logit would mean nothing
                 if letter not in letter_ids:
-                    ids = tokenizer.encode(letter)
-                    if len(ids) != 1:
+                    if len(ids := tokenizer.encode(letter)) != 1:
                         raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens in this tokenizer, not one")
                     letter_ids[letter] = ids[0]
             scores = logits[row, len(prompt) - 1, [letter_ids[letter] for letter in letters]]
@@ -70,7 +71,8 @@ def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temp
 def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=None):
     """(number passed, number asked) over task[indices]: a problem passes when any sample does."""
     passed = 0
-    for begin in range(0, len(indices), batch_size):
+    for begin in tqdm(range(0, len(indices), batch_size), desc=task.__class__.__name__, unit="batch", leave=False,
+                      delay=10, disable=get_dist_info()[1] != 0):  # a bar only after 10 s, on one rank
         conversations = [task[i] for i in indices[begin:begin + batch_size]]
         prompts = [tokenizer.render_for_completion(c)[-max_len if max_len else 0:] for c in conversations]
         # pass@N: the task grades each sample (HumanEval runs the code in the sandbox)

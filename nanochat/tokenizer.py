@@ -42,8 +42,7 @@ class Tokenizer:
         """Train BPE on an iterator of str. vocab_size includes the special tokens."""
         # imported here: only tok_train trains, and the compiled extension is otherwise not needed
         import rustbpe
-        merges_vocab = vocab_size - len(SPECIAL_TOKENS)
-        if merges_vocab < 256:
+        if (merges_vocab := vocab_size - len(SPECIAL_TOKENS)) < 256:
             raise ValueError(f"vocab_size={vocab_size} is too small: need at least 256 byte tokens + "
                              f"{len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)}")
         trainer = rustbpe.Tokenizer()
@@ -189,8 +188,7 @@ def check_messages(messages, field="messages", final_role="assistant", allow_emp
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise RecordError(where, f"expected an object with role and content, got {type(message).__name__}")
-        role = message.get("role")
-        if role not in ROLES:
+        if (role := message.get("role")) not in ROLES:
             raise RecordError(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if i >= start and role != expected:

@@ -120,23 +120,20 @@ def main(argv=None):
         with autocast_ctx(device.type):
             # multiple choice (ARC, MMLU) by the answer letters' logits; GSM8K, HumanEval and
             # SpellingBee by a generated answer that the task grades
-            if task.eval_type == "categorical":
-                right, asked = run_categorical(model, tokenizer, task, indices, device, args.batch_size, max_len)
-            else:
-                right, asked = run_generative(generate, tokenizer, task, indices, args.batch_size)
+            right, asked = (run_categorical(model, tokenizer, task, indices, device, args.batch_size, max_len)
+                            if task.eval_type == "categorical" else
+                            run_generative(generate, tokenizer, task, indices, args.batch_size))
         right, asked = all_reduce_sum([right, asked], device)
         results[name] = right / asked if asked else float("nan")  # --max-problems 0: nothing asked
         timings[name] = time.time() - t0
         print0(f"{name:<14} {int(right)}/{int(asked)} = {results[name]:.4f}  ({timings[name]:.1f}s)")
-    score = chatcore(results)
-    if score is not None:
+    if (score := chatcore(results)) is not None:
         print0(f"ChatCORE: {score:.4f}")
     # the assistant-token perplexity of each --task-ppl file, with the number of tokens it rests on
     ppl = {}
     for stem, conversations in ppl_sets.items():
         with autocast_ctx(device.type):
-            ppl[stem] = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
-        stats = ppl[stem]
+            stats = ppl[stem] = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
         print0(f"task ppl {stem}: {stats['ppl']:.4f} over {stats['tokens']:,} of {stats['total_tokens']:,} "
                f"assistant tokens; {stats['cut']} of {stats['conversations']} conversations cut at {max_len + 1} tokens")
     # the report card: its summary table reads these keys (report.SUMMARY_ROWS)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
-from nanochat.common import HelpFormatter, autodetect_device_type, logger, setup_logging
+from nanochat.common import HelpFormatter, autodetect_device_type, exit_on, logger, setup_logging
 from nanochat.engine import MIN_TEMPERATURE, Engine, SamplingParams, add_sampling_args, sampling_from_args
 
 UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
@@ -68,8 +68,7 @@ def _check(ok, message, param=None, status=400, code=None):
         raise ErrorResponse(message, param, status, code)
 
 def _number(body, name, default, low, high, integer=False, low_inclusive=True):
-    value = body.get(name)
-    if value is None:
+    if (value := body.get(name)) is None:
         return default
     # bool is an int in Python, but "temperature": true is a client bug, not 1
     kind_ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
@@ -406,10 +405,8 @@ def load_engines(args):
         raise SystemExit(f"--num-gpus {args.num_gpus}, but only {torch.cuda.device_count()} CUDA devices are visible")
     # a whole model copy per device: replicas share nothing, so each decodes on its own
     devices = [torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type) for i in range(args.num_gpus)]
-    try:
+    with exit_on(FileNotFoundError, ValueError):  # ValueError: e.g. a LoRA adapter that does not fit its base
         loaded = [load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step) for device in devices]
-    except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
-        raise SystemExit(f"error: {e}") from None
     return [Engine(model, tokenizer) for model, tokenizer, _ in loaded], loaded[0][1], loaded[0][2]
 
 def main(argv=None):

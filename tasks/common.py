@@ -211,8 +211,7 @@ def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None):
 # -----------------------------------------------------------------------------
 # The chat record formats
 def _nonempty_str(record, key, optional=False):
-    value = record.get(key)
-    if value is None and optional:
+    if (value := record.get(key)) is None and optional:
         return ""
     if not isinstance(value, str):
         raise RecordError(key, "missing" if value is None else f"expected a string, got {type(value).__name__}")

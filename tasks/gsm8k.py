@@ -32,8 +32,7 @@ def solution_to_parts(solution):
 
 def extract_answer(text):
     """The number after the last '#### ' in text, normalised (commas removed, 72.0 == 72); None if absent."""
-    matches = FINAL_ANSWER.findall(text)
-    if not matches:
+    if not (matches := FINAL_ANSWER.findall(text)):
         return None
     # FINAL_ANSWER admits only digits, one '.' and a leading '-': float() parses any match
     number = matches[-1].replace(",", "")
@@ -55,8 +54,7 @@ def gsm8k_conversation(record):
         question, solution, field = record["question"], record["answer"], "answer"
     if solution.count("<<") != solution.count(">>"):
         raise RecordError(field, "unbalanced calculator annotations << >>")
-    answer = extract_answer(solution)
-    if answer is None:
+    if (answer := extract_answer(solution)) is None:
         raise RecordError(field, "no final answer line '#### <number>'")
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": solution_to_parts(solution)}]
     return {"messages": messages, "answer": answer}

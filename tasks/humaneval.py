@@ -16,8 +16,7 @@ CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.
 
 def extract_code(completion):
     """The code in the first code block of `completion`; the completion itself when it has none."""
-    match = CODE_BLOCK.search(completion)
-    return match.group(1) if match else completion
+    return match.group(1) if (match := CODE_BLOCK.search(completion)) else completion
 
 def humaneval_conversation(record):
     for key in FIELDS:

@@ -10,8 +10,7 @@ HF_FILES = {"train": "data/train_prefs-00000-of-00001.parquet", "test": "data/te
 
 def _reply(record, key):
     """(reply text, earlier turns or None) of record[key], a string or a conversation."""
-    value = record.get(key)
-    if not isinstance(value, (str, list)):
+    if not isinstance(value := record.get(key), (str, list)):
         raise RecordError(key, "missing" if value is None else
                           f"expected a string or a list of messages, got {type(value).__name__}")
     if isinstance(value, list):

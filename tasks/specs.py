@@ -44,8 +44,7 @@ Examples: "smoltalk", "mmlu:auxiliary_train", "gsm8k[:2000]", "arc:challenge:tes
 def build_task(spec, default_split="train"):
     """Turn a CLI spec string into a Task (grammar: SPEC_HELP). default_split: 'train' or 'test'."""
     # NAME:ARG..., then an optional python-like slice [START:STOP:STEP]
-    match = re.fullmatch(r"([^\[\]]+?)(?:\[(\d*):(\d*)(?::(\d*))?\])?", spec.strip())
-    if not match:
+    if not (match := re.fullmatch(r"([^\[\]]+?)(?:\[(\d*):(\d*)(?::(\d*))?\])?", spec.strip())):
         raise ValueError(f"bad task spec {spec!r}.\n{SPEC_HELP}")
     body, start, stop, step = match.groups()
     sliced = {"start": int(start or 0), "stop": int(stop) if stop else None, "step": int(step or 1)}

@@ -37,17 +37,17 @@ class _GeneratedTask(Task):
     def num_examples(self):
         return self.size
 
-    def rng(self, index):
+    def rng_and_word(self, index):
         # example i is a pure function of (split, seed, i), so any slice or order is reproducible;
         # a string seed is hashed with sha512: stable across runs and Python versions
-        return random.Random(f"{type(self).__name__}/{self.split}/{self.seed}/{index}")
+        rng = random.Random(f"{type(self).__name__}/{self.split}/{self.seed}/{index}")
+        return rng, rng.choice(WORDS)
 
 class SpellingBee(_GeneratedTask):
     # "How many r's are in strawberry?" -> spell it out, the tool call 'strawberry'.count('r') -> 3,
     # and a final "#### 3", graded like GSM8K
     def get_example(self, index):
-        rng = self.rng(index)
-        word = rng.choice(WORDS)
+        rng, word = self.rng_and_word(index)
         # mostly letters of the word, sometimes one it lacks (answer 0)
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(ALPHABET)
         count = word.count(letter)
@@ -68,8 +68,7 @@ class SpellingBee(_GeneratedTask):
 class SimpleSpelling(_GeneratedTask):
     # "Spell the word apple" -> "apple: a-p-p-l-e"
     def get_example(self, index):
-        rng = self.rng(index)
-        word = rng.choice(WORDS)
+        rng, word = self.rng_and_word(index)
         user, reply = rng.choice(SPELL_QUESTIONS).format(word=word), f"{word}: {'-'.join(word)}"
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], "word": word}
 

@@ -42,11 +42,9 @@ class NanoChatAttention(nn.Module):
         if cache is not None:  # DynamicCache: model.generate() decodes incrementally
             k, v = cache.update(k, v, self.layer_idx)
         # grouped-query attention: each key/value head serves n_rep query heads
-        n_rep = self.n_head // self.n_kv_head
-        if n_rep > 1:
+        if (n_rep := self.n_head // self.n_kv_head) > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, C))
 
 class NanoChatMLP(nn.Module):
     def __init__(self, config):
@@ -126,11 +124,10 @@ class NanoChatModel(NanoChatPreTrainedModel):
         device = x.device
 
         if position_ids is None:
-            # attention_mask (1 = token, 0 = padding) is honoured, so left-padded batches work
-            if attention_mask is not None:  # padding does not count as a position
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, total, device=device)[None].expand(B, T)
+            # attention_mask (1 = token, 0 = padding) is honoured, so left-padded batches work: padding does
+            # not count as a position
+            position_ids = ((attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:] if attention_mask is not None
+                            else torch.arange(past, total, device=device)[None].expand(B, T))
         cos, sin = self.rotary(position_ids.to(device), x.dtype)
 
         # causal over the cache (query i sits at cache index past + i), minus padded keys; a query
@@ -180,8 +177,7 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden).float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
-        loss = None
-        if labels is not None:  # HF convention: labels are the inputs; predict token t+1 at t
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+        # HF convention: labels are the inputs; predict token t+1 at t
+        loss = None if labels is None else F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                           labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
