@@ -125,7 +125,7 @@ else
         CHAT_MIX="gsm8k:train:$DATA/chat/gsm8k_train_chat.jsonl[:1500] custom:$DATA/chat/selfinstruct_seed_tasks_chat.jsonl spelling:300"
         CHAT_VAL="gsm8k:test:$DATA/eval/gsm8k_test.jsonl[:100]"
         SFT_EVAL="arc:easy:test:$DATA/eval/arc_easy.jsonl[:100]"
-        PREFS="prefs:train:$DATA/preference/hh_rlhf_harmless_base_test.jsonl:skip_bad"
+        PREFS="prefs:train:$DATA/preference/hh_rlhf_harmless_base_test.jsonl:skip_bad[:500]"
         EVAL="--data-dir $DATA/eval"
     else
         # only the upstream files came down (the converted ones need NANOCHAT_DATA_URL, a mirror):
@@ -133,7 +133,7 @@ else
         CHAT_MIX="gsm8k:train[:1500] spelling:300"
         CHAT_VAL="gsm8k:test[:100]"
         SFT_EVAL="arc:easy:test[:100]"
-        PREFS="prefs:test[:1000]"
+        PREFS="prefs:test[:500]"
         EVAL=""
     fi
 
@@ -142,29 +142,29 @@ else
 
     stage base_train $PY -m scripts.base_train $TINY --data "$DATA/pretrain/train" \
         --val-data "$DATA/pretrain/val" --device-batch-size 16 --total-batch-size 8192 \
-        --num-iterations 120 --eval-every 60 --eval-tokens 65536 --save-every 40 --warmup-ratio 0.02 \
+        --num-iterations 90 --eval-every 45 --eval-tokens 65536 --save-every 30 --warmup-ratio 0.02 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
-    stage base_loss $PY -m scripts.base_loss --model-tag $TAG --device cpu --split-tokens 65536
-    stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu $EVAL --max-per-task 25
+    stage base_loss $PY -m scripts.base_loss --model-tag $TAG --device cpu --split-tokens 32768
+    stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu $EVAL --max-per-task 20
 
     stage mid_train $PY -m scripts.mid_train --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
-        --device-batch-size 16 --total-batch-size 8192 --num-iterations 50 --eval-every -1 --save-every 25 \
+        --device-batch-size 16 --total-batch-size 8192 --num-iterations 40 --eval-every -1 --save-every 20 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")
-    stage mid_eval $PY -m scripts.chat_eval -i mid --model-tag $TAG $EVAL --max-problems 30 --device cpu
+    stage mid_eval $PY -m scripts.chat_eval -i mid --model-tag $TAG $EVAL --max-problems 30 --max-new-tokens 128 --device cpu
 
     stage chat_sft $PY -m scripts.chat_sft --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $CHAT_MIX --persona "$PERSONA" --val-mixture $CHAT_VAL \
         --eval-tasks "$SFT_EVAL" spelling:test:50 \
-        --device-batch-size 8 --num-iterations 50 --eval-every -1 --save-every 25 \
+        --device-batch-size 8 --num-iterations 40 --eval-every -1 --save-every 20 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")
-    stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL --max-problems 30 --device cpu
+    stage sft_eval $PY -m scripts.chat_eval -i sft --model-tag $TAG $EVAL --max-problems 30 --max-new-tokens 128 --device cpu
 
     stage chat_dpo $PY -m scripts.chat_dpo --model-tag $TAG --device cpu --max-seq-len 256 \
         --mixture $PREFS --val-mixture --persona "$PERSONA" \
-        --device-batch-size 4 --num-iterations 20 --eval-every -1 --save-every 10 \
+        --device-batch-size 4 --num-iterations 16 --eval-every -1 --save-every 8 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/chatdpo_checkpoints/$TAG")
-    stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL --max-problems 30 --device cpu
+    stage dpo_eval $PY -m scripts.chat_eval -i dpo --model-tag $TAG $EVAL --max-problems 30 --max-new-tokens 128 --device cpu
     # does the model know its name? (greedy; the persona is what mid, SFT and DPO taught with their defaults)
     echo "Who are you? -> $($PY -m scripts.chat_cli -i dpo --model-tag $TAG --device cpu -p "Who are you?" \
         --temperature 0 --max-tokens 48)"
