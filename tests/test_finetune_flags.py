@@ -4,6 +4,7 @@ names what exists, every load says what it loaded; --data-only means only your d
 evals, and the meta records nothing else as trained on); an offline download names the flag and
 spec behind it; an --eval-tasks task that cannot be scored is refused before the model loads."""
 import json
+import re
 
 import pytest
 
@@ -138,3 +139,17 @@ def test_lora_meta_records_only_the_data_it_trained_on(base):
     meta = saved_meta(base, "chatsft_checkpoints", "only_lora")
     assert meta["lora"]["rank"] == 2
     assert meta["user_config"]["mixture"] == [] and meta["user_config"]["data"] == [str(chat)]
+
+@pytest.mark.parametrize("module, flag, default", [
+    ("scripts.chat_sft", "--init-lr-frac", "0.2"), ("scripts.chat_dpo", "--init-lr-frac", "0.01"),
+    ("scripts.mid_train", "--source", "base"), ("scripts.chat_sft", "--persona-examples", "300"),
+    ("scripts.base_train", "--depth", "20"), ("scripts.chat_eval", "--max-new-tokens", "512")])
+def test_help_shows_every_default_including_the_stage_ones(module, flag, default, capsys):
+    """--help of a stage prints each flag's default, the stage's own where it overrides a shared flag."""
+    import importlib
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    # its entry under options: the flag, its metavar, then a space or a comma (in the usage line, a "]")
+    described = help_text[re.search(rf"{flag} (?:[A-Z_]+|{{[^}}]*}})[ ,]", help_text).end():]
+    assert described[described.index("(default: "):].startswith(f"(default: {default})")
