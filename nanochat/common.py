@@ -149,9 +149,29 @@ def compute_init(device_type=None, seed=42):
             dist.init_process_group(backend="gloo")
     if ddp:
         dist.barrier()  # every rank is up before anyone starts work that others would wait on
+        check_shared_base_dir(rank, world_size)
     if rank == 0:
         logger.info("device=%s world_size=%d", device, world_size)
     return ddp, rank, local_rank, world_size, device
+
+def check_shared_base_dir(rank, world_size):
+    """Several nodes must share the base dir: fail now, on every rank alike, when some rank cannot see it."""
+    # every rank writes its optimizer shard (and rank 0 the rest) into one checkpoint folder, and --resume reads
+    # them all back: on node-local disks a resume dies on the other nodes while node 0 waits 10 min in NCCL
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:
+        return  # one node, one disk
+    probe = os.path.join(get_base_dir(), f".shared_{os.environ.get('TORCHELASTIC_RUN_ID', '')}{os.environ.get('MASTER_PORT', '')}")
+    if rank == 0:
+        atomic_write(probe, "")
+    dist.barrier()
+    seen = [None] * world_size
+    dist.all_gather_object(seen, os.path.exists(probe))
+    dist.barrier()  # everyone looked before the probe goes
+    if rank == 0:
+        os.remove(probe)
+    if blind := [r for r, ok in enumerate(seen) if not ok]:
+        raise SystemExit(f"error: ranks {blind} cannot see the files rank 0 writes in NANOCHAT_BASE_DIR ({get_base_dir()} "
+                         f"on rank {rank}): a multi-node run needs it on a filesystem every node shares (NFS, Lustre...)")
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
