@@ -17,6 +17,8 @@
 #   NANOCHAT_DATA_URL   a mirror of that layout for that download (else only the upstream files
 #                       come from their sources, and the chat/eval sets from Hugging Face)
 #   DEPTH, NPROC        GPU preset: model depth (default 20) and GPUs to use (default: all)
+#   SKIP_SETUP=1        do not run dev/setup.sh (keep .venv, and the torch in it, as it is)
+#   KEEP_LAST           GPU preset: base checkpoints kept on disk (default 2; ~5 GB each at d20)
 #   WANDB_RUN           wandb run name (default: dummy = no wandb)
 #   PERSONA             persona.json giving your model its name (default: dev/persona_example.json)
 set -euo pipefail
@@ -25,10 +27,12 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 PERSONA="${PERSONA:-dev/persona_example.json}"
+KEEP_LAST="${KEEP_LAST:-2}"
 
 # -----------------------------------------------------------------------------
 # Setup: uv, the locked dependencies and the rustbpe extension (the README's setup)
-bash dev/setup.sh
+# (SKIP_SETUP=1 keeps .venv as it is: e.g. a torch you installed for an older driver, which uv sync --frozen would replace)
+if [ "${SKIP_SETUP:-0}" = 1 ]; then echo "SKIP_SETUP=1: using .venv as it is"; else bash dev/setup.sh; fi
 PY=.venv/bin/python
 
 STATE="$NANOCHAT_BASE_DIR/speedrun"
@@ -55,10 +59,9 @@ resume_if_started() {
     if ls "$1"/meta_*.json >/dev/null 2>&1; then echo "--resume"; fi
 }
 
-PRESET="${PRESET:-auto}"
-if [ "$PRESET" = "auto" ]; then
-    if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then PRESET=gpu; else PRESET=cpu; fi
-fi
+# auto -> gpu or cpu from nvidia-smi; for gpu it stops here, with the fix, if torch cannot use the GPUs,
+# they are busy, or the disk is too small (its checks: dev/preflight.sh)
+PRESET=$(PRESET="${PRESET:-auto}" PY=$PY KEEP_LAST=$KEEP_LAST bash dev/preflight.sh)
 echo "preset: $PRESET | artifacts: $NANOCHAT_BASE_DIR"
 
 # The report card starts with the first stage of a fresh run (not on a resumed one).
@@ -86,7 +89,7 @@ if [ "$PRESET" = "gpu" ]; then
     wait "$DOWNLOAD_PID" || { echo "shard download failed: see $NANOCHAT_BASE_DIR/download.log"; exit 1; }
 
     stage base_train $RUN -m scripts.base_train --depth "$DEPTH" --device-batch-size 32 --run "$WANDB_RUN" \
-        --save-every 1000 $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
+        --save-every 1000 --keep-last "$KEEP_LAST" $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
     stage base_loss $RUN -m scripts.base_loss
     stage base_eval $RUN -m scripts.base_eval
 

@@ -4,9 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# rustbpe is Rust. Without cargo, maturin (>= 1.8.4, the build backend) fetches a private toolchain
+# itself (the puccinialin package, into ~/.cache/puccinialin), unless MATURIN_NO_INSTALL_RUST is set
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "error: cargo (Rust) is needed to build the rustbpe tokenizer trainer: see https://rustup.rs" >&2
-    exit 1
+    if [ -n "${MATURIN_NO_INSTALL_RUST:-}" ]; then
+        echo 'error: no cargo and MATURIN_NO_INSTALL_RUST is set: install Rust with `curl https://sh.rustup.rs -sSf | sh -s -- -y` then `. "$HOME/.cargo/env"` (or unset MATURIN_NO_INSTALL_RUST)' >&2
+        exit 1
+    fi
+    echo "no cargo: maturin will download a Rust toolchain to build rustbpe (needs internet, a few minutes, once)"
 fi
 if command -v uv >/dev/null 2>&1; then
     UV=uv
