@@ -131,19 +131,20 @@ def _utf8_error(path):
                                  f"{e.reason}); convert the file to UTF-8")
     return DataError(f"{path}: not valid UTF-8; convert the file to UTF-8")
 
-# The readers share one signature, (path, txt_doc_chars, start): read_documents picks one by extension
-def _read_txt(path, txt_doc_chars, start):
+# The readers share one signature, (path, txt_doc_chars, start, (k, n)): read_documents picks one by extension
+def _read_txt(path, txt_doc_chars, start, stripe):
     with open(path, encoding="utf-8-sig") as f:
         # txt_doc_chars <= 0: the whole file is one document
         docs = [f.read().strip()] if txt_doc_chars <= 0 else split_txt_documents(f, txt_doc_chars)
-        yield from ((i, doc) for i, doc in enumerate(docs) if i >= start and doc)
+        yield from ((i, doc) for i, doc in enumerate(docs) if i >= start and doc and i % stripe[1] == stripe[0])
 
-def _read_jsonl(path, _txt_doc_chars, start):
+def _read_jsonl(path, _txt_doc_chars, start, stripe):
     with open(path, encoding="utf-8-sig") as f:
         # document index = index of the record (blank lines are not records); empty texts are skipped
         records = ((lineno, line) for lineno, line in enumerate(f, 1) if line.strip())
-        # resuming: the records before `start` were checked when the corpus was opened
-        for index, (lineno, line) in itertools.islice(enumerate(records), start, None):
+        # the records before `start`, and other ranks' (skipped unparsed), were checked when the corpus was opened
+        mine = (r for r in itertools.islice(enumerate(records), start, None) if r[0] % stripe[1] == stripe[0])
+        for index, (lineno, line) in mine:
             where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
@@ -170,22 +171,24 @@ def _open_parquet(path):
         raise DataError(f"{path}: column 'text' must hold strings, got {kind}")
     return pf
 
-def _read_parquet(path, _txt_doc_chars, start):
+def _read_parquet(path, _txt_doc_chars, start, stripe):
     # document index = row index; null and empty rows are skipped
     pf = _open_parquet(path)
     ends = itertools.accumulate(pf.metadata.row_group(rg).num_rows for rg in range(pf.num_row_groups))
     for rg, end in enumerate(ends):  # end: the index of the first row after row group rg
-        # row groups wholly before `start` are never read: resuming deep into a big shard is cheap
-        if end > start:
+        # only the stripe's row groups are decoded, and none wholly before `start` (resuming deep in a shard is cheap)
+        if end > start and rg % stripe[1] == stripe[0]:
             texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
             yield from ((i, text) for i, text in enumerate(texts, end - len(texts)) if i >= start and text)
 
-def read_documents(path, txt_doc_chars=TXT_DOC_CHARS, start=0):
-    """Yield (doc_index, text) for the documents of one file, from index `start` on."""
+def read_documents(path, txt_doc_chars=TXT_DOC_CHARS, start=0, stripe=(0, 1)):
+    """Yield (doc_index, text) for the documents of one file, from index `start` on, of stripe (k, n): those
+    d with d % n == k, or in a .parquet file all those of its row groups g with g % n == k."""
     if (ext := os.path.splitext(path)[1].lower()) not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{path}: unsupported file type {ext or '(none)'} (expected {', '.join(SUPPORTED_EXTENSIONS)})")
     try:
-        yield from {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[ext](path, txt_doc_chars, start)
+        reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[ext]
+        yield from reader(path, txt_doc_chars, start, stripe)
     except UnicodeDecodeError:
         raise _utf8_error(path) from None
     except OSError as e:
@@ -236,10 +239,9 @@ class DocPosition(NamedTuple):
     order: int   # index of its file in this epoch's file order
     file: int    # index of its file in corpus.files
     doc: int     # its index within the file
-    count: int   # its index among the split's documents in this epoch (decides the rank)
     def resume_point(self):
         """The `start` of an iteration that continues right after this document."""
-        return {"epoch": self.epoch, "order": self.order, "doc": self.doc + 1, "count": self.count + 1}
+        return {"epoch": self.epoch, "order": self.order, "doc": self.doc + 1}
 
 class Corpus:
     """Train and val splits of the FineWeb-Edu shards (Corpus()) or of your own text (Corpus("books/"))."""
@@ -259,7 +261,8 @@ class Corpus:
             raise DataError(f"{'only one shard' if paths else 'no pretraining data'} in {get_data_dir()} (the last "
                             f"shard is val): run `python -m nanochat.dataset -n 8`, or pass --data PATH for local text")
         # the last shard is val: shard_01822 is always downloaded (first), so the split never moves
-        self.files = [SourceFile(p, os.path.basename(p), "val" if p == paths[-1] else "train", -1) for p in paths]
+        self.files = [SourceFile(p, os.path.basename(p), "val" if p == paths[-1] else "train",
+                                 _open_parquet(p).metadata.num_rows) for p in paths]
 
     def _init_user_corpus(self):
         val_files = resolve_data_files(self.val_data) if self.val_data else []
@@ -319,23 +322,23 @@ class Corpus:
 
     def iter_documents(self, split, rank=0, world_size=1, start=None, num_epochs=None):
         """Yield (text, DocPosition) of this rank's `split`, num_epochs times (None: forever), from a resume_point()."""
-        start = start or {"epoch": 0, "order": 0, "doc": 0, "count": 0}
-        epoch, order_start, doc_start, count = start["epoch"], start["order"], start["doc"], start["count"]
+        start = start or {"epoch": 0, "order": 0, "doc": 0}
+        epoch, order_start, doc_start = start["epoch"], start["order"], start["doc"]
         while num_epochs is None or epoch < num_epochs:
+            found = doc_start > 0  # a resumed epoch starts right after one of this rank's documents
             for order, file_index in itertools.islice(enumerate(self.file_order(split, epoch)), order_start, None):
                 first = doc_start if order == order_start else 0
-                for doc_index, text in read_documents(self.files[file_index].path, self.txt_doc_chars, first):
-                    if not self.in_split(file_index, doc_index, split):
-                        continue
-                    # round-robin: the k-th document goes to rank k % world_size (disjoint, even slices)
-                    if count % world_size == rank:
-                        yield text, DocPosition(epoch, order, file_index, doc_index, count)
-                    count += 1
-            # an epoch without a document for this rank (a resumed one starts after one of them, at count > rank)
-            if count <= rank:
-                raise DataError(f"the {split} split has " + ("no documents" if count == 0 else f"only {count} "
-                                f"document(s), none for rank {rank} of {world_size}: use fewer ranks or more data"))
-            epoch, order_start, doc_start, count = epoch + 1, 0, 0, 0
+                # rank r reads only its stripe of each file: the documents (row groups of a .parquet) g with
+                # (g + order) % world_size == r; the offset spreads files with fewer row groups than ranks
+                stripe = ((rank - order) % world_size, world_size)
+                for doc_index, text in read_documents(self.files[file_index].path, self.txt_doc_chars, first, stripe):
+                    if self.in_split(file_index, doc_index, split):
+                        found = True
+                        yield text, DocPosition(epoch, order, file_index, doc_index)
+            if not found:
+                raise DataError(f"the {split} split has no documents" + (f" for rank {rank} of {world_size}: use "
+                                f"fewer ranks or more data" if world_size > 1 else ""))
+            epoch, order_start, doc_start = epoch + 1, 0, 0
 
     def fetch_documents(self, refs):
         """Texts of documents given as (file_index, doc_index) pairs, in the same order."""

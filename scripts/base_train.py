@@ -13,7 +13,7 @@ import torch
 from nanochat import training
 from nanochat.checkpoint_manager import SOURCES
 from nanochat.common import HelpFormatter, autocast_ctx, compute_init, exit_on, get_base_dir, print0
-from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
+from nanochat.dataloader import data_budget, tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -86,6 +86,10 @@ def main(argv=None):
     total_tokens = num_steps * args.total_batch_size
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens = {total_tokens:,} tokens "
            f"({total_tokens / num_params:.3g} per parameter) | grad accumulation: {grad_accum}")
+    # how many passes over the training data that is, measured by packing up to 4096 rows (no more than the run
+    # reads), on rank 0 only: the others would measure the same thing (a loud warning if more than 1 pass)
+    if rank == 0:
+        print0(data_budget(tokenizer, corpus, T, total_tokens, num_rows=min(4096, max(128, total_tokens // T)))["summary"])
     # the meta is what load_model needs to rebuild the model (its config), and how it was trained
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES["base"][0], args.model_tag or f"d{args.depth}")
     meta = {"model_config": asdict(config), "user_config": vars(args), "num_params": num_params}

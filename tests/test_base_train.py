@@ -122,9 +122,12 @@ def test_torchrun_matches_gradient_accumulation(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(base_dir):
     args = TINY + ["--data", str(base_dir / "corpus"), "--num-iterations", "16", "--eval-every", "-1",
-                   "--save-every", "4", "--warmup-ratio", "0.1"]
+                   "--save-every", "4", "--keep-last", "2", "--warmup-ratio", "0.1"]
     full = run_script(base_dir, args + ["--model-tag", "full"])
     assert full.returncode == 0, full.stderr[-3000:]
+    # --keep-last 2: of the 4 saved steps only the newest 2 remain (and the resume below works from a rotated folder)
+    assert sorted(p.name for p in (base_dir / "base_checkpoints" / "full").glob("meta_*.json")) == \
+        ["meta_000012.json", "meta_000016.json"]
     reference = step_losses(full.stdout)
     assert sorted(reference) == list(range(1, 17))
 
