@@ -61,7 +61,8 @@ resume_if_started() {
 
 # auto -> gpu or cpu from nvidia-smi; for gpu it stops here, with the fix, if torch cannot use the GPUs,
 # they are busy, or the disk is too small (its checks: dev/preflight.sh)
-PRESET=$(PRESET="${PRESET:-auto}" PY=$PY KEEP_LAST=$KEEP_LAST bash dev/preflight.sh)
+# (its disk check assumes 400 shards: d20's measured need is known only once the tokenizer is trained, below)
+PRESET=$(PRESET="${PRESET:-auto}" PY=$PY KEEP_LAST=$KEEP_LAST NUM_SHARDS=${NUM_SHARDS:-400} bash dev/preflight.sh)
 echo "preset: $PRESET | artifacts: $NANOCHAT_BASE_DIR"
 
 # The report card starts with the first stage of a fresh run (not on a resumed one).
@@ -78,7 +79,7 @@ if [ "$PRESET" = "gpu" ]; then
     export OMP_NUM_THREADS=1
     TAG="d$DEPTH"
 
-    # data: 8 shards now (enough for the tokenizer), the ~240 that d20 needs in the background
+    # data: 8 shards now (enough for the tokenizer), 240 in the background while it trains
     stage data_first $PY -m nanochat.dataset -n 8
     $PY -m nanochat.dataset -n 240 > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
     DOWNLOAD_PID=$!
@@ -87,6 +88,15 @@ if [ "$PRESET" = "gpu" ]; then
     stage tok_eval $PY -m scripts.tok_eval
     echo "waiting for the pretraining shards (log: $NANOCHAT_BASE_DIR/download.log)"
     wait "$DOWNLOAD_PID" || { echo "shard download failed: see $NANOCHAT_BASE_DIR/download.log"; exit 1; }
+    # then as many more as the token budget needs: 20 tokens per parameter of d$DEPTH (gpt.py's count: 12·D·dim²
+    # in the blocks, dim = 64·D, plus the 65536-row embedding and lm_head), over the tokens a shard really
+    # gives once packing has cropped the long documents (measured with the trained tokenizer, ~15 s)
+    TOKENS=$(( 20 * (12 * DEPTH * (64 * DEPTH) ** 2 + 2 * 65536 * 64 * DEPTH) ))
+    NUM_SHARDS=$($PY -m nanochat.dataloader --tokens "$TOKENS" --seq-len 2048 | tail -1)
+    if [ "$NUM_SHARDS" -gt 240 ]; then
+        echo "d$DEPTH needs $NUM_SHARDS shards for $TOKENS tokens: downloading the rest"
+        $PY -m nanochat.dataset -n "$NUM_SHARDS"
+    fi
 
     stage base_train $RUN -m scripts.base_train --depth "$DEPTH" --device-batch-size 32 --run "$WANDB_RUN" \
         --save-every 1000 --keep-last "$KEEP_LAST" $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")

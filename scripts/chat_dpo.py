@@ -130,12 +130,13 @@ def main(argv=None):
     if val_pairs and step == 0 and args.eval_every > 0:
         evaluate(0)
     last_eval, t_start = {}, time.time()
+    step_batches = batches.next_step()
     while step < num_steps:
         lrm = training.set_schedule(optimizer, step, num_steps, args)
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         stat_sums = {name: torch.zeros((), device=device) for name in STAT_NAMES}
-        for batch, loader_state in batches.next_step():
+        for batch, loader_state in step_batches:
             with autocast_ctx(device.type):
                 losses, stats = pair_losses(model, batch, **loss_kwargs)
             scale = batch["loss_scale"]  # per-pair sums -> this micro-batch's share of the step's means
@@ -144,6 +145,7 @@ def main(argv=None):
             loss_sum += loss.detach()
             for name in STAT_NAMES:  # summed on the device: logged with the loss, in one sync
                 stat_sums[name] += stats[name].sum() * scale / grad_accum
+        step_batches = batches.next_step()  # collated while the device still runs this backward
         training.optimizer_step(orig_model, optimizer, args.grad_clip)
         step += 1
         # the reward statistics ride along in the step's one host sync, averaged over ranks like the loss

@@ -120,17 +120,18 @@ def main(argv=None):
     if step == 0 and args.eval_every > 0:
         evaluate(0)
     last_eval, t_start = {}, time.time()
+    # a whole step is read at once: its supervised count (summed over micro-batches and ranks) sets loss_scale
+    step_batches = batches.next_step()
     while step < num_steps:
         lrm = training.set_schedule(optimizer, step, num_steps, args)
         t0 = time.time()
-        # the whole step is read first: its supervised count (summed over micro-batches and ranks) sets loss_scale
-        step_batches = batches.next_step()
         loss_sum = torch.zeros((), device=device)
         for batch, loader_state in step_batches:
             with autocast_ctx(device.type):
                 loss = scaled_token_loss(model, batch)
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
+        step_batches = batches.next_step()  # collated while the device still runs this backward
         training.optimizer_step(orig_model, optimizer, args.grad_clip)
         step += 1
         # tokens: every position of the padded rows, padding included (what the device computed, as MFU counts)
