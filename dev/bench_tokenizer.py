@@ -57,8 +57,7 @@ def load_corpus(data):
 # process of its own, so that wall time and peak RSS are its own.
 def train_rustbpe(texts, vocab_size):
     import rustbpe  # ours, or the PyPI one: which is whichever the venv running this file has
-    tok = rustbpe.Tokenizer()
-    t0 = time.perf_counter()
+    tok, t0 = rustbpe.Tokenizer(), time.perf_counter()
     tok.train_from_iterator(iter(texts), vocab_size, pattern=PATTERN)
     seconds = time.perf_counter() - t0
     # past the 256 single bytes, which every contender starts from: the merges, in the order they were learnt
@@ -82,8 +81,7 @@ def run_worker(args):
     # peak RSS of this process so far (Linux reports KiB); the corpus alone is the baseline
     def peak_rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    texts = load_corpus(args.data)
-    baseline = peak_rss_mb()
+    texts, baseline = load_corpus(args.data), peak_rss_mb()
     seconds, merges = (train_hf if args.worker == "hf" else train_rustbpe)(texts, args.vocab_size)
     Path(args.out).write_text(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
                                           "merges": merges, "n_texts": len(texts),
@@ -197,8 +195,7 @@ def main():
     print(f"\ncorpus: {args.data} ({ours['n_texts']:,} texts, {ours['n_bytes'] / 1e6:.1f} MB), "
           f"vocab {args.vocab_size}, {os.cpu_count()} CPUs, best of {args.rounds} round(s)")
     header = f"| {'contender':<13} | {'train s':>8} | {'vs ours':>7} | {'peak RSS MB':>11} | {'RSS - corpus MB':>15} | {'merges':>6} | identical merges to ours |"
-    print(header)
-    print("|" + "|".join("-" * (len(col)) for col in header.split("|")[1:-1]) + "|")
+    print(header + "\n|" + "|".join("-" * len(col) for col in header.split("|")[1:-1]) + "|")
     for contender, r in best.items():
         # the first merge that differs from ours; a shorter list differs where it ends
         diff = next((i for i, (a, b) in enumerate(itertools.zip_longest(r["merges"], ours["merges"])) if a != b), None)

@@ -1,10 +1,8 @@
-"""
-CORE: the in-context-learning suite of DCLM, one number for how much a *base* model knows and can
+"""CORE: the in-context-learning suite of DCLM, one number for how much a *base* model knows and can
 do from a few solved examples in its prompt: 0 is chance, 1 perfect. scripts/base_eval.py runs it.
 
     tasks = local_tasks("shared/data/eval")      # or bundle_tasks(download_eval_bundle())
-    evaluate_core(model, tokenizer, tasks, device)["core"]
-"""
+    evaluate_core(model, tokenizer, tasks, device)["core"]"""
 import csv
 import json
 import os
@@ -72,10 +70,9 @@ def local_tasks(data_dir):
     """The LOCAL_TASKS found under data_dir (or directly in data_dir instead of data_dir/core/)."""
     tasks = []
     for label, rel_path, task_type, shots, delimiter, baseline, fields in LOCAL_TASKS:
-        for candidate in (os.path.join(data_dir, rel_path), os.path.join(data_dir, os.path.basename(rel_path))):
-            if os.path.isfile(candidate):
-                tasks.append(CoreTask(label, task_type, candidate, shots, delimiter, baseline, dict(fields)))
-                break
+        candidates = (os.path.join(data_dir, rel_path), os.path.join(data_dir, os.path.basename(rel_path)))
+        if path := next((c for c in candidates if os.path.isfile(c)), None):
+            tasks.append(CoreTask(label, task_type, path, shots, delimiter, baseline, dict(fields)))
     if not tasks:
         raise DataError(f"{data_dir}: none of the CORE task files is there (expected e.g. "
                         f"{', '.join(t[1] for t in LOCAL_TASKS[:4])}, ...)")
@@ -162,7 +159,6 @@ def download_eval_bundle(base_dir=None, url=None, **kwargs):
 
 # -----------------------------------------------------------------------------
 # Items: read, check, render, tokenize. Bad data raises a DataError naming file:line and the field.
-
 def _check_item(record, task_type):
     """The fields of one record for its task type, validated; raises ValueError naming the field."""
     def text(key, allow_empty=False):
@@ -245,7 +241,6 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
 
 # -----------------------------------------------------------------------------
 # Scoring
-
 @torch.no_grad()
 def score_item(model, sequences, task_type, gold, device, pad_id):
     """Whether the model answers one item right, running its sequences [(ids, start, end)] as one batch."""
@@ -266,8 +261,7 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len=None, indic
     _, rank, _, world_size = get_dist_info()
     pad_id = tokenizer.get_bos_token_id()
     # rank r scores items r, r + world_size, ... of `indices`; the counts are summed over ranks below
-    mine = list(range(len(items)) if indices is None else indices)[rank::world_size]
-    correct = 0
+    mine, correct = list(range(len(items)) if indices is None else indices)[rank::world_size], 0
     # a bar only when a task takes long enough to look like a hang (10 s), on one rank
     for index in tqdm(mine, desc=task.label, unit="item", leave=False, delay=10, disable=rank != 0):
         prompts = render_prompts(items[index], task.task_type, task.continuation_delimiter,
@@ -296,8 +290,7 @@ def evaluate_core(model, tokenizer, tasks, device, max_per_task=-1, max_seq_len=
     """{"results": {task label: its accuracy, centered accuracy, ...}, "core": the CORE score} of `model`."""
     results = {}
     for task in tasks:
-        t0 = time.time()
-        items = load_items(task)
+        t0, items = time.time(), load_items(task)
         indices = subset_indices(len(items), max_per_task)
         accuracy = evaluate_task(model, tokenizer, task, items, device, max_seq_len, indices)
         results[task.label] = {"accuracy": accuracy, "centered": centered(accuracy, task.random_baseline),

@@ -278,8 +278,7 @@ class BatchDecoder:
     """Continuous batching over one model: add() prompts at any time, step() until num_rows is 0."""
 
     def __init__(self, engine, max_batch_size=None):
-        self.engine, self.max_batch_size = engine, max_batch_size
-        self.cache = RaggedKVCache()
+        self.engine, self.max_batch_size, self.cache = engine, max_batch_size, RaggedKVCache()
         self.rows = []     # live rows, in cache order
         self.joining = []  # prefilled rows waiting for their first token
 
@@ -365,8 +364,7 @@ class BatchDecoder:
         elif token == engine.python_start and engine.use_tools:
             row.python_tokens = []
         elif token == engine.python_end and row.python_tokens is not None:
-            result = use_calculator(engine.tokenizer.decode(row.python_tokens))
-            row.python_tokens = None
+            result, row.python_tokens = use_calculator(engine.tokenizer.decode(row.python_tokens)), None
             if result is not None:  # forced in as the next tokens, marked not sampled
                 row.forced.extend([engine.output_start, *engine.tokenizer.encode(result), engine.output_end])
         elif row.python_tokens is not None:

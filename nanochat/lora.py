@@ -1,8 +1,6 @@
-"""
-LoRA: fine-tune by training small low-rank adapters instead of every weight.
+"""LoRA: fine-tune by training small low-rank adapters instead of every weight.
     apply_lora(model, rank=16); optimizer = lora_optimizer(model, lr=1e-3)   # only the adapters train
-    merge_lora(model)                                                         # fold B @ A into W: a plain GPT
-"""
+    merge_lora(model)                                                         # fold B @ A into W: a plain GPT"""
 import contextlib
 import math
 
@@ -31,16 +29,14 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.rank, self.alpha, self.dropout_p = rank, float(alpha), float(dropout)
-        self.scaling = self.alpha / rank
+        self.rank, self.alpha, self.dropout_p, self.scaling = rank, float(alpha), float(dropout), alpha / rank
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         # A like a fresh nn.Linear (Kaiming-uniform), B zero: the model starts exactly unchanged,
         # and the first step moves B (A's gradient is zero while B is)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_enabled = True
+        self.lora_dropout, self.lora_enabled = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()), True
 
     def forward(self, x):
         # two thin matmuls through rank r, never the (out, in) product B @ A: cheaper for r << d
@@ -55,8 +51,7 @@ class LoRALinear(nn.Linear):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         dtype = torch.promote_types(self.weight.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
         delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
-        linear.weight = nn.Parameter((self.weight.to(dtype) + delta).to(self.weight.dtype))
-        linear.bias = self.bias
+        linear.weight, linear.bias = nn.Parameter((self.weight.to(dtype) + delta).to(self.weight.dtype)), self.bias
         return linear
 
     def extra_repr(self):  # nn.Linear's, plus the adapter's
@@ -80,10 +75,9 @@ def apply_lora(model, rank, alpha=None, dropout=0.0, targets=DEFAULT_TARGETS):
     targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) else tuple(targets)
     if not targets:
         raise ValueError("LoRA needs at least one target module")
-    for t in targets:
-        if t.split(".")[-1] not in ALL_TARGETS:
-            raise ValueError(f"unknown LoRA target {t!r}; expected names like {', '.join(ALL_TARGETS)} "
-                             "(or attn.c_proj / mlp.c_proj)")
+    if unknown := [t for t in targets if t.split(".")[-1] not in ALL_TARGETS]:
+        raise ValueError(f"unknown LoRA target {unknown[0]!r}; expected names like {', '.join(ALL_TARGETS)} "
+                         "(or attn.c_proj / mlp.c_proj)")
     alpha = 2.0 * rank if alpha is None else alpha  # scaling alpha / r = 2, LoRA's usual choice
     adapted = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
                and any(name == t or name.endswith("." + t) for t in targets)]
@@ -133,8 +127,7 @@ def merge_lora(model):
         _replace(model, name, m.merged_linear())
     # trainable again, like any GPT: a merged model may start another stage of training
     model.requires_grad_(True)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    vars(model).pop("lora_config", None)  # a plain GPT again: nothing for a checkpoint to record
     return model
 
 @contextlib.contextmanager

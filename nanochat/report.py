@@ -1,8 +1,6 @@
-"""
-The report card of a run: each stage appends a markdown section as it finishes; `generate` stitches them into report.md.
+"""The report card of a run: each stage appends a markdown section as it finishes; `generate` joins them into report.md.
     python -m nanochat.report reset       # a new run: drop old sections, write the header
-    python -m nanochat.report generate    # -> $NANOCHAT_BASE_DIR/report/report.md (--out PATH: a copy there too)
-"""
+    python -m nanochat.report generate    # -> $NANOCHAT_BASE_DIR/report/report.md (--out PATH: a copy there too)"""
 import argparse
 import contextlib
 import datetime
@@ -66,7 +64,6 @@ def _run(cmd, cwd):
 
 # -----------------------------------------------------------------------------
 # The environment
-
 def environment():
     """{name: value} describing the machine and code: git, hardware, software."""
     import torch  # here, not at the top: `report reset/generate` should not wait for torch otherwise
@@ -74,17 +71,12 @@ def environment():
     commit = _run(["git", "rev-parse", "--short", "HEAD"], repo)
     # tracked files only: a run's own outputs in the checkout should not mark it dirty
     dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], repo)) if commit else False
-    env = {
-        "git_branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo) or "-",
-        "git_commit": (commit + (" (dirty)" if dirty else "")) if commit else "- (not a git checkout)",
-        "git_message": _run(["git", "log", "-1", "--format=%s"], repo)[:80] or "-",  # its subject, cut short
-        "hostname": socket.gethostname(),
-        "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
-        "cpus": os.cpu_count(),
-        "memory": _memory_gb(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-    }
+    env = {"git_branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo) or "-",
+           "git_commit": (commit + (" (dirty)" if dirty else "")) if commit else "- (not a git checkout)",
+           "git_message": _run(["git", "log", "-1", "--format=%s"], repo)[:80] or "-",  # its subject, cut short
+           "hostname": socket.gethostname(),
+           "platform": f"{platform.system()} {platform.release()} ({platform.machine()})", "cpus": os.cpu_count(),
+           "memory": _memory_gb(), "python": sys.version.split()[0], "torch": torch.__version__}
     if torch.cuda.is_available():
         count, props = torch.cuda.device_count(), torch.cuda.get_device_properties(0)
         # gpu_count is what the cost estimate multiplies the wall clock time by
@@ -105,7 +97,6 @@ def _header(last_line):
 
 # -----------------------------------------------------------------------------
 # Reading sections back
-
 def parse_blocks(text):
     """[(section title, timestamp or None, {key: value str})] of a section file's blocks."""
     # a key may hold one colon not followed by a space ("task_ppl:mine"), so values may hold colons
@@ -132,7 +123,6 @@ def _format_duration(seconds):
 
 # -----------------------------------------------------------------------------
 # The report: the folder holds header.md (from reset), one <slug>.md per section and report.md
-
 class Report:
     def __init__(self, report_dir):
         self.report_dir = report_dir
@@ -154,8 +144,7 @@ class Report:
 
     def reset(self):
         """Start a new run: remove every section and report, write the header (environment + start time)."""
-        os.makedirs(self.report_dir, exist_ok=True)
-        for path in Path(self.report_dir).glob("*.md"):
+        for path in Path(self.report_dir).glob("*.md"):  # no folder yet: nothing to remove (atomic_write makes it)
             path.unlink()
         path = os.path.join(self.report_dir, "header.md")
         atomic_write(path, _header(f"Run started: {_now()}"))
@@ -254,8 +243,7 @@ def _timing_markdown(start, end, sections, gpu_hourly_cost):
         # wall clock, not the sum of stages: evals, downloads and idle time are paid for too
         wall = (end - start).total_seconds()
         lines.append(f"- total wall clock time: {_format_duration(wall)} (run start to the last section)")
-        env = environment()
-        if env["gpu_count"]:
+        if (env := environment())["gpu_count"]:
             gpu_hours = wall / 3600 * env["gpu_count"]
             lines += [f"- GPU hours: {gpu_hours:.2f} ({env['gpus']})",
                       f"- estimated cost: ${gpu_hours * gpu_hourly_cost:,.2f} at ${gpu_hourly_cost:.2f} per GPU-hour"]
@@ -284,8 +272,7 @@ def main(argv=None):
                         help="USD per GPU-hour for the cost estimate ($3: ~$24/h for 8xH100)")
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="generate: also write report.md to this file (or into this folder)")
-    args = parser.parse_args(argv)
-    report = get_report()
+    args, report = parser.parse_args(argv), get_report()
     if args.command == "reset":
         print(f"new report started: {report.reset()}")
     else:

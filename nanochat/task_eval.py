@@ -1,7 +1,5 @@
-"""
-Scoring a chat model on tasks (scripts/chat_eval.py, chat_sft's quick evaluations): multiple choice by the answer
-letters' logits, free answers generated and graded by the task, and the loss of conversations' assistant tokens.
-"""
+"""Scoring a chat model on tasks (scripts/chat_eval.py, chat_sft's quick evaluations): multiple choice by the answer
+letters' logits, free answers generated and graded by the task, and the loss of conversations' assistant tokens."""
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -12,8 +10,7 @@ from nanochat.common import get_dist_info
 def all_reduce_sum(values, device):
     """A list of numbers summed over ranks (returned as is in a single process)."""
     # float64 so counts and NLL sums stay exact; MPS has no float64
-    tensor = torch.tensor(values, dtype=torch.float32 if torch.device(device).type == "mps" else torch.float64,
-                          device=device)
+    tensor = torch.tensor(values, dtype=torch.float32 if "mps" in str(device) else torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
@@ -84,8 +81,7 @@ def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=Non
 def assistant_nll(model, tokenizer, conversations, device, batch_size=8, max_len=None):
     """(total NLL in nats, number of tokens) of the assistant's tokens in the conversations, summed over ranks."""
     # the supervised tokens of render_conversation's mask; a conversation longer than max_len + 1 is cut at the end
-    total_nll, total_tokens = 0.0, 0
-    mine = my_indices(len(conversations))
+    total_nll, total_tokens, mine = 0.0, 0, my_indices(len(conversations))
     for begin in range(0, len(mine), batch_size):
         rows = [tokenizer.render_conversation(conversations[i], max_tokens=(max_len + 1) if max_len else 10**9)
                 for i in mine[begin:begin + batch_size]]

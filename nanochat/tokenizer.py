@@ -1,7 +1,5 @@
-"""
-The tokenizer: BPE trained by rustbpe (ours, in Rust), served by tiktoken; conversations rendered for training:
-    ids, mask = get_tokenizer().render_conversation({"messages": [{"role": "user", "content": "hi"}, ...]})
-"""
+"""The tokenizer: BPE trained by rustbpe (ours, in Rust), served by tiktoken; conversations rendered for training:
+    ids, mask = get_tokenizer().render_conversation({"messages": [{"role": "user", "content": "hi"}, ...]})"""
 import base64
 import json
 import os
@@ -167,7 +165,6 @@ class Tokenizer:
 
 # -----------------------------------------------------------------------------
 # The one conversation validator: of the task records, gen_data's replies, and what is rendered
-
 class RecordError(DataError):
     """What is wrong with one record; `field` says where inside it, e.g. 'messages[2].role'."""
 
@@ -190,8 +187,7 @@ def check_messages(messages, field="messages", final_role="assistant", allow_emp
             raise RecordError(where, f"expected an object with role and content, got {type(message).__name__}")
         if (role := message.get("role")) not in ROLES:
             raise RecordError(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if i >= start and role != expected:
+        if i >= start and role != (expected := "user" if (i - start) % 2 == 0 else "assistant"):
             raise RecordError(f"{where}.role", f"expected {expected!r}, got {role!r} (after an optional "
                               "first system message, turns alternate user/assistant starting with user)")
         content = _check_content(message.get("content"), role, f"{where}.content", allow_empty)
@@ -222,7 +218,6 @@ def _check_content(content, role, field, allow_empty):
 
 # -----------------------------------------------------------------------------
 # The project's trained tokenizer
-
 def get_tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")
 

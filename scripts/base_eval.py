@@ -1,9 +1,7 @@
-"""
-The CORE metric of a checkpoint (nanochat/core_eval.py), on the DCLM eval bundle or on local files.
+"""The CORE metric of a checkpoint (nanochat/core_eval.py), on the DCLM eval bundle or on local files.
 
     python -m scripts.base_eval                                   # base model, the eval bundle
-    torchrun --nproc_per_node=8 -m scripts.base_eval -i mid --data-dir ../shared/data/eval   # offline
-"""
+    torchrun --nproc_per_node=8 -m scripts.base_eval -i mid --data-dir ../shared/data/eval   # offline"""
 import argparse
 import csv
 import io

@@ -28,8 +28,7 @@ def main(argv=None):
     p.add_argument("--system", default="", metavar="TEXT", help="a system message that opens every conversation")
     args = p.parse_args(argv)
     # out-of-range sampling flags stop here, before the slow model load
-    params = sampling_from_args(args, args.seed)
-    device = args.device or autodetect_device_type()
+    params, device = sampling_from_args(args, args.seed), args.device or autodetect_device_type()
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base

@@ -1,12 +1,11 @@
-"""
-Evaluate a chat model on tasks (ChatCORE), and measure how well it fits your own conversations.
+"""Evaluate a chat model on tasks (ChatCORE), and measure how well it fits your own conversations.
     python -m scripts.chat_eval -i sft -a "ARC-Easy|GSM8K" --data-dir ../shared/data/eval   # or torchrun
-    python -m scripts.chat_eval -i mid --task-ppl my_val.jsonl          # perplexity on your data
-"""
+    python -m scripts.chat_eval -i mid --task-ppl my_val.jsonl          # perplexity on your data"""
 import argparse
 import math
 import os
 import time
+from functools import partial
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import HelpFormatter, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
@@ -36,11 +35,9 @@ def build_eval_task(name, data_dir=None, spelling_size=256):
         path = next((p for p in (os.path.join(data_dir, f) for f in LOCAL_FILES[name]) if os.path.isfile(p)), None)
         if path is None:
             raise FileNotFoundError(f"--data-dir {data_dir}: no {' or '.join(LOCAL_FILES[name])} for {name}")
-    return {"ARC-Easy": lambda: ARC("easy", "test", data_path=path),
-            "ARC-Challenge": lambda: ARC("challenge", "test", data_path=path),
-            "MMLU": lambda: MMLU("test", data_path=path),
-            "GSM8K": lambda: GSM8K("test", data_path=path),
-            "HumanEval": lambda: HumanEval(data_path=path)}[name]()
+    tasks = {"ARC-Easy": partial(ARC, "easy", "test"), "ARC-Challenge": partial(ARC, "challenge", "test"),
+             "MMLU": partial(MMLU, "test"), "GSM8K": partial(GSM8K, "test"), "HumanEval": HumanEval}
+    return tasks[name](data_path=path)
 
 def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_len=None):
     """{ppl, tokens (scored), total_tokens, cut, conversations}: assistant-token perplexity (all ranks)."""

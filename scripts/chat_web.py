@@ -91,8 +91,7 @@ def sampling_params(body, defaults, args, max_context):
     # any 64-bit integer, as OpenAI's API takes
     seed = _number(body, "seed", None, -2**63, 2**63 - 1, integer=True)
     # OpenAI's own limits: a string or up to 4 of them
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    stop = [] if (stop := body.get("stop")) is None else [stop] if isinstance(stop, str) else stop
     _check(isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and 0 < len(s) <= 200 for s in stop),
            "'stop' must be a string or a list of at most 4 non-empty strings (200 chars max)", "stop")
     _check(body.get("n", 1) == 1, "only n=1 is supported", "n")
@@ -138,8 +137,7 @@ def chat_conversation(body, args):
 
 def completion_prompt(body, args):
     """The `prompt` of a /v1/completions request: one string (a list holding one is accepted, as OpenAI does)."""
-    prompt = body.get("prompt")
-    prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+    prompt = prompt[0] if isinstance(prompt := body.get("prompt"), list) and len(prompt) == 1 else prompt
     _check(isinstance(prompt, str), "'prompt' must be a string (batches of prompts are not supported)", "prompt")
     _check(len(prompt) <= args.max_total_chars, f"'prompt' is {len(prompt)} characters (at most {args.max_total_chars})",
            "prompt")

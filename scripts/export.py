@@ -1,9 +1,7 @@
-"""
-Export a checkpoint as a Hugging Face `transformers` model folder, verified to be the same model (exit 1 if not).
+"""Export a checkpoint as a Hugging Face `transformers` model folder, verified to be the same model (exit 1 if not).
 
     python -m scripts.export --source sft --out ./nanochat-d20-hf
-    # then: AutoModelForCausalLM.from_pretrained("./nanochat-d20-hf", trust_remote_code=True), AutoTokenizer too
-"""
+    # then: AutoModelForCausalLM.from_pretrained("./nanochat-d20-hf", trust_remote_code=True), AutoTokenizer too"""
 import argparse
 import importlib.util
 import json
@@ -57,8 +55,7 @@ def hf_tokenizer_json(tokenizer):
     as_str = {token: "".join(byte_char[b] for b in token) for token in ranks}
     vocab = {as_str[token]: rank for token, rank in ranks.items()}
     merges = [f"{as_str[a]} {as_str[b]}" for a, b in bpe_merges(ranks)]
-    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
-    bos = "<|bos|>"
+    specials, bos = sorted(enc._special_tokens.items(), key=lambda kv: kv[1]), "<|bos|>"
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
@@ -112,8 +109,7 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     """Write every file of the HF folder into out_dir (created)."""
     os.makedirs(out_dir, exist_ok=True)
     cfg, bos, assistant_end = model.config, tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
-    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
+    state = {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     for name in ("configuration_nanochat.py", "modeling_nanochat.py"):
         shutil.copyfile(os.path.join(HF_CODE_DIR, name), os.path.join(out_dir, name))
@@ -124,12 +120,10 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
         "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat",
         "auto_map": {"AutoConfig": "configuration_nanochat.NanoChatConfig",
                      "AutoModel": "modeling_nanochat.NanoChatModel", "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM"},
-        "vocab_size": cfg.vocab_size, "sequence_len": cfg.sequence_len, "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd,
-        "logit_softcap": 15.0, "rotary_base": 10000.0, "tie_word_embeddings": False, "use_cache": True,
-        "bos_token_id": bos, "eos_token_id": assistant_end, "pad_token_id": bos,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    })
+        "vocab_size": cfg.vocab_size, "sequence_len": cfg.sequence_len, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+        "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd, "logit_softcap": 15.0, "rotary_base": 10000.0,
+        "tie_word_embeddings": False, "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": bos, "eos_token_id": assistant_end, "pad_token_id": bos})
     write_json(os.path.join(out_dir, "generation_config.json"),
                {"bos_token_id": bos, "eos_token_id": [assistant_end, bos], "pad_token_id": bos})
     write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json)
@@ -197,8 +191,7 @@ def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_
     _verify(list(hf_prompt) == prompt_ids, "chat template with add_generation_prompt differs from render_for_completion")
 
     # logits
-    diffs, n_tokens = [], 0
-    inputs = [[bos] + tokenizer.encode(t) for t in texts] + [ids]
+    diffs, n_tokens, inputs = [], 0, [[bos] + tokenizer.encode(t) for t in texts] + [ids]
     with torch.no_grad():
         for seq in inputs:
             x = torch.tensor([seq[:model.config.sequence_len]])
@@ -206,9 +199,8 @@ def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_
             n_tokens += x.size(1)
         # a batch with left padding must give each row's own logits
         a, b = inputs[0][:12], inputs[1][:20]
-        batch = torch.tensor([[0] * (len(b) - len(a)) + a, b])
         mask = torch.tensor([[0] * (len(b) - len(a)) + [1] * len(a), [1] * len(b)])
-        padded = hf_model(batch, attention_mask=mask).logits
+        padded = hf_model(torch.tensor([[0] * (len(b) - len(a)) + a, b]), attention_mask=mask).logits
         diffs.append((padded[0, len(b) - len(a):] - ours(torch.tensor([a]))[0]).abs().max().item())
     max_diff = torch.tensor(diffs).max().item()  # a NaN propagates here (Python's max(0.0, nan) would drop it)
     _verify(max_diff <= tolerance, f"logits differ by up to {max_diff:.3g} (> {tolerance})")  # False for NaN too
@@ -219,9 +211,8 @@ def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_
         ref = list(ours.generate(list(prompt), max_tokens=new_tokens, temperature=0))
         # HF stops after an end token (generation_config.json), ours runs on: compare up to the first one
         ref = ref[:next((i + 1 for i, token in enumerate(ref) if token in stops), len(ref))]
-        with torch.no_grad():
-            out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                    max_new_tokens=new_tokens, do_sample=False)
+        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=new_tokens, do_sample=False)
         got = out[0, len(prompt):].tolist()
         _verify(got == ref, f"greedy generation differs:\n  hf:   {got}\n  ours: {ref}")
     return {"texts": len(texts), "tokenizer_json_texts": len(texts), "chat_template_tokens": len(ids),
@@ -249,15 +240,13 @@ def main(argv=None):
         model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
         name = f"{args.source}_{args.model_tag or 'default'}_{meta['step']}"
     out_dir = os.path.abspath(args.out or os.path.join(get_base_dir(), "export", name))
-    dtype = getattr(torch, args.dtype)
 
-    staging = out_dir + ".tmp"
+    dtype, staging = getattr(torch, args.dtype), out_dir + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     write_export(staging, model, tokenizer, meta, dtype)
-    if dtype != torch.float32:  # the check compares against the weights as stored
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.to(dtype).float())
+    if dtype != torch.float32:  # the check compares against the weights as stored (write_export's cast)
+        state = {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
     if not args.no_verify:
         if importlib.util.find_spec("transformers") is None:
             print(f"transformers is not installed, so the export in {staging} cannot be verified.\n"

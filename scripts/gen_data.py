@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from nanochat.common import HelpFormatter
 from nanochat.api_client import STOP, APIError, ChatClient, FatalAPIError
+from nanochat.checkpoint_manager import add_checkpoint_args, load_model
+from nanochat.common import HelpFormatter, autodetect_device_type
+from nanochat.engine import Engine
 from tasks.common import RecordError, chat_record_to_conversation, check_messages
 from tasks.preferences import preference_pair
 
@@ -284,10 +286,7 @@ def make_answerer(args, counters):
             messages, temperature=temperature, max_tokens=max_tokens, seed=seed + i).strip() for i in range(n)]
     if not args.source:
         raise SystemExit("where do answers come from? give --source sft (our checkpoint) or --answer-api-base")
-    import torch  # only here: runs that only talk HTTP do not pay for importing torch
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or autodetect_device_type()
     model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
     engine, lock = Engine(model, tokenizer), threading.Lock()  # one model: one call at a time
 
@@ -327,8 +326,7 @@ def judge(args):
     dropped_path = args.out + ".dropped.jsonl"
     # a dropped pair counts as done too: a re-run does not pay to have it judged again
     done = {r.get("id") for r in read_records(args.out) + read_records(dropped_path)}
-    pairs = [(i, j) for i in range(args.num_answers) for j in range(i + 1, args.num_answers)]
-    jobs = []
+    pairs, jobs = [(i, j) for i in range(args.num_answers) for j in range(i + 1, args.num_answers)], []
     # a pair's id is its prompt's hash and its answers' indices: what is done is known without the answers' text
     for where, messages in prompts:
         prompt_id = stable_id(json.dumps(messages, sort_keys=True, ensure_ascii=False))
@@ -337,8 +335,7 @@ def judge(args):
         done.update(f"{prompt_id}-{i}-{j}" for i, j in pairs)  # a repeated prompt is judged once
     print(f"{len(prompts)} prompts: {len(jobs)} to judge ({len(pairs)} pair(s) each), the rest already done")
     counters = Counter(dict.fromkeys(["kept", "tie", "unparseable", "inconsistent", "identical", "retried", "failed"], 0))
-    judge_client = make_client(args, "judge_", counters)
-    answer_source, answers_to = make_answerer(args, counters)
+    judge_client, (answer_source, answers_to) = make_client(args, "judge_", counters), make_answerer(args, counters)
 
     def ask_judge(messages, first, second):
         conversation = "\n\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
@@ -371,44 +368,38 @@ def judge(args):
 
 # -----------------------------------------------------------------------------
 # The command line: the two commands share the output and the HTTP client's flags
-def add_client_args(parser, prefix="", what="the generator"):
+def add_client_args(parser, prefix, what, temp, max_tokens):
     # argparse names them args.{prefix}api_base etc. (dashes as underscores), which make_client reads
     parser.add_argument(f"--{prefix}api-base",
                         help=f"OpenAI-compatible base URL of {what}, e.g. http://localhost:8000/v1")
     parser.add_argument(f"--{prefix}model", help=f"model name of {what}")
     parser.add_argument(f"--{prefix}api-key-env", default="OPENAI_API_KEY",
                         help=f"environment variable holding the API key of {what} (unset = no key)")
+    parser.add_argument(f"--{prefix}temperature", type=float, default=temp, help=f"sampling temperature of {what}")
+    parser.add_argument(f"--{prefix}max-tokens", type=int, default=max_tokens, help=f"max tokens per reply of {what}")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="Details: the comments "
                                      "in scripts/gen_data.py", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="conversations from a template and topics", formatter_class=HelpFormatter)
-    add_client_args(g)
+    add_client_args(g, "", "the generator", temp=1.0, max_tokens=1024)
     g.add_argument("--template", required=True, help="prompt template file with {topic}-style placeholders")
     g.add_argument("--topics", required=True, help="one topic per line (or a JSON object of placeholder values)")
     g.add_argument("--samples-per-topic", type=int, default=1, help="how many items per topic ({sample} = 0..N-1)")
     g.add_argument("--question", default=None, help="template of the user turn of plain-text replies (default: --template)")
     g.add_argument("--system", default=None, help="system message sent to the generator")
     g.add_argument("--format", choices=["auto", "json", "plain"], default="auto", help="how to read replies (auto: by the look)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply")
     g.add_argument("--seed", type=int, default=None, help="send a per-item seed (seed + hash of the item) if set")
     j = sub.add_parser("judge", help="DPO pairs from judged answers", formatter_class=HelpFormatter)
     j.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl prompts")
-    add_client_args(j, "judge-", "the judge")
-    add_client_args(j, "answer-", "the answering model (instead of --source)")
-    j.add_argument("--source", default=None, choices=["base", "mid", "sft", "dpo"], help="answer with our checkpoint")
-    j.add_argument("--model-tag", default=None, help="checkpoint model tag (default: the deepest d<N>, else the newest)")
-    j.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    j.add_argument("--device", default=None, help="device for our model (default: cuda if available, else cpu)")
+    add_client_args(j, "judge-", "the judge", temp=0.0, max_tokens=512)
+    # answers come from an endpoint (--answer-api-base), or from our checkpoint: --source sft
+    add_client_args(j, "answer-", "the answering model", temp=0.8, max_tokens=512)
+    add_checkpoint_args(j, default_source=None)
     j.add_argument("--num-answers", type=int, default=2, help="answers per prompt; every pair of them is judged")
-    j.add_argument("--answer-temperature", type=float, default=0.8, help="sampling temperature of the answers")
-    j.add_argument("--answer-max-tokens", type=int, default=512, help="max tokens per answer")
     j.add_argument("--rubric", default=None, help="file with the judging instructions (default: a general rubric)")
     j.add_argument("--both-orders", action="store_true", help="judge each pair in both orders; keep it if the verdicts agree")
-    j.add_argument("--judge-temperature", type=float, default=0.0, help="judge sampling temperature")
-    j.add_argument("--judge-max-tokens", type=int, default=512, help="max tokens of the judge's reply")
     for p in (g, j):  # what both share: the output, and the HTTP client's patience
         p.add_argument("--out", required=True, help="output .jsonl (appended to; re-running resumes)")
         p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")

@@ -1,8 +1,6 @@
-"""
-How well does our tokenizer compress? Bytes per token on varied texts, beside GPT-2's and GPT-4's.
+"""How well does our tokenizer compress? Bytes per token on varied texts, beside GPT-2's and GPT-4's.
 
-    python -m scripts.tok_eval [--text-file my_domain.txt ...]
-"""
+    python -m scripts.tok_eval [--text-file my_domain.txt ...]"""
 import argparse
 
 from nanochat.common import HelpFormatter
@@ -51,13 +49,12 @@ def main(argv=None):
     parser.add_argument("--no-stock", action="store_true", help="skip the GPT-2 / GPT-4 comparison columns")
     args = parser.parse_args(argv)
 
-    ours = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
+    contenders = [("ours", Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer())]
     samples = dict(SAMPLES)
     for path in args.text_file:
         # errors="replace": a stray bad byte in your file should not stop the measurement
         with open(path, encoding="utf-8", errors="replace") as f:
             samples[path] = f.read(args.max_chars)  # as typed: two val.txt of different folders stay two rows
-    contenders = [("ours", ours)]
     for label, name in [] if args.no_stock else [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
         # tiktoken downloads a stock encoding on first use: offline, its column is left out with a note
         try:

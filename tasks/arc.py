@@ -1,8 +1,6 @@
-"""
-ARC (AI2 Reasoning Challenge): grade-school science multiple-choice questions, CC BY-SA 4.0, from
+"""ARC (AI2 Reasoning Challenge): grade-school science multiple-choice questions, CC BY-SA 4.0, from
 allenai/ai2_arc. Offline, a jsonl of {"question", "choices": [str], "answer": int, "answer_letter"?}:
-    ARC("easy", "test", data_path=f"{DATA}/eval/arc_easy.jsonl")   # or arc_challenge.jsonl
-"""
+    ARC("easy", "test", data_path=f"{DATA}/eval/arc_easy.jsonl")   # or arc_challenge.jsonl"""
 from tasks.common import MultipleChoiceTask, RecordError, data_paths_or_download, multiple_choice_conversation
 
 HF_REPO = "allenai/ai2_arc"

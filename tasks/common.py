@@ -1,8 +1,6 @@
-"""
-Tasks: datasets seen as indexable, sliceable lists of conversations, plus how to grade a model's answer.
+"""Tasks: datasets seen as indexable, sliceable lists of conversations, plus how to grade a model's answer.
     task = GSM8K("train", stop=1000)        # the first 1000 problems: len(task) == 1000, task[0] == {"messages": ...}
-    task.evaluate(task[0], "... #### 72")   # -> 1.0 or 0.0; `python -m tasks.specs SPEC...` shows any task's examples
-"""
+    task.evaluate(task[0], "... #### 72")   # -> 1.0 or 0.0; `python -m tasks.specs SPEC...` shows a task's examples"""
 import bisect
 import json
 import operator
@@ -210,7 +208,7 @@ def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None):
 
 # -----------------------------------------------------------------------------
 # The chat record formats
-def _nonempty_str(record, key, optional=False):
+def nonempty_str(record, key, optional=False):
     if (value := record.get(key)) is None and optional:
         return ""
     if not isinstance(value, str):
@@ -225,7 +223,7 @@ def chat_record_to_conversation(record):
         return {"messages": check_messages(record["messages"])}
     if "instruction" in record or "output" in record:
         keys = ("instruction", "input", "output")  # checked in this order; input is optional
-        instruction, extra, output = (_nonempty_str(record, key, optional=key == "input") for key in keys)
+        instruction, extra, output = (nonempty_str(record, key, optional=key == "input") for key in keys)
         # an empty input adds nothing, not two stray newlines
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}

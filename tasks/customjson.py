@@ -1,7 +1,5 @@
-"""
-CustomJSON: your own conversations, from .jsonl (one record per line), a .json array of records, or .parquet.
-    CustomJSON("mine.jsonl"); in the training scripts: --data mine.jsonl, or --mixture custom:mine.jsonl
-"""
+"""CustomJSON: your own conversations, from .jsonl (one record per line), a .json array of records, or .parquet.
+    CustomJSON("mine.jsonl"); in the training scripts: --data mine.jsonl, or --mixture custom:mine.jsonl"""
 from tasks.common import RecordTask, chat_record_to_conversation
 
 # A record is one of

@@ -1,9 +1,7 @@
-"""
-Dialogue from books: the conversations in plain-text novels as user/assistant pairs, for SFT. A report
+"""Dialogue from books: the conversations in plain-text novels as user/assistant pairs, for SFT. A report
 at the end says how many utterances and conversations were found, kept, and dropped for which reason.
     python -m tasks.dialogue pg1342_pride_and_prejudice.txt pg11_alice.txt --out dialogue.jsonl
-    # then train on it like any conversations: --mixture custom:dialogue.jsonl
-"""
+    # then train on it like any conversations: --mixture custom:dialogue.jsonl"""
 import argparse
 import json
 import re
@@ -95,8 +93,7 @@ def join_fragments(pieces):
         fragment = re.sub(r"\s+", " ", fragment).strip()
         if text.endswith(",") and gap.strip()[-1:] in (".", "!", "?", ";"):
             text = text[:-1] + "."
-        text = f"{text} {fragment}" if text else fragment
-        gap = next_gap
+        text, gap = (f"{text} {fragment}" if text else fragment), next_gap
     return re.sub(r"_([^_]+)_", r"\1", text).strip()  # Gutenberg's _emphasis_
 
 def find_speaker(narration):
@@ -120,8 +117,7 @@ def utterances(text, quotes="auto", narration_ratio=3.0):
         if not pieces:
             out.append(None)
             continue
-        spoken = join_fragments(pieces)
-        speaker, thought = find_speaker(narration)
+        spoken, (speaker, thought) = join_fragments(pieces), find_speaker(narration)
         # a paragraph that ended inside an open quote continues here: the convention for long speeches
         if continuing and out and out[-1] is not None:
             out[-1].text = join_fragments([(out[-1].text, ""), (spoken, "")])
@@ -167,8 +163,7 @@ def conversations_from_run(run, max_turns, report):
             if len(user_side) > 1 or len(assistant_side) > 1 or (user_side & assistant_side) \
                     or same_speaker(conv[-1], run[j]) or same_speaker(run[j], run[j + 1]):
                 break
-            conv += [run[j], run[j + 1]]
-            j += 2
+            conv, j = conv + [run[j], run[j + 1]], j + 2
         convs.append(conv)
         report["utterances in conversations"] += len(conv)
         i = j

@@ -1,12 +1,10 @@
-"""
-GSM8K: grade-school math word problems with worked solutions (Cobbe et al., MIT licence), openai/gsm8k;
+"""GSM8K: grade-school math word problems with worked solutions (Cobbe et al., MIT licence), openai/gsm8k;
 offline, a jsonl of {"question", "answer"} or {"messages": [user, assistant]}:
-    GSM8K("test", data_path=f"{DATA}/eval/gsm8k_test.jsonl")   # or chat/gsm8k_train_chat.jsonl
-"""
+    GSM8K("test", data_path=f"{DATA}/eval/gsm8k_test.jsonl")   # or chat/gsm8k_train_chat.jsonl"""
 import math
 import re
 
-from tasks.common import RecordError, RecordTask, check_messages, data_paths_or_download
+from tasks.common import RecordError, RecordTask, check_messages, data_paths_or_download, nonempty_str
 
 HF_REPO = "openai/gsm8k"
 HF_FILES = {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00000-of-00001.parquet"}
@@ -35,8 +33,7 @@ def extract_answer(text):
     if not (matches := FINAL_ANSWER.findall(text)):
         return None
     # FINAL_ANSWER admits only digits, one '.' and a leading '-': float() parses any match
-    number = matches[-1].replace(",", "")
-    value = float(number)
+    value = float(number := matches[-1].replace(",", ""))
     # not a finite number, compared as text: a model can write a 400-digit "number" (float: inf)
     return number if not math.isfinite(value) else int(value) if value == int(value) else value
 
@@ -48,10 +45,7 @@ def gsm8k_conversation(record):
             raise RecordError("messages", "expected one user question and one assistant solution (a string)")
         (question, solution), field = [m["content"] for m in messages], "messages[1].content"
     else:
-        for key in ("question", "answer"):
-            if not isinstance(record.get(key), str) or not record[key].strip():
-                raise RecordError(key, "missing or empty")
-        question, solution, field = record["question"], record["answer"], "answer"
+        question, solution, field = nonempty_str(record, "question"), nonempty_str(record, "answer"), "answer"
     if solution.count("<<") != solution.count(">>"):
         raise RecordError(field, "unbalanced calculator annotations << >>")
     if (answer := extract_answer(solution)) is None:

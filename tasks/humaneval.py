@@ -1,12 +1,10 @@
-"""
-HumanEval: 164 Python functions to complete from a signature and docstring, graded by running unit
+"""HumanEval: 164 Python functions to complete from a signature and docstring, graded by running unit
 tests (Chen et al., MIT licence), openai/openai_humaneval; evaluation only. Offline, the same fields:
-    HumanEval(data_path=f"{DATA}/eval/humaneval.jsonl")
-"""
+    HumanEval(data_path=f"{DATA}/eval/humaneval.jsonl")"""
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import RecordError, RecordTask, data_paths_or_download
+from tasks.common import RecordTask, data_paths_or_download, nonempty_str
 
 HF_REPO = "openai/openai_humaneval"
 HF_FILE = "openai_humaneval/test-00000-of-00001.parquet"
@@ -20,8 +18,7 @@ def extract_code(completion):
 
 def humaneval_conversation(record):
     for key in FIELDS:
-        if not isinstance(record.get(key), str) or not record[key].strip():
-            raise RecordError(key, "missing or empty")
+        nonempty_str(record, key)
     # the user turn is the prompt (signature + docstring); the reference reply is the whole function
     return {"messages": [{"role": "user", "content": record["prompt"]},
                          {"role": "assistant", "content": record["prompt"] + record["canonical_solution"]}],

@@ -1,8 +1,6 @@
-"""
-Identity: teach the model who it is, from a persona: "who are you / who made you" conversations for SFT, and DPO pairs.
+"""Identity: teach the model who it is from a persona: "who are you/who made you" conversations for SFT, and DPO pairs.
     python -m tasks.identity --persona persona.json --n 1000 --out identity.jsonl   # without --out: a preview
-    python -m tasks.identity --persona persona.json --pairs --n 500 --out identity_pairs.jsonl
-"""
+    python -m tasks.identity --persona persona.json --pairs --n 500 --out identity_pairs.jsonl"""
 import argparse
 import json
 import random

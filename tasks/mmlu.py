@@ -1,8 +1,6 @@
-"""
-MMLU: 57-subject multiple-choice exam questions (Hendrycks et al., MIT licence), from cais/mmlu.
+"""MMLU: 57-subject multiple-choice exam questions (Hendrycks et al., MIT licence), from cais/mmlu.
 Offline, a jsonl of {"question", "choices": [str], "answer": int, "answer_letter"?, "subject"?}:
-    MMLU("test", data_path=f"{DATA}/eval/mmlu_test_26subjects.jsonl")   # or mmlu_dev_fewshot.jsonl
-"""
+    MMLU("test", data_path=f"{DATA}/eval/mmlu_test_26subjects.jsonl")   # or mmlu_dev_fewshot.jsonl"""
 from tasks.common import MultipleChoiceTask, data_paths_or_download, multiple_choice_conversation
 
 HF_REPO = "cais/mmlu"

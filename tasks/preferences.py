@@ -1,8 +1,6 @@
-"""
-Preferences: pairs of replies to one prompt, one preferred, for DPO; by default UltraFeedback (MIT licence,
+"""Preferences: pairs of replies to one prompt, one preferred, for DPO; by default UltraFeedback (MIT licence,
 ~61k train / 2k test prompts, the best of 4 GPT-4-rated replies chosen, a lower one rejected). Offline:
-    Preferences(f"{DATA}/preference/hh_rlhf_harmless_base_test.jsonl", skip_bad=True)
-"""
+    Preferences(f"{DATA}/preference/hh_rlhf_harmless_base_test.jsonl", skip_bad=True)"""
 from tasks.common import RecordError, RecordTask, Task, check_messages, data_paths_or_download
 
 HF_REPO = "HuggingFaceH4/ultrafeedback_binarized"

@@ -1,7 +1,5 @@
-"""
-SmolTalk: general chat conversations for SFT/midtraining (Apache-2.0). Offline, any conversation file:
-    SmolTalk("train", data_path=f"{DATA}/chat/selfinstruct_seed_tasks_chat.jsonl")
-"""
+"""SmolTalk: general chat conversations for SFT/midtraining (Apache-2.0). Offline, any conversation file:
+    SmolTalk("train", data_path=f"{DATA}/chat/selfinstruct_seed_tasks_chat.jsonl")"""
 from tasks.common import RecordTask, chat_record_to_conversation, data_paths_or_download
 
 # the mix of chat data that Hugging Face made for small models: ~460k train / ~24k test conversations

@@ -1,8 +1,6 @@
-"""
-Task specs: the strings of the scripts' --mixture / --val-mixture / --eval-tasks flags made into Tasks,
+"""Task specs: the strings of the scripts' --mixture / --val-mixture / --eval-tasks flags made into Tasks,
 and the (train, val) data that midtraining, SFT and DPO read. Load specs and show examples:
-    python -m tasks.specs gsm8k:train:/data/gsm8k_train_chat.jsonl custom:mine.jsonl --show 2
-"""
+    python -m tasks.specs gsm8k:train:/data/gsm8k_train_chat.jsonl custom:mine.jsonl --show 2"""
 import argparse
 import json
 import os
@@ -50,10 +48,6 @@ def build_task(spec, default_split="train"):
     sliced = {"start": int(start or 0), "stop": int(stop) if stop else None, "step": int(step or 1)}
     name, *args = body.split(":")
     name = name.strip().lower()
-    # on Windows, "C:\data\x.jsonl" was cut at its drive letter: join the two pieces again
-    for i in range(len(args) - 1, 0, -1):
-        if os.name == "nt" and len(args[i - 1]) == 1 and args[i - 1].isalpha() and args[i][:1] in ("\\", "/"):
-            args[i - 1:i + 1] = [args[i - 1] + ":" + args[i]]
     # an ARG is told apart by its form: a path, a number (a size), or a word (split, variant, subject)
     paths = [a for a in args if "/" in a or os.sep in a or a.endswith((".jsonl", ".json", ".parquet"))]
     path = paths[0] if paths else None

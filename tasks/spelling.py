@@ -1,8 +1,6 @@
-"""
-Spelling tasks generated from a built-in word list (nothing to download): a model that sees tokens,
+"""Spelling tasks generated from a built-in word list (nothing to download): a model that sees tokens,
 not letters, must be taught to spell, and to count letters with a tool.
-    SpellingBee(size=1000, split="train"), SimpleSpelling(size=300, split="test")
-"""
+    SpellingBee(size=1000, split="train"), SimpleSpelling(size=300, split="test")"""
 import random
 import re
 from pathlib import Path
@@ -50,8 +48,7 @@ class SpellingBee(_GeneratedTask):
         rng, word = self.rng_and_word(index)
         # mostly letters of the word, sometimes one it lacks (answer 0)
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(ALPHABET)
-        count = word.count(letter)
-        question = rng.choice(COUNT_QUESTIONS).format(letter=letter, word=word)
+        count, question = word.count(letter), rng.choice(COUNT_QUESTIONS).format(letter=letter, word=word)
         # spelling the word out first puts its letters in the context as separate tokens
         parts = [{"type": "text", "text": f"Spelling \"{word}\" out: {', '.join(word)}. "
                                           f"Let me count the '{letter}'s with Python.\n"},

@@ -22,8 +22,7 @@ def apply_rotary_emb(x, cos, sin):
 class NanoChatAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.layer_idx, self.n_head, self.n_kv_head = layer_idx, config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         # the layer names of nanochat/gpt.py, so its state_dict loads as is; no biases anywhere
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
@@ -70,6 +69,9 @@ class NanoChatBlock(nn.Module):
 class NanoChatPreTrainedModel(PreTrainedModel):
     config_class = NanoChatConfig
     base_model_prefix = "transformer"
+    # PreTrainedModel's get/set_input_embeddings find `wte` (on the head model through base_model_prefix), and
+    # get/set_output_embeddings `lm_head`
+    _input_embed_layer = "wte"
     _no_split_modules = ["NanoChatBlock"]
     _supports_cache_class = True
     # no gradient checkpointing: this file is for inference and evaluation of an export
@@ -91,12 +93,6 @@ class NanoChatModel(NanoChatPreTrainedModel):
         self.h = nn.ModuleList([NanoChatBlock(config, i) for i in range(config.n_layer)])
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.wte
-
-    def set_input_embeddings(self, value):
-        self.wte = value
-
     def rotary(self, positions, dtype):
         # cos, sin of shape (B, T, 1, head_dim / 2) for integer positions (B, T), computed in fp32
         # exactly as nanochat's precomputed tables are (outer product, then cos/sin), so the same angles
@@ -104,10 +100,9 @@ class NanoChatModel(NanoChatPreTrainedModel):
         inv_freq = self.config.rotary_base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32,
                                                              device=positions.device) / head_dim)
         freqs = positions.to(torch.float32)[..., None] * inv_freq
-        cos, sin = freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :]
-        if dtype in (torch.float16, torch.bfloat16):  # half-precision weights: rotate in their dtype
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        return cos, sin
+        # half-precision weights rotate in their dtype
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+        return freqs.cos()[:, :, None, :].to(dtype), freqs.sin()[:, :, None, :].to(dtype)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
@@ -120,8 +115,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
             past_key_values = DynamicCache()
         # positions already in the cache (earlier generate() steps): this call's tokens come after them
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        total = past + T
-        device = x.device
+        total, device = past + T, x.device
 
         if position_ids is None:
             # attention_mask (1 = token, 0 = padding) is honoured, so left-padded batches work: padding does
@@ -132,12 +126,10 @@ class NanoChatModel(NanoChatPreTrainedModel):
 
         # causal over the cache (query i sits at cache index past + i), minus padded keys; a query
         # that would see nothing (a padding position itself) keeps its own key, avoiding NaNs
-        q_idx = torch.arange(past, total, device=device)[:, None]
-        k_idx = torch.arange(total, device=device)[None, :]
+        q_idx, k_idx = torch.arange(past, total, device=device)[:, None], torch.arange(total, device=device)[None, :]
         mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, total)
         if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, :total].bool().to(device)
-            mask = mask | (k_idx == q_idx)[None, None]
+            mask = (mask & attention_mask[:, None, None, :total].bool().to(device)) | (k_idx == q_idx)[None, None]
 
         x = norm(x)  # nanochat norms the token embedding before the first block
         for block in self.h:
@@ -153,29 +145,14 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.transformer.wte
-
-    def set_input_embeddings(self, value):
-        self.transformer.wte = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None, **kwargs):
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        hidden = out.last_hidden_state
-        # generate() asks for the last position's logits only: no (B, T, V) tensor per step
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
+        # generate() asks for the last position's logits only: no (B, T, V) tensor per step (0, as -0: keep all)
+        hidden = out.last_hidden_state[:, (-logits_to_keep if isinstance(logits_to_keep, int) else 0):]
         # an untied lm_head; the soft-cap softcap * tanh(logits / softcap) in fp32, as nanochat does
-        logits = self.lm_head(hidden).float()
-        cap = self.config.logit_softcap
+        logits, cap = self.lm_head(hidden).float(), self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
         # HF convention: labels are the inputs; predict token t+1 at t
         loss = None if labels is None else F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
