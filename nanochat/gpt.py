@@ -88,7 +88,8 @@ class CausalSelfAttention(nn.Module):
         # unmasked: training or a prefill into an empty cache (Tq == Tk) is causal, one decode token sees all.
         # Several tokens after a cached prefix need a mask: only a cache with per-row positions gets one
         assert mask is not None or Tq in (1, Tk), "a chunk after a cached prefix needs per-row positions"
-        y = attention(q, k, v, is_causal=mask is None and Tq == Tk, attn_mask=mask)
+        # if/else, not a bare Tq == Tk: under torch.compile(dynamic=True) that is a symbolic bool, which SDPA refuses
+        y = attention(q, k, v, is_causal=True if mask is None and Tq == Tk else False, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
