@@ -31,6 +31,10 @@ if command -v nvidia-smi >/dev/null 2>&1; then
         && GPUS=$(sed 's/ *, */,/g' <<<"$GPUS" | grep -E '^[0-9]+,' || true) \
         || { echo "preflight: nvidia-smi failed: $(head -n1 <<<"$GPUS")" >&2; GPUS=""; }
 fi
+# torch (and so torchrun's ranks) sees only the GPUs CUDA_VISIBLE_DEVICES lists by index: count and check those
+if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    GPUS=$(grep -E "^(${CUDA_VISIBLE_DEVICES//,/|})," <<<"$GPUS" || true)
+fi
 if [ -z "$GPUS" ]; then
     if [ "$PRESET" = gpu ]; then fail "PRESET=gpu but nvidia-smi lists no GPU (is the NVIDIA driver installed?)"; fi
     echo cpu; exit 0
@@ -72,7 +76,7 @@ fi
 # NPROC GPUs (default: all) must exist and be free: torchrun uses the first NPROC
 if [ -n "${NPROC:-}" ]; then
     [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || fail "NPROC=$NPROC: a number of GPUs (1 or more)"
-    [ "$NPROC" -le "$GPU_COUNT" ] || fail "NPROC=$NPROC but nvidia-smi lists $GPU_COUNT GPU(s): set NPROC <= $GPU_COUNT"
+    [ "$NPROC" -le "$GPU_COUNT" ] || fail "NPROC=$NPROC but nvidia-smi lists $GPU_COUNT GPU(s)${CUDA_VISIBLE_DEVICES:+ in CUDA_VISIBLE_DEVICES}: set NPROC <= $GPU_COUNT"
 fi
 BUSY=()
 while IFS=, read -r index _ used _; do

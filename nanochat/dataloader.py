@@ -158,8 +158,8 @@ def cropped_fraction(state_dict):
     stats = state_dict["stats"]
     return stats["cropped"] / max(1, stats["tokens"] + stats["cropped"])
 
-def more_data_hint(corpus):
-    return "Download more: python -m nanochat.dataset -n NUM" if corpus.data is None else "Add more text to --data"
+def more_data_hint(corpus, shards="NUM"):
+    return f"Download more: python -m nanochat.dataset -n {shards}" if corpus.data is None else "Add more text to --data"
 
 def data_budget(tokenizer, corpus, T, tokens, num_rows=4096):
     """What `tokens` need (passes over the train split, shards), measured by packing num_rows rows of it."""
@@ -181,7 +181,7 @@ def data_budget(tokenizer, corpus, T, tokens, num_rows=4096):
     if cropped > WARN_CROPPED:
         summary += f"\nwarning: packing crops {cropped:.0%} of the tokens read (.txt: try another --txt-doc-chars)"
     if passes > 1:
-        summary += f"\nWARNING: this run will see its training data {passes:.1f} times. {more_data_hint(corpus)}"
+        summary += f"\nWARNING: this run will see its training data {passes:.1f} times. {more_data_hint(corpus, shards)}"
     return {"tokens_per_doc": per_doc, "cropped": cropped, "passes": passes, "shards": shards, "summary": summary}
 
 def main(argv=None):

@@ -153,6 +153,14 @@ def test_nproc_beyond_the_gpus_stops(box):
     assert preflight(env, NPROC="two").returncode == 1
     assert preflight(env, NPROC="8").stdout == "gpu\n"
 
+def test_cuda_visible_devices_limits_the_gpus_counted_and_checked(box):
+    env = a_good_gpu_node(box, used=(30000, 1, 1, 1, 1, 1, 1, 1))
+    out = preflight(env, CUDA_VISIBLE_DEVICES="4,5")  # the busy GPU 0 is not this run's
+    assert (out.returncode, out.stdout) == (0, "gpu\n"), out.stderr
+    assert f"preflight: 2 x {H100}" in out.stderr
+    out = preflight(env, CUDA_VISIBLE_DEVICES="4,5", NPROC="3")
+    assert out.returncode == 1 and "NPROC=3 but nvidia-smi lists 2 GPU(s)" in out.stderr
+
 def test_a_busy_gpu_stops_unless_the_run_leaves_it_out(box):
     env = a_good_gpu_node(box, used=(1, 1, 1, 30000, 1, 1, 1, 1))
     out = preflight(env)
