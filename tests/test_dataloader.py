@@ -276,7 +276,7 @@ def test_budget_of_shards_counts_their_rows_from_the_metadata(base_dir, tiny_tok
     budget = data_budget(tiny_tokenizer, Corpus(), 64, 200_000, num_rows=512)
     assert int(out[-1]) == budget["shards"] == math.ceil(1.1 * 200_000 / (budget["tokens_per_doc"] * 40))
     assert budget["passes"] == pytest.approx(200_000 / (budget["tokens_per_doc"] * 80))
-    assert any("python -m nanochat.dataset -n NUM" in line for line in out)  # more than one pass: the fix
+    assert any(f"python -m nanochat.dataset -n {budget['shards']}" in line for line in out)  # > 1 pass: the fix
 
 @pytest.mark.slow  # a fresh interpreter importing torch: a few seconds
 def test_budget_cli_prints_the_shards_needed_last(tmp_path, tiny_tokenizer, shared_data):
