@@ -119,7 +119,7 @@ def main(argv=None):
             # SpellingBee by a generated answer that the task grades
             right, asked = (run_categorical(model, tokenizer, task, indices, device, args.batch_size, max_len)
                             if task.eval_type == "categorical" else
-                            run_generative(generate, tokenizer, task, indices, args.batch_size))
+                            run_generative(generate, tokenizer, task, indices, args.batch_size, max_len))
         right, asked = all_reduce_sum([right, asked], device)
         results[name] = right / asked if asked else float("nan")  # --max-problems 0: nothing asked
         timings[name] = time.time() - t0
