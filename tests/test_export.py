@@ -34,7 +34,7 @@ def make_model(vocab_size, seed=0, **overrides):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weights_load_with_safetensors_as_our_tensors(tmp_path, tiny_tokenizer, dtype):
     model, _ = make_model(tiny_tokenizer.get_vocab_size())
-    write_export(str(tmp_path / "out"), model, tiny_tokenizer, dtype=dtype)
+    write_export(str(tmp_path / "out"), model, tiny_tokenizer, dtype=dtype, native=False)  # native names: below
     path = str(tmp_path / "out" / "model.safetensors")
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -81,19 +81,32 @@ def test_tokenizer_json_matches_ours(tmp_path, real_tokenizer):
                                                    add_generation_prompt=True)
     assert hf.encode(prompt, add_special_tokens=False).ids == tok.render_for_completion(SAMPLE_CONVERSATION)
 
-def test_export_folder_layout(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("native", [True, False])
+def test_export_folder_layout(tmp_path, tiny_tokenizer, native):
     model, cfg = make_model(tiny_tokenizer.get_vocab_size())
-    write_export(str(tmp_path / "out"), model, tiny_tokenizer, meta={"step": 3}, dtype=torch.bfloat16)
+    write_export(str(tmp_path / "out"), model, tiny_tokenizer, meta={"step": 3}, dtype=torch.bfloat16, native=native)
     files = sorted(os.listdir(tmp_path / "out"))
-    assert files == sorted(["model.safetensors", "config.json", "generation_config.json", "configuration_nanochat.py",
-                            "modeling_nanochat.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                            "chat_template.jinja", "nanochat_meta.json"])
+    code = [] if native else ["configuration_nanochat.py", "modeling_nanochat.py"]  # remote code only
+    assert files == sorted(["model.safetensors", "config.json", "generation_config.json", *code, "tokenizer.json",
+                            "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                            "nanochat_meta.json"])
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert set(weights) == set(model.state_dict())
+    ours = model.state_dict()
+    if native:  # transformers' names for the very same tensors, one for one
+        assert sorted(weights) == sorted(["model.embed_tokens.weight", "lm_head.weight"] + [
+            f"model.layers.{i}.{name}.weight" for i in range(cfg["n_layer"]) for name in
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1", "mlp.fc2")])
+        assert torch.equal(weights["model.layers.1.mlp.fc2.weight"], ours["transformer.h.1.mlp.c_proj.weight"].bfloat16())
+    else:
+        assert set(weights) == set(ours)
     assert all(w.dtype == torch.bfloat16 for w in weights.values())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanoChatForCausalLM"
-    assert {k: config[k] for k in cfg} == cfg
+    if native:
+        assert "auto_map" not in config and config["num_key_value_heads"] == cfg["n_kv_head"] == 2
+        assert config["intermediate_size"] == 4 * cfg["n_embd"] and config["final_logit_softcapping"] == 15.0
+    else:
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanoChatForCausalLM"
+        assert {k: config[k] for k in cfg} == cfg
     assert config["eos_token_id"] == tiny_tokenizer.encode_special("<|assistant_end|>")
 
 # -----------------------------------------------------------------------------
@@ -122,18 +135,23 @@ def checkpoint(base_dir, tiny_tokenizer):
     return model
 
 @pytest.mark.slow  # importing transformers alone takes seconds
-def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint, tiny_tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("remote_code", [False, True])
+def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint, tiny_tokenizer, tmp_path, capsys,
+                                                       remote_code):
     from scripts.export import main
-    out = tmp_path / "hf_model"
-    assert main(["--source", "sft", "--out", str(out)]) == 0
+    out = tmp_path / f"hf_model_{remote_code}"  # its own name: transformers caches remote code by the folder's
+    assert main(["--source", "sft", "--out", str(out)] + ["--remote-code"] * remote_code) == 0
     assert "verified" in capsys.readouterr().out
     report = json.loads((out / "verification.json").read_text())
     assert report["max_abs_logit_diff"] <= 1e-4
 
-    # independently of the script's own check: load it offline and compare on fresh text
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)
+    # independently of the script's own check: load it offline and compare on fresh text; the default layout is
+    # transformers' own NanoChat class, loaded without trust_remote_code
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=remote_code,
+                                                              dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert type(model).__name__ == "NanoChatForCausalLM"
+    assert type(model).__module__.startswith("transformers.models.nanochat") != remote_code
     text = "A different sentence, never seen by the exporter: 3 + 4 = 7."
     ids = tok(text, return_tensors="pt")["input_ids"]
     assert ids[0].tolist() == [tiny_tokenizer.get_bos_token_id()] + tiny_tokenizer.encode(text)
@@ -164,6 +182,6 @@ def test_failed_verification_exports_nothing(transformers, checkpoint, tmp_path,
     (broken / "modeling_nanochat.py").write_text(source.replace("x2 * cos - x1 * sin", "x2 * cos + x1 * sin"))
     monkeypatch.setattr(export, "HF_CODE_DIR", str(broken))
     out = tmp_path / "hf_broken"  # its own folder name: transformers caches remote code by it
-    assert export.main(["--source", "sft", "--out", str(out), "--verify-tokens", "2"]) == 1
+    assert export.main(["--source", "sft", "--out", str(out), "--verify-tokens", "2", "--remote-code"]) == 1
     assert "VERIFICATION FAILED: logits differ" in capsys.readouterr().err
     assert not out.exists() and (tmp_path / "hf_broken.tmp" / "model.safetensors").exists()
