@@ -152,16 +152,13 @@ class Report:
 
     def sections(self):
         """{title: [(timestamp, values, raw markdown)]} of every logged section, in pipeline order."""
-        if not os.path.isdir(self.report_dir):
-            return {}
-        files = [os.path.join(self.report_dir, n) for n in os.listdir(self.report_dir)
-                 if n.endswith(".md") and n not in ("header.md", "report.md")]
         known = {slugify(title): i for i, title in enumerate(SECTION_ORDER)}
-        # pipeline order first; unknown sections after, oldest first
-        files.sort(key=lambda p: (known.get(os.path.basename(p)[:-3], len(known)), os.path.getmtime(p)))
+        # pipeline order first; unknown sections after, oldest first (no folder yet: no sections)
+        files = sorted((p for p in Path(self.report_dir).glob("*.md") if p.name not in ("header.md", "report.md")),
+                       key=lambda p: (known.get(p.stem, len(known)), p.stat().st_mtime))
         out = {}
         for path in files:
-            text = Path(path).read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
             # the raw chunks (kept verbatim in report.md) side by side with their parsed values
             for chunk, (title, timestamp, values) in zip(re.split(r"^(?=## )", text, flags=re.MULTILINE)[1:],
                                                          parse_blocks(text)):

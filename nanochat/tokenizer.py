@@ -102,10 +102,8 @@ class Tokenizer:
     def token_bytes(self):
         """Number of UTF-8 bytes each id stands for (0 for specials), for bits per byte."""
         # from the raw token bytes, never by decoding: many tokens are partial UTF-8 and decode lossily
-        sizes = [0] * self.get_vocab_size()
-        for tok, rank in self.enc._mergeable_ranks.items():
-            sizes[rank] = len(tok)
-        return sizes
+        sizes = {rank: len(tok) for tok, rank in self.enc._mergeable_ranks.items()}
+        return [sizes.get(i, 0) for i in range(self.get_vocab_size())]
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """A str -> list[int]; a list of str -> list[list[int]] (batched on threads)."""
