@@ -1,8 +1,8 @@
 """Export a checkpoint as a Hugging Face `transformers` model folder, verified to be the same model (exit 1 if not).
 
     python -m scripts.export --source sft --out ./nanochat-d20-hf
-    # then: AutoModelForCausalLM.from_pretrained("./nanochat-d20-hf"), AutoTokenizer too (transformers >= 5: its
-    # own NanoChat class); --remote-code: our modeling file instead, loaded with trust_remote_code=True"""
+    # then: AutoModelForCausalLM.from_pretrained("./nanochat-d20-hf"), AutoTokenizer too: transformers (>= 5.0)
+    # ships our architecture as its own NanoChat class, so no trust_remote_code and no code of ours in the folder"""
 import argparse
 import functools
 import importlib.util
@@ -22,7 +22,6 @@ NATIVE_NAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.h.", 
                 (".attn.c_q.", ".self_attn.q_proj."), (".attn.c_k.", ".self_attn.k_proj."),
                 (".attn.c_v.", ".self_attn.v_proj."), (".attn.c_proj.", ".self_attn.o_proj."),
                 (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
-HF_CODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "hf")
 
 # -----------------------------------------------------------------------------
 # The tokenizer, for HF `tokenizers`: our split pattern, our vocabulary, merges derived from our ranks
@@ -104,24 +103,20 @@ CHAT_TEMPLATE = (
 )
 
 # -----------------------------------------------------------------------------
-# The folder:
-#   model.safetensors         the weights, under transformers' NanoChat names (NATIVE_NAMES) or, with remote
-#                             code, under ours
-#   config.json               transformers' NanoChatConfig; or ours, with an auto_map to the two code files below
-#   configuration_nanochat.py, modeling_nanochat.py   remote code only: from nanochat/hf/, for a transformers
-#                             without its own NanoChat (< 5), or an architecture its class lacks
+# The folder (an architecture switch that transformers' NanoChat lacks would need code of its own, shipped with
+# trust_remote_code: gpt.py has none today):
+#   model.safetensors         the weights, under transformers' NanoChat names (NATIVE_NAMES)
+#   config.json               its NanoChatConfig
 #   generation_config.json    stops at <|assistant_end|> (and <|bos|>)
 #   tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja
 #   nanochat_meta.json, verification.json   provenance, and the check's report
-def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32, native=True):
-    """Write every file of the HF folder into out_dir (created): for transformers' own NanoChat, or remote code."""
+def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
+    """Write every file of the HF folder into out_dir (created)."""
     os.makedirs(out_dir, exist_ok=True)
     cfg, bos, assistant_end = model.config, tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
-    state = {functools.reduce(lambda k, names: k.replace(*names), NATIVE_NAMES if native else [], k):
+    state = {functools.reduce(lambda k, names: k.replace(*names), NATIVE_NAMES, k):
              v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    for name in [] if native else ["configuration_nanochat.py", "modeling_nanochat.py"]:
-        shutil.copyfile(os.path.join(HF_CODE_DIR, name), os.path.join(out_dir, name))
     tokenizer_json = hf_tokenizer_json(tokenizer)
     specials = tokenizer_json["added_tokens"]  # every special token, in id order
     token_map = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>"}
@@ -130,13 +125,8 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32, nati
                      "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_act": "relu2",
                      "max_position_embeddings": cfg.sequence_len, "rms_norm_eps": torch.finfo(torch.float32).eps,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "final_logit_softcapping": 15.0}
-    # ours, read by nanochat/hf/configuration_nanochat.py
-    remote_config = {"auto_map": {"AutoConfig": "configuration_nanochat.NanoChatConfig", "AutoModel":
-                                  "modeling_nanochat.NanoChatModel", "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM"},
-                     "sequence_len": cfg.sequence_len, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                     "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd, "logit_softcap": 15.0, "rotary_base": 10000.0}
     write_json(os.path.join(out_dir, "config.json"), {
-        "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", **(native_config if native else remote_config),
+        "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", **native_config,
         "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": bos, "eos_token_id": assistant_end,
         "pad_token_id": bos})
@@ -179,15 +169,18 @@ def _verify(ok, message):
     if not ok:
         raise VerificationError(message)
 
-def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_tokens=16, tolerance=1e-4, native=True):
+def verify_with_transformers(out_dir, model, tokenizer, texts=SAMPLE_TEXTS, new_tokens=16, tolerance=1e-4):
     """A report of how the folder, loaded by transformers, matches our model; VerificationError where it does not."""
     # both on CPU in fp32, so that only the order of float ops differs (well under --tolerance); more is a bug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never touch the network
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, __version__ as transformers_version
+    _verify(hasattr(transformers, "NanoChatForCausalLM"), f"transformers {transformers_version} has no NanoChat "
+            "class, which this folder is for: pip install 'transformers>=5' (or --no-verify, and load it elsewhere)")
     from nanochat.gpt import GPT
     ours = GPT(model.config).eval()
     ours.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()})
-    hf_model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=not native, dtype=torch.float32).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     hf_tok, bos = AutoTokenizer.from_pretrained(out_dir), tokenizer.get_bos_token_id()
     # the tokenizer: tokenizer.json as HF `tokenizers` reads it (what non-Python users load), then as
     # transformers serves it; then the chat template
@@ -246,8 +239,6 @@ def main(argv=None):
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (CPU, fp32)")
     parser.add_argument("--verify-tokens", type=int, default=16, help="greedy tokens compared per prompt")
     parser.add_argument("--no-verify", action="store_true", help="export without checking (when transformers is missing)")
-    parser.add_argument("--remote-code", action="store_true", help="our modeling file (trust_remote_code) instead of "
-                        "the layout of transformers' own NanoChat class (5.0+), e.g. for an older transformers")
     args = parser.parse_args(argv)
 
     device = args.device or "cpu"
@@ -260,26 +251,19 @@ def main(argv=None):
     out_dir = os.path.abspath(args.out or os.path.join(get_base_dir(), "export", name))
 
     dtype, staging = getattr(torch, args.dtype), out_dir + ".tmp"
-    native = not args.remote_code
-    if native and not args.no_verify and importlib.util.find_spec("transformers") is not None:
-        # a layout this transformers cannot load could not be verified: the remote-code one it can, saying why
-        import transformers
-        if not (native := hasattr(transformers, "NanoChatForCausalLM")):
-            print(f"transformers {transformers.__version__} has no NanoChat class of its own (5.0+ has): writing "
-                  "the remote-code layout (load it with trust_remote_code=True; or upgrade and export again)")
     shutil.rmtree(staging, ignore_errors=True)
-    write_export(staging, model, tokenizer, meta, dtype, native)
+    write_export(staging, model, tokenizer, meta, dtype)
     if dtype != torch.float32:  # the check compares against the weights as stored (write_export's cast)
         state = {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.load_state_dict(state)
     if not args.no_verify:
         if importlib.util.find_spec("transformers") is None:
             print(f"transformers is not installed, so the export in {staging} cannot be verified.\n"
-                  "Install it (pip install transformers) and run again, or pass --no-verify.", file=sys.stderr)
+                  "Install it (pip install 'transformers>=5') and run again, or pass --no-verify.", file=sys.stderr)
             return 2
         try:
             report = verify_with_transformers(staging, model, tokenizer, new_tokens=args.verify_tokens,
-                                              tolerance=args.tolerance, native=native)
+                                              tolerance=args.tolerance)
         except VerificationError as e:
             print(f"VERIFICATION FAILED: {e}\nThe unverified export is left in {staging}", file=sys.stderr)
             return 1

@@ -1,8 +1,9 @@
-"""Tests for scripts/export.py and nanochat/hf/: the weights file (read back by the safetensors
+"""Tests for scripts/export.py: the weights file (read back by the safetensors
 library), the HF tokenizer.json (our BPE through HF `tokenizers`) and the Jinja chat template against
 our own tokenizer, and — with `transformers` installed — the whole export: loaded offline by
 transformers, logits within 1e-4 of ours on CPU, greedy generations identical, and a failed
 verification leaving no exported folder behind."""
+import functools
 import json
 import os
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from scripts.export import CHAT_TEMPLATE, SAMPLE_CONVERSATION, bpe_merges, hf_tokenizer_json, write_export
+from scripts.export import CHAT_TEMPLATE, NATIVE_NAMES, SAMPLE_CONVERSATION, bpe_merges, hf_tokenizer_json, write_export
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -34,13 +35,13 @@ def make_model(vocab_size, seed=0, **overrides):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weights_load_with_safetensors_as_our_tensors(tmp_path, tiny_tokenizer, dtype):
     model, _ = make_model(tiny_tokenizer.get_vocab_size())
-    write_export(str(tmp_path / "out"), model, tiny_tokenizer, dtype=dtype, native=False)  # native names: below
+    write_export(str(tmp_path / "out"), model, tiny_tokenizer, dtype=dtype)
     path = str(tmp_path / "out" / "model.safetensors")
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
     weights = load_file(path)
-    ours = model.state_dict()
-    assert set(weights) == set(ours), "our own parameter names, every one of them"
+    ours = {functools.reduce(lambda k, names: k.replace(*names), NATIVE_NAMES, k): v for k, v in model.state_dict().items()}
+    assert set(weights) == set(ours), "every one of our parameters, under transformers' name for it"
     for name, tensor in ours.items():
         assert weights[name].dtype == dtype and weights[name].shape == tensor.shape, name
         assert torch.equal(weights[name], tensor.to(dtype)), name
@@ -81,32 +82,23 @@ def test_tokenizer_json_matches_ours(tmp_path, real_tokenizer):
                                                    add_generation_prompt=True)
     assert hf.encode(prompt, add_special_tokens=False).ids == tok.render_for_completion(SAMPLE_CONVERSATION)
 
-@pytest.mark.parametrize("native", [True, False])
-def test_export_folder_layout(tmp_path, tiny_tokenizer, native):
+def test_export_folder_layout(tmp_path, tiny_tokenizer):
     model, cfg = make_model(tiny_tokenizer.get_vocab_size())
-    write_export(str(tmp_path / "out"), model, tiny_tokenizer, meta={"step": 3}, dtype=torch.bfloat16, native=native)
+    write_export(str(tmp_path / "out"), model, tiny_tokenizer, meta={"step": 3}, dtype=torch.bfloat16)
     files = sorted(os.listdir(tmp_path / "out"))
-    code = [] if native else ["configuration_nanochat.py", "modeling_nanochat.py"]  # remote code only
-    assert files == sorted(["model.safetensors", "config.json", "generation_config.json", *code, "tokenizer.json",
+    assert files == sorted(["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                            "nanochat_meta.json"])
+                            "nanochat_meta.json"])  # no code: transformers has the architecture itself
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
-    ours = model.state_dict()
-    if native:  # transformers' names for the very same tensors, one for one
-        assert sorted(weights) == sorted(["model.embed_tokens.weight", "lm_head.weight"] + [
-            f"model.layers.{i}.{name}.weight" for i in range(cfg["n_layer"]) for name in
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1", "mlp.fc2")])
-        assert torch.equal(weights["model.layers.1.mlp.fc2.weight"], ours["transformer.h.1.mlp.c_proj.weight"].bfloat16())
-    else:
-        assert set(weights) == set(ours)
+    # transformers' names for the very same tensors, one for one
+    assert sorted(weights) == sorted(["model.embed_tokens.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.{name}.weight" for i in range(cfg["n_layer"]) for name in
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1", "mlp.fc2")])
+    assert torch.equal(weights["model.layers.1.mlp.fc2.weight"], model.state_dict()["transformer.h.1.mlp.c_proj.weight"].bfloat16())
     assert all(w.dtype == torch.bfloat16 for w in weights.values())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    if native:
-        assert "auto_map" not in config and config["num_key_value_heads"] == cfg["n_kv_head"] == 2
-        assert config["intermediate_size"] == 4 * cfg["n_embd"] and config["final_logit_softcapping"] == 15.0
-    else:
-        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanoChatForCausalLM"
-        assert {k: config[k] for k in cfg} == cfg
+    assert "auto_map" not in config and config["num_key_value_heads"] == cfg["n_kv_head"] == 2
+    assert config["intermediate_size"] == 4 * cfg["n_embd"] and config["final_logit_softcapping"] == 15.0
     assert config["eos_token_id"] == tiny_tokenizer.encode_special("<|assistant_end|>")
 
 # -----------------------------------------------------------------------------
@@ -135,23 +127,19 @@ def checkpoint(base_dir, tiny_tokenizer):
     return model
 
 @pytest.mark.slow  # importing transformers alone takes seconds
-@pytest.mark.parametrize("remote_code", [False, True])
-def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint, tiny_tokenizer, tmp_path, capsys,
-                                                       remote_code):
+def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint, tiny_tokenizer, tmp_path, capsys):
     from scripts.export import main
-    out = tmp_path / f"hf_model_{remote_code}"  # its own name: transformers caches remote code by the folder's
-    assert main(["--source", "sft", "--out", str(out)] + ["--remote-code"] * remote_code) == 0
+    out = tmp_path / "hf_model"
+    assert main(["--source", "sft", "--out", str(out)]) == 0
     assert "verified" in capsys.readouterr().out
     report = json.loads((out / "verification.json").read_text())
     assert report["max_abs_logit_diff"] <= 1e-4
 
-    # independently of the script's own check: load it offline and compare on fresh text; the default layout is
-    # transformers' own NanoChat class, loaded without trust_remote_code
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=remote_code,
-                                                              dtype=torch.float32)
+    # independently of the script's own check: load it offline, as anyone would (transformers' own NanoChat class,
+    # no trust_remote_code), and compare on fresh text
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert type(model).__name__ == "NanoChatForCausalLM"
-    assert type(model).__module__.startswith("transformers.models.nanochat") != remote_code
+    assert type(model).__module__ == "transformers.models.nanochat.modeling_nanochat"
     text = "A different sentence, never seen by the exporter: 3 + 4 = 7."
     ids = tok(text, return_tensors="pt")["input_ids"]
     assert ids[0].tolist() == [tiny_tokenizer.get_bos_token_id()] + tiny_tokenizer.encode(text)
@@ -172,16 +160,11 @@ def test_transformers_loads_the_export_with_our_logits(transformers, checkpoint,
     assert generated.shape[1] <= prompt["input_ids"].shape[1] + 5
 
 def test_failed_verification_exports_nothing(transformers, checkpoint, tmp_path, monkeypatch, capsys):
-    import shutil
     import scripts.export as export
-    # a modeling file with one sign wrong in the rotary embedding: loads fine, computes wrong
-    broken = tmp_path / "broken_code"
-    shutil.copytree(export.HF_CODE_DIR, broken)
-    source = (broken / "modeling_nanochat.py").read_text()
-    assert "x2 * cos - x1 * sin" in source
-    (broken / "modeling_nanochat.py").write_text(source.replace("x2 * cos - x1 * sin", "x2 * cos + x1 * sin"))
-    monkeypatch.setattr(export, "HF_CODE_DIR", str(broken))
-    out = tmp_path / "hf_broken"  # its own folder name: transformers caches remote code by it
-    assert export.main(["--source", "sft", "--out", str(out), "--verify-tokens", "2", "--remote-code"]) == 1
+    # a wrong name map: the attention's input and output projections swapped (both square here), loads, computes wrong
+    swapped = {".attn.c_q.": ".self_attn.o_proj.", ".attn.c_proj.": ".self_attn.q_proj."}
+    monkeypatch.setattr(export, "NATIVE_NAMES", [(a, swapped.get(a, b)) for a, b in export.NATIVE_NAMES])
+    out = tmp_path / "hf_broken"
+    assert export.main(["--source", "sft", "--out", str(out), "--verify-tokens", "2"]) == 1
     assert "VERIFICATION FAILED: logits differ" in capsys.readouterr().err
     assert not out.exists() and (tmp_path / "hf_broken.tmp" / "model.safetensors").exists()
