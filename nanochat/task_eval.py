@@ -79,9 +79,11 @@ def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=Non
 
 @torch.no_grad()
 def assistant_nll(model, tokenizer, conversations, device, batch_size=8, max_len=None):
-    """(total NLL in nats, number of tokens) of the assistant's tokens in the conversations, summed over ranks."""
+    """(NLL in nats, tokens, NLL of their text tokens, bytes of that text) of the assistant's tokens in the
+    conversations, summed over ranks: the last two give bits per byte, which compares across tokenizers."""
     # the supervised tokens of render_conversation's mask; a conversation longer than max_len + 1 is cut at the end
-    total_nll, total_tokens, mine = 0.0, 0, my_indices(len(conversations))
+    sums, mine = [0.0, 0, 0.0, 0], my_indices(len(conversations))
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)  # 0 for special tokens
     for begin in range(0, len(mine), batch_size):
         rows = [tokenizer.render_conversation(conversations[i], max_tokens=(max_len + 1) if max_len else 10**9)
                 for i in mine[begin:begin + batch_size]]
@@ -89,8 +91,10 @@ def assistant_nll(model, tokenizer, conversations, device, batch_size=8, max_len
         x, y = collate_padded(rows, tokenizer.get_bos_token_id(), device)
         losses = model(x, y, loss_reduction="none")  # (B, T) nats, 0 where ignored
         counted = y >= 0
+        # bpb as evaluate_bpb counts it: special tokens (<|assistant_end|>) are no text, in neither sum
+        text = counted & (token_bytes[y.clamp(min=0)] > 0)
         # summed in float64: thousands of conversations' NLLs would lose digits in fp32
-        total_nll += losses[counted].double().sum().item()
-        total_tokens += int(counted.sum().item())
-    total_nll, total_tokens = all_reduce_sum([total_nll, total_tokens], device)
-    return total_nll, int(total_tokens)
+        sums = [a + b for a, b in zip(sums, [losses[counted].double().sum().item(), int(counted.sum()),
+                                             losses[text].double().sum().item(), int(token_bytes[y[text]].sum())])]
+    total_nll, total_tokens, text_nll, text_bytes = all_reduce_sum(sums, device)
+    return total_nll, int(total_tokens), text_nll, int(text_bytes)

@@ -43,12 +43,13 @@ def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_l
     """{ppl, tokens (scored), total_tokens, cut, conversations}: assistant-token perplexity (all ranks)."""
     # exp(mean NLL) of what the assistant says in held-out conversations (jsonl messages or Alpaca):
     # measured before and after fine-tuning, it says how much closer the model got to your data
-    nll, tokens = assistant_nll(model, tokenizer, conversations, device, batch_size, max_len)
+    nll, tokens, text_nll, text_bytes = assistant_nll(model, tokenizer, conversations, device, batch_size, max_len)
     if tokens == 0:
         raise ValueError("no assistant tokens to score (empty file, or every conversation cut before its answer)")
     # the end of a conversation longer than max_len + 1 tokens goes unscored: say how much was cut
     full = [tokenizer.render_conversation(c, max_tokens=10**9) for c in conversations]
-    return {"ppl": math.exp(nll / tokens), "tokens": tokens, "total_tokens": sum(sum(mask) for _, mask in full),
+    # bits per byte of the assistant's text: independent of the tokenizer, so any two models compare
+    return {"ppl": math.exp(nll / tokens), "bpb": text_nll / (math.log(2) * max(1, text_bytes)), "tokens": tokens, "total_tokens": sum(sum(mask) for _, mask in full),
             "cut": sum(len(ids) > max_len + 1 for ids, _ in full) if max_len else 0, "conversations": len(full)}
 
 def chatcore(accuracies):
@@ -131,13 +132,14 @@ def main(argv=None):
     for stem, conversations in ppl_sets.items():
         with autocast_ctx(device.type):
             stats = ppl[stem] = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
-        print0(f"task ppl {stem}: {stats['ppl']:.4f} over {stats['tokens']:,} of {stats['total_tokens']:,} "
+        print0(f"task ppl {stem}: {stats['ppl']:.4f} (bpb {stats['bpb']:.4f}) over {stats['tokens']:,} of {stats['total_tokens']:,} "
                f"assistant tokens; {stats['cut']} of {stats['conversations']} conversations cut at {max_len + 1} tokens")
     # the report card: its summary table reads these keys (report.SUMMARY_ROWS)
     if rank == 0:
         metrics = dict(results, **({"ChatCORE": score} if score is not None else {}))
         for stem, stats in ppl.items():
-            metrics.update({TASK_PPL_PREFIX + stem: stats["ppl"], f"task_ppl_tokens:{stem}": stats["tokens"],
+            metrics.update({TASK_PPL_PREFIX + stem: stats["ppl"], f"task_bpb:{stem}": stats["bpb"],
+                            f"task_ppl_tokens:{stem}": stats["tokens"],
                             f"task_ppl_total_tokens:{stem}": stats["total_tokens"],
                             f"task_ppl_cut_conversations:{stem}": stats["cut"]})
         get_report().log(section=f"Chat evaluation ({args.source})", data=[

@@ -98,7 +98,7 @@ def main(argv=None):
         """Validation loss per supervised token, and the accuracy on each --eval-tasks task."""
         model.eval()
         with autocast_ctx(device.type):
-            nll, count = assistant_nll(orig_model, tokenizer, val_conversations, device, B, T)
+            nll, count, _, _ = assistant_nll(orig_model, tokenizer, val_conversations, device, B, T)
             out = {"val_loss": nll / max(count, 1)}
             for spec, task in eval_tasks.items():
                 # this rank's share of the first --eval-items; the counts are summed over ranks below

@@ -228,8 +228,17 @@ def test_task_ppl_says_what_the_context_cut(base_dir, tiny_tokenizer, capsys):
     capsys.readouterr()
     out = chat_eval.main(["--device", "cpu", "--task-ppl", str(path)])
     measured = out["task_ppl"]["conversations"]
-    assert {k: v for k, v in measured.items() if k != "ppl"} == {"tokens": scored, "total_tokens": total, "cut": cut,
-                                                                 "conversations": len(rendered)}
+    assert {k: v for k, v in measured.items() if k not in ("ppl", "bpb")} == {
+        "tokens": scored, "total_tokens": total, "cut": cut, "conversations": len(rendered)}
+    # bits per byte by hand: the scored assistant targets that are text (no special token), nats / (ln 2 x bytes)
+    token_bytes, nats, nbytes = tiny_tokenizer.token_bytes(), 0.0, 0
+    for ids, mask in (tiny_tokenizer.render_conversation(c, max_tokens=41) for c in CustomJSON(str(path))):
+        with torch.no_grad():
+            losses = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]), loss_reduction="none")[0].tolist()
+        for loss, target, supervised in zip(losses, ids[1:], mask[1:]):
+            if supervised and token_bytes[target]:
+                nats, nbytes = nats + loss, nbytes + token_bytes[target]
+    assert 0 < nbytes and measured["bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
     direct = task_perplexity(model, tiny_tokenizer, CustomJSON(str(path)), "cpu", max_len=40)
     assert measured["ppl"] == pytest.approx(direct["ppl"], rel=1e-5)
     assert (f"over {scored:,} of {total:,} assistant tokens; {cut} of {len(rendered)} conversations cut at 41 tokens"
