@@ -20,7 +20,7 @@ from nanochat.api_client import STOP, APIError, ChatClient, FatalAPIError
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import HelpFormatter, autodetect_device_type
 from nanochat.engine import Engine
-from tasks.common import RecordError, chat_record_to_conversation, check_messages
+from tasks.common import RecordError, chat_record_to_conversation, check_messages, nonempty_str
 from tasks.preferences import preference_pair
 
 def make_client(args, prefix, counters):
@@ -251,8 +251,11 @@ def prompt_messages(record):
         # the prompt forms of a DPO pair, read by the DPO loader's own parser (the replies are stand-ins): the
         # pairs we write give the prompt back in the same form
         return preference_pair(dict(record, chosen="a", rejected="b"))["prompt_messages"]
+    if "instruction" in record:  # Alpaca: the instruction, then its input if any (its output is the answer)
+        instruction, extra = nonempty_str(record, "instruction"), nonempty_str(record, "input", optional=True)
+        return [{"role": "user", "content": instruction + ("\n\n" + extra if extra.strip() else "")}]
     if "messages" not in record:
-        raise RecordError("prompt", "missing (expected 'prompt', 'prompt_messages' or 'messages')")
+        raise RecordError("prompt", "missing (expected 'prompt', 'prompt_messages', 'messages' or 'instruction')")
     # a conversation: the prompt is all of it but a final reply
     messages = record["messages"]
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
