@@ -33,6 +33,7 @@ SUMMARY_ROWS = ([("CORE", "CORE evaluation", "CORE")]
                                                                 "HumanEval", "SpellingBee", "ChatCORE")]
                 + [("val bpb", "Loss evaluation", "val_bpb")])
 TASK_PPL_PREFIX = "task_ppl:"  # chat_eval logs one "task_ppl:<file stem>" per --task-ppl file
+TASK_BPB_PREFIX = "task_bpb:"  # and one "task_bpb:<file stem>"
 
 # a section's file name: "Chat evaluation (sft)" -> chat-evaluation-sft.md
 def slugify(section):
@@ -180,12 +181,13 @@ class Report:
                     value = latest(TRAINING_SECTIONS[stage], "val_bpb", "min_val_bpb")
                 if value is not None:
                     table.setdefault(row, {})[stage] = value
-        # and a row per --task-ppl file that any chat evaluation measured
+        # and rows per --task-ppl file that any chat evaluation measured: its perplexity and its bits per byte
         for stage in STAGES:
             for _, values, _ in sections.get(f"Chat evaluation ({stage})", []):
                 for key, value in values.items():
-                    if key.startswith(TASK_PPL_PREFIX):
-                        table.setdefault(f"task ppl {key[len(TASK_PPL_PREFIX):]}", {})[stage] = value
+                    for prefix, row in ((TASK_PPL_PREFIX, "task ppl"), (TASK_BPB_PREFIX, "task bpb")):
+                        if key.startswith(prefix):
+                            table.setdefault(f"{row} {key[len(prefix):]}", {})[stage] = value
         return table
 
     def generate(self, gpu_hourly_cost=DEFAULT_GPU_HOURLY_COST, out=None):

@@ -9,7 +9,7 @@ from functools import partial
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import HelpFormatter, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
-from nanochat.report import TASK_PPL_PREFIX, get_report
+from nanochat.report import TASK_BPB_PREFIX, TASK_PPL_PREFIX, get_report
 from nanochat.task_eval import (all_reduce_sum, assistant_nll, engine_generate_fn, my_indices, run_categorical,
                                 run_generative)
 from tasks.arc import ARC
@@ -138,7 +138,7 @@ def main(argv=None):
     if rank == 0:
         metrics = dict(results, **({"ChatCORE": score} if score is not None else {}))
         for stem, stats in ppl.items():
-            metrics.update({TASK_PPL_PREFIX + stem: stats["ppl"], f"task_bpb:{stem}": stats["bpb"],
+            metrics.update({TASK_PPL_PREFIX + stem: stats["ppl"], TASK_BPB_PREFIX + stem: stats["bpb"],
                             f"task_ppl_tokens:{stem}": stats["tokens"],
                             f"task_ppl_total_tokens:{stem}": stats["total_tokens"],
                             f"task_ppl_cut_conversations:{stem}": stats["cut"]})

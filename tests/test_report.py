@@ -172,5 +172,6 @@ def test_real_eval_sections_feed_the_summary(base_dir, tiny_tokenizer, tmp_path)
     assert rows["val bpb"][0] == f"{loss['val_bpb']:.4f}"
     assert rows["ARC-Easy"][2] == f"{chat['results']['ARC-Easy']:.4f}"
     assert rows["task ppl conversations"][2] == f"{chat['task_ppl']['conversations']['ppl']:.4f}"
+    assert rows["task bpb conversations"][2] == f"{chat['task_ppl']['conversations']['bpb']:.4f}"
     assert "'Once upon a time' -> " in text
 
