@@ -7,6 +7,8 @@ import os
 import time
 from functools import partial
 
+import torch
+
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import HelpFormatter, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
 from nanochat.report import TASK_BPB_PREFIX, TASK_PPL_PREFIX, get_report
@@ -52,6 +54,32 @@ def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_l
     return {"ppl": math.exp(nll / tokens), "bpb": text_nll / (math.log(2) * max(1, text_bytes)), "tokens": tokens, "total_tokens": sum(sum(mask) for _, mask in full),
             "cut": sum(len(ids) > max_len + 1 for ids, _ in full) if max_len else 0, "conversations": len(full)}
 
+@torch.no_grad()
+def hf_task_perplexity(path, conversations, max_len=None):
+    """task_perplexity's ppl and bpb for a local Hugging Face causal LM, with its own tokenizer and chat template."""
+    # bpb does not depend on the tokenizer: the side-by-side number against any reference model
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # optional (the hf extra): imported only here
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    render = lambda messages, **kw: list(tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
+    max_len, specials = max_len or model.config.max_position_embeddings, set(tok.all_special_ids)
+    nll = text_nll = tokens = text_bytes = 0
+    for n, conversation in enumerate(conversations):
+        messages, spans = conversation["messages"], []
+        ids = render(messages)[:max_len + 1]  # as ours: max_len inputs, each predicting the next token
+        for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+            # an answer's tokens: its whole conversation so far, less the prompt for it (a template must be a prefix)
+            prompt, turn = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1])
+            if turn[:len(prompt)] != prompt or ids[:len(turn)] != turn[:len(ids)]:
+                raise ValueError(f"{path}: its chat template does not render conversation {n} turn by turn")
+            spans.append(range(len(prompt), min(len(turn), len(ids))))
+        logprobs = model(torch.tensor([ids[:-1]])).logits[0].float().log_softmax(-1)
+        for span in spans:  # position t is predicted at t - 1; special tokens are no text (as in our bpb)
+            losses = [-logprobs[t - 1, ids[t]].item() for t in span]
+            nll, tokens = nll + sum(losses), tokens + len(losses)
+            text_nll += sum(loss for t, loss in zip(span, losses) if ids[t] not in specials)
+            text_bytes += len(tok.decode([ids[t] for t in span], skip_special_tokens=True).encode("utf-8"))
+    return {"ppl": math.exp(nll / max(1, tokens)), "bpb": text_nll / (math.log(2) * max(1, text_bytes)), "tokens": tokens}
+
 def chatcore(accuracies):
     """Mean centered accuracy over ALL_TASKS; None unless every one of them was evaluated."""
     # centered, (acc - chance) / (1 - chance): 0 is guessing and 1 perfect on every task, so a
@@ -90,6 +118,9 @@ def main(argv=None):
     parser.add_argument("--spelling-size", type=int, default=256, help="how many SpellingBee problems to generate")
     parser.add_argument("--task-ppl", action="append", default=[], metavar="FILE",
                         help="report the assistant-token perplexity of these conversations (repeatable)")
+    parser.add_argument("--hf-model", default=None, metavar="PATH",
+                        help="with --task-ppl: the same numbers for this local Hugging Face causal LM (folder), with "
+                             "its own tokenizer and chat template, to compare by bpb (needs transformers)")
     args = parser.parse_args(argv)
     # --task-ppl alone measures just your files (the task suite takes minutes and may need downloads)
     names = parse_task_list(args.tasks) if args.tasks is not None else ([] if args.task_ppl else list(ALL_TASKS))
@@ -134,18 +165,25 @@ def main(argv=None):
             stats = ppl[stem] = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
         print0(f"task ppl {stem}: {stats['ppl']:.4f} (bpb {stats['bpb']:.4f}) over {stats['tokens']:,} of {stats['total_tokens']:,} "
                f"assistant tokens; {stats['cut']} of {stats['conversations']} conversations cut at {max_len + 1} tokens")
+        if args.hf_model and rank == 0:  # the reference model beside ours, on the same conversations
+            with exit_on(ValueError):
+                stats["hf"] = hf = hf_task_perplexity(args.hf_model, conversations)
+            print0(f"task ppl {stem}: {hf['ppl']:.4f} (bpb {hf['bpb']:.4f}) over {hf['tokens']:,} assistant tokens of "
+                   f"{args.hf_model}, its own tokenizer")
     # the report card: its summary table reads these keys (report.SUMMARY_ROWS)
     if rank == 0:
         metrics = dict(results, **({"ChatCORE": score} if score is not None else {}))
         for stem, stats in ppl.items():
             metrics.update({TASK_PPL_PREFIX + stem: stats["ppl"], TASK_BPB_PREFIX + stem: stats["bpb"],
+                            **({f"hf_task_ppl:{stem}": stats["hf"]["ppl"], f"hf_task_bpb:{stem}": stats["hf"]["bpb"]}
+                               if "hf" in stats else {}),
                             f"task_ppl_tokens:{stem}": stats["tokens"],
                             f"task_ppl_total_tokens:{stem}": stats["total_tokens"],
                             f"task_ppl_cut_conversations:{stem}": stats["cut"]})
         get_report().log(section=f"Chat evaluation ({args.source})", data=[
             {"source": args.source, "model_tag": model_tag, "step": meta["step"], "tasks": "|".join(names) or "none",
              "max_problems": args.max_problems, "data_dir": args.data_dir, "num_samples": args.num_samples,
-             "temperature": args.temperature, "task_ppl_files": args.task_ppl},
+             "temperature": args.temperature, "task_ppl_files": args.task_ppl, "hf_model": args.hf_model},
             metrics, {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()}])
     compute_cleanup()
     return {"results": results, "ChatCORE": score, "task_ppl": ppl}
