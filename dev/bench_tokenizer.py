@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanochat.common import HelpFormatter
+try:  # the PyPI-rustbpe worker runs this file in a venv of its own, without nanochat (or torch): plain help there
+    from nanochat.common import HelpFormatter
+except ImportError:
+    HelpFormatter = argparse.HelpFormatter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -109,7 +112,7 @@ def run_contender(contender, args):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [python_for(contender, args.pypi_venv), str(Path(__file__).resolve()), "--worker", contender,
-               "--data", str(args.data), "--vocab-size", str(args.vocab_size), "--out", str(out)]
+               "--data", str(args.data.resolve()), "--vocab-size", str(args.vocab_size), "--out", str(out)]
         # our own package must not shadow the PyPI one in the other venv (and vice versa)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         # run from a scratch directory: whatever the contender writes there goes with it
