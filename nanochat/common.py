@@ -42,8 +42,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action):
         # a help that already says what its default means ("default: the latest") is not repeated, and an
-        # empty default (None, "", off) says nothing
-        if "default" in (action.help or "") or action.default in (None, "", False, []):
+        # empty default (None, "", off) says nothing; 0 does say something (0.0 == False, hence `is False`)
+        if "default" in (action.help or "") or action.default is None or action.default is False \
+                or action.default in ("", []):
             return action.help
         return super()._get_help_string(action)
 
