@@ -10,6 +10,7 @@ import re
 from nanochat.common import HelpFormatter, exit_on, print0
 from nanochat.download import DownloadError
 from tasks.arc import ARC, ARC_SPLITS
+from tasks.chatlog import ChatLog
 from tasks.common import Task, TaskMixture
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
@@ -22,7 +23,7 @@ from tasks.spelling import SimpleSpelling, SpellingBee
 
 SPEC_HELP = """\
 A task spec is NAME[:ARG...][[START:STOP[:STEP]]]. ARGs are a split/variant word, a number (size),
-or a local data file (anything with a '/' or ending in .jsonl/.json/.parquet):
+or a local data file (anything with a '/' or ending in .jsonl/.json/.parquet/.txt/.csv):
   smoltalk[:train|test][:FILE]              general chat (HuggingFaceTB/smol-smoltalk)
   mmlu[:auxiliary_train|dev|validation|test][:SUBJECT][:FILE]   (train = auxiliary_train)
   arc[:easy|challenge][:train|validation|test][:FILE]          default easy
@@ -31,6 +32,7 @@ or a local data file (anything with a '/' or ending in .jsonl/.json/.parquet):
   spelling[:train|test][:N] (= spellingbee) count letters with a python tool call, N examples
   simplespelling[:train|test][:N]           spell words letter by letter
   custom:FILE                               your conversations (messages or Alpaca jsonl/parquet)
+  chatlog:EXPORT:me=NAME[:gap=MINUTES][:speaker_names]   a chat export, you the assistant (tasks/chatlog.py)
   identity:PERSONA.json[:N]                 who-am-I conversations for your persona
   preferences[:train|test][:FILE]           DPO pairs (default HuggingFaceH4/ultrafeedback_binarized)
   identity_pairs:PERSONA.json[:N]           DPO pairs: persona answer vs a generic one
@@ -49,7 +51,7 @@ def build_task(spec, default_split="train"):
     name, *args = body.split(":")
     name = name.strip().lower()
     # an ARG is told apart by its form: a path, a number (a size), or a word (split, variant, subject)
-    paths = [a for a in args if "/" in a or os.sep in a or a.endswith((".jsonl", ".json", ".parquet"))]
+    paths = [a for a in args if "/" in a or os.sep in a or a.endswith((".jsonl", ".json", ".parquet", ".txt", ".csv"))]
     path = paths[0] if paths else None
     words = [a for a in args if a not in paths and not a.isdigit() and a != "skip_bad"]
     numbers = [int(a) for a in args if a.isdigit()]
@@ -97,6 +99,9 @@ def build_task(spec, default_split="train"):
     if name == "custom":
         check_args(needs_file="a file, e.g. custom:/data/mine.jsonl")
         return CustomJSON(path, skip_bad=bool(skip_bad), **sliced)
+    if name == "chatlog":  # its me=NAME, gap=MINUTES and speaker_names words are ChatLog's to check
+        check_args(*words, needs_file="a chat export, e.g. chatlog:/data/discord.json:me=alice")
+        return ChatLog(path, words, **sliced)
     if name in ("identity", "identity_pairs"):
         check_args(sized=True, needs_file=f"a persona file, e.g. {name}:persona.json")
         cls = IdentityConversations if name == "identity" else IdentityPreferences
