@@ -34,6 +34,7 @@ SUMMARY_ROWS = ([("CORE", "CORE evaluation", "CORE")]
                 + [("val bpb", "Loss evaluation", "val_bpb")])
 TASK_PPL_PREFIX = "task_ppl:"  # chat_eval logs one "task_ppl:<file stem>" per --task-ppl file
 TASK_BPB_PREFIX = "task_bpb:"  # and one "task_bpb:<file stem>"
+CUSTOM_PREFIX = "custom:"  # and the accuracy on each -a custom:FILE, "custom:<file stem>"
 
 # a section's file name: "Chat evaluation (sft)" -> chat-evaluation-sft.md
 def slugify(section):
@@ -181,13 +182,14 @@ class Report:
                     value = latest(TRAINING_SECTIONS[stage], "val_bpb", "min_val_bpb")
                 if value is not None:
                     table.setdefault(row, {})[stage] = value
-        # and rows per --task-ppl file that any chat evaluation measured: its perplexity and its bits per byte
+        # and rows per --task-ppl file any chat evaluation measured (perplexity, bits per byte), per custom:FILE (accuracy)
         for stage in STAGES:
             for _, values, _ in sections.get(f"Chat evaluation ({stage})", []):
                 for key, value in values.items():
-                    for prefix, row in ((TASK_PPL_PREFIX, "task ppl"), (TASK_BPB_PREFIX, "task bpb")):
+                    for prefix, row in ((TASK_PPL_PREFIX, "task ppl "), (TASK_BPB_PREFIX, "task bpb "),
+                                        (CUSTOM_PREFIX, CUSTOM_PREFIX)):
                         if key.startswith(prefix):
-                            table.setdefault(f"{row} {key[len(prefix):]}", {})[stage] = value
+                            table.setdefault(row + key[len(prefix):], {})[stage] = value
         return table
 
     def generate(self, gpu_hourly_cost=DEFAULT_GPU_HOURLY_COST, out=None):

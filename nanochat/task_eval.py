@@ -65,8 +65,9 @@ def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temp
         return [[tokenizer.decode(ids[len(prompt):]) for ids in results] for prompt, (results, _) in zip(prompts, outputs)]
     return generate
 
-def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=None):
-    """(number passed, number asked) over task[indices]: a problem passes when any sample does."""
+def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=None, first_samples=None):
+    """(number passed, number asked) over task[indices]: a problem passes when any sample does.
+    first_samples: a list that gets each problem's first sample, in order (chat_eval's confusion table)."""
     passed = 0
     for begin in tqdm(range(0, len(indices), batch_size), desc=task.__class__.__name__, unit="batch", leave=False,
                       delay=10, disable=get_dist_info()[1] != 0):  # a bar only after 10 s, on one rank
@@ -75,6 +76,8 @@ def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=Non
         # pass@N: the task grades each sample (HumanEval runs the code in the sandbox)
         for conversation, completions in zip(conversations, generate(prompts)):
             passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+            if first_samples is not None:
+                first_samples.append(completions[0])
     return passed, len(indices)
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Evaluate a chat model on tasks (ChatCORE), and measure how well it fits your own conversations.
     python -m scripts.chat_eval -i sft -a "ARC-Easy|GSM8K" --data-dir ../shared/data/eval   # or torchrun
-    python -m scripts.chat_eval -i mid --task-ppl my_val.jsonl          # perplexity on your data"""
+    python -m scripts.chat_eval -i mid --task-ppl my_val.jsonl          # perplexity on your data
+    python -m scripts.chat_eval -a "ARC-Easy|custom:my_quiz.jsonl" --fewshot 3   # your own questions too"""
 import argparse
 import math
 import os
@@ -11,11 +12,11 @@ import torch
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import HelpFormatter, autocast_ctx, compute_cleanup, compute_init, exit_on, print0
-from nanochat.report import TASK_BPB_PREFIX, TASK_PPL_PREFIX, get_report
+from nanochat.report import CUSTOM_PREFIX, TASK_BPB_PREFIX, TASK_PPL_PREFIX, get_report
 from nanochat.task_eval import (all_reduce_sum, assistant_nll, engine_generate_fn, my_indices, run_categorical,
                                 run_generative)
 from tasks.arc import ARC
-from tasks.customjson import CustomJSON
+from tasks.customjson import EVAL_FORMATS, CustomEval, CustomJSON
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -27,9 +28,12 @@ BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0
 # files looked for in --data-dir (the names of shared/data/eval), first found wins
 LOCAL_FILES = {"ARC-Easy": ["arc_easy.jsonl"], "ARC-Challenge": ["arc_challenge.jsonl"], "GSM8K": ["gsm8k_test.jsonl"],
                "MMLU": ["mmlu_test.jsonl", "mmlu_test_26subjects.jsonl"], "HumanEval": ["humaneval.jsonl"]}
+MAX_CONFUSION_LABELS = 20  # a custom file with more answers than this gets no confusion table: too wide to read
 
-def build_eval_task(name, data_dir=None, spelling_size=256):
+def build_eval_task(name, data_dir=None, spelling_size=256, fewshot=0, fewshot_file=None, seed=42):
     """The Task behind a task name: local files from data_dir, else the default (downloaded) data."""
+    if name.startswith(CUSTOM_PREFIX):  # your own questions, from the file named after the prefix
+        return CustomEval(name[len(CUSTOM_PREFIX):], fewshot, fewshot_file, seed)
     if name == "SpellingBee":  # generated from a word list: nothing to download or find
         return SpellingBee(size=spelling_size, split="test")
     path = None
@@ -88,6 +92,25 @@ def chatcore(accuracies):
         return None
     return sum((accuracies[n] - BASELINES[n]) / (1 - BASELINES[n]) for n in ALL_TASKS) / len(ALL_TASKS)
 
+# 'custom:/data/quiz.jsonl' -> 'custom:quiz': a file's stem names its results (as --task-ppl's); a built-in task as is
+def task_label(name):
+    path = name.removeprefix(CUSTOM_PREFIX)
+    return CUSTOM_PREFIX + os.path.splitext(os.path.basename(path))[0] if path != name else name
+
+# markdown: how often each right answer (row) got each reply (column; "(other)": a reply that is no answer of the file)
+def confusion_table(name, task, indices, replies, device):
+    # every rank knows the labels from the file: the same fixed-size matrix everywhere, summed in one all-reduce
+    labels, width = task.labels, len(task.labels) + 1
+    counts = [0] * (len(labels) * width)
+    for index, completion in zip(indices, replies):
+        answer, reply = task.graded(task[index], completion)
+        counts[labels.index(answer) * width + (labels.index(reply) if reply in labels else width - 1)] += 1
+    counts = all_reduce_sum(counts, device)
+    rows = [f"| {label} | " + " | ".join(f"{n:.0f}" for n in counts[row * width:(row + 1) * width]) + " |"
+            for row, label in enumerate(labels)]
+    return "\n".join([f"{name}: right answer (rows) x reply (columns)", "", f"| | {' | '.join(labels)} | (other) |",
+                      "|---" * (width + 1) + "|", *rows])
+
 def parse_task_list(text):
     # "ARC-Easy|GSM8K" or "ARC-Easy,GSM8K" (a comma is friendlier in a shell), "all", "none"
     names = [n.strip() for n in text.replace(",", "|").split("|") if n.strip()]
@@ -95,16 +118,20 @@ def parse_task_list(text):
         return list(ALL_TASKS)
     if names == ["none"]:
         return []
-    if unknown := [n for n in names if n not in ALL_TASKS]:
-        raise SystemExit(f"error: -a: unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)} (or all, none)")
+    if unknown := [n for n in names if n not in ALL_TASKS and not n.startswith(CUSTOM_PREFIX)]:
+        raise SystemExit(f"error: -a: unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)} "
+                         f"(or all, none, {CUSTOM_PREFIX}FILE)")
+    if len(set(map(task_label, names))) < len(names):  # two results of one name: one would hide the other
+        raise SystemExit(f"error: -a: a task (or a custom file's stem) is listed twice: {names}")
     return names
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                     epilog=f"{CUSTOM_PREFIX}FILE tasks, one kind of question per file:\n{EVAL_FORMATS}")
     add_checkpoint_args(parser, default_source="sft")
     parser.add_argument("-a", "--tasks", default=None,
-                        help=f"tasks separated by | or , from {'|'.join(ALL_TASKS)}; 'all' or 'none' "
-                             "(None: all, or none when --task-ppl is given)")
+                        help=f"tasks separated by | or , from {'|'.join(ALL_TASKS)} and {CUSTOM_PREFIX}FILE "
+                             "(your questions: see below); 'all' or 'none' (None: all, or none with --task-ppl)")
     parser.add_argument("--max-problems", type=int, default=-1, help="evaluate the first N problems of each task (-1 = all)")
     parser.add_argument("--data-dir", default=None,
                         help="offline: read the tasks from this folder (arc_easy.jsonl, arc_challenge.jsonl, "
@@ -115,6 +142,12 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
+    parser.add_argument("--fewshot", type=int, default=0, metavar="K",
+                        help="custom tasks: each question after the same K solved examples (drawn by --seed) as earlier "
+                             "turns: [its system message], user (example 1's question), assistant (its answer; a letter "
+                             "for multiple choice), ..., then the question's own turns")
+    parser.add_argument("--fewshot-file", default=None, metavar="FILE",
+                        help="draw the --fewshot examples from FILE (default: from each custom file, then not scored)")
     parser.add_argument("--spelling-size", type=int, default=256, help="how many SpellingBee problems to generate")
     parser.add_argument("--task-ppl", action="append", default=[], metavar="FILE",
                         help="report the assistant-token perplexity of these conversations (repeatable)")
@@ -129,7 +162,8 @@ def main(argv=None):
 
     ddp, rank, _, world_size, device = compute_init(args.device)
     with exit_on(FileNotFoundError, ValueError):  # load (and check) all the data first: a bad file fails in seconds
-        tasks = {name: build_eval_task(name, args.data_dir, args.spelling_size) for name in names}
+        tasks = {task_label(name): build_eval_task(name, args.data_dir, args.spelling_size, args.fewshot,
+                                                   args.fewshot_file, args.seed) for name in names}
         # each file is read and checked now too; its stem names its report row, "task ppl <stem>"
         ppl_sets = {os.path.splitext(os.path.basename(p))[0]: CustomJSON(p) for p in args.task_ppl}
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -138,7 +172,7 @@ def main(argv=None):
     max_len = model.config.sequence_len
     print0(f"{args.source} model {model_tag} step {meta['step']}, {world_size} rank(s)")
 
-    results, timings = {}, {}
+    results, timings, custom = {}, {}, {}
     # pass@N: a generative problem passes when any of its --num-samples samples does
     generate = engine_generate_fn(model, tokenizer, args.num_samples, args.max_new_tokens, args.temperature,
                                   args.top_k, args.seed, args.batch_size)
@@ -146,16 +180,26 @@ def main(argv=None):
         t0 = time.time()
         # every rank takes every world_size-th problem; the counts are summed over the ranks below
         indices = my_indices(len(task), args.max_problems)
+        replies = []  # each generated answer's first sample, for a custom file's confusion table
         with autocast_ctx(device.type):
             # multiple choice (ARC, MMLU) by the answer letters' logits; GSM8K, HumanEval and
             # SpellingBee by a generated answer that the task grades
             right, asked = (run_categorical(model, tokenizer, task, indices, device, args.batch_size, max_len)
                             if task.eval_type == "categorical" else
-                            run_generative(generate, tokenizer, task, indices, args.batch_size, max_len))
-        right, asked = all_reduce_sum([right, asked], device)
+                            run_generative(generate, tokenizer, task, indices, args.batch_size, max_len, replies))
+        # a custom file's chance: 1 / the number of choices (multiple choice) or of the file's answers (exact match)
+        chance = sum(1 / len(task[i].get("letters", task.labels)) for i in indices) if isinstance(task, CustomEval) else 0
+        right, asked, chance = all_reduce_sum([right, asked, chance], device)
         results[name] = right / asked if asked else float("nan")  # --max-problems 0: nothing asked
         timings[name] = time.time() - t0
         print0(f"{name:<14} {int(right)}/{int(asked)} = {results[name]:.4f}  ({timings[name]:.1f}s)")
+        if isinstance(task, CustomEval):
+            # exact match only (multiple choice has no labels), on every rank: the table is summed over them
+            table = (confusion_table(name, task, indices, replies, device)
+                     if 0 < len(task.labels) <= MAX_CONFUSION_LABELS else None)
+            custom[name] = {"chance": chance / max(1, asked), "scored": int(asked), "table": table}
+            print0(f"{'':<14} chance {custom[name]['chance']:.4f}, {int(asked)} scored, {args.fewshot}-shot (examples "
+                   f"from {args.fewshot_file or 'the file, not scored'})" + (f"\n{table}" if table else ""))
     if (score := chatcore(results)) is not None:
         print0(f"ChatCORE: {score:.4f}")
     # the assistant-token perplexity of each --task-ppl file, with the number of tokens it rests on
@@ -183,10 +227,15 @@ def main(argv=None):
         get_report().log(section=f"Chat evaluation ({args.source})", data=[
             {"source": args.source, "model_tag": model_tag, "step": meta["step"], "tasks": "|".join(names) or "none",
              "max_problems": args.max_problems, "data_dir": args.data_dir, "num_samples": args.num_samples,
-             "temperature": args.temperature, "task_ppl_files": args.task_ppl, "hf_model": args.hf_model},
-            metrics, {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()}])
+             "temperature": args.temperature, "task_ppl_files": args.task_ppl, "hf_model": args.hf_model,
+             "fewshot": args.fewshot, "fewshot_file": args.fewshot_file},
+            metrics, {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()},
+            # a custom file's chance and number scored beside its accuracy, then its confusion table (markdown)
+            {f"custom_{key}:{name.removeprefix(CUSTOM_PREFIX)}": stats[key]
+             for name, stats in custom.items() for key in ("chance", "scored")},
+            *(stats["table"] for stats in custom.values())])
     compute_cleanup()
-    return {"results": results, "ChatCORE": score, "task_ppl": ppl}
+    return {"results": results, "ChatCORE": score, "task_ppl": ppl, "custom": custom}
 
 if __name__ == "__main__":
     main()
