@@ -1,7 +1,5 @@
-"""
-Conversations into training batches: packed rows (midtraining) or padded rows (SFT, DPO: one conversation
-per row), and StepBatches, which weighs every supervised token of an optimizer step the same.
-"""
+"""Conversations into training batches: packed rows (midtraining) or padded rows (SFT, DPO: one conversation
+per row), and StepBatches, which weighs every supervised token of an optimizer step the same."""
 import functools
 
 import numpy as np
@@ -19,7 +17,6 @@ def epoch_permutation(num_items, epoch, seed):
 
 # -----------------------------------------------------------------------------
 # Padded rows (SFT, DPO)
-
 def collate_padded(rows, pad_id, device="cpu"):
     """(inputs, targets) of (B, L-1), L the longest of the (ids, mask) rows, padded with pad_id and -1."""
     length = max(len(ids) for ids, _ in rows) - 1
@@ -35,8 +32,7 @@ def collate_padded(rows, pad_id, device="cpu"):
         inputs, targets = inputs.pin_memory(), targets.pin_memory()
     return inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
 
-def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, resume_state=None,
-                   what="padded batches"):
+def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, resume_state=None, what="padded batches"):
     """(items, state) forever: items = [(index, render(task[index]))] of this rank's next micro-batch."""
     # Each epoch a seeded permutation of the examples, cut into micro-batches of batch_size (the last may be
     # short). Global micro-batch g goes to rank g % world_size, so a step of one process with grad_accum
@@ -60,7 +56,6 @@ def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, r
 
 # -----------------------------------------------------------------------------
 # Packed rows (midtraining)
-
 class PackedConversations:
     """(batch, state) forever: batch = {"inputs", "targets"} (B, T), "count" (supervised targets) and "tokens"."""
     # Rows of T+1 tokens packed best-fit with whole conversations: each row starts with a <|bos|>,
@@ -126,7 +121,6 @@ class PackedConversations:
 
 # -----------------------------------------------------------------------------
 # One optimizer step at a time, with the step's supervised count known to every micro-batch
-
 class StepBatches:
     """The micro-batches of one optimizer step at a time, each with "loss_scale", the factor that turns its
     *sum* of losses into its share of the step's mean over every supervised token."""

@@ -1,6 +1,4 @@
-"""
-Checkpoints: saving a training step, finding and loading one (a LoRA adapter with its base model), the -i/--step flags.
-"""
+"""Checkpoints: saving a training step, finding and loading one (LoRA adapters with their base), the -i/--step flags."""
 import errno
 import glob
 import json
@@ -154,8 +152,7 @@ def build_model(checkpoint_dir, step, device, phase, merge=True):
         config = GPTConfig(**meta["model_config"])
         with torch.device("meta"):  # no init twice: allocate, then fill from the state_dict
             model = GPT(config)
-        model.to_empty(device=device)
-        model.init_weights()  # also what the state_dict does not hold (the rotary tables)
+        model.to_empty(device=device).init_weights()  # also what the state_dict does not hold (the rotary tables)
         model.load_state_dict(model_state, strict=True, assign=True)
         tokenizer = get_tokenizer()
         if tokenizer.get_vocab_size() > config.vocab_size:

@@ -1,7 +1,5 @@
-"""
-Shared plumbing for every stage: where artifacts live (and writing them safely), which
-device/dtype to use, distributed init from torchrun's environment, rank-0 printing, wandb.
-"""
+"""Shared plumbing for every stage: where artifacts live (and writing them safely), which
+device/dtype to use, distributed init from torchrun's environment, rank-0 printing, wandb."""
 import argparse
 import contextlib
 import logging
@@ -16,7 +14,6 @@ import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
 # Logging and printing
-
 def setup_logging(level=logging.INFO):
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
@@ -61,7 +58,6 @@ def exit_on(*errors, prefix=""):
 
 # -----------------------------------------------------------------------------
 # Where artifacts live, and writing them so that a crash never leaves half a file
-
 def get_base_dir():
     """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; created on first use."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
@@ -90,7 +86,6 @@ def atomic_write(path, data):
 
 # -----------------------------------------------------------------------------
 # Device and dtype policy (the one place that decides)
-
 def autodetect_device_type():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
@@ -119,7 +114,6 @@ def get_peak_flops(device_type):
 
 # -----------------------------------------------------------------------------
 # Distributed init
-
 def get_dist_info():
     """(ddp, rank, local_rank, world_size) from torchrun's environment."""
     if int(os.environ.get("RANK", -1)) != -1 and "WORLD_SIZE" in os.environ:
@@ -134,9 +128,8 @@ def compute_init(device_type=None, seed=42):
         raise RuntimeError(f"--device {device_type} was requested but {device_type.upper()} is not available")
     # the same seed on every rank: identical initial weights without broadcasting them
     random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the CUDA generators too
     if device_type == "cuda":
-        torch.cuda.manual_seed(seed)
         torch.set_float32_matmul_precision("high")  # tf32 for the fp32 matmuls that remain
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp and device_type == "cuda":
@@ -180,7 +173,6 @@ def compute_cleanup():
 
 # -----------------------------------------------------------------------------
 # Optional remote logging
-
 def init_wandb(run_name, project, config, master_process):
     # only rank 0 reports; wandb finishes the run itself when the process exits
     if run_name == "dummy" or not master_process:  # --run=dummy, the default: a stand-in that logs nothing

@@ -203,8 +203,7 @@ def load_items(task):
 def render_prompts(item, task_type, delimiter, fewshot=()):
     """[(context, context + continuation)]: one pair per choice / context option, one for LM."""
     # a solved example is its own right answer (the gold pair; LM items have just one), rendered alike
-    prefix = "".join(render_prompts(ex, task_type, delimiter)[ex.get("gold", 0)][1] + EXAMPLE_SEPARATOR
-                     for ex in fewshot)
+    prefix = "".join(render_prompts(ex, task_type, delimiter)[ex.get("gold", 0)][1] + EXAMPLE_SEPARATOR for ex in fewshot)
     if task_type == MC:
         pairs = [(item["query"], choice) for choice in item["choices"]]
     elif task_type == SCHEMA:

@@ -1,9 +1,7 @@
-"""
-The pretraining dataloader: documents in, B x T batches of token ids out, resumable exactly.
+"""The pretraining dataloader: documents in, B x T batches of token ids out, resumable exactly.
 
     for inputs, targets, state in tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "train"):
-    python -m nanochat.dataloader --tokens 11.2e9   # the shards a token budget needs, measured (the last line)
-"""
+    python -m nanochat.dataloader --tokens 11.2e9   # the shards a token budget needs, measured (the last line)"""
 import argparse
 import bisect
 import math
@@ -102,7 +100,6 @@ def tokenizing_distributed_data_loader_with_state(
     documents = corpus.iter_documents(split, rank=rank, world_size=world_size, start=cursor, num_epochs=num_epochs)
 
     def tokenize_documents():
-        # tokenizer_batch_size documents per call, on tokenizer_threads threads
         while chunk := [(text[:max_chars], position) for text, position in islice(documents, tokenizer_batch_size)]:
             token_lists = tokenizer.encode([text for text, _ in chunk], prepend=bos, num_threads=tokenizer_threads)
             yield from zip((position for _, position in chunk), token_lists)

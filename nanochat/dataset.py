@@ -1,9 +1,7 @@
-"""
-Pretraining corpora: the FineWeb-Edu shards (downloaded here) or your own text, split train/val.
+"""Pretraining corpora: the FineWeb-Edu shards (downloaded here) or your own text, split train/val.
 
     python -m nanochat.dataset -n 8             # 8 training shards + the validation shard
-    python -m nanochat.dataset --data books/    # check a corpus of your own and print its size
-"""
+    python -m nanochat.dataset --data books/    # check a corpus of your own and print its size"""
 import argparse
 import glob
 import hashlib

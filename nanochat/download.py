@@ -1,10 +1,8 @@
-"""
-Downloading files, the one way nanochat does it: retried, resumed, checked, renamed into place whole.
+"""Downloading files, the one way nanochat does it: retried, resumed, checked, renamed into place whole.
 
     path = download_file(url, "/data/shard.parquet", check=lambda tmp: None if ok(tmp) else "why not")
     path = hf_dataset_file("openai/gsm8k", "main/test-00000-of-00001.parquet")
-    python -m nanochat.download dev/cpu_data.json ~/.cache/nanochat/cpu_data   # a sha256-pinned manifest
-"""
+    python -m nanochat.download dev/cpu_data.json ~/.cache/nanochat/cpu_data   # a sha256-pinned manifest"""
 import argparse
 import hashlib
 import json
@@ -37,8 +35,7 @@ def _fetch(url, tmp, timeout, desc):
     # one attempt: a partial .tmp (from the last try, or a killed run) is continued with an HTTP Range request
     offset = os.path.getsize(tmp) if os.path.exists(tmp) else 0
     try:
-        response = requests.get(url, headers={"Range": f"bytes={offset}-"} if offset else {},
-                                stream=True, timeout=timeout)
+        response = requests.get(url, headers={"Range": f"bytes={offset}-"} if offset else {}, stream=True, timeout=timeout)
     except requests.ConnectionError as e:  # refused, unreachable, DNS, connect timeout
         raise _TryAgain(f"cannot connect ({e})", answered=False) from None
     except requests.Timeout as e:  # connected, but no headers in time

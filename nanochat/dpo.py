@@ -1,7 +1,5 @@
-"""
-Direct Preference Optimization (Rafailov et al., 2023): preference pairs into token ids, the
-frozen reference's log-probabilities computed once, and the loss.
-"""
+"""Direct Preference Optimization (Rafailov et al., 2023): preference pairs into token ids, the
+frozen reference's log-probabilities computed once, and the loss."""
 from collections import Counter
 
 import torch
@@ -20,7 +18,6 @@ DROP_REASONS = ("empty", "identical", "too_long", "identical_after_truncation")
 
 # -----------------------------------------------------------------------------
 # Pairs into token ids, truncated to fit
-
 def truncate_pair(prompt, chosen, rejected, max_seq_len, min_prompt_tokens=2, min_response_tokens=1):
     """Fit prompt + either answer into max_seq_len tokens: (prompt, chosen, rejected, what_was_cut),
     or None when it cannot fit. The answers are never cut to nothing."""
@@ -74,13 +71,11 @@ def describe_counts(counts):
 def collate_pairs(pairs, pad_id, device="cpu"):
     """inputs/targets (2B, L): rows 0..B-1 the chosen answers, rows B..2B-1 the rejected ones."""
     # a row is prompt + answer, its mask 1 on the answer's tokens only: the loss is on what is preferred
-    rows = [(prompt + answers[k], [0] * len(prompt) + [1] * len(answers[k]))
-            for k in (0, 1) for prompt, *answers in pairs]
+    rows = [(prompt + answers[k], [0] * len(prompt) + [1] * len(answers[k])) for k in (0, 1) for prompt, *answers in pairs]
     return collate_padded(rows, pad_id, device)
 
 # -----------------------------------------------------------------------------
 # Log-probabilities and the loss
-
 def answer_logps(model, inputs, targets):
     """(sum of log-probs of the supervised targets per row, number of them per row)."""
     per_token = model(inputs, targets, loss_reduction="none")  # nats; 0 where the target is -1
@@ -109,23 +104,20 @@ def reference_logps(model, pairs, batch_size, pad_id, device, rank=0, world_size
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid"):
     """Per-pair losses and the implicit rewards (chosen, rejected), each of shape (B,)."""
-    chosen_ratio = policy_chosen - ref_chosen
-    rejected_ratio = policy_rejected - ref_rejected
-    h = chosen_ratio - rejected_ratio
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {LOSS_TYPES}")
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
     losses = -F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 def pair_losses(model, batch, beta, loss_type="sigmoid", length_norm=False, sft_weight=0.0):
-    """The loss of every pair of a collated batch {"inputs", "targets", "ref" (B, 2)} and the
-    statistics we log, all per pair (B,)."""
+    """The losses and the statistics we log, all per pair (B,), of a collated batch {"inputs", "targets", "ref" (B, 2)}."""
     logps, counts = answer_logps(model, batch["inputs"], batch["targets"])
     counts = counts.clamp(min=1).to(logps.dtype)
-    ref = batch["ref"].to(logps.dtype)
-    n = ref.size(0)
+    ref_chosen, ref_rejected = batch["ref"].to(logps.dtype).unbind(1)
+    n = ref_chosen.size(0)
     policy_chosen, policy_rejected = logps[:n], logps[n:]
-    ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
     if length_norm:  # averaged over the answer's tokens instead of summed: less length bias
         policy_chosen, policy_rejected = policy_chosen / counts[:n], policy_rejected / counts[n:]
         ref_chosen, ref_rejected = ref_chosen / counts[:n], ref_rejected / counts[n:]

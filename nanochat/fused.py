@@ -91,8 +91,7 @@ def softcap_ce_chunks(x, weight, targets, cap, with_grads, row_weights=None):
     rows = ce_chunk_rows(x.device.type, V)
     fp = torch.promote_types(weight.dtype, torch.float32)
     losses = torch.empty(N, dtype=fp, device=x.device)
-    grad_x = torch.empty_like(x) if with_grads else None
-    grad_w = torch.zeros_like(weight) if with_grads else None
+    grad_x, grad_w = (torch.empty_like(x), torch.zeros_like(weight)) if with_grads else (None, None)
     autocast = torch.is_autocast_enabled(x.device.type)
     for i in range(0, N, rows):
         xc, tc = x[i:i + rows], targets[i:i + rows]

@@ -1,10 +1,8 @@
-"""
-The GPT model, a modern decoder-only Transformer in plain PyTorch: rotary position embeddings (no
+"""The GPT model, a modern decoder-only Transformer in plain PyTorch: rotary position embeddings (no
 learned positions), QK-norm, parameter-free RMSNorm everywhere (also right after the embedding), a
 ReLU^2 MLP, no biases, untied embedding and lm_head, grouped-query attention, logits soft-capped at
 15 * tanh(x / 15); Muon for the block matrices, AdamW for embedding and lm_head (setup_optimizer).
-Params are fp32 (on CUDA the forward runs under bf16 autocast). model.fused swaps in fused.py's paths.
-"""
+Params are fp32 (on CUDA the forward runs under bf16 autocast). model.fused swaps in fused.py's paths."""
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -80,11 +78,9 @@ class CausalSelfAttention(nn.Module):
             # stores this chunk's keys/values, returns those of every cached position (the chunk's included)
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
-        mask = None
-        if positions is not None:
-            # ragged batch, every row at its own position: row b's query i sees keys 0..positions[b, i]
-            # (keys past a short row's end are padding up to the longest row)
-            mask = torch.arange(Tk, device=q.device) <= positions[:, None, :, None]  # (B, 1, Tq, Tk)
+        # ragged batch, every row at its own position: a (B, 1, Tq, Tk) mask, row b's query i sees keys
+        # 0..positions[b, i] (keys past a short row's end are padding up to the longest row)
+        mask = None if positions is None else torch.arange(Tk, device=q.device) <= positions[:, None, :, None]
         # unmasked: training or a prefill into an empty cache (Tq == Tk) is causal, one decode token sees all.
         # Several tokens after a cached prefix need a mask: only a cache with per-row positions gets one
         assert mask is not None or Tq in (1, Tk), "a chunk after a cached prefix needs per-row positions"
@@ -139,13 +135,6 @@ class GPT(nn.Module):
     def fused(self, value):
         self._fused = None if value is None else bool(value)  # None: back to the device's default
 
-    def _precompute_rotary_embeddings(self, seq_len):
-        head_dim, device = self.config.n_embd // self.config.n_head, self.transformer.wte.weight.device
-        inv_freq = ROTARY_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
-        # shaped (1, T, 1, D/2) to broadcast over (B, T, H, D/2)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-
     @torch.no_grad()
     def init_weights(self):
         """(Re)initialise every parameter and recompute the rotary tables on the model's device."""
@@ -160,7 +149,11 @@ class GPT(nn.Module):
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
+        head_dim, device = self.config.n_embd // self.config.n_head, self.get_device()
+        inv_freq = ROTARY_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        freqs = torch.outer(torch.arange(self.rotary_seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+        # shaped (1, T, 1, D/2) to broadcast over (B, T, H, D/2)
+        self.cos, self.sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -177,8 +170,7 @@ class GPT(nn.Module):
         n_matmul = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_len
 
-    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                        muon_dtype=None):
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, muon_dtype=None):
         """One optimizer (optim.build_optimizer): AdamW for lm_head and embedding, Muon for every block matrix."""
         # sharded when torch.distributed runs (then do NOT wrap the model in DDP, see optim.py); muon_dtype:
         # Newton-Schulz precision (None: bf16 where matmuls are fast in it)
@@ -231,12 +223,10 @@ class GPT(nn.Module):
             loss = linear_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                                 LOGIT_SOFTCAP, loss_reduction)
         else:
-            logits = self.lm_head(x).float()
-            logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+            logits = LOGIT_SOFTCAP * torch.tanh(self.lm_head(x).float() / LOGIT_SOFTCAP)
             if targets is None:
                 return logits
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1,
-                                   reduction=loss_reduction)
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
     @torch.inference_mode()

@@ -42,9 +42,8 @@ def _probe_tensor_collectives(backend):
 @torch.no_grad()
 def all_reduce_gradients(model):
     """Average every .grad of model across ranks, in place; True when it did (then step(grads_averaged=True))."""
-    # for gradient clipping, which must see the averaged gradient (clipping each rank's local one is wrong):
-    # all_reduce_gradients(model), clip, step(grads_averaged=True). A SUM then * 1/world_size, as in the
-    # optimizer: ReduceOp.AVG is not on every backend
+    # for gradient clipping, which must see the averaged gradient (clipping each rank's local one is wrong);
+    # a SUM then * 1/world_size, as in the optimizer: ReduceOp.AVG is not on every backend
     if (ws := dist_world_size()) == 1:
         return False
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -108,8 +108,7 @@ class Tokenizer:
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """A str -> list[int]; a list of str -> list[list[int]] (batched on threads)."""
         # prepend/append: a special token's name or an id
-        pre = [] if prepend is None else [self.encode_special(prepend) if isinstance(prepend, str) else prepend]
-        post = [] if append is None else [self.encode_special(append) if isinstance(append, str) else append]
+        pre, post = ([] if t is None else [self.encode_special(t) if isinstance(t, str) else t] for t in (prepend, append))
         # encode_ordinary: special-token text typed by a user ("<|bos|>") stays ordinary text
         if isinstance(text, str):
             return pre + self.enc.encode_ordinary(text) + post

@@ -1,7 +1,5 @@
-"""
-What the four training stages (base, mid, SFT, DPO) share: flags, LR schedule, optimizer step, checkpoint save and
-resume, the progress line. The loops themselves live in the stage scripts, where you can read and edit them.
-"""
+"""What the four training stages (base, mid, SFT, DPO) share: flags, LR schedule, optimizer step, checkpoint save and
+resume, the progress line. The loops themselves live in the stage scripts, where you can read and edit them."""
 import gc
 import math
 import os
@@ -87,7 +85,6 @@ def add_finetuning_flags(parser, default_source, default_mixture, default_val, n
 
 # -----------------------------------------------------------------------------
 # The schedule and the optimizer step
-
 def lr_multiplier(step, num_steps, warmup_ratio, warmdown_ratio, final_lr_frac):
     """Linear warmup to 1, flat, linear warmdown to final_lr_frac (tested the right way round)."""
     warmup, warmdown = round(warmup_ratio * num_steps), round(warmdown_ratio * num_steps)
@@ -150,7 +147,6 @@ def maybe_compile(model, args, device, dynamic):
 
 # -----------------------------------------------------------------------------
 # Where a fine-tuning stage starts from and saves to
-
 def load_starting_model(args, source, stage, device):
     """(model, optimizer, tokenizer, checkpoint_dir, meta) of a fine-tuning stage, from the `source` checkpoint."""
     # with --lora-rank, adapters go on it and only they train; meta is what this stage's checkpoints carry
@@ -186,7 +182,6 @@ def describe_lineage(source):
 
 # -----------------------------------------------------------------------------
 # Checkpoints: save and resume
-
 def save(checkpoint_dir, step, model, optimizer, meta, loader_state, log):
     """Save a step on every rank: weights (or the LoRA adapters), optimizer shards, meta."""
     # the meta holds every rank's loader position and the log's running state (loss EMA, train time),
@@ -204,8 +199,7 @@ def resume(requested, checkpoint_dir, model, optimizer, meta, device):
     """(step, loader state, saved meta) of the last checkpoint in checkpoint_dir, loaded into model and optimizer."""
     if not requested:  # a fresh run
         return 0, None, None
-    steps = list_steps(checkpoint_dir)
-    if not steps:
+    if not (steps := list_steps(checkpoint_dir)):
         raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir} to resume from")
     step = steps[-1]
     # each rank its own optimizer shard: a run resumes with the number of ranks it was saved with
@@ -235,7 +229,6 @@ def finish(log, model, meta):
 
 # -----------------------------------------------------------------------------
 # The progress line
-
 class TrainLog:
     """One line per step (loss, its EMA, LR multiplier, tok/s, MFU, ETA), the same to wandb, and a history."""
     # the history (steps, losses, metrics, evaluations) is what the tests and the report card read

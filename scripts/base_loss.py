@@ -1,9 +1,7 @@
-"""
-Bits per byte of a checkpoint on the train and val splits of a corpus, and a few greedy samples.
+"""Bits per byte of a checkpoint on the train and val splits of a corpus, and a few greedy samples.
 
     python -m scripts.base_loss                         # the base model, on the corpus it was trained on
-    python -m scripts.base_loss --data ~/books/ --split-tokens 1000000     # your own text
-"""
+    python -m scripts.base_loss --data ~/books/ --split-tokens 1000000     # your own text"""
 import argparse
 import time
 
@@ -57,14 +55,13 @@ def main(argv=None):
     _, rank, _, world_size, device = compute_init(args.device)
     with exit_on(FileNotFoundError, DataError):  # no checkpoint or tokenizer; bad or missing data
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        model_tag = meta["model_tag"]
         token_bytes = get_token_bytes(device)
         data_name, val_data, corpus = open_corpus(args, meta)
         B, T = args.device_batch_size, model.config.sequence_len
         # whole batches of every rank, and at least one: bpb of a few tokens beats none
         steps = max(1, args.split_tokens // (B * T * world_size))
-        print0(f"{args.source} model {model_tag} step {meta['step']}: bpb over {steps} batches of {B}x{T} tokens "
-               f"x {world_size} rank(s) per split, data: {data_name}")
+        print0(f"{args.source} model {meta['model_tag']} step {meta['step']}: bpb over {steps} batches of {B}x{T} "
+               f"tokens x {world_size} rank(s) per split, data: {data_name}")
         t0, results = time.time(), {}
         for split in ("train", "val"):
             # at most one pass over each split: a small corpus is measured whole, not looped over for minutes
@@ -81,8 +78,8 @@ def main(argv=None):
             samples = greedy_samples(model, tokenizer, args.prompt or SAMPLE_PROMPTS, args.sample_tokens)
         print0("\n".join(f"{prompt!r} -> {continuation!r}" for prompt, continuation in samples))
     get_report().log(section=f"Loss evaluation ({args.source})", data=[
-        {"source": args.source, "model_tag": model_tag, "step": meta["step"], "data": data_name, "val_data": val_data,
-         "split_tokens": steps * B * T * world_size}, {**results, "eval_time_s": round(seconds, 1)},
+        {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"], "data": data_name,
+         "val_data": val_data, "split_tokens": steps * B * T * world_size}, {**results, "eval_time_s": round(seconds, 1)},
         ("Greedy samples:\n\n" + "\n".join(f"    {p!r} -> {c!r}" for p, c in samples)) if samples else None])
     compute_cleanup()
     return {**results, "samples": samples}

@@ -1,8 +1,6 @@
-"""
-Pretrain the base model on the default web corpus or on your own text.
+"""Pretrain the base model on the default web corpus or on your own text.
     python -m scripts.base_train --depth=4 --device-batch-size=8 [--data ~/books/]   # one process, [your corpus]
-    torchrun --nproc_per_node=8 -m scripts.base_train --depth=20                     # 8 GPUs
-"""
+    torchrun --nproc_per_node=8 -m scripts.base_train --depth=20                     # 8 GPUs"""
 import argparse
 import os
 import time
@@ -69,8 +67,7 @@ def main(argv=None):
     # The model: built on the meta device (no memory, no init), then allocated and initialised once
     with torch.device("meta"):
         orig_model = GPT(config)
-    orig_model.to_empty(device=device)
-    orig_model.init_weights()
+    orig_model.to_empty(device=device).init_weights()
     model = training.maybe_compile(orig_model, args, device, dynamic=False)  # optimizer and checkpoints see orig_model
     # the parameters set the token budget below, the FLOPs per token the MFU of the progress line
     num_params, flops_per_token = orig_model.num_params(), orig_model.estimate_flops()
@@ -150,10 +147,9 @@ def main(argv=None):
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | val bpb {last_eval.get('val_bpb', float('nan')):.4f}"
            + (f" | peak memory {peak_mem:.0f} MiB" if peak_mem else ""))
     get_report().log(section="Base model training", data=[vars(args), {  # (a no-op off rank 0)
-        "parameters": num_params, "flops_per_token": f"{flops_per_token:e}", "steps": num_steps,
-        "tokens": total_tokens, "tokens_per_param": round(total_tokens / num_params, 2),
-        "min_val_bpb": last_eval.get("val_bpb"), "training_time_min": round(log.train_time / 60, 2),
-        "peak_memory_mib": peak_mem}])
+        "parameters": num_params, "flops_per_token": f"{flops_per_token:e}", "steps": num_steps, "tokens": total_tokens,
+        "tokens_per_param": round(total_tokens / num_params, 2), "min_val_bpb": last_eval.get("val_bpb"),
+        "training_time_min": round(log.train_time / 60, 2), "peak_memory_mib": peak_mem}])
     return training.finish(log, orig_model, meta)  # (and the process group torn down)
 
 if __name__ == "__main__":

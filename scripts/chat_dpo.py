@@ -1,8 +1,6 @@
-"""
-Direct Preference Optimization (DPO): from pairs of answers to one prompt, make the preferred one the more likely.
+"""Direct Preference Optimization (DPO): from pairs of answers to one prompt, make the preferred one the more likely.
     python -m scripts.chat_dpo --data pairs.jsonl --data-only   # only your pairs (validation: held out); or torchrun
-    python -m scripts.chat_dpo --loss ipo --length-norm --sft-weight 0.1 --lora-rank 16
-"""
+    python -m scripts.chat_dpo --loss ipo --length-norm --sft-weight 0.1 --lora-rank 16"""
 import argparse
 import time
 
@@ -27,8 +25,7 @@ STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/
               "logps/chosen", "logps/rejected")
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP, formatter_class=HelpFormatter)
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference (KL weight)")
     g.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES, help="sigmoid: DPO; ipo: IPO's squared loss")

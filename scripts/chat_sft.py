@@ -1,8 +1,6 @@
-"""
-Supervised fine-tuning (SFT): teach the model to answer like an assistant, the loss only on what the assistant says.
+"""Supervised fine-tuning (SFT): teach the model to answer like an assistant, the loss only on what the assistant says.
     python -m scripts.chat_sft --data mine.jsonl --data-only     # only yours (validation: held out); or torchrun
-    python -m scripts.chat_sft --persona persona.json --lora-rank 16
-"""
+    python -m scripts.chat_sft --persona persona.json --lora-rank 16"""
 import argparse
 import time
 
@@ -24,8 +22,7 @@ DEFAULT_VAL = ["smoltalk:test"]
 DEFAULT_EVAL_TASKS = ["mmlu:test", "arc:easy:test"]
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP, formatter_class=HelpFormatter)
     g = parser.add_argument_group("SFT")
     g.add_argument("--examples-per-step", type=int, default=32,
                    help="conversations per optimizer step over all ranks (gradient accumulation fills the gap)")
@@ -73,10 +70,8 @@ def main(argv=None):
     def render(conversation):
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=10**9)
         truncated["rows"] += 1
-        if len(ids) > T + 1:  # too long: cut, and counted (printed at every evaluation)
-            truncated["truncated"] += 1
-            ids, mask = ids[:T + 1], mask[:T + 1]
-        return ids, mask
+        truncated["truncated"] += len(ids) > T + 1  # too long: cut to a row, and counted (printed at every evaluation)
+        return ids[:T + 1], mask[:T + 1]
 
     def micro_batches(conversations):
         for items, state in conversations:

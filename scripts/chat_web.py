@@ -36,13 +36,12 @@ def get_parser():
     p.add_argument("--max-batch-size", type=int, default=32, help="most sequences one replica decodes together")
     p.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait for a replica before new ones get 503")
     # what one request may ask for, and send
-    for flag, default, what in [("--limit-max-tokens", 4096, "largest max_tokens a request may ask for"),
-                                ("--limit-top-k", 200, "largest top_k a request may ask for"),
-                                ("--max-messages", 500, "most messages in one chat request"),
-                                ("--max-message-chars", 8000, "most characters in one message"),
-                                ("--max-total-chars", 32000, "most characters in all messages of a request"),
-                                ("--max-body-bytes", 2**20, "largest request body, in bytes (413 past it)")]:
-        p.add_argument(flag, type=int, default=default, help=what)
+    p.add_argument("--limit-max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--limit-top-k", type=int, default=200, help="largest top_k a request may ask for")
+    p.add_argument("--max-messages", type=int, default=500, help="most messages in one chat request")
+    p.add_argument("--max-message-chars", type=int, default=8000, help="most characters in one message")
+    p.add_argument("--max-total-chars", type=int, default=32000, help="most characters in all messages of a request")
+    p.add_argument("--max-body-bytes", type=int, default=2**20, help="largest request body, in bytes (413 past it)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a client has to send its body (408 past it)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also serve Host: NAME, any port ('*': any host); loopback names and --host always are")

@@ -121,13 +121,12 @@ def write_export(out_dir, model, tokenizer, meta=None, dtype=torch.float32):
     specials = tokenizer_json["added_tokens"]  # every special token, in id order
     token_map = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>"}
     # transformers' NanoChatConfig: F.rms_norm's default eps (fp32's), parameter-free norms, relu^2, rotary base 1e4
-    native_config = {"hidden_size": cfg.n_embd, "intermediate_size": 4 * cfg.n_embd, "num_hidden_layers": cfg.n_layer,
-                     "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_act": "relu2",
-                     "max_position_embeddings": cfg.sequence_len, "rms_norm_eps": torch.finfo(torch.float32).eps,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "final_logit_softcapping": 15.0}
     write_json(os.path.join(out_dir, "config.json"), {
-        "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", **native_config,
-        "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "use_cache": True,
+        "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", "hidden_size": cfg.n_embd,
+        "intermediate_size": 4 * cfg.n_embd, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "hidden_act": "relu2", "max_position_embeddings": cfg.sequence_len,
+        "rms_norm_eps": torch.finfo(torch.float32).eps, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "final_logit_softcapping": 15.0, "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": bos, "eos_token_id": assistant_end,
         "pad_token_id": bos})
     write_json(os.path.join(out_dir, "generation_config.json"),

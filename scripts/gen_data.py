@@ -373,8 +373,7 @@ def judge(args):
 # The command line: the two commands share the output and the HTTP client's flags
 def add_client_args(parser, prefix, what, temp, max_tokens):
     # argparse names them args.{prefix}api_base etc. (dashes as underscores), which make_client reads
-    parser.add_argument(f"--{prefix}api-base",
-                        help=f"OpenAI-compatible base URL of {what}, e.g. http://localhost:8000/v1")
+    parser.add_argument(f"--{prefix}api-base", help=f"OpenAI-compatible base URL of {what}, e.g. http://localhost:8000/v1")
     parser.add_argument(f"--{prefix}model", help=f"model name of {what}")
     parser.add_argument(f"--{prefix}api-key-env", default="OPENAI_API_KEY",
                         help=f"environment variable holding the API key of {what} (unset = no key)")

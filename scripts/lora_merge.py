@@ -1,7 +1,5 @@
-"""
-Merge a LoRA adapter into its base model and save the result as a normal checkpoint, which every other script loads.
-    python -m scripts.lora_merge --lora-dir $NANOCHAT_BASE_DIR/chatsft_checkpoints/d12_lora [--out-dir DIR] [--force]
-"""
+"""Merge a LoRA adapter into its base model and save the result as a normal checkpoint, which every other script loads.
+    python -m scripts.lora_merge --lora-dir $NANOCHAT_BASE_DIR/chatsft_checkpoints/d12_lora [--out-dir DIR] [--force]"""
 import argparse
 import os
 

@@ -1,8 +1,6 @@
-"""
-Midtraining: continue the base model on conversations, so it learns the chat format and its special tokens before SFT.
+"""Midtraining: continue the base model on conversations, so it learns the chat format and its special tokens before SFT.
     python -m scripts.mid_train --data mine.jsonl --data-only     # only yours (validation: held out); or torchrun
-    python -m scripts.mid_train --persona persona.json --lora-rank 16
-"""
+    python -m scripts.mid_train --persona persona.json --lora-rank 16"""
 import argparse
 import random
 import time
@@ -34,8 +32,7 @@ def estimate_tokens(task, tokenizer, max_tokens, sample=2000, seed=0):
     return round(counted * n / len(indices)), n <= sample
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP, formatter_class=HelpFormatter)
     g = parser.add_argument_group("midtraining")
     # nanochat's midtraining trains on every token, like pretraining; "assistant" is SFT's masking
     g.add_argument("--loss-on", default="all", choices=["all", "assistant"],
