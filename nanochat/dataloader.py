@@ -8,7 +8,6 @@ import math
 from itertools import islice
 
 import torch
-import torch.distributed as dist
 
 from nanochat.common import DataError, HelpFormatter, exit_on, get_dist_info, print0
 from nanochat.dataset import Corpus
@@ -89,7 +88,7 @@ def tokenizing_distributed_data_loader_with_state(
     # tokens of the documents read, and of those thrown away (cropped); documents packed into rows (whole or cropped)
     stats = {"rows": 0, "tokens": 0, "read": 0, "cropped": 0, "docs": 0}
     if resume_state_dict:
-        # a list holds every rank's state (see gather_state_dicts): each rank picks its own
+        # a list holds every rank's state (training.save gathers them): each rank picks its own
         state = resumed_state(resume_state_dict, rank, identity, "dataloader", required=("cursor", "buffer"))
         cursor, stats, refs = state["cursor"], dict(state["stats"]), state["buffer"]
         # the state names the buffered documents, not their text: read them back and re-tokenize
@@ -103,7 +102,6 @@ def tokenizing_distributed_data_loader_with_state(
         while chunk := [(text[:max_chars], position) for text, position in islice(documents, tokenizer_batch_size)]:
             token_lists = tokenizer.encode([text for text, _ in chunk], prepend=bos, num_threads=tokenizer_threads)
             yield from zip((position for _, position in chunk), token_lists)
-
     tokenized = tokenize_documents()  # (position, tokens), read ahead of the buffer: not part of the state
 
     def next_row():
@@ -126,7 +124,6 @@ def tokenizing_distributed_data_loader_with_state(
             row.extend(buffer.take(row_len - len(row), stats))
             stats["docs"] += 1
         return row
-
     while True:
         # B rows; fewer only in the last batch of num_epochs passes, so that an evaluation of one
         # pass over a small split sees all of it
@@ -141,14 +138,6 @@ def tokenizing_distributed_data_loader_with_state(
         # restarting from this state gives the very batches a run that never stopped would see next
         state_dict = dict(identity, epoch=cursor["epoch"], cursor=dict(cursor), buffer=buffer.refs(), stats=dict(stats))
         yield inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin), state_dict
-
-def gather_state_dicts(state_dict):
-    """Every rank's loader state, in rank order, for rank 0 to save in the checkpoint. Call on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [state_dict]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state_dict)
-    return states
 
 def cropped_fraction(state_dict):
     """Fraction of the tokens read that were cropped away so far (packing waste)."""

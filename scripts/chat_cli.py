@@ -5,7 +5,7 @@ import contextlib
 import sys
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
-from nanochat.common import HelpFormatter, autodetect_device_type
+from nanochat.common import HelpFormatter, autodetect_device_type, exit_on
 from nanochat.engine import Engine, add_sampling_args, sampling_from_args
 from tasks.identity import load_persona
 
@@ -29,11 +29,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     # out-of-range sampling flags stop here, before the slow model load
     params, device = sampling_from_args(args, args.seed), args.device or autodetect_device_type()
-    try:
+    with exit_on(FileNotFoundError, ValueError):  # ValueError: e.g. a LoRA adapter that does not fit its base
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a LoRA adapter that does not fit its base
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     engine, bos = Engine(model, tokenizer), tokenizer.get_bos_token_id()
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     name = "nanochat"  # the replies' label, unless the model was fine-tuned with --persona (the meta keeps its path)
@@ -51,12 +48,9 @@ def main(argv=None):
 
     # one-shot: the reply alone on stdout (so it can be piped), problems on stderr with exit status 1
     if args.prompt is not None:
-        try:
+        with exit_on(ValueError):  # the prompt does not fit the context
             stream_reply(engine, prompt_tokens([bos], args.prompt), params)
-            return 0
-        except ValueError as e:  # the prompt does not fit the context
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        return 0
     # interactive: a problem with one message is reported, and the conversation goes on
     print(f"nanochat ({args.source} model, step {meta.get('step')}, {device}): 'clear' starts over, 'quit' leaves")
     history = [bos]

@@ -72,7 +72,6 @@ def main(argv=None):
         truncated["rows"] += 1
         truncated["truncated"] += len(ids) > T + 1  # too long: cut to a row, and counted (printed at every evaluation)
         return ids[:T + 1], mask[:T + 1]
-
     def micro_batches(conversations):
         for items, state in conversations:
             rows = [row for _, row in items]
@@ -80,7 +79,6 @@ def main(argv=None):
             # the supervised count from the host-side masks: reading it off the device would sync
             count = sum(sum(mask[1:]) for _, mask in rows)
             yield {"inputs": inputs, "targets": targets, "count": count, "tokens": inputs.numel()}, state
-
     with exit_on(ValueError):  # a resume state that does not fit this data or these settings
         conversations = padded_batches(train_task, render, B, rank=rank, world_size=world_size, seed=args.seed,
                                        resume_state=loader_state, what="sft conversations")

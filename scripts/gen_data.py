@@ -204,7 +204,6 @@ def generate(args):
                                 temperature=args.temperature, max_tokens=args.max_tokens, seed=seed)
         # a plain-text reply answers the rendered --question, by default the rendered --template itself
         return reply_to_messages(reply, job["question"] or job["prompt"], args.format)
-
     def on_result(job, messages):
         if (key := stable_id(json.dumps(messages, sort_keys=True))) in seen:
             counters["dup"] += 1
@@ -213,7 +212,6 @@ def generate(args):
         append(args.out, {"id": job["id"], "messages": messages,
                           "meta": {"topic": job["topic"], "sample": job["sample"], "model": args.model}})
         counters["ok"] += 1
-
     run_parallel(jobs, work, on_result, args, counters, "generate")
     print(f"skipped {skipped} already done; output in {args.out}")
     return counters
@@ -348,20 +346,17 @@ def judge(args):
                   "VERDICT: A\nVERDICT: B\nVERDICT: TIE")
         return judge_client.complete([{"role": "user", "content": prompt}], temperature=args.judge_temperature,
                                      max_tokens=args.judge_max_tokens)
-
     def work(job):
         # seeded by the prompt: a re-run asks for the same answers (from a sampler that honours seeds)
         answers = answers_to(job["messages"], int(job["id"][:8], 16) % 1_000_000)
         return [judge_pair(args, ask_judge, answer_source, job["messages"], f"{job['id']}-{i}-{j}", answers[i], answers[j])
                 for i, j in job["pairs"]]
-
     def on_result(job, records):
         for record in records:
             if "dropped" not in record:
                 preference_pair(record)  # the same check the DPO loader runs
             append(dropped_path if "dropped" in record else args.out, record)
             counters[record.get("dropped", "kept")] += 1
-
     run_parallel(jobs, work, on_result, args, counters, "judge")
     judged = sum(counters[k] for k in ("kept", "tie", "unparseable", "inconsistent"))
     print(f"{judged} pairs judged: {counters['kept']} kept -> {args.out}; dropped (see {dropped_path}): {counters['tie']} "

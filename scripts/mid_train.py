@@ -72,7 +72,6 @@ def main(argv=None):
         return PackedConversations(task, tokenizer, B, T, rank=rank, world_size=world_size, seed=args.seed,
                                    loss_on=args.loss_on, buffer_size=args.buffer_size, resume_state=resume_state,
                                    device=device, what=what)
-
     with exit_on(ValueError):  # a resume state that does not fit this data or these settings
         train_loader = loader(train_task, loader_state)
     batches = StepBatches(train_loader, grad_accum, world_size, device)

@@ -68,7 +68,6 @@ def build_task(spec, default_split="train"):
             raise ValueError(f"task spec {spec!r}: unknown argument(s) {extra}.\n{SPEC_HELP}")
         if needs_file and path is None:
             raise ValueError(f"task spec {spec!r}: {name} needs {needs_file}")
-
     if name in ("smoltalk", "gsm8k", "preferences", "prefs"):
         split = pick(("train", "test"), default_split)
         check_args(split)

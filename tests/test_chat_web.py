@@ -665,9 +665,12 @@ def run_cli(monkeypatch, capsys, base_dir, argv, stdin=""):
     from scripts import chat_cli
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    status = chat_cli.main(["--device", "cpu", *argv])
+    try:
+        status, message = chat_cli.main(["--device", "cpu", *argv]), ""
+    except SystemExit as e:  # an error ends the CLI with its message and exit status 1, as from a shell
+        status, message = 1, f"{e.code}\n"
     out = capsys.readouterr()
-    return status, out.out, out.err
+    return status, out.out, out.err + message
 
 def test_cli_one_shot(monkeypatch, capsys, base_dir):
     status, out, err = run_cli(monkeypatch, capsys, base_dir, ["-p", TOOL_QUESTION, "--temperature", "0"])
