@@ -159,11 +159,15 @@ def main(argv=None):
     names = parse_task_list(args.tasks) if args.tasks is not None else ([] if args.task_ppl else list(ALL_TASKS))
     if args.temperature == 0.0 and args.num_samples > 1:
         parser.error("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+    if args.fewshot < 0:
+        parser.error(f"--fewshot must be >= 0, got {args.fewshot}")
 
     ddp, rank, _, world_size, device = compute_init(args.device)
     with exit_on(FileNotFoundError, ValueError):  # load (and check) all the data first: a bad file fails in seconds
+        # your own files first, so that a mistake there stops the run before anything is downloaded
         tasks = {task_label(name): build_eval_task(name, args.data_dir, args.spelling_size, args.fewshot,
-                                                   args.fewshot_file, args.seed) for name in names}
+                                                   args.fewshot_file, args.seed)
+                 for name in sorted(names, key=lambda name: not name.startswith(CUSTOM_PREFIX))}
         # each file is read and checked now too; its stem names its report row, "task ppl <stem>"
         ppl_sets = {os.path.splitext(os.path.basename(p))[0]: CustomJSON(p) for p in args.task_ppl}
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)

@@ -220,6 +220,8 @@ def main(argv=None):
     parser.add_argument("--format", choices=["auto", *PARSERS], default="auto", help="export format (auto: detected)")
     parser.add_argument("--date-order", choices=["auto", "dmy", "mdy"], default="auto", help="WhatsApp dates")
     args = parser.parse_args(argv)
+    if args.session_gap <= 0:
+        parser.error(f"--session-gap must be > 0 minutes, got {args.session_gap}")
     # everything is built and validated before the one write: after a bad file, --out is as it was
     with exit_on(ValueError, OSError):
         records, report, lines = convert(args.exports, args.me, args.session_gap, args.speaker_names, args.format,

@@ -321,6 +321,8 @@ def test_cli_bad_file_writes_nothing(tmp_path):
     out.write_text("before\n")
     with pytest.raises(SystemExit, match="matches no author"):
         main([str(good), "--me", "nobody", "--out", str(out)])
+    with pytest.raises(SystemExit):  # argparse's error: exit status 2, the message on stderr
+        main([str(good), "--me", "alice", "--out", str(out), "--session-gap", "-5"])
     assert out.read_text() == "before\n"
 
 def test_chatlog_spec(tmp_path):

@@ -217,6 +217,15 @@ def test_bad_fewshot_and_task_lists(base_dir):
         parse_task_list(f"custom:{QUIZ}|custom:/elsewhere/quiz.jsonl")
     with pytest.raises(SystemExit, match="custom:FILE"):
         parse_task_list("quiz.jsonl")
+    with pytest.raises(SystemExit):  # argparse's error: exit status 2, the message on stderr
+        chat_eval.main(["--device", "cpu", "-a", f"custom:{QUIZ}", "--fewshot", "-1"])
+
+def test_own_files_are_checked_before_any_download(tmp_path, base_dir, monkeypatch):
+    # no --data-dir and no network: ARC-Easy would be downloaded, but the bad file of your own stops the run first
+    monkeypatch.setenv("NANOCHAT_HF_URL", "http://127.0.0.1:9")  # nothing listens there: a download would fail
+    path = write_jsonl(tmp_path / "bad.jsonl", [EM_RECORD, {"prompt": "Q?"}])
+    with pytest.raises(SystemExit, match="bad.jsonl:2: answer: missing"):
+        chat_eval.main(["--device", "cpu", "-a", f"ARC-Easy|custom:{path}"])
 
 # -----------------------------------------------------------------------------
 # The script, on a tiny real GPT
