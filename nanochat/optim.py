@@ -98,19 +98,6 @@ def _param_groups(groups):
         out += [dict(group, params=ps) for ps in by_shape.values()]
     return out
 
-def _merge_states(states):
-    """One state dict out of several, in order, as the old [AdamW state, Muon state] checkpoints hold."""
-    groups, state, offset = [], {}, 0
-    for sd in states:
-        for g in sd["param_groups"]:
-            # old groups have no kind (Muon's say momentum) and torch.optim.AdamW's extra flags
-            kind = g.get("kind", "muon" if "momentum" in g else "adamw")
-            keys = ("lr", "initial_lr", *DEFAULTS[kind])
-            groups.append(dict({k: g[k] for k in keys if k in g}, kind=kind, params=[offset + i for i in g["params"]]))
-        state.update({offset + i: s for i, s in sd["state"].items()})
-        offset += sum(len(g["params"]) for g in sd["param_groups"])
-    return dict(state=state, param_groups=groups)
-
 class MuonAdamW(torch.optim.Optimizer):
     """AdamW and Muon in one process, over param groups of kind "adamw" or "muon" (2-D params only)."""
     def __init__(self, groups, ns_dtype=None):
@@ -126,10 +113,6 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._adamw(group, params, params, [p.grad for p in params])
             elif params:
                 self._muon(group, params, [p.grad for p in params])
-
-    def load_state_dict(self, state_dict):
-        """Also takes a list of state dicts: the old [AdamW, Muon] pair, so pre-MuonAdamW runs can resume."""
-        super().load_state_dict(_merge_states(state_dict) if isinstance(state_dict, (list, tuple)) else state_dict)
 
     def _adamw(self, group, params, tensors, grads):
         """One AdamW step of `tensors` (the params, or this rank's flat slices of them); state kept per param."""

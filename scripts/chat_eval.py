@@ -191,9 +191,12 @@ def main(argv=None):
             right, asked = (run_categorical(model, tokenizer, task, indices, device, args.batch_size, max_len)
                             if task.eval_type == "categorical" else
                             run_generative(generate, tokenizer, task, indices, args.batch_size, max_len, replies))
-        # a custom file's chance: 1 / the number of choices (multiple choice) or of the file's answers (exact match)
-        chance = sum(1 / len(task[i].get("letters", task.labels)) for i in indices) if isinstance(task, CustomEval) else 0
-        right, asked, chance = all_reduce_sum([right, asked, chance], device)
+        # a custom file's chance: 1 / the number of choices (multiple choice) or of the file's answers (exact match);
+        # and its prompts longer than the context, which lost their start (the few-shot examples first)
+        mine = [task[i] for i in indices] if isinstance(task, CustomEval) else []
+        chance = sum(1 / len(conversation.get("letters", task.labels)) for conversation in mine)
+        cut = sum(len(tokenizer.render_for_completion(conversation)) > max_len for conversation in mine)
+        right, asked, chance, cut = all_reduce_sum([right, asked, chance, cut], device)
         results[name] = right / asked if asked else float("nan")  # --max-problems 0: nothing asked
         timings[name] = time.time() - t0
         print0(f"{name:<14} {int(right)}/{int(asked)} = {results[name]:.4f}  ({timings[name]:.1f}s)")
@@ -201,9 +204,10 @@ def main(argv=None):
             # exact match only (multiple choice has no labels), on every rank: the table is summed over them
             table = (confusion_table(name, task, indices, replies, device)
                      if 0 < len(task.labels) <= MAX_CONFUSION_LABELS else None)
-            custom[name] = {"chance": chance / max(1, asked), "scored": int(asked), "table": table}
-            print0(f"{'':<14} chance {custom[name]['chance']:.4f}, {int(asked)} scored, {args.fewshot}-shot (examples "
-                   f"from {args.fewshot_file or 'the file, not scored'})" + (f"\n{table}" if table else ""))
+            custom[name] = {"chance": chance / max(1, asked), "scored": int(asked), "cut": int(cut), "table": table}
+            shots = f" (examples from {args.fewshot_file or 'the file, not scored'})" if args.fewshot else ""
+            print0(f"{'':<14} chance {custom[name]['chance']:.4f}, {int(asked)} scored, {int(cut)} cut to the "
+                   f"{max_len}-token context, {args.fewshot}-shot{shots}" + (f"\n{table}" if table else ""))
     if (score := chatcore(results)) is not None:
         print0(f"ChatCORE: {score:.4f}")
     # the assistant-token perplexity of each --task-ppl file, with the number of tokens it rests on
@@ -236,7 +240,7 @@ def main(argv=None):
             metrics, {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()},
             # a custom file's chance and number scored beside its accuracy, then its confusion table (markdown)
             {f"custom_{key}:{name.removeprefix(CUSTOM_PREFIX)}": stats[key]
-             for name, stats in custom.items() for key in ("chance", "scored")},
+             for name, stats in custom.items() for key in ("chance", "scored", "cut")},
             *(stats["table"] for stats in custom.values())])
     compute_cleanup()
     return {"results": results, "ChatCORE": score, "task_ppl": ppl, "custom": custom}

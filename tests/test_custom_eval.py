@@ -5,6 +5,7 @@ conversations, message by message; the normalisation of answers; bad files; the 
 """
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -248,7 +249,12 @@ def test_chat_eval_custom_end_to_end(base_dir, tiny_tokenizer, capsys):
     assert sum(rows[i][i] for i in range(3)) / 4 == out["results"]["custom:sentiment"]
     assert sentiment["chance"] == pytest.approx(1 / 3)  # a guess among the file's 3 answers
     printed = capsys.readouterr().out
-    assert f"chance {quiz['chance']:.4f}, 4 scored, 2-shot (examples from the file, not scored)" in printed
+    # a prompt longer than the model's context loses its start: counted, as the prompts measure with our tokenizer
+    shown = re.search(rf"chance {quiz['chance']:.4f}, 4 scored, (\d+) cut to the (\d+)-token context, 2-shot "
+                      r"\(examples from the file, not scored\)", printed)
+    task, context = CustomEval(QUIZ, fewshot=2), int(shown.group(2))
+    cut = sum(len(tiny_tokenizer.render_for_completion(task[i])) > context for i in range(len(task)))
+    assert int(shown.group(1)) == quiz["cut"] == cut and 0 < cut
     assert sentiment["table"] in printed
     section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
     accuracy = out["results"]
@@ -259,3 +265,6 @@ def test_chat_eval_custom_end_to_end(base_dir, tiny_tokenizer, capsys):
     # the report card's summary: a row per custom file, beside ARC-Easy
     summary = Report(str(base_dir / "report")).summary()
     assert summary["custom:quiz"] == {"sft": f"{out['results']['custom:quiz']:.4f}"} and "ARC-Easy" in summary
+    # without the examples the same questions fit the context
+    alone = chat_eval.main(["--device", "cpu", "-a", f"custom:{QUIZ}", "--batch-size", "2"])["custom"]["custom:quiz"]
+    assert alone["cut"] == 0 and alone["scored"] == 6

@@ -1,5 +1,5 @@
 """Tests for nanochat/optim.py: Newton-Schulz orthogonalisation, the Muon step, AdamW groups equal to
-torch.optim.AdamW, resuming from the old [AdamW, Muon] checkpoint form, and the sharded DistMuonAdamW
+torch.optim.AdamW, refusing to resume the old [AdamW, Muon] checkpoint form, and the sharded DistMuonAdamW
 under torchrun (gloo, 2 CPU processes) against a single-process replay with averaged gradients, with
 and without the gradient-clipping path, and the order of its collectives."""
 import functools
@@ -129,38 +129,19 @@ def train_steps(model, optimizers, seeds):
             opt.step()
         model.zero_grad(set_to_none=True)
 
-def test_resumes_from_the_old_two_optimizer_checkpoint():
-    """A run saved before the redesign holds [torch.optim.AdamW state, Muon state] (GPT.setup_optimizers'
-    order); setup_optimizer()'s optimizer loads it and continues exactly as the two optimizers would."""
-    import copy
-    old = worker.make_model()
-    # the old pair: the fused torch AdamW over lm_head then wte, Muon (one group per shape, no "kind")
-    scale = (old.config.n_embd / 768) ** -0.5
-    adamw = torch.optim.AdamW([dict(params=[old.lm_head.weight], lr=0.004 * scale),
-                               dict(params=[old.transformer.wte.weight], lr=0.2 * scale)],
-                              betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=True)
-    muon = MuonAdamW([dict(kind="muon", params=list(old.transformer.h.parameters()), lr=0.02)])
-    for group in adamw.param_groups:
-        group["initial_lr"] = group["lr"]
-    train_steps(old, [adamw, muon], seeds=(1, 2))
-    muon_state = copy.deepcopy(muon.state_dict())
-    for group in muon_state["param_groups"]:
-        del group["kind"]
-    old_form = [copy.deepcopy(adamw.state_dict()), muon_state]
-    new = worker.make_model()
-    new.load_state_dict(old.state_dict())
-    opt = new.setup_optimizer()
-    opt.load_state_dict(old_form)
-    assert [g["kind"] for g in opt.param_groups] == ["adamw"] * 2 + ["muon"] * (len(opt.param_groups) - 2)
-    assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
-    train_steps(old, [adamw, muon], seeds=(3, 4))
-    train_steps(new, [opt], seeds=(3, 4))
-    for (name, a), b in zip(old.state_dict().items(), new.state_dict().values()):
-        assert torch.equal(a, b), name
-    # and the new form round-trips
-    again = MuonAdamW([dict(g, params=list(g["params"])) for g in opt.param_groups])
-    again.load_state_dict(opt.state_dict())
-    assert again.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+def test_resume_refuses_the_old_two_optimizer_checkpoint(tmp_path):
+    """A run saved before the one-optimizer redesign holds [AdamW state, Muon state]: --resume says it cannot go on."""
+    from nanochat import training
+    from nanochat.checkpoint_manager import save_checkpoint
+    model = worker.make_model()
+    optimizer = model.setup_optimizer()
+    save_checkpoint(str(tmp_path), 5, model.state_dict(), [optimizer.state_dict(), optimizer.state_dict()], {})
+    with pytest.raises(SystemExit, match=r"step 5 holds the optimizer state of an older nanochat \(two optimizers\)"):
+        training.resume(True, str(tmp_path), model, optimizer, {}, torch.device("cpu"))
+    # the one-optimizer form round-trips
+    again = MuonAdamW([dict(g, params=list(g["params"])) for g in optimizer.param_groups])
+    again.load_state_dict(optimizer.state_dict())
+    assert again.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
 
 # -----------------------------------------------------------------------------
 # Sharded optimizers under torchrun
