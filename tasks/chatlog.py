@@ -146,12 +146,18 @@ def conversations(messages, me, gap, speaker_names, source, report):
         report.update({"turns": len(turns), f"turns {what}": len(turns)})
         report[f"messages {what}"] += sum(len(run) for _, run in turns)
         return turns
+
+    def turn_text(mine, run):
+        # with speaker_names, each other person's run of messages in a user turn says who wrote it
+        return "\n".join((f"{name}: " if speaker_names and not mine else "") + "\n".join(m.text for m in by)
+                         for name, by in groupby(run, lambda m: m.author))
     for session in sessions:
         # a turn: consecutive messages of one side (mine, or anyone else's: several people merge into one turn)
         turns = [(mine, list(run)) for mine, run in
                  groupby(session, lambda m: not me.isdisjoint(a.casefold() for a in (m.author, *m.aliases)))]
         report["conversations"] += 1
-        # I spoke first: nothing there to answer; the last word was someone else's: no answer of mine to learn
+        # I spoke first: nothing there to answer; the last word was someone else's: no answer of mine to learn.
+        # What is kept is turns[lead:end]: from the first user turn to my last answer
         lead, end = int(turns[0][0]), len(turns) - (not turns[-1][0])
         count(turns[:lead], "dropped: leading assistant turn")
         if lead >= end:  # no turn of mine between those
@@ -161,11 +167,8 @@ def conversations(messages, me, gap, speaker_names, source, report):
         count(turns[end:], "dropped: trailing user turn")
         turns, first = count(turns[lead:end], "kept"), turns[lead][1][0]
         report["conversations kept"] += 1
-        # with speaker_names, each other person's run of messages in a user turn says who wrote it
-        records.append({"messages": [{"role": "assistant" if mine else "user", "content": "\n".join(
-            (f"{name}: " if speaker_names and not mine else "") + "\n".join(m.text for m in by)
-            for name, by in groupby(run, lambda m: m.author))} for mine, run in turns],
-            "source": {**source, "timestamp": first.stamp, **first.ref}})
+        records.append({"messages": [{"role": "assistant" if mine else "user", "content": turn_text(mine, run)}
+                                     for mine, run in turns], "source": {**source, "timestamp": first.stamp, **first.ref}})
         chat_record_to_conversation(records[-1])  # our format (user first, alternating, assistant last), or an error
     return records
 
