@@ -93,7 +93,9 @@ done
 DEPTH="${DEPTH:-20}"; KEEP_LAST="${KEEP_LAST:-2}"; NUM_SHARDS="${NUM_SHARDS:-240}"; VOCAB="${VOCAB:-65536}"
 # A shard is ~100 MB (nanochat/dataset.py; an estimate, sizes vary); +1: the validation shard
 SHARD_BYTES=100000000
-shopt -s nullglob; SHARD_FILES=("$BASE_DIR"/base_data/*.parquet); shopt -u nullglob
+# the corpus's own folder, as nanochat/dataset.py names it: base_data (FineWeb-Edu), base_data_<name> for another
+CORPUS="${NANOCHAT_CORPUS:-fineweb-edu}"; DATA_DIR="$BASE_DIR/base_data"; [ "$CORPUS" = fineweb-edu ] || DATA_DIR+="_$CORPUS"
+shopt -s nullglob; SHARD_FILES=("$DATA_DIR"/*.parquet); shopt -u nullglob
 HAVE_SHARDS=${#SHARD_FILES[@]}
 MISSING_SHARDS=$(( NUM_SHARDS + 1 > HAVE_SHARDS ? NUM_SHARDS + 1 - HAVE_SHARDS : 0 ))
 # A checkpoint of depth D (model dim 64*D): 12*D*dim^2 block weights, and the embedding and lm_head

@@ -264,10 +264,13 @@ def test_data_budget_matches_a_direct_count(tmp_path, tiny_tokenizer):
     small = data_budget(tiny_tokenizer, corpus, T=2 * L + room - 1, tokens=per_pass / 2, num_rows=128)
     assert small["passes"] == pytest.approx(0.5) and small["shards"] == 1 and "WARNING" not in small["summary"]
 
+def val_shard():  # the last shard of the corpus ($NANOCHAT_CORPUS, default fineweb-edu)
+    return dataset.corpus_shards()[2] - 1
+
 def test_budget_of_shards_counts_their_rows_from_the_metadata(base_dir, tiny_tokenizer, capsys):
     texts = [f"document {i}: " + "the cat sat on the mat " * (1 + i % 7) for i in range(40)]
     os.makedirs(dataset.get_data_dir())
-    for index in (0, 1, dataset.VAL_SHARD):  # two train shards of 40 rows in row groups of 16
+    for index in (0, 1, val_shard()):  # two train shards of 40 rows in row groups of 16
         pq.write_table(pa.table({"text": texts}), os.path.join(dataset.get_data_dir(), dataset.shard_filename(index)),
                        row_group_size=16)
     tiny_tokenizer.save(base_dir / "tokenizer")

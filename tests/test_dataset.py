@@ -24,13 +24,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def write_shard(path, texts, row_group_size=4):
     pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
 
+def val_shard():  # the last shard of the corpus ($NANOCHAT_CORPUS, default fineweb-edu)
+    return dataset.corpus_shards()[2] - 1
+
 def shard_texts(index, n=10):
     return [f"shard {index} document {i}: " + "some text " * (i + 1) for i in range(n)]
 
 @pytest.fixture
 def shards(file_server, base_dir, monkeypatch):
     """Shards 0, 1, 2 and the validation shard, served on loopback; NANOCHAT_DATA_URL points there."""
-    for index in (0, 1, 2, dataset.VAL_SHARD):
+    for index in (0, 1, 2, val_shard()):
         write_shard(file_server.root / dataset.shard_filename(index), shard_texts(index))
     monkeypatch.setenv("NANOCHAT_DATA_URL", file_server.url)
     return file_server
@@ -45,16 +48,37 @@ def test_download_cli_happy_path_and_skip(shards):
     assert dataset.main(["-n", "2", "-w", "2"]) == 0
     data_dir = Path(dataset.get_data_dir())
     assert sorted(os.listdir(data_dir)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
-    for index in (0, 1, dataset.VAL_SHARD):
+    for index in (0, 1, val_shard()):
         assert shard_path(index).read_bytes() == (shards.root / dataset.shard_filename(index)).read_bytes()
     # the last shard is the validation split
     corpus = Corpus()
-    assert [texts for texts, _ in corpus.iter_documents("val", num_epochs=1)] == shard_texts(dataset.VAL_SHARD)
+    assert [texts for texts, _ in corpus.iter_documents("val", num_epochs=1)] == shard_texts(val_shard())
     assert len(list(corpus.iter_documents("train", num_epochs=1))) == 20
     # shards already present are not fetched again
     seen = len(shards.requests)
     assert dataset.main(["-n", "2"]) == 0
     assert len(shards.requests) == seen
+
+def test_climbmix_shards_have_a_folder_of_their_own(file_server, base_dir, monkeypatch):
+    """NANOCHAT_CORPUS=climbmix: its 6543 shards (the last one val, shard_06542) from its own Hugging Face files,
+    into base_data_climbmix, so that FineWeb-Edu shards already in base_data are never mixed in."""
+    monkeypatch.setenv("NANOCHAT_CORPUS", "climbmix")
+    assert dataset.get_data_url().format(index=6542) == \
+        "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_06542.parquet"
+    for index in (0, 1, 6542):
+        write_shard(file_server.root / dataset.shard_filename(index), shard_texts(index))
+    monkeypatch.setenv("NANOCHAT_DATA_URL", file_server.url)
+    (base_dir / "base_data").mkdir(parents=True, exist_ok=True)
+    write_shard(base_dir / "base_data" / "shard_00000.parquet", ["a fineweb-edu document"])
+    assert dataset.main(["-n", "2"]) == 0
+    assert sorted(os.listdir(base_dir / "base_data_climbmix")) == [
+        "shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    corpus = Corpus()
+    assert [texts for texts, _ in corpus.iter_documents("val", num_epochs=1)] == shard_texts(6542)
+    assert len(list(corpus.iter_documents("train", num_epochs=1))) == 20
+    monkeypatch.setenv("NANOCHAT_CORPUS", "fineweb")
+    with pytest.raises(DataError, match="NANOCHAT_CORPUS=fineweb: unknown corpus .choose from fineweb-edu, climbmix"):
+        dataset.get_data_dir()
 
 def test_data_url_env_forms(monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_URL", "http://mirror/x/")
@@ -107,7 +131,7 @@ def test_missing_shards_error(base_dir):
     with pytest.raises(DataError, match="python -m nanochat.dataset"):
         Corpus()
     Path(dataset.get_data_dir()).mkdir(parents=True)
-    write_shard(shard_path(dataset.VAL_SHARD), ["x"])
+    write_shard(shard_path(val_shard()), ["x"])
     with pytest.raises(DataError, match="only one shard"):
         Corpus()
 

@@ -192,6 +192,9 @@ def test_shards_already_downloaded_need_no_more_disk(box):
     out = preflight(env)
     assert (out.returncode, out.stdout) == (0, "gpu\n"), out.stderr
     assert "40.0 GB free of 30.8 GB needed" in out.stderr
+    # another corpus has a folder of its own: those FineWeb-Edu shards are none of its 241
+    out = preflight(dict(env, NANOCHAT_CORPUS="climbmix"))
+    assert out.returncode == 1 and "241 shards" in out.stderr, out.stderr
 
 # -----------------------------------------------------------------------------
 # dev/setup.sh on a machine without Rust
