@@ -216,7 +216,7 @@ def resume(requested, checkpoint_dir, model, optimizer, meta, device):
     if unexpected or trained & set(missing):
         raise SystemExit(f"--resume: {checkpoint_dir} step {step} does not fit this model "
                          f"(missing {sorted(trained & set(missing))[:3]}, unexpected {unexpected[:3]})")
-    if isinstance(optimizer_state, list):  # the [AdamW, Muon] pair that runs saved before the one-optimizer redesign
+    if isinstance(optimizer_state, list):  # saved before the one-optimizer redesign: [AdamW, Muon], or LoRA's [AdamW]
         raise SystemExit(f"--resume: {checkpoint_dir} step {step} holds the optimizer state of an older nanochat "
                          "(two optimizers), which this one cannot continue; its weights still load for chat and eval")
     optimizer.load_state_dict(optimizer_state)
