@@ -1,5 +1,5 @@
-"""A client for OpenAI-compatible chat endpoints (OpenAI, vLLM, llama.cpp, Ollama, scripts/chat_web.py),
-retrying what is worth retrying; scripts/gen_data.py drives it from many threads."""
+"""A client for OpenAI-compatible chat endpoints (OpenAI, vLLM, llama.cpp, Ollama, scripts/chat_web.py): POST
+{api_base}/chat/completions, retrying 429, 5xx and connection errors; scripts/gen_data.py runs it in threads."""
 import contextlib
 import email.utils
 import random
@@ -9,8 +9,6 @@ from collections import Counter
 
 import requests
 
-# The OpenAI-compatible client: POST {api_base}/chat/completions, with retries. 429, 5xx and
-# connection errors are retried with exponential backoff and jitter, honouring Retry-After.
 STOP = threading.Event()  # set when the run is stopping: workers give up instead of retrying
 
 class FatalAPIError(RuntimeError):
@@ -34,16 +32,13 @@ class ChatClient:
              404: "check --api-base (it usually ends in /v1) and --model"}  # fatal: retrying cannot help
     MAX_RETRY_AFTER = 600.0  # never sleep longer than this, whatever the server asks
     lock = threading.Lock()  # for the counts, which all threads update
-
     def __init__(self, api_base, model, api_key=None, timeout=120.0, max_retries=6, backoff=1.0,
                  max_backoff=60.0, counters=None):
         self.url, self.model, self.timeout = api_base.rstrip("/") + "/chat/completions", model, timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.counters = Counter() if counters is None else counters
-
     def complete(self, messages, temperature=1.0, max_tokens=1024, seed=None):
-        """The assistant's reply text to `messages`."""
         payload = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
                    **({} if seed is None else {"seed": seed})}
         for attempt in range(self.max_retries + 1):

@@ -20,8 +20,7 @@ def epoch_permutation(num_items, epoch, seed):
 def collate_padded(rows, pad_id, device="cpu"):
     """(inputs, targets) of (B, L-1), L the longest of the (ids, mask) rows, padded with pad_id and -1."""
     length = max(len(ids) for ids, _ in rows) - 1
-    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), length), -1, dtype=torch.long)
+    inputs, targets = (torch.full((len(rows), length), fill, dtype=torch.long) for fill in (pad_id, -1))
     for i, (ids, mask) in enumerate(rows):
         n = len(ids) - 1
         inputs[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
@@ -45,7 +44,6 @@ def padded_batches(task, render, batch_size, *, rank=0, world_size=1, seed=42, r
                 "seed": seed, "world_size": world_size}
     # a resume state that does not fit is a ValueError here, at the call, not at the first batch
     g = resumed_state(resume_state, rank, identity, what)["next"] if resume_state else rank
-
     def generate(g):
         while True:
             epoch, j = divmod(g, per_epoch)
@@ -60,16 +58,14 @@ class PackedConversations:
     """(batch, state) forever: batch = {"inputs", "targets"} (B, T), "count" (supervised targets) and "tokens"."""
     # Rows of T+1 tokens packed best-fit with whole conversations: each row starts with a <|bos|>,
     # nothing is padded, as in pretraining. loss_on: "all" tokens, or only the "assistant"'s.
-
     def __init__(self, task, tokenizer, B, T, *, rank=0, world_size=1, seed=42, loss_on="all",
                  buffer_size=256, resume_state=None, device="cpu", what="packed conversations"):
         if loss_on not in ("all", "assistant"):
             raise ValueError(f"loss_on must be 'all' or 'assistant', got {loss_on!r}")
         if len(task) < 1:
             raise ValueError("no conversations to train on")
-        self.task, self.tokenizer, self.B, self.row_len = task, tokenizer, B, T + 1
-        self.rank, self.world_size, self.seed, self.loss_on = rank, world_size, seed, loss_on
-        self.buffer_size, self.device = buffer_size, device
+        self.task, self.tokenizer, self.B, self.row_len, self.buffer_size = task, tokenizer, B, T + 1, buffer_size
+        self.rank, self.world_size, self.seed, self.loss_on, self.device = rank, world_size, seed, loss_on, device
         self.identity = {"kind": what, "version": STATE_VERSION, "num_items": len(task), "T": T, "seed": seed,
                          "world_size": world_size, "buffer_size": buffer_size, "loss_on": loss_on}
         self.buffer = BestFitBuffer(self.row_len)
@@ -81,11 +77,9 @@ class PackedConversations:
             self.cursor, self.stats = list(state["cursor"]), dict(state["stats"])
             for ref in state["buffer"]:
                 self.buffer.add(self._render(*ref), tuple(ref))
-
     def _render(self, epoch, position):
         conversation = self.task[int(epoch_permutation(len(self.task), epoch, self.seed)[position])]
         return list(zip(*self.tokenizer.render_conversation(conversation, max_tokens=self.row_len)))  # (id, mask) pairs
-
     def _fill_buffer(self):
         while len(self.buffer) < self.buffer_size:
             epoch, position = self.cursor
@@ -94,10 +88,8 @@ class PackedConversations:
             if position >= len(self.task):  # next epoch, from this rank's first position again
                 epoch, position = epoch + 1, self.rank % len(self.task)
             self.cursor = [epoch, position]
-
     def __iter__(self):
         return self
-
     def __next__(self):
         rows = []
         for _ in range(self.B):
@@ -114,28 +106,24 @@ class PackedConversations:
         if self.loss_on == "assistant":
             mask = torch.tensor([[m for _, m in row] for row in rows], dtype=torch.bool)
             targets[~mask[:, 1:]] = -1
-        state = dict(self.identity, cursor=list(self.cursor), buffer=self.buffer.refs(), stats=dict(self.stats))
         batch = {"inputs": inputs.to(self.device), "targets": targets.to(self.device),
                  "count": int((targets >= 0).sum()), "tokens": inputs.numel()}
-        return batch, state
+        return batch, dict(self.identity, cursor=list(self.cursor), buffer=self.buffer.refs(), stats=dict(self.stats))
 
 # -----------------------------------------------------------------------------
 # One optimizer step at a time, with the step's supervised count known to every micro-batch
 class StepBatches:
     """The micro-batches of one optimizer step at a time, each with "loss_scale", the factor that turns its
     *sum* of losses into its share of the step's mean over every supervised token."""
-    # Why (a known trap): chat micro-batches hold different numbers of supervised tokens, so
-    # "mean per micro-batch, averaged over micro-batches and ranks" weighs a token of a sparse
-    # micro-batch more than one of a dense one, and one process with accumulation then differs
-    # from DDP. Here the step's count is summed over its micro-batches and ranks first; with
-    # loss_scale = grad_accum * world_size / count, the loop's division by grad_accum and the
+    # Why (a known trap): chat micro-batches hold different numbers of supervised tokens, so "mean per micro-batch,
+    # averaged over micro-batches and ranks" weighs a token of a sparse micro-batch more than one of a dense one, and
+    # one process with accumulation then differs from DDP. Here the step's count is summed over its micro-batches and
+    # ranks first; with loss_scale = grad_accum * world_size / count, the loop's division by grad_accum and the
     # optimizer's average over ranks give every token weight 1 / count. No token: 0, never NaN.
-
     def __init__(self, micro_batches, grad_accum, world_size=1, device="cpu"):
         self.micro_batches, self.grad_accum, self.world_size = micro_batches, grad_accum, world_size
         self.device = torch.device(device)
         self.step_tokens = 0  # positions this rank processes in the step (host int, for tok/s)
-
     def next_step(self):
         """[(batch, loader state)] * grad_accum. No host sync: the count stays on the device."""
         step = [next(self.micro_batches) for _ in range(self.grad_accum)]

@@ -1,6 +1,5 @@
 """CORE: the in-context-learning suite of DCLM, one number for how much a *base* model knows and can
 do from a few solved examples in its prompt: 0 is chance, 1 perfect. scripts/base_eval.py runs it.
-
     tasks = local_tasks("shared/data/eval")      # or bundle_tasks(download_eval_bundle())
     evaluate_core(model, tokenizer, tasks, device)["core"]"""
 import csv
@@ -225,8 +224,7 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
     bos = tokenizer.get_bos_token_id()
     # the context is encoded with its trailing whitespace stripped, so a delimiter space joins the
     # next word as BPE does; the continuation starts where the two encodings stop matching
-    encoded = tokenizer.encode([text for pair in prompts for text in (pair[0].rstrip(), pair[1])], prepend=bos)
-    out = []
+    encoded, out = tokenizer.encode([text for pair in prompts for text in (pair[0].rstrip(), pair[1])], prepend=bos), []
     for context_ids, full_ids in zip(encoded[0::2], encoded[1::2]):
         start, end = len(os.path.commonprefix([context_ids, full_ids])), len(full_ids)  # (works on any sequences)
         if start >= end:
@@ -243,7 +241,6 @@ def tokenize_prompts(tokenizer, prompts, max_len=None):
 @torch.no_grad()
 def score_item(model, sequences, task_type, gold, device, pad_id):
     """Whether the model answers one item right, running its sequences [(ids, start, end)] as one batch."""
-    # right-padded: with causal attention the padding after a row never influences it
     batch = right_padded([ids for ids, _, _ in sequences], pad_id, device)
     logits = model(batch)  # (rows, width, vocab); position t predicts token t + 1
     if task_type == LM:

@@ -25,19 +25,15 @@ class BestFitBuffer:
     def __init__(self, row_len):
         # a document longer than a row can only be cropped to one: keep no more of it (1000 whole 5 MB
         # records once took 22 GB), but sort and count it by its tokenized length
-        self.row_len = row_len
+        self.row_len, self.arrivals = row_len, 0
         self.keys = []   # sorted (length, arrival number): ties go to the oldest document
         self.docs = {}   # arrival number -> (tokens, ref); dicts keep arrival order
-        self.arrivals = 0
-
     def __len__(self):
         return len(self.keys)
-
     def add(self, tokens, ref):
         bisect.insort(self.keys, (len(tokens), self.arrivals))
         self.docs[self.arrivals] = (tokens[:self.row_len], ref)
         self.arrivals += 1
-
     def take(self, room, stats):
         """The longest document of at most `room` tokens (the oldest among equals), else the shortest cropped to
         `room` (stats["cropped"] counts the tokens thrown away)."""
@@ -45,7 +41,6 @@ class BestFitBuffer:
         length, arrival = self.keys.pop(bisect.bisect_left(self.keys, (self.keys[i][0], -1)) if i >= 0 else 0)
         stats["cropped"] += max(0, length - room)
         return self.docs.pop(arrival)[0][:room]
-
     def refs(self):
         """The documents in arrival order: adding them again in this order rebuilds this very buffer."""
         return [list(ref) for _, ref in self.docs.values()]
@@ -80,6 +75,8 @@ def tokenizing_distributed_data_loader_with_state(
     # a document longer than a row is cropped to one: tokenize no more of it (a book as one record took
     # minutes and GBs); no token is longer than max bytes, so this many characters still give >= row_len tokens
     max_chars = row_len * max(tokenizer.token_bytes())
+    def encode(texts):
+        return tokenizer.encode([text[:max_chars] for text in texts], prepend=bos, num_threads=tokenizer_threads)
     # the state is per rank and JSON-serialisable; resuming it needs these to be the same
     identity = {"version": STATE_VERSION, "corpus": corpus.fingerprint, "split": split, "rank": rank,
                 "world_size": world_size, "T": T, "buffer_size": buffer_size}
@@ -92,18 +89,15 @@ def tokenizing_distributed_data_loader_with_state(
         state = resumed_state(resume_state_dict, rank, identity, "dataloader", required=("cursor", "buffer"))
         cursor, stats, refs = state["cursor"], dict(state["stats"]), state["buffer"]
         # the state names the buffered documents, not their text: read them back and re-tokenize
-        texts = corpus.fetch_documents(refs)
-        for ref, tokens in zip(refs, tokenizer.encode([t[:max_chars] for t in texts], prepend=bos, num_threads=tokenizer_threads)):
+        for ref, tokens in zip(refs, encode(corpus.fetch_documents(refs))):
             buffer.add(tokens, ref)
     # each rank reads and tokenizes only its own documents (its stripe of every file, see Corpus.iter_documents)
     documents = corpus.iter_documents(split, rank=rank, world_size=world_size, start=cursor, num_epochs=num_epochs)
-
     def tokenize_documents():
+        # cropped as read, so a chunk never holds whole huge records
         while chunk := [(text[:max_chars], position) for text, position in islice(documents, tokenizer_batch_size)]:
-            token_lists = tokenizer.encode([text for text, _ in chunk], prepend=bos, num_threads=tokenizer_threads)
-            yield from zip((position for _, position in chunk), token_lists)
+            yield from zip((position for _, position in chunk), encode([text for text, _ in chunk]))
     tokenized = tokenize_documents()  # (position, tokens), read ahead of the buffer: not part of the state
-
     def next_row():
         nonlocal cursor
         row = []

@@ -80,9 +80,8 @@ def download_shards(indices, num_workers=4, **kwargs):
         raise DownloadError(f"{len(failures)} of {len(indices)} shards failed:\n  " + "\n  ".join(sorted(failures)))
 
 # -----------------------------------------------------------------------------
-# Reading one file of a user corpus: .txt, .jsonl ({"text": ...} per line), .parquet (a `text`
-# column). Documents are numbered the same way every time, so a (file, doc) pair points back
-# into a file; bad input raises a DataError that names file:line.
+# Reading one file of a user corpus: .txt, .jsonl ({"text": ...} per line), .parquet (a `text` column). Documents are
+# numbered the same way every time, so a (file, doc) pair points back into a file; bad input: DataError at file:line.
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 # ~1k tokens: a .txt book becomes a run of long contiguous passages that fit a training row
 TXT_DOC_CHARS = 4000
@@ -94,8 +93,7 @@ def _cut_long_line(line, max_chars):
     start = 0
     while len(line) - start > max_chars:
         cut = line.rfind(" ", start, start + max_chars + 1)
-        if cut <= start:
-            cut = start + max_chars  # no space to cut at: cut mid-word
+        cut = cut if cut > start else start + max_chars  # no space to cut at: cut mid-word
         yield line[start:cut]
         start = _SPACES.match(line, cut).end()  # the spaces at a cut belong to neither piece
     if start < len(line):
@@ -260,7 +258,6 @@ class Corpus:
         identity = [(f.key, f.split, os.path.getsize(f.path)) for f in self.files]
         identity += [val_fraction, txt_doc_chars, self.shuffle, seed]
         self.fingerprint = hashlib.blake2b(json.dumps(identity).encode(), digest_size=8).hexdigest()
-
     def _init_shards(self):
         if len(paths := list_parquet_files()) < 2:
             raise DataError(f"{'only one shard' if paths else 'no pretraining data'} in {get_data_dir()} (the last "
@@ -268,7 +265,6 @@ class Corpus:
         # the last shard is val: it is always downloaded (first), so the split never moves
         self.files = [SourceFile(p, os.path.basename(p), "val" if p == paths[-1] else "train",
                                  _open_parquet(p).metadata.num_rows) for p in paths]
-
     def _init_user_corpus(self):
         val_files = resolve_data_files(self.val_data) if self.val_data else []
         val_paths = {os.path.realpath(p) for p, _ in val_files}
@@ -296,10 +292,8 @@ class Corpus:
             raise DataError(f"{self.data}: the corpus is empty (no text in {len(train_files)} file(s))")
         if self.val_data and not any(f.num_docs for f in self.files if f.split == "val"):
             raise DataError(f"{self.val_data}: the validation data is empty")
-        if not self.val_data and self.val_fraction > 0:
-            self._ensure_val_document()
-
-    def _ensure_val_document(self):
+        if self.val_data or self.val_fraction <= 0:
+            return  # else the hash split must hold out at least one document, and keep one to train on
         def all_docs():  # a generator, not a list: a big corpus has millions
             return ((i, d) for i, f in enumerate(self.files) for d in range(f.num_docs))
         if not any(_hash_fraction(self.files[i].key, d) < self.val_fraction for i, d in all_docs()):
@@ -308,14 +302,12 @@ class Corpus:
             total = sum(f.num_docs for f in self.files)
             raise DataError(f"{self.data}: every document is held out for validation ({total} in all): "
                             f"add text, lower val_fraction, or pass val_data")
-
     def in_split(self, file_index, doc_index, split):
         f = self.files[file_index]
         if f.split != "hash":
             return f.split == split
         is_val = _hash_fraction(f.key, doc_index) < self.val_fraction or (file_index, doc_index) == self.forced_val
         return is_val == (split == "val")
-
     def file_order(self, split, epoch):
         """Indices into self.files of the files that hold documents of `split`, in this epoch's order."""
         if split not in ("train", "val"):
@@ -324,11 +316,9 @@ class Corpus:
         if self.shuffle and split == "train":
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
-
     def iter_documents(self, split, rank=0, world_size=1, start=None, num_epochs=None):
         """Yield (text, DocPosition) of this rank's `split`, num_epochs times (None: forever), from a resume_point()."""
-        start = start or {"epoch": 0, "order": 0, "doc": 0}
-        epoch, order_start, doc_start = start["epoch"], start["order"], start["doc"]
+        epoch, order_start, doc_start = (start["epoch"], start["order"], start["doc"]) if start else (0, 0, 0)
         while num_epochs is None or epoch < num_epochs:
             found = doc_start > 0  # a resumed epoch starts right after one of this rank's documents
             for order, file_index in itertools.islice(enumerate(self.file_order(split, epoch)), order_start, None):
@@ -344,7 +334,6 @@ class Corpus:
                 raise DataError(f"the {split} split has no documents" + (f" for rank {rank} of {world_size}: use "
                                 f"fewer ranks or more data" if world_size > 1 else ""))
             epoch, order_start, doc_start = epoch + 1, 0, 0
-
     def fetch_documents(self, refs):
         """Texts of documents given as (file_index, doc_index) pairs, in the same order."""
         found = {}
@@ -361,7 +350,6 @@ class Corpus:
                 raise DataError(f"{self.files[file_index].path}: document {min(docs)} not found: "
                                 f"the file changed since the state was saved")
         return [found[tuple(ref)] for ref in refs]
-
     def summary(self):
         """Counts for a quick look (a full pass for the hash split of user corpora)."""
         if self.data is None:

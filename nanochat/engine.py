@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from nanochat.common import autocast_ctx
 
 # -----------------------------------------------------------------------------
-# The calculator tool. The model writes <|python_start|>expr<|python_end|>; the engine evaluates
-# expr and forces <|output_start|>result<|output_end|> into the stream. expr is never given to
-# eval(): we walk its AST over a whitelist (arithmetic, a few string methods), so nothing else
-# can run. It runs on the decode thread, between two tokens of every row in the batch, so no
-# operation may be slow: each size is checked *before* the operation that would build it, and a
-# wall-clock budget is checked before each node ("9**9**9", "'a' * 10**9", "round(1, -10**9)").
+# The calculator tool. The model writes <|python_start|>expr<|python_end|>; the engine evaluates expr and forces
+# <|output_start|>result<|output_end|> into the stream. expr is never given to eval(): we walk its AST over a
+# whitelist (arithmetic, a few string methods), so nothing else can run. It runs on the decode thread, between two
+# tokens of every row in the batch, so no operation may be slow: each size is checked *before* the operation that
+# would build it, and a wall-clock budget is checked before each node ("9**9**9", "'a' * 10**9", "round(1, -10**9)").
 _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
@@ -92,8 +91,7 @@ def use_calculator(expr):
     return str(value)
 
 # -----------------------------------------------------------------------------
-# Sampling. Every row has its own seeded torch.Generator, so a request's output does not
-# depend on what else happens to share its batch.
+# Sampling. Every row has its own seeded torch.Generator: a request's output does not depend on what shares its batch.
 MIN_TEMPERATURE = 1e-3  # anything lower samples greedily (see sample_token)
 
 @dataclass
@@ -139,7 +137,6 @@ def sample_token(logits, params, rng):
 # Tokens -> text that is safe to show
 class TextStream:
     """Token ids in, text out: the chunks add up to the decoded text, cut before the first stop string."""
-
     def __init__(self, token_bytes, stop=(), display=None):
         self.token_bytes = token_bytes  # id -> bytes
         self.stop = tuple(s for s in ((stop,) if isinstance(stop, str) else stop or ()) if s)
@@ -148,14 +145,12 @@ class TextStream:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""  # decoded, not released yet: it could be the start of a stop string
         self.stopped = False
-
     def push(self, token_id):
         if self.stopped:
             return ""
         piece = self.display[token_id].encode() if token_id in self.display else self.token_bytes(token_id)
         self.pending += self.decoder.decode(piece)
         return self._release()
-
     def _release(self):
         if hits := [i for i in (self.pending.find(s) for s in self.stop) if i != -1]:
             text, self.pending, self.stopped = self.pending[:min(hits)], "", True
@@ -165,7 +160,6 @@ class TextStream:
         cut = len(self.pending) - hold
         text, self.pending = self.pending[:cut], self.pending[cut:]
         return text
-
     def flush(self):
         """The rest, at the end of generation (a dangling partial character becomes U+FFFD)."""
         if self.stopped:
@@ -176,35 +170,28 @@ class TextStream:
         return text
 
 # -----------------------------------------------------------------------------
-# KV caches. A prompt is run through the model once (its prefill); after that each new token
-# costs one forward of length 1 that reads the cached keys/values instead of the whole prefix.
-# GPT.forward asks its cache get_pos() and insert_kv(); a (rows,) tensor from get_pos() tells it
-# every row sits at its own position.
+# KV caches. A prompt is run through the model once (its prefill); after that each new token costs one forward of
+# length 1 that reads the cached keys/values instead of the whole prefix. GPT.forward asks its cache get_pos() and
+# insert_kv(); a (rows,) tensor from get_pos() tells it every row sits at its own position.
 class _Prefill(list):
     """One prompt's keys/values, per layer (k, v), each (1, kv_heads, T, head_dim), from its single forward."""
     logits = None  # at the prompt's last position: the first token is drawn from them
-
     def get_pos(self):
         return 0  # an int: the forward takes its plain causal path, as in training
-
     def insert_kv(self, layer_idx, k, v):
         self.append((k, v))
         return k, v
 
 class RaggedKVCache:
     """Keys/values of unrelated sequences in one batch, row b at its own length lengths[b]."""
-    # Rows join from a prefill and leave by moving the last row into their place, so the live rows
-    # are always 0..n-1: a forward never carries dead rows.
+    # rows join from a prefill and leave by the last row moving into their place: a forward never carries dead rows
     TIME_CHUNK = 256
-
     def __init__(self):
         self.kv = None     # (layers, 2, rows, kv_heads, time, head_dim), shaped by the first prefill
         self.lengths = []  # host copy, for sizes without a device sync
         self.pos = None    # device copy, for GPT.forward
-
     def get_pos(self):
         return self.pos
-
     def _reserve(self, rows, time):
         layers, _, have_rows, heads, have_time, head_dim = self.kv.shape
         if rows > have_rows or time > have_time:
@@ -216,9 +203,7 @@ class RaggedKVCache:
             n, t = len(self.lengths), max(self.lengths, default=0)
             bigger[:, :, :n, :, :t] = self.kv[:, :, :n, :, :t]
             self.kv = bigger
-
     def add_row(self, prefill):
-        """Append a row holding a _Prefill's keys/values."""
         n, (_, heads, T, head_dim) = len(self.lengths), prefill[0][0].shape
         if self.kv is None:  # the device and dtype of the model's keys (bf16 under autocast)
             self.kv = prefill[0][0].new_zeros((len(prefill), 2, 0, heads, 0, head_dim))
@@ -227,7 +212,6 @@ class RaggedKVCache:
             self.kv[layer, 0, n, :, :T], self.kv[layer, 1, n, :, :T] = k[0], v[0]
         self.lengths.append(T)
         self.pos = torch.tensor(self.lengths, dtype=torch.long, device=self.kv.device)
-
     def remove_row(self, i):
         """Drop row i; the last row moves into its place (callers mirror this in their lists)."""
         last = self.lengths.pop()
@@ -235,7 +219,6 @@ class RaggedKVCache:
             self.kv[:, :, i, :, :last] = self.kv[:, :, len(self.lengths), :, :last]
             self.lengths[i] = last
         self.pos = torch.tensor(self.lengths, dtype=torch.long, device=self.kv.device)
-
     def insert_kv(self, layer_idx, k, v):
         """Write k, v (rows, heads, T, head_dim) at each row's own position; return all up to the longest row."""
         # GPT.forward masks the padding between a row's end and the longest row's
@@ -254,10 +237,9 @@ class RaggedKVCache:
         return layer[0, :B, :, :num_keys], layer[1, :B, :, :num_keys]
 
 # -----------------------------------------------------------------------------
-# Continuous batching. A BatchDecoder holds many unrelated sequences (prompts, lengths, sampling
-# settings) in one RaggedKVCache; each step decodes one token for all of them in one forward.
-# Rows join (after their own prefill) and leave (finished, stopped, cancelled) between steps.
-# The chat server runs one per model replica; Engine.generate* are thin wrappers around it.
+# Continuous batching. A BatchDecoder holds many unrelated sequences (prompts, lengths, sampling settings) in one
+# RaggedKVCache; each step decodes one token for all of them in one forward. Rows join (after their own prefill) and
+# leave (finished, stopped, cancelled) between steps. The chat server runs one per replica; Engine.generate_* wrap it.
 @dataclass(eq=False)
 class Row:
     request: object               # whatever the caller passed to BatchDecoder.add (the server's request)
@@ -276,19 +258,15 @@ class Row:
 
 class BatchDecoder:
     """Continuous batching over one model: add() prompts at any time, step() until num_rows is 0."""
-
     def __init__(self, engine, max_batch_size=None):
         self.engine, self.max_batch_size, self.cache = engine, max_batch_size, RaggedKVCache()
         self.rows = []     # live rows, in cache order
         self.joining = []  # prefilled rows waiting for their first token
-
     @property
     def num_rows(self):
         return len(self.rows) + len(self.joining)
-
     def has_room(self, n=1):
         return self.max_batch_size is None or self.num_rows + n <= self.max_batch_size
-
     @torch.inference_mode()
     def add(self, tokens, params=None, num_samples=1, request=None):
         """Prefill `tokens` once and queue num_samples rows continuing it; returns the rows."""
@@ -306,7 +284,6 @@ class BatchDecoder:
             rows.append(Row(request, i, params, rng, text, max_tokens, prefill))
         self.joining.extend(rows)
         return rows
-
     @torch.inference_mode()
     def cancel(self, row):
         """Stop a row now (e.g. its client went away); it leaves the batch at once."""
@@ -315,12 +292,10 @@ class BatchDecoder:
             self.joining.remove(row)
         elif row in self.rows:
             self._remove(self.rows.index(row))
-
     def _remove(self, i):
         self.cache.remove_row(i)
         self.rows[i] = self.rows[-1]  # as the cache did
         self.rows.pop()
-
     @torch.inference_mode()
     def step(self):
         """One token for every live row -> [(row, newly releasable text)]; the token is row.tokens[-1]."""
@@ -343,7 +318,6 @@ class BatchDecoder:
             if self.rows[i].finish_reason:
                 self._remove(i)
         return outputs
-
     def _advance(self, row, logits, argmax=None):
         engine = self.engine
         if row.forced:
@@ -377,7 +351,6 @@ class BatchDecoder:
 # The engine
 class Engine:
     """Generation on one model (**sampling: SamplingParams fields). Not thread-safe: one decoder() per thread."""
-
     def __init__(self, model, tokenizer, use_tools=True):
         self.model, self.tokenizer, self.device, self.use_tools = model, tokenizer, model.get_device(), use_tools
         # positions past the rotary table cannot be encoded: that is the hard context limit
@@ -389,25 +362,11 @@ class Engine:
         # special tokens read as nothing in text, except tool calls: <<expr=result>> (GSM8K's calculator notation)
         tool_calls = {self.python_start: "<<", self.python_end: "=", self.output_end: ">>"} if use_tools else {}
         self.display = {special(name): "" for name in tokenizer.get_special_tokens()} | tool_calls
-
     def decoder(self, max_batch_size=None):
         return BatchDecoder(self, max_batch_size)
-
-    def generate(self, tokens, num_samples=1, **sampling):
-        """Stream continuations: per step, one id per sample and its mask (1 sampled, 0 forced tool output)."""
-        decoder = self.decoder()
-        decoder.add(tokens, SamplingParams(**sampling), num_samples)
-        while decoder.num_rows:
-            # a sample that has finished (after yielding its end token) yields None, mask 0
-            column, masks = [None] * num_samples, [0] * num_samples
-            for row, _ in decoder.step():
-                column[row.index], masks[row.index] = row.tokens[-1], row.masks[-1]
-            yield column, masks
-
     def generate_batch(self, tokens, num_samples=1, **sampling):
         """(results, masks), one per sample: the prompt + generated ids, masks 0 on prompt and forced tokens."""
         return self.generate_multi([tokens], num_samples=num_samples, **sampling)[0]
-
     def generate_multi(self, prompts, num_samples=1, max_batch_size=None, **sampling):
         """Prompts of any lengths decoded together; per prompt, (results, masks) as generate_batch."""
         if max_batch_size is not None and max_batch_size < num_samples:
@@ -422,10 +381,3 @@ class Engine:
         end = {r: len(r.tokens) - bool(r.tokens and r.tokens[-1] in self.end_tokens) for rs in rows for r in rs}
         return [([list(prompt) + r.tokens[:end[r]] for r in rs], [[0] * len(prompt) + r.masks[:end[r]] for r in rs])
                 for prompt, rs in zip(prompts, rows)]
-
-    def generate_text(self, tokens, **sampling):
-        """Stream one continuation as text chunks (whole characters; tool calls as <<expr=result>>)."""
-        decoder = self.decoder()
-        decoder.add(tokens, SamplingParams(**sampling))
-        while decoder.num_rows:
-            yield from (text for _, text in decoder.step() if text)

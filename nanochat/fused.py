@@ -23,7 +23,6 @@ class RMSNorm(torch.autograd.Function):
         y = x * r if x.dtype == acc_dtype else (x * r).to(x.dtype)
         ctx.save_for_backward(y, r)
         return y
-
     @staticmethod
     def backward(ctx, grad_y):
         y, r = ctx.saved_tensors
@@ -40,7 +39,6 @@ class ReLUSquared(torch.autograd.Function):
         r = torch.relu(x)
         ctx.save_for_backward(r)
         return r * r
-
     @staticmethod
     def backward(ctx, grad_out):
         r, = ctx.saved_tensors
@@ -63,7 +61,6 @@ class RotaryEmbedding(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         return _rotate(x, cos, sin)
-
     @staticmethod
     def backward(ctx, grad_out):
         # a rotation's transpose is the rotation by the negated angle: nothing but the tables is saved
@@ -123,7 +120,6 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
         losses, grad_x, grad_w = softcap_ce_chunks(x, weight, targets, cap, with_grads=True)
         ctx.save_for_backward(grad_x, grad_w)
         return losses.sum()
-
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
@@ -141,7 +137,6 @@ class LinearSoftcapCrossEntropyPerToken(torch.autograd.Function):
         # torch.amp.custom_fwd/custom_bwd do this for one device type fixed when the class is written)
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         return softcap_ce_chunks(x, weight, targets, cap, with_grads=False)[0]
-
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses):

@@ -18,7 +18,6 @@ from nanochat.common import HelpFormatter, atomic_write, get_base_dir, get_rank
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # of the sections' timestamps, parsed back to time the whole run
 DEFAULT_GPU_HOURLY_COST = 3.0  # USD per GPU-hour: about $24/h for an 8xH100 node
-
 # The stages' section titles, in pipeline order (sections with other titles go after these,
 # oldest first); the eval scripts add the checkpoint source in parentheses: "CORE evaluation (base)"
 TRAINING_SECTIONS = {"base": "Base model training", "mid": "Midtraining", "sft": "Chat SFT", "dpo": "Chat DPO"}
@@ -26,11 +25,9 @@ STAGES = ("base", "mid", "sft", "dpo")
 SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation"] + [
     title for stage in STAGES for title in (TRAINING_SECTIONS[stage], f"Loss evaluation ({stage})",
                                             f"CORE evaluation ({stage})", f"Chat evaluation ({stage})")]
-
 # Summary table rows: (row name, the kind of section it comes from, the key logged there)
-SUMMARY_ROWS = ([("CORE", "CORE evaluation", "CORE")]
-                + [(name, "Chat evaluation", name) for name in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K",
-                                                                "HumanEval", "SpellingBee", "ChatCORE")]
+SUMMARY_ROWS = ([("CORE", "CORE evaluation", "CORE")] + [(name, "Chat evaluation", name) for name in
+                 ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE")]
                 + [("val bpb", "Loss evaluation", "val_bpb")])
 TASK_PPL_PREFIX = "task_ppl:"  # chat_eval logs one "task_ppl:<file stem>" per --task-ppl file
 TASK_BPB_PREFIX = "task_bpb:"  # and one "task_bpb:<file stem>"
@@ -104,14 +101,13 @@ def parse_blocks(text):
     # a key may hold one colon not followed by a space ("task_ppl:mine"), so values may hold colons
     blocks = []
     for chunk in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
-        lines = chunk.splitlines()
-        title, timestamp, values = lines[0].strip(), None, {}
-        for line in lines[1:]:
+        (title, *lines), timestamp, values = chunk.splitlines(), None, {}
+        for line in lines:
             if line.startswith("timestamp: "):
                 timestamp = line[len("timestamp: "):].strip()
             if match := re.match(r"^- ([^:]+(?::[^:\s][^:]*)?): (.*)$", line):
                 values[match.group(1).strip()] = match.group(2).strip()
-        blocks.append((title, timestamp, values))
+        blocks.append((title.strip(), timestamp, values))
     return blocks
 
 def _parse_time(text):  # None for None (no start time) or a hand-edited timestamp
@@ -128,11 +124,9 @@ def _format_duration(seconds):
 class Report:
     def __init__(self, report_dir):
         self.report_dir = report_dir
-
     def log(self, section, data):
         """Append a block to the section's file: a dict item -> '- key: value' lines, a str as is."""
-        # logging a section again (a re-run, one eval task at a time) adds a block: the summary then
-        # takes each metric from the latest block that has it
+        # a section logged again (a re-run, one eval task at a time) adds a block: the summary takes the latest
         lines = [f"## {section}", f"timestamp: {_now()}", ""]
         for item in [data] if isinstance(data, (dict, str)) else data:
             if isinstance(item, dict):
@@ -143,15 +137,12 @@ class Report:
         previous = Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
         atomic_write(path, previous + "\n".join(lines) + "\n")  # atomic: a crash never tears a section
         return path
-
     def reset(self):
         """Start a new run: remove every section and report, write the header (environment + start time)."""
         for path in Path(self.report_dir).glob("*.md"):  # no folder yet: nothing to remove (atomic_write makes it)
             path.unlink()
-        path = os.path.join(self.report_dir, "header.md")
-        atomic_write(path, _header(f"Run started: {_now()}"))
+        atomic_write(path := os.path.join(self.report_dir, "header.md"), _header(f"Run started: {_now()}"))
         return path
-
     def sections(self):
         """{title: [(timestamp, values, raw markdown)]} of every logged section, in pipeline order."""
         known = {slugify(title): i for i, title in enumerate(SECTION_ORDER)}
@@ -166,11 +157,9 @@ class Report:
                                                          parse_blocks(text)):
                 out.setdefault(title, []).append((timestamp, values, chunk.strip()))
         return out
-
     def summary(self, sections=None):
         """{row: {stage: value str}}: the headline metrics of each stage (the latest value logged)."""
         sections = self.sections() if sections is None else sections
-
         def latest(title, *keys):  # from the newest block that has one of the keys, the first it has
             return next((v[k] for _, v, _ in reversed(sections.get(title, [])) for k in keys if k in v), None)
         table = {}
@@ -182,7 +171,7 @@ class Report:
                     value = latest(TRAINING_SECTIONS[stage], "val_bpb", "min_val_bpb")
                 if value is not None:
                     table.setdefault(row, {})[stage] = value
-        # and rows per --task-ppl file any chat evaluation measured (perplexity, bits per byte), per custom:FILE (accuracy)
+        # and rows per --task-ppl file any chat evaluation measured (perplexity, bpb), per custom:FILE (accuracy)
         for stage in STAGES:
             for _, values, _ in sections.get(f"Chat evaluation ({stage})", []):
                 for key, value in values.items():
@@ -191,7 +180,6 @@ class Report:
                         if key.startswith(prefix):
                             table.setdefault(row + key[len(prefix):], {})[stage] = value
         return table
-
     def generate(self, gpu_hourly_cost=DEFAULT_GPU_HOURLY_COST, out=None):
         """Write report.md (header, tokenizer, sections, summary, time, cost), and a copy to `out`; returns its path."""
         header_path = os.path.join(self.report_dir, "header.md")
@@ -203,16 +191,13 @@ class Report:
         end = max((t for blocks in sections.values() for t in (_parse_time(b[0]) for b in blocks) if t), default=None)
         parts = [header.rstrip(), f"Generated: {_now()}", self._tokenizer_markdown(),
                  *("\n\n".join(raw for _, _, raw in blocks) for blocks in sections.values()),
-                 _summary_markdown(self.summary(sections)),
-                 _timing_markdown(start, end, sections, gpu_hourly_cost)]
+                 _summary_markdown(self.summary(sections)), _timing_markdown(start, end, sections, gpu_hourly_cost)]
         text = "\n\n".join(p for p in parts if p).rstrip() + "\n"
-        path = os.path.join(self.report_dir, "report.md")
-        atomic_write(path, text)
+        atomic_write(path := os.path.join(self.report_dir, "report.md"), text)
         # a copy only where asked: never a stray report.md in whatever folder the command ran from
         if out is not None:
             atomic_write(os.path.join(out, "report.md") if os.path.isdir(out) else out, text)
         return path
-
     def _tokenizer_markdown(self):
         tokenizer_dir = os.path.join(os.path.dirname(self.report_dir), "tokenizer")
         # optional: a report may be generated before (or without) scripts/tok_train.py
@@ -262,7 +247,6 @@ class DummyReport:
 
 def get_report():
     """The run's report: a stage logs get_report().log(section="Base model training", data=[vars(args), metrics])."""
-    # the other ranks get a DummyReport, so only one process writes
     return Report(os.path.join(get_base_dir(), "report")) if get_rank() == 0 else DummyReport()
 
 def main(argv=None):
@@ -271,8 +255,7 @@ def main(argv=None):
                         "environment + start time); generate: write report.md")
     parser.add_argument("--gpu-hourly-cost", type=float, default=DEFAULT_GPU_HOURLY_COST,
                         help="USD per GPU-hour for the cost estimate ($3: ~$24/h for 8xH100)")
-    parser.add_argument("--out", default=None, metavar="PATH",
-                        help="generate: also write report.md to this file (or into this folder)")
+    parser.add_argument("--out", default=None, metavar="PATH", help="generate: copy report.md to PATH (file or folder)")
     args, report = parser.parse_args(argv), get_report()
     if args.command == "reset":
         print(f"new report started: {report.reset()}")

@@ -22,8 +22,7 @@ def my_indices(num_problems, max_problems=-1):
     return list(range(rank, n, world_size))
 
 def right_padded(rows, pad_id, device):
-    """Rows of different lengths as one right-padded (B, width) batch."""
-    # right, not left: with causal attention the padding after a row never changes that row's logits
+    """Rows of different lengths as one right-padded (B, width) batch: causal attention never lets a row see its pad."""
     width = max(map(len, rows))
     return torch.tensor([list(row) + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
 
@@ -56,7 +55,6 @@ def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temp
     # the Engine seeds every row on its own, so a completion does not depend on its batch neighbours
     from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
-
     def generate(prompts):
         # prompts of any lengths decode together in one ragged batch (continuous batching)
         outputs = engine.generate_multi(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
@@ -66,8 +64,7 @@ def engine_generate_fn(model, tokenizer, num_samples=1, max_new_tokens=512, temp
     return generate
 
 def run_generative(generate, tokenizer, task, indices, batch_size=8, max_len=None, first_samples=None):
-    """(number passed, number asked) over task[indices]: a problem passes when any sample does.
-    first_samples: a list that gets each problem's first sample, in order (chat_eval's confusion table)."""
+    """(number passed, number asked) over task[indices], pass@N; first_samples: a list to get each first sample."""
     passed = 0
     for begin in tqdm(range(0, len(indices), batch_size), desc=task.__class__.__name__, unit="batch", leave=False,
                       delay=10, disable=get_dist_info()[1] != 0):  # a bar only after 10 s, on one rank

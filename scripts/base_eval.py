@@ -1,5 +1,4 @@
 """The CORE metric of a checkpoint (nanochat/core_eval.py), on the DCLM eval bundle or on local files.
-
     python -m scripts.base_eval                                   # base model, the eval bundle
     torchrun --nproc_per_node=8 -m scripts.base_eval -i mid --data-dir ../shared/data/eval   # offline"""
 import argparse
@@ -52,7 +51,6 @@ def main(argv=None):
         tasks = load_tasks(args, ddp, rank)
         # load_model's FileNotFoundError names the script that makes the missing checkpoint or tokenizer
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        model_tag = meta["model_tag"]
         print0(f"CORE on {len(tasks)} task(s), {args.source} model step {meta['step']}, {world_size} rank(s)")
         t0 = time.time()
         with autocast_ctx(device.type):
@@ -67,11 +65,11 @@ def main(argv=None):
         buffer = io.StringIO()
         # the score itself as a last row, so a spreadsheet of several runs lines them up
         csv.writer(buffer).writerows([header, *rows, ["CORE", "", "", "", "", "", f"{core:.6f}"]])
-        csv_path = os.path.join(get_base_dir(), "base_eval", f"{args.source}_{model_tag}_{step:06d}.csv")
+        csv_path = os.path.join(get_base_dir(), "base_eval", f"{args.source}_{meta['model_tag']}_{step:06d}.csv")
         atomic_write(csv_path, buffer.getvalue())
         print0(f"wrote {csv_path}")
         get_report().log(section=f"CORE evaluation ({args.source})", data=[
-            {"source": args.source, "model_tag": model_tag, "step": step,
+            {"source": args.source, "model_tag": meta["model_tag"], "step": step,
              "tasks_from": args.data_dir or args.bundle_dir or "eval_bundle", "max_per_task": args.max_per_task},
             {label: round(r["centered"], 4) for label, r in results.items()},
             {"CORE": round(core, 4), "eval_time_s": round(seconds, 1)}])

@@ -1,5 +1,4 @@
 """Bits per byte of a checkpoint on the train and val splits of a corpus, and a few greedy samples.
-
     python -m scripts.base_loss                         # the base model, on the corpus it was trained on
     python -m scripts.base_loss --data ~/books/ --split-tokens 1000000     # your own text"""
 import argparse

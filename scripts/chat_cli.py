@@ -45,7 +45,6 @@ def main(argv=None):
         # rendered as chat_web renders a conversation (--system folds into its first user turn), less the <|bos|>
         system = [{"role": "system", "content": args.system}] if args.system and history == [bos] else []
         return history + tokenizer.render_for_completion({"messages": system + [{"role": "user", "content": text}]})[1:]
-
     # one-shot: the reply alone on stdout (so it can be piped), problems on stderr with exit status 1
     if args.prompt is not None:
         with exit_on(ValueError):  # the prompt does not fit the context

@@ -55,7 +55,8 @@ def task_perplexity(model, tokenizer, conversations, device, batch_size=8, max_l
     # the end of a conversation longer than max_len + 1 tokens goes unscored: say how much was cut
     full = [tokenizer.render_conversation(c, max_tokens=10**9) for c in conversations]
     # bits per byte of the assistant's text: independent of the tokenizer, so any two models compare
-    return {"ppl": math.exp(nll / tokens), "bpb": text_nll / (math.log(2) * max(1, text_bytes)), "tokens": tokens, "total_tokens": sum(sum(mask) for _, mask in full),
+    return {"ppl": math.exp(nll / tokens), "bpb": text_nll / (math.log(2) * max(1, text_bytes)), "tokens": tokens,
+            "total_tokens": sum(sum(mask) for _, mask in full),
             "cut": sum(len(ids) > max_len + 1 for ids, _ in full) if max_len else 0, "conversations": len(full)}
 
 @torch.no_grad()
@@ -114,10 +115,8 @@ def confusion_table(name, task, indices, replies, device):
 def parse_task_list(text):
     # "ARC-Easy|GSM8K" or "ARC-Easy,GSM8K" (a comma is friendlier in a shell), "all", "none"
     names = [n.strip() for n in text.replace(",", "|").split("|") if n.strip()]
-    if names == ["all"]:
-        return list(ALL_TASKS)
-    if names == ["none"]:
-        return []
+    if names in (["all"], ["none"]):
+        return list(ALL_TASKS) if names == ["all"] else []
     if unknown := [n for n in names if n not in ALL_TASKS and not n.startswith(CUSTOM_PREFIX)]:
         raise SystemExit(f"error: -a: unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)} "
                          f"(or all, none, {CUSTOM_PREFIX}FILE)")
@@ -129,23 +128,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                      epilog=f"{CUSTOM_PREFIX}FILE tasks, one kind of question per file:\n{EVAL_FORMATS}")
     add_checkpoint_args(parser, default_source="sft")
-    parser.add_argument("-a", "--tasks", default=None,
-                        help=f"tasks separated by | or , from {'|'.join(ALL_TASKS)} and {CUSTOM_PREFIX}FILE "
-                             "(your questions: see below); 'all' or 'none' (None: all, or none with --task-ppl)")
+    parser.add_argument("-a", "--tasks", default=None, help=f"tasks separated by | or , from {'|'.join(ALL_TASKS)} "
+                        f"and {CUSTOM_PREFIX}FILE (see below); 'all' or 'none' (None: all, or none with --task-ppl)")
     parser.add_argument("--max-problems", type=int, default=-1, help="evaluate the first N problems of each task (-1 = all)")
-    parser.add_argument("--data-dir", default=None,
-                        help="offline: read the tasks from this folder (arc_easy.jsonl, arc_challenge.jsonl, "
-                             "mmlu_test*.jsonl, gsm8k_test.jsonl, humaneval.jsonl), e.g. ../shared/data/eval")
+    parser.add_argument("--data-dir", default=None, help="offline: the tasks from this folder (../shared/data/eval): "
+                        "arc_easy.jsonl, arc_challenge.jsonl, mmlu_test*.jsonl, gsm8k_test.jsonl, humaneval.jsonl")
     parser.add_argument("--batch-size", type=int, default=8, help="problems per forward pass / generation batch")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@N)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="token budget of a generated answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
-    parser.add_argument("--fewshot", type=int, default=0, metavar="K",
-                        help="custom tasks: each question after the same K solved examples (drawn by --seed) as earlier "
-                             "turns: [its system message], user (example 1's question), assistant (its answer; a letter "
-                             "for multiple choice), ..., then the question's own turns")
+    parser.add_argument("--fewshot", type=int, default=0, metavar="K", help="custom tasks: each question after the "
+                        "same K solved examples (drawn by --seed) as earlier turns: [its system message], user (example"
+                        " 1's question), assistant (its answer; a letter for multiple choice), ..., then its own turns")
     parser.add_argument("--fewshot-file", default=None, metavar="FILE",
                         help="draw the --fewshot examples from FILE (default: from each custom file, then not scored)")
     parser.add_argument("--spelling-size", type=int, default=256, help="how many SpellingBee problems to generate")
@@ -161,7 +157,6 @@ def main(argv=None):
         parser.error("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     if args.fewshot < 0:
         parser.error(f"--fewshot must be >= 0, got {args.fewshot}")
-
     ddp, rank, _, world_size, device = compute_init(args.device)
     with exit_on(FileNotFoundError, ValueError):  # load (and check) all the data first: a bad file fails in seconds
         # your own files first, so that a mistake there stops the run before anything is downloaded
@@ -171,20 +166,17 @@ def main(argv=None):
         # each file is read and checked now too; its stem names its report row, "task ppl <stem>"
         ppl_sets = {os.path.splitext(os.path.basename(p))[0]: CustomJSON(p) for p in args.task_ppl}
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    model_tag = meta["model_tag"]
     # a longer prompt keeps its end, the question and <|assistant_start|>: no more than the model was trained on
     max_len = model.config.sequence_len
-    print0(f"{args.source} model {model_tag} step {meta['step']}, {world_size} rank(s)")
-
-    results, timings, custom = {}, {}, {}
+    print0(f"{args.source} model {meta['model_tag']} step {meta['step']}, {world_size} rank(s)")
+    results, timings, custom, ppl = {}, {}, {}, {}
     # pass@N: a generative problem passes when any of its --num-samples samples does
     generate = engine_generate_fn(model, tokenizer, args.num_samples, args.max_new_tokens, args.temperature,
                                   args.top_k, args.seed, args.batch_size)
     for name, task in tasks.items():
-        t0 = time.time()
+        t0, replies = time.time(), []  # replies: each generated answer's first sample, for a confusion table
         # every rank takes every world_size-th problem; the counts are summed over the ranks below
         indices = my_indices(len(task), args.max_problems)
-        replies = []  # each generated answer's first sample, for a custom file's confusion table
         with autocast_ctx(device.type):
             # multiple choice (ARC, MMLU) by the answer letters' logits; GSM8K, HumanEval and
             # SpellingBee by a generated answer that the task grades
@@ -211,7 +203,6 @@ def main(argv=None):
     if (score := chatcore(results)) is not None:
         print0(f"ChatCORE: {score:.4f}")
     # the assistant-token perplexity of each --task-ppl file, with the number of tokens it rests on
-    ppl = {}
     for stem, conversations in ppl_sets.items():
         with autocast_ctx(device.type):
             stats = ppl[stem] = task_perplexity(model, tokenizer, conversations, device, args.batch_size, max_len)
@@ -227,16 +218,15 @@ def main(argv=None):
         metrics = dict(results, **({"ChatCORE": score} if score is not None else {}))
         for stem, stats in ppl.items():
             metrics.update({TASK_PPL_PREFIX + stem: stats["ppl"], TASK_BPB_PREFIX + stem: stats["bpb"],
-                            **({f"hf_task_ppl:{stem}": stats["hf"]["ppl"], f"hf_task_bpb:{stem}": stats["hf"]["bpb"]}
-                               if "hf" in stats else {}),
+                            **{f"hf_task_{key}:{stem}": stats["hf"][key] for key in ("ppl", "bpb") if "hf" in stats},
                             f"task_ppl_tokens:{stem}": stats["tokens"],
                             f"task_ppl_total_tokens:{stem}": stats["total_tokens"],
                             f"task_ppl_cut_conversations:{stem}": stats["cut"]})
         get_report().log(section=f"Chat evaluation ({args.source})", data=[
-            {"source": args.source, "model_tag": model_tag, "step": meta["step"], "tasks": "|".join(names) or "none",
-             "max_problems": args.max_problems, "data_dir": args.data_dir, "num_samples": args.num_samples,
-             "temperature": args.temperature, "task_ppl_files": args.task_ppl, "hf_model": args.hf_model,
-             "fewshot": args.fewshot, "fewshot_file": args.fewshot_file},
+            {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"],
+             "tasks": "|".join(names) or "none", "max_problems": args.max_problems, "data_dir": args.data_dir,
+             "num_samples": args.num_samples, "temperature": args.temperature, "task_ppl_files": args.task_ppl,
+             "hf_model": args.hf_model, "fewshot": args.fewshot, "fewshot_file": args.fewshot_file},
             metrics, {f"time_s:{name}": round(seconds, 1) for name, seconds in timings.items()},
             # a custom file's chance and number scored beside its accuracy, then its confusion table (markdown)
             {f"custom_{key}:{name.removeprefix(CUSTOM_PREFIX)}": stats[key]

@@ -55,7 +55,6 @@ def get_parser():
 # reaches a replica; a bad request gets a 400 naming the field, as OpenAI's API does.
 class ErrorResponse(Exception):
     """Answer the request with this HTTP status and an OpenAI-style error body naming the faulty field."""
-
     def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
         # OpenAI's SDKs read "type" to tell a client's mistake (4xx) from the server's own failure
@@ -143,19 +142,16 @@ def completion_prompt(body, args):
     return prompt
 
 # -----------------------------------------------------------------------------
-# The replica pool. Every replica (one model copy per GPU) has a worker thread that owns a
-# BatchDecoder. Validated, tokenized requests wait on one shared queue: an idle replica takes one
-# at once, a busy one pulls waiting requests into its running batch between decode steps (up to
-# --max-batch-size rows), so concurrent users are decoded together, not one after another.
+# The replica pool. Every replica (one model copy per GPU) has a worker thread that owns a BatchDecoder. Validated,
+# tokenized requests (Jobs) wait on one shared queue: an idle replica takes one at once, a busy one pulls waiting
+# requests into its running batch between decode steps (up to --max-batch-size rows), so concurrent users are
+# decoded together, not one after another.
 class Job:
-    """One request on its way through a replica."""
-
     def __init__(self, tokens, params, loop):
         self.tokens, self.params, self.loop = tokens, params, loop
         # what the worker reports: ("text", str)..., then ("done", finish_reason, completion_tokens) or ("error", message)
         self.events = asyncio.Queue()
         self.cancelled = False  # set on the event loop when the client went away, read by the worker
-
     def emit(self, *event):
         # asyncio queues are not thread-safe: the put runs on the event loop's own thread
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
@@ -163,14 +159,12 @@ class Job:
 
 class Replica:
     """A model copy and the thread that decodes all of its requests in one continuous batch."""
-
     def __init__(self, index, engine, pool):
         self.index, self.engine, self.pool = index, engine, pool
         self.decoder = engine.decoder(max_batch_size=pool.max_batch_size)
         # peak_rows: the largest batch this replica has decoded at once
         self.busy, self.peak_rows, self.requests_served, self.tokens_generated = False, 0, 0, 0
         self.thread = threading.Thread(target=self.run, name=f"replica-{index}", daemon=True)
-
     def admit(self, job):
         if job is None or job.cancelled:  # None: the pool is stopping
             return
@@ -179,7 +173,6 @@ class Replica:
         except Exception as e:  # e.g. a prompt that does not fit: fail this request only
             logger.exception("replica %d: could not start a request", self.index)
             job.emit("error", f"could not start generation: {e}")
-
     def run(self):
         pool = self.pool
         while not pool.stopping:
@@ -225,21 +218,18 @@ class WorkerPool:
         self.replicas = [Replica(i, engine, self) for i, engine in enumerate(engines)]
         for replica in self.replicas:
             replica.thread.start()
-
     def submit(self, job):
         # a bounded queue: past --max-queue a request fails fast, rather than wait ever longer
         try:
             self.pending.put_nowait(job)
         except queue.Full:
             raise ErrorResponse("the server is overloaded: too many requests waiting, retry later", status=503) from None
-
     def stop(self):
         self.stopping = True
         # one None per replica: each worker blocked in get() wakes up and sees `stopping`
         for _ in self.replicas:
             with contextlib.suppress(queue.Full):
                 self.pending.put_nowait(None)
-
     def stats(self):
         # read without a lock from the replicas' threads: a snapshot, as good as monitoring needs
         replicas = [{"index": r.index, "device": str(r.engine.device), "busy": r.busy, "active_rows": r.decoder.num_rows,
@@ -255,36 +245,27 @@ def create_app(pool, tokenizer, model_name, args, max_context):
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.requests import ClientDisconnect
-
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         pool.stop()  # at shutdown: the replica threads stop taking requests
-
     async def internal_error(request, exc):
         # the traceback goes to the log; the client learns nothing of the server's internals
         logger.exception("unhandled error")
         return JSONResponse(ErrorResponse("internal server error", status=500).body, status_code=500)
-
     # against DNS rebinding (its pages send their own name as Host), served with any port: loopback, --host, --allowed-host
     hosts = {"127.0.0.1", "localhost", "[::1]", args.host.lower(), *(h.lower() for h in args.allowed_host)} - {"0.0.0.0", "::"}
-
     def check_host(request: Request):
         host = request.headers.get("host", "").lower()
         _check("*" in hosts or re.sub(r":\d*$", "", host) in hosts,
                f"Host {host!r:.80} is not served here (DNS rebinding?); see --allowed-host", status=421)
-
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, lifespan=lifespan, dependencies=[Depends(check_host)],
                   exception_handlers={ErrorResponse: lambda _, e: JSONResponse(e.body, e.status), Exception: internal_error})
     created, defaults = int(time.time()), sampling_from_args(args)
-
-    def usage(prompt_tokens, completion_tokens):
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
+    def usage(prompt, completion):
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     def sse(obj):
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
     async def read_body(request):
         # JSON only: a cross-site page may POST text/plain or a form without asking first (CSRF), but not JSON
         kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -294,7 +275,6 @@ def create_app(pool, tokenizer, model_name, args, max_context):
             body.extend(part)
             _check(len(body) <= args.max_body_bytes, f"the request body is over {args.max_body_bytes} bytes", status=413)
         return body
-
     @app.post("/v1/chat/completions")
     @app.post("/v1/completions")
     async def complete(request: Request):  # Request: FastAPI passes it to a parameter annotated so
@@ -329,18 +309,15 @@ def create_app(pool, tokenizer, model_name, args, max_context):
         # one id for the whole completion: every chunk of a stream carries it
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model_name}
-
         def choice(text, finish_reason):
             if chat and streaming:  # a chat stream opens with the role, then content deltas, then {} to finish
                 out = {"delta": {} if text is None else {"content": text} if text else {"role": "assistant", "content": ""}}
             else:
                 out = {"message": {"role": "assistant", "content": text}} if chat else {"text": text or ""}
             return {"index": 0, **out, "logprobs": None, "finish_reason": finish_reason}
-
         def chunk(text, finish_reason):
             return dict(head, object=head["object"] + ".chunk" if chat else head["object"],
                         choices=[choice(text, finish_reason)], **({"usage": None} if include_usage else {}))
-
         async def events():
             try:
                 if chat:
@@ -359,7 +336,6 @@ def create_app(pool, tokenizer, model_name, args, max_context):
                 raise
             finally:
                 job.cancelled = True  # a no-op when finished; when the client went away, its row leaves the batch
-
         # no-cache and X-Accel-Buffering: no, so that proxies (nginx) pass every chunk on at once
         if streaming:
             return StreamingResponse(events(), media_type="text/event-stream",
@@ -379,7 +355,6 @@ def create_app(pool, tokenizer, model_name, args, max_context):
             if event[0] == "done":
                 return dict(head, choices=[choice("".join(parts), event[1])], usage=usage(len(tokens), event[2]))
             parts.append(event[1])
-
     # The page is one file: its inline <script> and <style> run by hash, not 'unsafe-inline', so injected markup runs
     # nothing; it fetches from this origin only; no site may frame it. uvicorn sends these with every response, 500s too
     page = UI_PATH.read_text(encoding="utf-8")

@@ -33,9 +33,8 @@ def make_client(args, prefix, counters):
                       max_backoff=args.max_backoff, counters=counters)
 
 # -----------------------------------------------------------------------------
-# Resumable jsonl output. Every record carries a stable "id" (a hash of what produced it): a re-run
-# reads the ids already in --out and skips them, so a killed run is simply started again. Items that
-# failed are not written, so the next run tries them again.
+# Resumable jsonl output: every record carries a stable "id" (a hash of what produced it); a re-run skips the ids
+# already in --out, so a killed run is simply started again, and the items that failed (never written) are retried.
 def stable_id(*parts):
     # 64 bits: a collision would take billions of items
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
@@ -196,7 +195,6 @@ def generate(args):
     counters = Counter(dict.fromkeys(["ok", "retried", "failed", "dup"], 0))
     client = make_client(args, "", counters)
     system = [{"role": "system", "content": args.system}] if args.system else []
-
     def work(job):
         # a seed of each item's own, the same in every run: a re-run asks for the same sample
         seed = None if args.seed is None else args.seed + int(job["id"][:8], 16) % 1_000_000
@@ -242,7 +240,6 @@ def parse_verdict(text):
     return (match.group(1).upper(), "\n".join(lines[:-1]).strip()) if match else (None, text)
 
 def prompt_messages(record):
-    """The prompt of a --prompts .jsonl record, as a list of messages."""
     if not isinstance(record, dict):
         raise RecordError("record", "expected a JSON object")
     if "prompt" in record or "prompt_messages" in record:
@@ -290,7 +287,6 @@ def make_answerer(args, counters):
     device = args.device or autodetect_device_type()
     model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
     engine, lock = Engine(model, tokenizer), threading.Lock()  # one model: one call at a time
-
     def answers(messages, seed):
         ids = tokenizer.render_for_completion({"messages": messages})
         with lock:
@@ -337,7 +333,6 @@ def judge(args):
     print(f"{len(prompts)} prompts: {len(jobs)} to judge ({len(pairs)} pair(s) each), the rest already done")
     counters = Counter(dict.fromkeys(["kept", "tie", "unparseable", "inconsistent", "identical", "retried", "failed"], 0))
     judge_client, (answer_source, answers_to) = make_client(args, "judge_", counters), make_answerer(args, counters)
-
     def ask_judge(messages, first, second):
         conversation = "\n\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
         prompt = (f"{rubric.strip()}\n\n[Conversation]\n{conversation}\n[End of conversation]\n\n"

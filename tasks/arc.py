@@ -24,10 +24,9 @@ def arc_conversation(record):
 
 class ARC(MultipleChoiceTask):
     def __init__(self, variant="easy", split="test", data_path=None, skip_bad=None, **slice_kwargs):
-        if variant not in ARC_VARIANTS or split not in ARC_SPLITS:
-            raise ValueError(f"ARC needs variant in {tuple(ARC_VARIANTS)} and split in {ARC_SPLITS}, "
-                             f"got {variant!r}, {split!r}")
-        hf_files = [f"{ARC_VARIANTS[variant]}/{split}-00000-of-00001.parquet"]
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, hf_files, skip_bad)
+        if variant not in ARC_VARIANTS:
+            raise ValueError(f"ARC variant must be one of {tuple(ARC_VARIANTS)}, got {variant!r}")
+        hf_files = {name: [f"{ARC_VARIANTS[variant]}/{name}-00000-of-00001.parquet"] for name in ARC_SPLITS}
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, hf_files, split, skip_bad, "ARC")
         super().__init__(paths, arc_conversation, skip_bad=skip_bad, **slice_kwargs)
         self.variant, self.split = variant, split

@@ -141,12 +141,10 @@ def conversations(messages, me, gap, speaker_names, source, report):
         if before is None or m.time - before.time > gap * 60 or m.ref.get("chat") != before.ref.get("chat"):
             sessions.append([])
         sessions[-1].append(m)
-
     def count(turns, what):  # Counter.update adds
         report.update({"turns": len(turns), f"turns {what}": len(turns)})
         report[f"messages {what}"] += sum(len(run) for _, run in turns)
         return turns
-
     def turn_text(mine, run):
         # with speaker_names, each other person's run of messages in a user turn says who wrote it
         return "\n".join((f"{name}: " if speaker_names and not mine else "") + "\n".join(m.text for m in by)
@@ -197,7 +195,6 @@ def convert(paths, me, gap=60.0, speaker_names=False, fmt="auto", date_order="au
 
 class ChatLog(Task):
     """The spec chatlog:EXPORT:me=NAME[:me=NAME2...][:gap=MINUTES][:speaker_names]: its conversations, in memory."""
-
     def __init__(self, path, words, **slice_kwargs):
         super().__init__(**slice_kwargs)
         me, gaps = [w[3:] for w in words if w.startswith("me=")], [w[4:] for w in words if w.startswith("gap=")]
@@ -205,10 +202,8 @@ class ChatLog(Task):
             raise ValueError(f"chatlog:{path}: expected me=NAME[:gap=MINUTES][:speaker_names], got {words}")
         records = convert([path], me, float(gaps[-1]) if gaps else 60.0, "speaker_names" in words)[0]
         self.conversations = [chat_record_to_conversation(record) for record in records]
-
     def num_examples(self):
         return len(self.conversations)
-
     def get_example(self, index):
         return self.conversations[index]
 

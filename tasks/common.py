@@ -19,7 +19,6 @@ from nanochat.tokenizer import RecordError, check_messages
 # Task, and the two ways of combining tasks
 class Task:
     """A list of examples (usually conversations) seen through a start/stop/step slice."""
-
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or step < 1 or (stop is not None and stop < start):
             raise ValueError(f"{type(self).__name__}: bad slice start={start} stop={stop} step={step} "
@@ -29,15 +28,12 @@ class Task:
     # what subclasses provide; an evaluation task also sets eval_type and implements evaluate()
     def num_examples(self):
         raise NotImplementedError
-
     def get_example(self, index):
         raise NotImplementedError
-
     @property
     def eval_type(self):
         """'categorical' (answer is one of conversation['letters']) or 'generative' (free text)."""
         raise NotImplementedError(f"{type(self).__name__} is a training set and has no evaluation")
-
     def evaluate(self, conversation, completion):
         """Grade the model's `completion` (str) to `conversation`: 1.0 right, 0.0 wrong."""
         raise NotImplementedError(f"{type(self).__name__} is a training set and has no evaluation")
@@ -45,17 +41,13 @@ class Task:
     # the sliced view: like a list's, a stop past the end is clipped
     def _range(self):
         return range(self.num_examples())[self.start:self.stop:self.step]
-
     def __len__(self):
         return len(self._range())
-
     def __getitem__(self, index):
         # operator.index accepts numpy integers too; range indexing checks bounds, handles negatives
         return self.get_example(self._range()[operator.index(index)])
-
     def __iter__(self):
         return map(self.get_example, self._range())
-
     def __repr__(self):
         return f"{type(self).__name__}(len={len(self)})"
 
@@ -66,7 +58,6 @@ def _locate(offsets, index):
 
 class TaskMixture(Task):
     """All examples of all tasks in one seeded shuffled order; a task listed twice is seen twice."""
-
     def __init__(self, tasks, seed=42, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.tasks = list(tasks)
@@ -77,14 +68,11 @@ class TaskMixture(Task):
         # two flat arrays, not a list of pairs: a mixture of millions of examples stays small
         self.task_ids = np.repeat(np.arange(len(self.tasks), dtype=np.int32), lengths)[order]
         self.local_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])[order]
-
     def num_examples(self):
         return len(self.task_ids)
-
     def locate(self, index):
         """(task, index within that task) behind mixture example `index` (unsliced)."""
         return self.tasks[int(self.task_ids[index])], int(self.local_ids[index])
-
     def get_example(self, index):
         task, local_index = self.locate(index)
         return task[local_index]
@@ -93,7 +81,6 @@ class TaskMixture(Task):
 # Reading records from jsonl / json / parquet files, and validating all of them up front
 class Records:
     """The raw records of one or more .jsonl/.json/.parquet files under one index."""
-
     def __init__(self, paths, columns=None):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
@@ -109,21 +96,17 @@ class Records:
             self.files.append((path, "jsonl" if isinstance(data, list) else "parquet", data))
         # where each file's records start in the one index
         self.offsets = np.cumsum([0] + [len(data) for _, _, data in self.files]).tolist()
-
     def __len__(self):
         return self.offsets[-1]
-
     def __getitem__(self, index):
         which, i = _locate(self.offsets, index)
         _, kind, data = self.files[which]
         return data[i][1] if kind == "jsonl" else data.slice(i, 1).to_pylist()[0]
-
     def where(self, index):
         """'file:line' for JSON Lines (1-based), 'file[N]' for a JSON array, 'file:row N' for parquet (0-based)."""
         which, i = _locate(self.offsets, index)
         path, kind, data = self.files[which]
         return f"{path}{data[i][0]}" if kind == "jsonl" else f"{path}:row {i}"
-
     def __iter__(self):
         for _, kind, data in self.files:
             if kind == "jsonl":
@@ -185,26 +168,25 @@ def check_all(records, convert, keep=None, skip_bad=False, max_listed=10):
 
 class RecordTask(Task):
     """A Task over records in files: every record is checked when loading, converted on access."""
-
     def __init__(self, paths, convert, keep=None, skip_bad=False, columns=None, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.records, self.convert = Records(paths, columns=columns), convert
         # only the indices of good records are kept: an example is converted again when it is read,
         # which keeps a downloaded dataset of 100k+ conversations as compact as its Arrow table
         self.indices = check_all(self.records, convert, keep=keep, skip_bad=skip_bad)
-
     def num_examples(self):
         return len(self.indices)
-
     def get_example(self, index):
         return self.convert(self.records[self.indices[index]])
 
-def data_paths_or_download(data_path, repo_id, filenames, skip_bad=None):
-    """(paths, skip_bad): the user's local file(s), else the task's default Hugging Face files."""
+def data_paths_or_download(data_path, repo_id, split_files, split, skip_bad=None, task="task"):
+    """(paths, skip_bad): the user's local file(s), else the split's default Hugging Face files, split_files[split]."""
+    if split not in split_files:
+        raise ValueError(f"{task} split must be one of {tuple(split_files)}, got {split!r}")
     if data_path is not None:
         return data_path, bool(skip_bad)
     # skip_bad=None: bad records are an error in your files, left out (warned) of a download you cannot fix
-    return [hf_dataset_file(repo_id, name) for name in filenames], True if skip_bad is None else skip_bad
+    return [hf_dataset_file(repo_id, name) for name in split_files[split]], True if skip_bad is None else skip_bad
 
 # -----------------------------------------------------------------------------
 # The chat record formats
@@ -261,13 +243,11 @@ def multiple_choice_conversation(question, choices, answer, answer_letter=None, 
 def first_letter(completion, letters):
     """The answer letter in a completion like 'B', ' B.', '(B) Paris' or 'B: Paris'; None if absent."""
     # a letter not followed by another letter: 'B' and 'B.' are answers, 'Because' is not
-    match = re.match(r"\s*\(?([A-Za-z])(?![A-Za-z])", completion)
-    letter = match.group(1).upper() if match else None
+    letter = match.group(1).upper() if (match := re.match(r"\s*\(?([A-Za-z])(?![A-Za-z])", completion)) else None
     return letter if letter in letters else None
 
 class MultipleChoiceTask(RecordTask):
     eval_type = "categorical"
-
     def evaluate(self, conversation, completion):
         # the reference answer is the assistant's letter
         return float(first_letter(completion, conversation["letters"]) == conversation["messages"][-1]["content"])

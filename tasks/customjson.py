@@ -14,7 +14,6 @@ from tasks.common import (RecordError, RecordTask, chat_record_to_conversation, 
 #       may be a list of tool-use parts {"type": "text"|"python"|"python_output", "text": "..."}
 #   {"instruction": "...", "input": "...", "output": "..."} (Alpaca style, input optional):
 #       user = instruction + "\n\n" + input (when there is an input), assistant = output
-
 class CustomJSON(RecordTask):
     # skip_bad=False: a bad record of your own file stops the run, naming file:line: field, for you to fix
     def __init__(self, path, skip_bad=False, **slice_kwargs):
@@ -50,7 +49,6 @@ def eval_conversation(record):
 class CustomEval(RecordTask):
     """Questions of one kind from one file, each asked after the same `fewshot` solved examples, drawn (seeded) from
     fewshot_path or, without one, from the file itself, and then not scored."""
-
     def __init__(self, path, fewshot=0, fewshot_path=None, seed=42):
         super().__init__(path, eval_conversation)
         # no shots while the file's questions are checked, nor while the shots themselves are read (pool[i] below)
@@ -75,11 +73,9 @@ class CustomEval(RecordTask):
         # the confusion table's rows: every rank reads the same labels from the file
         self.labels = sorted({normalize_answer(self[i]["messages"][-1]["content"]) for i in range(len(self))}
                              if self.kind == EXACT_MATCH else [])
-
     @property
     def eval_type(self):
         return "categorical" if self.kind == MULTIPLE_CHOICE else "generative"
-
     def get_example(self, index):
         # [the question's system message], user (shot 1), assistant (its answer; a letter), ..., the question's turns
         conversation = super().get_example(index)
@@ -93,7 +89,6 @@ class CustomEval(RecordTask):
         answer = conversation["messages"][-1]["content"]
         reply = "\n".join(completion.strip().splitlines()[:answer.strip().count("\n") + 1])
         return normalize_answer(answer), normalize_answer(reply)
-
     def evaluate(self, conversation, completion):
         if self.kind == MULTIPLE_CHOICE:
             return float(first_letter(completion, conversation["letters"]) == conversation["messages"][-1]["content"])

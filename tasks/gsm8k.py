@@ -7,7 +7,7 @@ import re
 from tasks.common import RecordError, RecordTask, check_messages, data_paths_or_download, nonempty_str
 
 HF_REPO = "openai/gsm8k"
-HF_FILES = {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00000-of-00001.parquet"}
+HF_FILES = {"train": ["main/train-00000-of-00001.parquet"], "test": ["main/test-00000-of-00001.parquet"]}
 # a calculator annotation in a solution: "<<48/2=24>>"
 ANNOTATION = re.compile(r"<<(.*?)>>", re.DOTALL)
 # the solution's last line, "#### 72" (also "#### 1,200" or "#### -2.5")
@@ -55,14 +55,10 @@ def gsm8k_conversation(record):
 
 class GSM8K(RecordTask):
     eval_type = "generative"
-
     def __init__(self, split="train", data_path=None, skip_bad=None, **slice_kwargs):
-        if split not in HF_FILES:
-            raise ValueError(f"GSM8K split must be one of {tuple(HF_FILES)}, got {split!r}")
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, [HF_FILES[split]], skip_bad)
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES, split, skip_bad, "GSM8K")
         super().__init__(paths, gsm8k_conversation, skip_bad=skip_bad, **slice_kwargs)
         self.split = split
-
     def evaluate(self, conversation, completion):
         predicted = extract_answer(completion)
         return float(predicted is not None and predicted == conversation["answer"])

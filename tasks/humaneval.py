@@ -6,9 +6,7 @@ import re
 from nanochat.execution import execute_code
 from tasks.common import RecordTask, data_paths_or_download, nonempty_str
 
-HF_REPO = "openai/openai_humaneval"
-HF_FILE = "openai_humaneval/test-00000-of-00001.parquet"
-FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+HF_REPO, HF_FILES = "openai/openai_humaneval", {"test": ["openai_humaneval/test-00000-of-00001.parquet"]}
 # a markdown code block, ```python or bare; an unclosed one runs to the end of the completion
 CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
@@ -17,7 +15,7 @@ def extract_code(completion):
     return match.group(1) if (match := CODE_BLOCK.search(completion)) else completion
 
 def humaneval_conversation(record):
-    for key in FIELDS:
+    for key in ("task_id", "prompt", "canonical_solution", "test", "entry_point"):
         nonempty_str(record, key)
     # the user turn is the prompt (signature + docstring); the reference reply is the whole function
     return {"messages": [{"role": "user", "content": record["prompt"]},
@@ -33,14 +31,10 @@ def humaneval_program(conversation, completion):
 
 class HumanEval(RecordTask):
     eval_type = "generative"
-
     def __init__(self, split="test", data_path=None, timeout=10.0, skip_bad=None, **slice_kwargs):
-        if split != "test":
-            raise ValueError(f"HumanEval has only a test split, got {split!r}")
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, [HF_FILE], skip_bad)
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES, split, skip_bad, "HumanEval")
         super().__init__(paths, humaneval_conversation, skip_bad=skip_bad, **slice_kwargs)
         self.timeout = timeout
-
     def evaluate(self, conversation, completion):
         # model-written code runs in nanochat.execution's sandbox (a separate process, with limits)
         return float(execute_code(humaneval_program(conversation, completion), timeout=self.timeout).success)

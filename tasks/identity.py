@@ -43,11 +43,10 @@ def load_persona(path):
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 # -----------------------------------------------------------------------------
-# The built-in templates, data in a file of their own so that you can edit what your model says
-# about itself: per topic, (user questions, persona answers) with {name}, {maker}, {description} and
-# {style} slots; greetings; and what a model says when it has not been taught its identity (it
-# claims to be ChatGPT), which the DPO pairs reject. The topic "not_someone_else" asks exactly what
-# such a model answers wrongly.
+# The built-in templates, data in a file of their own so that you can edit what your model says about itself: per topic,
+# (user questions, persona answers) with {name}, {maker}, {description} and {style} slots; greetings; and what a model
+# says when it has not been taught its identity (it claims to be ChatGPT), which the DPO pairs reject. The topic
+# "not_someone_else" asks exactly what such a model answers wrongly.
 _TEMPLATES = json.loads(Path(__file__).with_name("identity_templates.json").read_text(encoding="utf-8"))
 TOPICS = {topic: tuple(qa) for topic, qa in _TEMPLATES["topics"].items()}
 GREETINGS, GENERIC_ANSWERS = tuple(_TEMPLATES["greetings"]), _TEMPLATES["generic_answers"]
@@ -68,16 +67,13 @@ class IdentityConversations(Task):
         # the template conversations keep their {{name}}/{{author}} placeholders until an example is made
         found = template_path is not None and Path(template_path).exists()
         self.templates = [c["messages"] for c in CustomJSON(str(template_path))] if found else []
-
     def num_examples(self):
         return self.n
-
     def _fill(self, text):
         # LLaMA-Factory's templates say {{name}} and {{author}}; ours are str.format templates
         if "{{" in text:
             return text.replace("{{name}}", self.persona["name"]).replace("{{author}}", self.persona["maker"])
         return text.format(**self.persona)
-
     def get_example(self, index):
         # a string seed: example i is the same in every run, whatever the slice or order
         rng = random.Random(f"identity/{self.seed}/{index}")

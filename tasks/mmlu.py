@@ -7,6 +7,8 @@ HF_REPO = "cais/mmlu"
 # auxiliary_train (~100k questions from other MC datasets) is for training; dev (5 per subject),
 # validation and test are for evaluation
 MMLU_SPLITS = ("auxiliary_train", "dev", "validation", "test")
+# config "all": every subject in one file per split
+HF_FILES = {split: [f"all/{split}-00000-of-00001.parquet"] for split in MMLU_SPLITS}
 
 def mmlu_conversation(record):
     if isinstance(record.get("train"), dict):  # the separate auxiliary_train config nests each row
@@ -16,10 +18,7 @@ def mmlu_conversation(record):
 
 class MMLU(MultipleChoiceTask):
     def __init__(self, split="test", subset="all", data_path=None, skip_bad=None, **slice_kwargs):
-        if split not in MMLU_SPLITS:
-            raise ValueError(f"MMLU split must be one of {MMLU_SPLITS}, got {split!r}")
-        # config "all": every subject in one file per split
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, [f"all/{split}-00000-of-00001.parquet"], skip_bad)
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES, split, skip_bad, "MMLU")
         keep = None if subset == "all" else (lambda record, example: example["subject"] == subset)
         super().__init__(paths, mmlu_conversation, keep=keep, skip_bad=skip_bad, **slice_kwargs)
         if len(self.indices) == 0:

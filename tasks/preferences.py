@@ -4,7 +4,7 @@
 from tasks.common import RecordError, RecordTask, Task, check_messages, data_paths_or_download
 
 HF_REPO = "HuggingFaceH4/ultrafeedback_binarized"
-HF_FILES = {"train": "data/train_prefs-00000-of-00001.parquet", "test": "data/test_prefs-00000-of-00001.parquet"}
+HF_FILES = {"train": ["data/train_prefs-00000-of-00001.parquet"], "test": ["data/test_prefs-00000-of-00001.parquet"]}
 
 def _reply(record, key):
     """(reply text, earlier turns or None) of record[key], a string or a conversation."""
@@ -45,9 +45,7 @@ def preference_pair(record):
 
 class Preferences(RecordTask):
     def __init__(self, path=None, split="train", skip_bad=None, **slice_kwargs):
-        if path is None and split not in HF_FILES:
-            raise ValueError(f"Preferences: give path= a local file, or a split of {HF_REPO}: {tuple(HF_FILES)}")
-        paths, skip_bad = data_paths_or_download(path, HF_REPO, [HF_FILES.get(split)], skip_bad)
+        paths, skip_bad = data_paths_or_download(path, HF_REPO, HF_FILES, split, skip_bad, "Preferences")
         # UltraFeedback's other columns (scores, ids, the messages) are not needed: not read
         columns = ["prompt", "chosen", "rejected"] if path is None else None
         super().__init__(paths, preference_pair, skip_bad=skip_bad, columns=columns, **slice_kwargs)
@@ -55,14 +53,11 @@ class Preferences(RecordTask):
 
 class PreferenceList(Task):
     """Preference items made in code (e.g. identity_preference_pairs), checked like loaded ones."""
-
     def __init__(self, items, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.items = [preference_pair(item) for item in items]
-
     def num_examples(self):
         return len(self.items)
-
     def get_example(self, index):
         # copies: a caller that edits an item must not change the task
         return {**self.items[index], "prompt_messages": [dict(m) for m in self.items[index]["prompt_messages"]]}

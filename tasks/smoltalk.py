@@ -10,9 +10,7 @@ HF_FILES = {"train": [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)],
 
 class SmolTalk(RecordTask):
     def __init__(self, split="train", data_path=None, skip_bad=None, **slice_kwargs):
-        if split not in HF_FILES:
-            raise ValueError(f"SmolTalk split must be one of {tuple(HF_FILES)}, got {split!r}")
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES[split], skip_bad)
+        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES, split, skip_bad, "SmolTalk")
         # of the downloaded parquet only the messages column is needed (keeps memory down)
         columns = None if data_path is not None else ["messages"]
         super().__init__(paths, chat_record_to_conversation, skip_bad=skip_bad, columns=columns, **slice_kwargs)

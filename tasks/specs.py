@@ -59,7 +59,6 @@ def build_task(spec, default_split="train"):
     size = numbers[0] if numbers else 1000
     # None: each task's default (bad records fail your files, are left out of downloads)
     skip_bad = True if "skip_bad" in args else None
-
     def pick(allowed, default):
         return next((w for w in words if w in allowed), default)
     # an argument that no part of the spec used is a typo: say so rather than ignore it

@@ -16,8 +16,7 @@ COUNT_QUESTIONS = [
     "How many {letter}'s are in the word {word}?", "How many times does the letter '{letter}' appear in '{word}'?",
     "Count the number of {letter}'s in \"{word}\".", "In the word {word}, how many times does the letter {letter} occur?",
     "how many {letter} in {word}", "How many letter {letter} are there in {word}?",
-    "Can you count how many '{letter}' characters the word '{word}' has?",
-]
+    "Can you count how many '{letter}' characters the word '{word}' has?"]
 SPELL_QUESTIONS = ["Spell the word {word}.", "How do you spell \"{word}\"?", "spell {word} letter by letter",
                    "Can you spell out the word '{word}' for me?", "What are the letters of the word {word}?"]
 # a word spelled out with hyphens, "a-p-p-l-e": the last one in a completion is its answer
@@ -25,16 +24,13 @@ SPELLED = re.compile(r"\b[a-zA-Z](?:-[a-zA-Z])+\b")
 
 class _GeneratedTask(Task):
     eval_type = "generative"
-
     def __init__(self, size=1000, split="train", seed=42, **slice_kwargs):
         super().__init__(**slice_kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"{type(self).__name__} split must be train or test, got {split!r}")
         self.size, self.split, self.seed = size, split, seed
-
     def num_examples(self):
         return self.size
-
     def rng_and_word(self, index):
         # example i is a pure function of (split, seed, i), so any slice or order is reproducible;
         # a string seed is hashed with sha512: stable across runs and Python versions
@@ -68,7 +64,6 @@ class SimpleSpelling(_GeneratedTask):
         rng, word = self.rng_and_word(index)
         user, reply = rng.choice(SPELL_QUESTIONS).format(word=word), f"{word}: {'-'.join(word)}"
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], "word": word}
-
     def evaluate(self, conversation, completion):
         spelled = SPELLED.findall(completion)
         return float(bool(spelled) and spelled[-1].replace("-", "").lower() == conversation["word"])

@@ -655,7 +655,10 @@ def test_pool_spreads_requests_over_replicas(base_dir, monkeypatch):
     assert all(r["requests_served"] > 0 for r in stats["replicas"]), stats
     assert all(r["peak_rows"] <= 4 for r in stats["replicas"])
     for prompt, sp, text in zip(prompts, params, texts):
-        alone = "".join(engines[0].generate_text(prompt, max_tokens=16, temperature=1.0, top_k=20, seed=sp.seed))
+        decoder, alone = engines[0].decoder(), ""  # the same request, decoded on its own
+        decoder.add(prompt, SamplingParams(temperature=1.0, top_k=20, max_tokens=16, seed=sp.seed))
+        while decoder.num_rows:
+            alone += "".join(text for _, text in decoder.step())
         assert text == alone
 
 # -----------------------------------------------------------------------------

@@ -48,6 +48,27 @@ def naive_greedy(model, prompt, max_tokens, end_tokens):
             break
     return out
 
+def generate_columns(engine, tokens, num_samples=1, **sampling):
+    """Per decode step, one id per sample and its mask (1 sampled, 0 forced); a finished sample gives None, 0."""
+    decoder = engine.decoder()
+    decoder.add(tokens, SamplingParams(**sampling), num_samples)
+    columns = []
+    while decoder.num_rows:
+        column, masks = [None] * num_samples, [0] * num_samples
+        for row, _ in decoder.step():
+            column[row.index], masks[row.index] = row.tokens[-1], row.masks[-1]
+        columns.append((column, masks))
+    return columns
+
+def generate_text(engine, tokens, **sampling):
+    """One continuation as the text chunks a client is streamed (tool calls as <<expr=result>>)."""
+    decoder = engine.decoder()
+    decoder.add(tokens, SamplingParams(**sampling))
+    chunks = []
+    while decoder.num_rows:
+        chunks += [text for _, text in decoder.step() if text]
+    return chunks
+
 def prompts_of(tok, texts):
     return [tok.encode(t, prepend="<|bos|>") for t in texts]
 
@@ -58,7 +79,7 @@ def test_greedy_matches_naive_batch_one_and_many_samples(tok, model):
     engine = Engine(model, tok)
     for prompt in prompts_of(tok, ["The quick brown", "What is six times seven? It is", "x"]):
         expected = naive_greedy(model, prompt, 40, engine.end_tokens)
-        columns = list(engine.generate(prompt, num_samples=3, max_tokens=40, temperature=0.0))
+        columns = generate_columns(engine, prompt, num_samples=3, max_tokens=40, temperature=0.0)
         for i in range(3):
             got = [col[i] for col, _ in columns if col[i] is not None]
             assert got == expected
@@ -154,7 +175,7 @@ def test_seeded_sampling_is_reproducible_and_matches_the_reference(tok, model):
 def test_rows_sample_independently_from_the_first_token(tok):
     engine = Engine(tiny_model(tok), tok)  # default init: a near-uniform next-token distribution
     prompt = prompts_of(tok, ["Hello"])[0]
-    first_column, _ = next(engine.generate(prompt, num_samples=8, max_tokens=5, temperature=1.0))
+    first_column, _ = generate_columns(engine, prompt, num_samples=8, max_tokens=5, temperature=1.0)[0]
     assert len(set(first_column)) > 1, "every row must draw its own first token"
     results, _ = engine.generate_batch(prompt, num_samples=8, max_tokens=5, temperature=1.0)
     assert len({tuple(r) for r in results}) == 8
@@ -238,11 +259,11 @@ def test_text_stream_stop_strings_across_token_boundaries(tok):
 def test_engine_stop_strings_end_generation(tok, model):
     engine = Engine(model, tok)
     prompt = prompts_of(tok, ["Once upon a time"])[0]
-    full = "".join(engine.generate_text(prompt, max_tokens=40, temperature=0.0))
+    full = "".join(generate_text(engine, prompt, max_tokens=40, temperature=0.0))
     assert len(full) > 20
     stop = full[10:14]
     assert stop not in full[:10] + full[10:13]
-    cut = "".join(engine.generate_text(prompt, max_tokens=40, temperature=0.0, stop=[stop]))
+    cut = "".join(generate_text(engine, prompt, max_tokens=40, temperature=0.0, stop=[stop]))
     assert cut == full[:full.index(stop)]
     results, _ = engine.generate_batch(prompt, max_tokens=40, temperature=0.0, stop=stop)
     full_results, _ = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)
@@ -290,11 +311,11 @@ def test_tool_call_is_executed_and_its_output_forced(tok, tool_model):
     assert all(mask[:i]) and all(mask[j + 1:]), "everything else was sampled"
     assert tok.decode(gen[j + 1:]) == " so it is 42 ✓ 日本"
 
-    text = list(engine.generate_text(prompt, max_tokens=40, temperature=0.0))
+    text = generate_text(engine, prompt, max_tokens=40, temperature=0.0)
     assert "".join(text) == "sure: <<6*7=42>> so it is 42 ✓ 日本"
     assert all("\ufffd" not in chunk for chunk in text)
-    # generate(): the forced column entries carry mask 0; a finished row yields None afterwards
-    columns = list(engine.generate(prompt, num_samples=2, max_tokens=40, temperature=0.0))
+    # per step: the forced column entries carry mask 0; a finished row yields None afterwards
+    columns = generate_columns(engine, prompt, num_samples=2, max_tokens=40, temperature=0.0)
     assert [col[0] for col, _ in columns][:len(gen)] == gen
     assert columns[-1][0] == [tok.encode_special("<|assistant_end|>")] * 2
 
