@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # nanochat speedrun: the whole pipeline, from an empty machine to a model you can chat with.
 #
-#   bash speedrun.sh                 # GPU node: the d20 run (~4 h on 8xH100); no GPU: the CPU preset
+#   bash speedrun.sh                 # GPU node: the d24 run aimed at GPT-2's CORE; no GPU: the CPU preset
 #   PRESET=cpu bash speedrun.sh      # force the tiny CPU preset (every stage in minutes)
 #
 # Stages are idempotent: each one that finishes leaves $NANOCHAT_BASE_DIR/speedrun/<stage>.done
@@ -16,9 +16,10 @@
 #                       downloads dev/cpu_data.json's files once
 #   NANOCHAT_DATA_URL   a mirror of that layout for that download (else only the upstream files
 #                       come from their sources, and the chat/eval sets from Hugging Face)
-#   DEPTH, NPROC        GPU preset: model depth (default 20) and GPUs to use (default: all)
-#   NANOCHAT_CORPUS     GPU preset: the pretraining shards, fineweb-edu (default) or climbmix
-#                       (reported ~27 % faster to GPT-2 grade by nanochat's record run; not measured here)
+#   DEPTH, NPROC        GPU preset: model depth (default 24) and GPUs to use (default: all)
+#   RATIO               GPU preset: training tokens per parameter (default 8)
+#   NANOCHAT_CORPUS     GPU preset: the pretraining shards, climbmix (default) or fineweb-edu
+#                       (ClimbMix: reported ~27 % faster to GPT-2 grade by nanochat's record run; not measured here)
 #   SKIP_SETUP=1        do not run dev/setup.sh (keep .venv, and the torch in it, as it is)
 #   KEEP_LAST           GPU preset: base checkpoints kept on disk (default 2; ~5 GB each at d20)
 #   WANDB_RUN           wandb run name (default: dummy = no wandb)
@@ -72,10 +73,16 @@ if [ -z "$(ls -A "$STATE")" ]; then $PY -m nanochat.report reset; fi
 
 if [ "$PRESET" = "gpu" ]; then
     # -------------------------------------------------------------------------
-    # 8xH100, about 4 hours. d20 = 561M parameters trained on 20 tokens/parameter (11.2B tokens):
-    # its Chinchilla-optimal pretraining is 6·N·D ≈ 3.8e19 FLOPs, ~3.3 hours at ~40% MFU of
-    # 8×989 TFLOP/s, leaving the rest of the 4 hours for mid, SFT, DPO and the evals.
-    DEPTH="${DEPTH:-20}"
+    # 8xH100, aimed at the "time to GPT-2" yardstick (base CORE > 0.2565). d24: width 1536, 730M matmul
+    # parameters (blocks 12·24·1536² = 680M, lm_head 50M) + 50M embedding (the 12 value-embedding tables, 604M
+    # more, are lookups: not counted in the budget or the FLOPs). 8 tokens per parameter = 6.2B tokens of ClimbMix
+    # at 5.3 GFLOPs each (6·730M + attention 12·1536·24·2048) = 3.3e19 FLOPs: 2.6 h at an assumed 45 % MFU of
+    # 8×989 TFLOP/s (bf16 SDPA, no FA3 or fp8 yet; not measured on a GPU), 2.1 h at 55 %. nanochat's record,
+    # 1.65 h for ~2.9e19 FLOPs, runs at ~62 % with FA3 + fp8. Smaller budgets: DEPTH=20 (≈1.2e19, ~1 h),
+    # DEPTH=12 (≈1e18, ~5 min), each short of GPT-2 grade. Then mid, SFT, DPO and the evals (~30 min).
+    DEPTH="${DEPTH:-24}"
+    RATIO="${RATIO:-8}"
+    export NANOCHAT_CORPUS="${NANOCHAT_CORPUS:-climbmix}"
     NPROC="${NPROC:-$($PY -c "import torch; print(torch.cuda.device_count())")}"
     RUN="torchrun --standalone --nproc_per_node=$NPROC"
     export OMP_NUM_THREADS=1
@@ -86,21 +93,22 @@ if [ "$PRESET" = "gpu" ]; then
     $PY -m nanochat.dataset -n 240 > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
     DOWNLOAD_PID=$!
 
-    stage tok_train $PY -m scripts.tok_train --vocab-size 65536 --max-chars 2000000000
+    stage tok_train $PY -m scripts.tok_train --vocab-size 32768 --max-chars 2000000000
     stage tok_eval $PY -m scripts.tok_eval
     echo "waiting for the pretraining shards (log: $NANOCHAT_BASE_DIR/download.log)"
     wait "$DOWNLOAD_PID" || { echo "shard download failed: see $NANOCHAT_BASE_DIR/download.log"; exit 1; }
-    # then as many more as the token budget needs: 20 tokens per parameter of d$DEPTH (gpt.py's count: 12·D·dim²
-    # in the blocks, dim = 64·D, plus the 65536-row embedding and lm_head), over the tokens a shard really
-    # gives once packing has cropped the long documents (measured with the trained tokenizer, ~15 s)
-    TOKENS=$(( 20 * (12 * DEPTH * (64 * DEPTH) ** 2 + 2 * 65536 * 64 * DEPTH) ))
+    # then as many more as the token budget needs: RATIO tokens per parameter of d$DEPTH (base_train's count:
+    # 12·D·dim² in the blocks, dim = 64·D, plus the 32768-row embedding and lm_head), over the tokens a shard
+    # really gives once packing has cropped the long documents (measured with the trained tokenizer, ~15 s)
+    TOKENS=$(( RATIO * (12 * DEPTH * (64 * DEPTH) ** 2 + 2 * 32768 * 64 * DEPTH) ))
     NUM_SHARDS=$($PY -m nanochat.dataloader --tokens "$TOKENS" --seq-len 2048 | tail -1)
     if [ "$NUM_SHARDS" -gt 240 ]; then
         echo "d$DEPTH needs $NUM_SHARDS shards for $TOKENS tokens: downloading the rest"
         $PY -m nanochat.dataset -n "$NUM_SHARDS"
     fi
 
-    stage base_train $RUN -m scripts.base_train --depth "$DEPTH" --device-batch-size 32 --run "$WANDB_RUN" \
+    stage base_train $RUN -m scripts.base_train --depth "$DEPTH" --target-param-data-ratio "$RATIO" \
+        --device-batch-size 16 --run "$WANDB_RUN" \
         --save-every 1000 --keep-last "$KEEP_LAST" $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
     stage base_loss $RUN -m scripts.base_loss
     stage base_eval $RUN -m scripts.base_eval

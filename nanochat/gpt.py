@@ -2,6 +2,7 @@
 learned positions), QK-norm, parameter-free RMSNorm everywhere (also right after the embedding), a
 ReLU^2 MLP, no biases, untied embedding and lm_head, grouped-query attention, logits soft-capped at
 15 * tanh(x / 15); Muon for the block matrices, AdamW for embedding and lm_head (setup_optimizer).
+Three GPTConfig switches (off in checkpoints from before them): value embeddings, residual/x0 lambdas, windows.
 Params are fp32 (on CUDA the forward runs under bf16 autocast). model.fused swaps in fused.py's paths."""
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -25,6 +26,27 @@ class GPTConfig:
     n_head: int = 6     # query heads
     n_kv_head: int = 6  # key/value heads (GQA when < n_head)
     n_embd: int = 768
+    # value embeddings: per-token tables added into the attention values of every other layer (the last included),
+    # through a per-head gate 2 sigmoid(W x[:32]) that starts at 1; the largest architecture gain of the public record
+    value_embeds: bool = False
+    # x = resid_lambdas[i] x + x0_lambdas[i] x0 before block i (x0: the normed embedding), learned scalars
+    layer_lambdas: bool = False
+    # per-layer attention: L = full causal, S = a sliding window of sequence_len // 4 keys; tiled over the layers,
+    # the last layer always L ("SSSL": 3 of 4 layers short, fewer attention FLOPs where the kernel skips masked keys)
+    window_pattern: str = "L"
+
+VE_GATE_CHANNELS = 32  # the gate of the value embeddings reads this many channels of the layer input
+
+def has_value_embed(config, layer_idx):  # every other layer, counted back from the last
+    return config.value_embeds and layer_idx % 2 == (config.n_layer - 1) % 2
+
+def attention_window(config, layer_idx):
+    """How many keys back (itself included) layer layer_idx's queries see."""
+    pattern = config.window_pattern.upper()
+    if set(pattern) - {"S", "L"} or not pattern:
+        raise ValueError(f"window_pattern must be letters S and L, got {config.window_pattern!r}")
+    short = layer_idx != config.n_layer - 1 and pattern[layer_idx % len(pattern)] == "S"
+    return max(1, config.sequence_len // 4) if short else config.sequence_len * ROTARY_LENGTH_FACTOR
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
@@ -65,12 +87,17 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-
-    def forward(self, x, ops, cos_sin, kv_cache, positions=None):
+        self.window = attention_window(config, layer_idx)
+        gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
+        self.ve_gate = gate if has_value_embed(config, layer_idx) else None
+    def forward(self, x, ops, cos_sin, kv_cache, positions=None, ve=None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # the token's value embedding, mixed into every kv head through that head's gate
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, Hkv)
+            v = v + (gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)).to(v.dtype)
         q, k = ops.norm(ops.rotary(q, *cos_sin)), ops.norm(ops.rotary(k, *cos_sin))
         q, k = q.to(v.dtype), k.to(v.dtype)  # no-op unless an autocast policy ran rms_norm in fp32
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -79,8 +106,13 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
         # ragged batch, every row at its own position: a (B, 1, Tq, Tk) mask, row b's query i sees keys
-        # 0..positions[b, i] (keys past a short row's end are padding up to the longest row)
-        mask = None if positions is None else torch.arange(Tk, device=q.device) <= positions[:, None, :, None]
+        # 0..positions[b, i] (keys past a short row's end are padding up to the longest row); a sliding window
+        # masks the keys more than self.window back too (the queries are the last Tq of the Tk positions)
+        mask = None
+        if positions is not None or self.window < Tk:
+            q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None] if positions is None else positions[:, None, :, None]
+            k_pos = torch.arange(Tk, device=q.device)
+            mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
         # unmasked: training or a prefill into an empty cache (Tq == Tk) is causal, one decode token sees all.
         # Several tokens after a cached prefix need a mask: only a cache with per-row positions gets one
         assert mask is not None or Tq in (1, Tk), "a chunk after a cached prefix needs per-row positions"
@@ -94,7 +126,6 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
-
     def forward(self, x, ops):
         return self.c_proj(ops.relu_squared(self.c_fc(x)))
 
@@ -103,9 +134,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
-
-    def forward(self, x, ops, cos_sin, kv_cache, positions=None):
-        x = x + self.attn(ops.norm(x), ops, cos_sin, kv_cache, positions)
+    def forward(self, x, ops, cos_sin, kv_cache, positions=None, ve=None):
+        x = x + self.attn(ops.norm(x), ops, cos_sin, kv_cache, positions, ve)
         return x + self.mlp(ops.norm(x), ops)
 
 class GPT(nn.Module):
@@ -119,22 +149,26 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        # keyed by layer index (a ModuleDict needs str keys); empty without value embeddings
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if has_value_embed(config, i)})
+        if config.layer_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         # rotary tables are not persistent: derived from the config, never stored in checkpoints
         self.rotary_seq_len = config.sequence_len * ROTARY_LENGTH_FACTOR
         self.register_buffer("cos", None, persistent=False)  # computed by init_weights
         self.register_buffer("sin", None, persistent=False)
         self.init_weights()
-
     @property
     def fused(self):
         """Whether forward runs fused.py's hand-written paths; until set, fused_by_default of the model's device."""
         # decided when read, not when built: models are built on CPU or meta, then moved
         return fused_by_default(self.get_device().type) if self._fused is None else self._fused
-
     @fused.setter
     def fused(self, value):
         self._fused = None if value is None else bool(value)  # None: back to the device's default
-
     @torch.no_grad()
     def init_weights(self):
         """(Re)initialise every parameter and recompute the rotary tables on the model's device."""
@@ -149,41 +183,52 @@ class GPT(nn.Module):
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:  # gate 2 sigmoid(0) = 1: v + ve at the start
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for ve in self.value_embeds.values():  # unit scale, like the values c_v makes from a unit-RMS input
+            nn.init.normal_(ve.weight, mean=0.0, std=1.0)
+        if self.config.layer_lambdas:  # the plain residual stream, plus a small direct path from the embedding
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.1)
         head_dim, device = self.config.n_embd // self.config.n_head, self.get_device()
         inv_freq = ROTARY_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         freqs = torch.outer(torch.arange(self.rotary_seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
         # shaped (1, T, 1, D/2) to broadcast over (B, T, H, D/2)
         self.cos, self.sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-
     def get_device(self):
         return self.transformer.wte.weight.device
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
     def estimate_flops(self):
         """FLOPs per token for forward + backward."""
         # 6 per matmul weight (2 forward, 4 backward; the embedding is a lookup, not a matmul) plus the
         # attention score/value matmuls, 12 * n_layer * n_head * head_dim (= n_embd) * sequence_len (no causal
         # discount, by convention)
+        # (value embeddings are lookups too, and a windowed layer's queries see at most its window of keys)
         cfg = self.config
-        n_matmul = self.num_params() - self.transformer.wte.weight.numel()
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_len
-
-    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, muon_dtype=None):
-        """One optimizer (optim.build_optimizer): AdamW for lm_head and embedding, Muon for every block matrix."""
+        n_lookup = self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
+        keys_seen = sum(min(block.attn.window, cfg.sequence_len) for block in self.transformer.h)
+        return 6 * (self.num_params() - n_lookup) + 12 * cfg.n_embd * keys_seen
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, muon_dtype=None,
+                        scalar_lr=0.5, muon=None):
+        """One optimizer (optim.build_optimizer): AdamW for lm_head, the embeddings and the lambdas, Muon for every
+        block matrix; muon: extra Muon group settings (ns, normuon_beta2, weight_decay: optim.DEFAULTS)."""
         # sharded when torch.distributed runs (then do NOT wrap the model in DDP, see optim.py); muon_dtype:
         # Newton-Schulz precision (None: bf16 where matmuls are fast in it)
         # AdamW LRs were tuned at width 768; wider models take proportionally smaller steps
         scale = (self.config.n_embd / 768) ** -0.5
         adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
         groups = [dict(adamw, params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
-                  dict(adamw, params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale),
+                  dict(adamw, params=list(self.transformer.wte.parameters()) + list(self.value_embeds.parameters()),
+                       lr=embedding_lr * scale),
                   dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr,
-                       momentum=0.95, nesterov=True)]
+                       momentum=0.95, nesterov=True, **(muon or {}))]
+        if self.config.layer_lambdas:
+            # the residual multiplier compounds over the layers: it moves at 1 % of the x0 lambdas' pace
+            groups += [dict(adamw, params=[self.resid_lambdas], lr=scalar_lr * 0.01, weight_decay=0.0),
+                       dict(adamw, params=[self.x0_lambdas], lr=scalar_lr, weight_decay=0.0)]
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
         return build_optimizer(groups, ns_dtype=muon_dtype)
-
     def _rotary_tables(self, idx, kv_cache):
         """(cos, sin) for the positions of idx (B, T), which continue from the cache, and per-row positions or None."""
         B, T = idx.size()
@@ -206,16 +251,18 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             cos, sin = cos.to(dtype), sin.to(dtype)
         return (cos, sin), positions
-
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) -> fp32 logits (B, T, V); with targets (B, T) (-1 = ignore) the fp32 loss, reduced
         "mean", "sum" or "none" (per token, (B, T)). kv_cache (get_pos, insert_kv; engine.py's): continue from it."""
         B, T = idx.size()
         cos_sin, positions = self._rotary_tables(idx, kv_cache)
         ops = FUSED_OPS if self.fused else PLAIN_OPS
-        x = ops.norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, ops, cos_sin, kv_cache, positions)
+        x = x0 = ops.norm(self.transformer.wte(idx))
+        for i, block in enumerate(self.transformer.h):
+            if self.config.layer_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ops, cos_sin, kv_cache, positions, ve)
         x = ops.norm(x)
         # the chunked pass never holds the full (B * T, V) logits; it reads lm_head.weight itself, so
         # a wrapped lm_head (LoRA on it) takes the plain path, which calls the module
@@ -228,7 +275,6 @@ class GPT(nn.Module):
                 return logits
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
-
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Naive sampler (full recompute each step, no KV cache), the reference the Engine is checked against:

@@ -12,9 +12,18 @@ from torch.optim.adamw import adamw
 # maximise the slope at 0 (fast growth of small singular values) at the price of not converging
 # exactly to 1: after 5 steps singular values land roughly in [0.7, 1.2], which Muon tolerates.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-# what a group of each kind may say, and says unless told
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): a different quintic per step, each the minimax-best one for
+# where the step before left the singular values, so 5 steps land them much closer to 1. These are the published
+# 5-step coefficients, computed with a 2 % safety margin: the input is scaled by 1 / (1.02 ||G||_F) to match.
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+# what a group of each kind may say, and says unless told. Muon's last three: the Newton-Schulz schedule ("quintic"
+# or "polar"), NorMuon's second-moment beta (0 = off) and the cautious weight decay (0 = off)
 DEFAULTS = dict(adamw=dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-                muon=dict(momentum=0.95, nesterov=True, ns_steps=5))
+                muon=dict(momentum=0.95, nesterov=True, ns_steps=5, ns="quintic", normuon_beta2=0.0, weight_decay=0.0))
 # Set True (tests do) to force the portable path: all_reduce + list all_gather.
 FORCE_PORTABLE_COLLECTIVES = False
 
@@ -61,15 +70,17 @@ def newton_schulz_dtype(device):
             return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
-def newton_schulz(G, steps=5, dtype=None):
-    """G (..., rows, cols) approximately orthogonalised (same singular vectors, singular values near 1), in dtype."""
-    assert G.ndim >= 2
-    a, b, c = NS_COEFFS
+def newton_schulz(G, steps=5, dtype=None, schedule="quintic"):
+    """G (..., rows, cols) approximately orthogonalised (same singular vectors, singular values near 1), in dtype;
+    schedule "quintic" (NS_COEFFS every step) or "polar" (POLAR_EXPRESS_COEFFS, the last one repeated past 5)."""
+    assert G.ndim >= 2 and schedule in ("quintic", "polar")
     X = G.to(dtype or newton_schulz_dtype(G.device)).reshape(-1, *G.shape[-2:])  # (batch, rows, cols)
     tall = G.size(-2) > G.size(-1)
     # scale so the spectral norm is <= 1 (Frobenius norm bounds it), where the iteration converges
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    margin, eps = (1.02, 1e-6) if schedule == "polar" else (1.0, 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + eps)
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(i, 4)] if schedule == "polar" else NS_COEFFS
         # the Gram matrix on the short side (the cheaper one), and a polynomial applied from that side:
         # p(X X^T) X == X p(X^T X), the same singular-value map. No transposed copies: X keeps its layout.
         # baddbmm folds the scaled sums into the matmuls (one pass less each; ~1.4x faster in bf16 on CPU)
@@ -103,7 +114,6 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, groups, ns_dtype=None):
         super().__init__(_param_groups(groups), {})
         self.ns_dtype = ns_dtype  # Newton-Schulz precision, None = newton_schulz_dtype(device)
-
     @torch.no_grad()
     def step(self, grads_averaged=False):
         # grads_averaged: accepted for a uniform loop; one process has nothing to average
@@ -113,7 +123,6 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._adamw(group, params, params, [p.grad for p in params])
             elif params:
                 self._muon(group, params, [p.grad for p in params])
-
     def _adamw(self, group, params, tensors, grads):
         """One AdamW step of `tensors` (the params, or this rank's flat slices of them); state kept per param."""
         # torch.optim.AdamW's own arithmetic (its functional form), so results are its results to the bit;
@@ -131,7 +140,6 @@ class MuonAdamW(torch.optim.Optimizer):
         adamw(tensors, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
               [st["step"] for st in states], fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-
     def _muon(self, group, params, grads):
         """Momentum, Newton-Schulz and the scaled update, batched over same-shape params."""
         # Muon (MomentUm Orthogonalized by Newton-Schulz), per matrix W with gradient G:
@@ -151,10 +159,34 @@ class MuonAdamW(torch.optim.Optimizer):
         dtype = self.ns_dtype or newton_schulz_dtype(params[0].device)
         stacked = torch.empty((len(params), *params[0].shape), dtype=dtype, device=params[0].device)
         torch._foreach_copy_(list(stacked.unbind(0)), updates)
-        X = newton_schulz(stacked, steps=group["ns_steps"], dtype=dtype)
+        # .get: the groups of a checkpoint from before these keys come back without them
+        X = newton_schulz(stacked, steps=group["ns_steps"], dtype=dtype, schedule=group.get("ns", "quintic"))
+        if group.get("normuon_beta2", 0.0) > 0:
+            X = self._normuon(params, X, group["normuon_beta2"])
         rows, cols = params[0].shape
         scale = max(1.0, rows / cols) ** 0.5  # keeps the per-element update size comparable for tall matrices
-        torch._foreach_add_(params, list(X.unbind(0)), alpha=-group["lr"] * scale)
+        updates = list(X.unbind(0))
+        if wd := group.get("weight_decay", 0.0):
+            # cautious weight decay: shrink an entry only where the update itself pulls it toward zero (update and
+            # weight of one sign); elsewhere decay would fight the gradient. Scaled by the scheduled LR
+            for p, u in zip(params, updates):
+                p.sub_(p * (u * p > 0), alpha=group["lr"] * wd)
+        torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
+    def _normuon(self, params, X, beta2):
+        """NorMuon (arXiv 2510.05491): each neuron's (row's; a wide matrix's column's) part of the orthogonalised X
+        (n, rows, cols) over the running RMS of its entries, which evens out how far neurons move; then X rescaled
+        to its norm before, so the LR keeps its meaning (fp32)."""
+        X = X.float()
+        neuron_dim = -1 if X.size(-2) >= X.size(-1) else -2  # the statistic runs along the long side
+        for p in params:
+            if "second_moment" not in self.state[p]:
+                self.state[p]["second_moment"] = torch.zeros_like(X[0].mean(dim=neuron_dim, keepdim=True))
+        v = torch.stack([self.state[p]["second_moment"] for p in params])
+        v.lerp_(X.square().mean(dim=neuron_dim, keepdim=True), 1 - beta2)
+        torch._foreach_copy_([self.state[p]["second_moment"] for p in params], list(v.unbind(0)))
+        norm = X.norm(dim=(-2, -1), keepdim=True)
+        X = X * v.clamp_min(1e-10).rsqrt()
+        return X * (norm / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 def _padded_flat(t, ws):
     """t (detached) viewed flat and zero-padded to a multiple of ws: a copy only when padding is needed."""
@@ -189,7 +221,7 @@ class DistMuonAdamW(MuonAdamW):
         for group, owned, works in launched:
             for work in works:
                 work.wait()
-            if not grads_averaged:
+            if owned and not grads_averaged:  # (a shape with fewer matrices than ranks leaves some owning none)
                 torch._foreach_mul_([g for _, g in owned], 1.0 / dist.get_world_size())  # SUM -> mean
             gathers += (self._update_adamw if group["kind"] == "adamw" else self._update_muon)(group, owned)
         # 3. only now wait for the gathers, all in flight; a padded AdamW param copies its result back
@@ -197,7 +229,6 @@ class DistMuonAdamW(MuonAdamW):
             work.wait()
             if padded is not None:
                 p.detach().view(-1).copy_(padded[:p.numel()])
-
     def _launch_adamw(self, group, grads_averaged):
         """([(param, this rank's slice of its gradient)], the reductions in flight)."""
         rank, ws = dist.get_rank(), dist.get_world_size()
@@ -206,7 +237,6 @@ class DistMuonAdamW(MuonAdamW):
             return [(p, flat.chunk(ws)[rank]) for p, flat in flats], []
         reduced = [(p, *_launch_reduce(flat)) for p, flat in flats]
         return [(p, g) for p, g, _ in reduced], [work for _, _, work in reduced]
-
     def _update_adamw(self, group, owned):
         """AdamW on this rank's slices; returns the all-gathers of the slices back into the full params."""
         rank, ws = dist.get_rank(), dist.get_world_size()
@@ -221,7 +251,6 @@ class DistMuonAdamW(MuonAdamW):
                     else dist.all_gather(list(flat.chunk(ws)), mine, async_op=True))
             gathers.append((work, p, flat if flat.numel() != p.numel() else None))
         return gathers
-
     def _launch_muon(self, group, grads_averaged):
         """([(owned matrix, its gradient)], the reductions in flight), one reduction per world_size matrices."""
         rank, ws = dist.get_rank(), dist.get_world_size()
@@ -239,7 +268,6 @@ class DistMuonAdamW(MuonAdamW):
             if rank < len(chunk):
                 owned.append((chunk[rank], g))
         return owned, works
-
     def _update_muon(self, group, owned):
         """Muon on the matrices this rank owns; returns the all-gathers that hand every rank every matrix."""
         rank, ws = dist.get_rank(), dist.get_world_size()

@@ -34,6 +34,12 @@ def add_training_flags(parser, model_tag_help="checkpoint sub-folder name (defau
     g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR for the lm_head")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR for the transformer matrices")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--muon-weight-decay", type=float, default=0.0,
+                   help="Muon's cautious weight decay (where update and weight agree in sign), linear to 0 at the end")
+    g.add_argument("--muon-ns", default="polar", choices=["polar", "quintic"],
+                   help="Newton-Schulz coefficients: Polar Express (per step) or the fixed quintic of the first Muon")
+    g.add_argument("--normuon-beta2", type=float, default=0.95, help="NorMuon's per-neuron second moment (0 = off)")
+    g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR for the residual/x0 lambdas (if the model has them)")
     g.add_argument("--init-lr-frac", type=float, default=1.0, help="scale all LRs (e.g. lower for fine-tuning)")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
     g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR decay at the end")
@@ -102,6 +108,8 @@ def set_schedule(optimizer, step, num_steps, args):
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
+            # the weight decay goes linearly to 0: late in the run it would only undo the last, small updates
+            group["weight_decay"] = args.muon_weight_decay * (1 - step / num_steps)
             # momentum 0.85 -> 0.95 over the first 300 steps: the first, noisy updates stick less
             frac = min(step / 300, 1.0)
             group["momentum"] = (1 - frac) * 0.85 + frac * 0.95
@@ -130,8 +138,10 @@ def build_optimizer(args, model):
     # --init-lr-frac scales the three LRs together: fine-tuning stages start gentler than pretraining
     muon_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.muon_precision]
     f = args.init_lr_frac
+    muon = dict(ns=args.muon_ns, normuon_beta2=args.normuon_beta2, weight_decay=args.muon_weight_decay)
     return model.setup_optimizer(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
-                                 matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay, muon_dtype=muon_dtype)
+                                 matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay, muon_dtype=muon_dtype,
+                                 scalar_lr=args.scalar_lr * f, muon=muon)
 
 def is_due(step, every, num_steps):
     """True every `every` steps (every <= 0: never) and always at the last step."""
@@ -235,7 +245,6 @@ def finish(log, model, meta):
 class TrainLog:
     """One line per step (loss, its EMA, LR multiplier, tok/s, MFU, ETA), the same to wandb, and a history."""
     # the history (steps, losses, metrics, evaluations) is what the tests and the report card read
-
     def __init__(self, stage, args, num_steps, flops_per_token=None, world_size=1, device_type="cpu", saved=None):
         self.stage, self.args, self.num_steps, self.world_size = stage, args, num_steps, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, get_peak_flops(device_type)
@@ -244,10 +253,8 @@ class TrainLog:
         self.train_time = state.get("train_time", 0.0)  # seconds in training steps (no eval/save), across resumes
         self.history, self.metrics_history, self.eval_history = [], [], []
         self.wandb = init_wandb(args.run, f"nanochat-{stage}", vars(args), get_rank() == 0)
-
     def state(self):
         return {"smooth_loss": self.smooth_loss, "train_time": self.train_time}
-
     def step(self, step, t0, lrm, loss, tokens, metrics=None):
         """Log a finished step: its loss and metrics (device tensors) and this rank's tokens."""
         # all read in ONE host sync, the only one of the step: tokens are summed over ranks, loss and
@@ -289,7 +296,6 @@ class TrainLog:
                         **({"train/mfu": mfu} if mfu is not None else {}),
                         **{f"train/{name}": value for name, value in metrics.items()}})
         return loss
-
     def evaluated(self, step, results):  # returns results, so a stage writes last_eval = log.evaluated(...)
         self.eval_history.append((step, results))
         self.wandb.log({"step": step, **results})

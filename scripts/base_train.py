@@ -2,6 +2,7 @@
     python -m scripts.base_train --depth=4 --device-batch-size=8 [--data ~/books/]   # one process, [your corpus]
     torchrun --nproc_per_node=8 -m scripts.base_train --depth=20                     # 8 GPUs"""
 import argparse
+import math
 import os
 import time
 from dataclasses import asdict
@@ -30,8 +31,15 @@ def model_config_from_args(args, vocab_size):
     num_kv_heads = args.num_kv_heads or num_heads
     if num_heads % num_kv_heads != 0:
         raise SystemExit(f"--num-kv-heads={num_kv_heads} must divide the number of heads ({num_heads})")
-    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
-                     n_head=num_heads, n_kv_head=num_kv_heads, n_embd=model_dim)
+    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth, n_head=num_heads,
+                     n_kv_head=num_kv_heads, n_embd=model_dim, value_embeds=bool(args.value_embeds),
+                     layer_lambdas=bool(args.layer_lambdas), window_pattern=args.window_pattern)
+
+def batch_size_for_budget(total_tokens, micro_batch_tokens):
+    """The compute-optimal batch for a run of total_tokens: B ∝ D^0.383 (the Power Lines fit, arXiv 2505.13738),
+    anchored at 2^19 tokens for 10B (about d20's Chinchilla budget), rounded to a power of 2 of micro-batches."""
+    ideal = 2 ** 19 * (total_tokens / 1e10) ** 0.383
+    return micro_batch_tokens * 2 ** max(0, round(math.log2(ideal / micro_batch_tokens)))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -41,6 +49,10 @@ def main(argv=None):
     g.add_argument("--head-dim", type=int, default=128, help="dimension of each attention head")
     g.add_argument("--num-kv-heads", type=int, default=0, help="key/value heads for GQA (0 = as many as query heads)")
     g.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    g.add_argument("--value-embeds", type=int, default=1, choices=[0, 1], help="value embeddings on every other layer")
+    g.add_argument("--layer-lambdas", type=int, default=1, choices=[0, 1], help="learned residual and x0 scalars per layer")
+    g.add_argument("--window-pattern", default="L", help="attention windows tiled over the layers, the last always L: "
+                   "L = full, S = sequence_len // 4 keys (SSSL saves FLOPs only where a kernel skips the masked keys)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="your corpus: file, folder or glob of .txt/.jsonl/.parquet "
                                                 "(default: the downloaded FineWeb-Edu shards)")
@@ -48,11 +60,13 @@ def main(argv=None):
     g.add_argument("--txt-doc-chars", type=int, default=-1,
                    help=".txt files are cut into documents of up to this many chars (-1: 2 × --max-seq-len, about "
                         "2 rows' worth, so little is cropped; 0: one document per file)")
-    g.add_argument("--target-param-data-ratio", type=float, default=20,
-                   help="train for this many tokens per parameter (used when --num-iterations=-1)")
+    g.add_argument("--target-param-data-ratio", type=float, default=10, help="train for this many tokens per parameter "
+                   "(if --num-iterations=-1; 10: value embeddings halve the compute-optimal 20 of Chinchilla)")
     g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (at most one pass over the validation split)")
     g.add_argument("--sample-every", type=int, default=-1, help="print samples every N steps (-1 = at the end only)")
     training.add_training_flags(parser)
+    # -1: batch size from the token budget (batch_size_for_budget), the LRs scaled by sqrt(batch / 2^19) with it
+    parser.set_defaults(total_batch_size=-1, muon_weight_decay=0.2)
     args = parser.parse_args(argv)
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     # the vocabulary size comes from the trained tokenizer (scripts/tok_train.py)
@@ -70,12 +84,22 @@ def main(argv=None):
     orig_model.to_empty(device=device).init_weights()
     model = training.maybe_compile(orig_model, args, device, dynamic=False)  # optimizer and checkpoints see orig_model
     # the parameters set the token budget below, the FLOPs per token the MFU of the progress line
-    num_params, flops_per_token = orig_model.num_params(), orig_model.estimate_flops()
-    print0(f"model: {asdict(config)}\nparameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
-    optimizer = training.build_optimizer(args, orig_model)
-
+    # (the value-embedding tables are lookups, no FLOPs: the token budget counts the rest, as before they existed)
+    num_value_embeds = sum(p.numel() for p in orig_model.value_embeds.parameters())
+    num_params, flops_per_token = orig_model.num_params() - num_value_embeds, orig_model.estimate_flops()
+    print0(f"model: {asdict(config)}\nparameters: {num_params:,} (+ {num_value_embeds:,} in value embeddings) | "
+           f"FLOPs per token: {flops_per_token:e}")
     # How long: a token budget of --target-param-data-ratio tokens per parameter, in optimizer steps
     T, B = args.max_seq_len, args.device_batch_size
+    if args.total_batch_size <= 0:
+        budget = args.target_param_data_ratio * num_params
+        args.total_batch_size = batch_size_for_budget(budget, B * T * world_size)
+        # Adam-type steps average over the batch: the LR that keeps the update noise constant grows as sqrt(B)
+        lr_scale = (args.total_batch_size / 2 ** 19) ** 0.5
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
+            setattr(args, name, getattr(args, name) * lr_scale)
+        print0(f"batch from the budget of {budget:.3g} tokens: {args.total_batch_size:,} tokens, LRs × {lr_scale:.3g}")
+    optimizer = training.build_optimizer(args, orig_model)
     grad_accum = training.grad_accum_steps(args.total_batch_size, B * T * world_size,
                                            "--total-batch-size (device_batch_size × seq_len × world_size)")
     num_steps = args.num_iterations if args.num_iterations > 0 else \
@@ -95,7 +119,6 @@ def main(argv=None):
     train_loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "train", device=device, data=corpus,
                                                                  resume_state_dict=loader_state)
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))  # the same val tokens whatever the ranks
-
     def evaluate(step):
         model.eval()
         # a fresh loader each time: every evaluation reads the very same validation tokens, at most once each

@@ -248,6 +248,12 @@ def main(argv=None):
         model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
         name = f"{args.source}_{args.model_tag or 'default'}_{meta['step']}"
     out_dir = os.path.abspath(args.out or os.path.join(get_base_dir(), "export", name))
+    # transformers' NanoChat has none of the recipe's switches: it would load such weights into another model
+    cfg, windowed = model.config, any(b.attn.window < model.config.sequence_len for b in model.transformer.h)
+    if switches := [k for k, on in [("value_embeds", cfg.value_embeds), ("layer_lambdas", cfg.layer_lambdas),
+                                    ("window_pattern", windowed)] if on]:
+        raise SystemExit(f"cannot export: the model uses {', '.join(switches)}, which transformers' NanoChat lacks; "
+                         "train with --value-embeds 0 --layer-lambdas 0 --window-pattern L to get an exportable model")
 
     dtype, staging = getattr(torch, args.dtype), out_dir + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)

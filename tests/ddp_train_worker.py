@@ -43,9 +43,14 @@ def main():
 
 def train(args, ddp, rank, world_size, device):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
-    # fp32 Newton-Schulz: bf16 would round float-order noise up to bf16-sized steps (see test_optim)
-    optimizer = model.setup_optimizer(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02, muon_dtype=torch.float32)
+    # every recipe switch on: value embeddings, lambdas, a windowed first layer (window T // 4)
+    model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                          value_embeds=True, layer_lambdas=True, window_pattern="SL"))
+    # fp32 Newton-Schulz: bf16 would round float-order noise up to bf16-sized steps (see test_optim);
+    # the Muon upgrades (Polar Express, NorMuon, cautious weight decay) as the flags say
+    muon = dict(ns=args.muon_ns, normuon_beta2=args.normuon_beta2, weight_decay=args.muon_weight_decay)
+    optimizer = model.setup_optimizer(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02, muon_dtype=torch.float32,
+                                      muon=muon)
     grad_accum, num_steps = 2 // world_size, args.num_iterations
     log = training.TrainLog("test", args, num_steps, world_size=world_size)
     step = 0

@@ -99,7 +99,8 @@ def test_torchrun_matches_gradient_accumulation(tmp_path):
         out = tmp_path / name
         out.mkdir()
         proc = subprocess.run([*launcher, str(REPO / "tests" / "ddp_train_worker.py"), "--checkpoint-dir", str(out),
-                               "--num-iterations", "8", "--warmup-ratio", "0.25", "--save-every", "4"],
+                               "--num-iterations", "8", "--warmup-ratio", "0.25", "--save-every", "4",
+                               "--muon-weight-decay", "0.1"],
                               cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
                               capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -254,7 +254,10 @@ def test_persona_is_learned_with_the_stage_defaults(tmp_path_factory, capsys):
         base_train.main(["--depth", "4", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "256",
                          "--device", "cpu", "--device-batch-size", "8", "--total-batch-size", "2048",
                          "--num-iterations", "60", "--data", str(make_corpus(root / "corpus", n_docs=600)),
-                         "--eval-every", "-1", "--model-tag", "cpu"])
+                         "--eval-every", "-1", "--model-tag", "cpu",
+                         # value embeddings off: with them, this 60-step base learns the persona in 50 steps no more
+                         # (issue 12's note; measured on one thread: "I'm ass a Bred by Ada Brightwater")
+                         "--value-embeds", "0"])
         persona = root / "persona.json"
         persona.write_text(json.dumps({"name": "Quillby", "maker": "Ada Brightwater"}))
         mine = write_jsonl(root / "mine.jsonl", [reverse_conversation(w) for w in reverse_words(200, seed=3)])

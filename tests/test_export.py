@@ -189,3 +189,16 @@ def test_hf_model_task_bpb_of_our_export_equals_ours(transformers, checkpoint, t
     assert stats["hf"]["tokens"] == stats["tokens"]
     assert stats["hf"]["bpb"] == pytest.approx(stats["bpb"], abs=1e-3)
     assert stats["hf"]["ppl"] == pytest.approx(stats["ppl"], rel=1e-3)
+
+def test_a_model_with_recipe_switches_is_refused_and_nothing_written(base_dir, tiny_tokenizer, tmp_path):
+    """transformers' NanoChat has no value embeddings, lambdas or windows: exporting such a model would ship wrong weights."""
+    from scripts.export import main
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    _, cfg = make_model(tiny_tokenizer.get_vocab_size())
+    for switch in [dict(value_embeds=True), dict(layer_lambdas=True), dict(window_pattern="SL")]:
+        config = {**cfg, **switch}
+        save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 7, GPT(GPTConfig(**config)).state_dict(), None,
+                        {"model_config": config})
+        with pytest.raises(SystemExit, match=f"cannot export: the model uses {next(iter(switch))}"):
+            main(["--source", "sft", "--out", str(tmp_path / "hf"), "--no-verify"])
+        assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
