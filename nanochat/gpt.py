@@ -88,8 +88,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.window = attention_window(config, layer_idx)
-        gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
-        self.ve_gate = gate if has_value_embed(config, layer_idx) else None
+        # built only where used: an unused Linear would still draw from the RNG and change every later init
+        self.ve_gate = (nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
+                        if has_value_embed(config, layer_idx) else None)
     def forward(self, x, ops, cos_sin, kv_cache, positions=None, ve=None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
