@@ -110,8 +110,7 @@ def check_dynamic_compiles(s, device, stage):
     """Steps of SFT or DPO as the stages run them (torch.compile(dynamic=True)), a new padded length each."""
     model = build(s, device, *s["small"])
     optimizer, compiled = model.setup_optimizer(), torch.compile(model, dynamic=True, backend=s["backend"])
-    # dynamo's count of the graphs it compiled, one per graph break and per recompilation (a counting backend
-    # would also count the attempts that dynamo restarts and throws away)
+    # dynamo's count of compiled graphs (one per break and recompile); a counting backend also counts discarded tries
     lengths, before = [n * model.config.sequence_len // 8 - 1 for n in (2, 4, 8, 3)], counters["stats"]["unique_graphs"]
     for length in lengths:
         # 4 random sequences, the first length + 1 tokens (the batch pads to it); each a prompt third and an answer

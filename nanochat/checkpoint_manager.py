@@ -16,7 +16,6 @@ from nanochat.lora import load_lora, merge_lora
 # source name -> (folder under the base dir, the script that writes it)
 SOURCES = {"base": ("base_checkpoints", "scripts.base_train"), "mid": ("mid_checkpoints", "scripts.mid_train"),
            "sft": ("chatsft_checkpoints", "scripts.chat_sft"), "dpo": ("chatdpo_checkpoints", "scripts.chat_dpo")}
-COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the model and prefixes every key with this
 DEFAULT_TAG_HELP = "the deepest d<N>, else the newest; <tag>_lora only if nothing else"  # find_largest_model's pick
 
 # $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/ holds, per saved step,
@@ -36,9 +35,8 @@ def _paths(checkpoint_dir, step, rank=0):
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0, keep_last=None):
     """Save one step (optimizer_state None: none); keep_last=N then deletes all but the newest N steps."""
-    # in a distributed run, called on EVERY rank: each one writes its own optimizer shard
-    # every file goes to a temp name and is renamed into place (atomic), and the meta goes last,
-    # after a barrier: a process killed at any moment leaves a complete step or an invisible one
+    # called on EVERY rank: each writes its own optimizer shard. Each file goes to a temp name, renamed into place
+    # (atomic), the meta last, after a barrier: a process killed at any moment leaves a step complete or invisible
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
     # this rank's temp files (atomic_write's .<name>.<random>.tmp) of any step, left by a save killed earlier
     for path in [model_path, meta_path, optim_path] if rank == 0 else [optim_path]:
@@ -116,10 +114,9 @@ def trained_state(model):
     return state if len(trained) == len(list(model.parameters())) else {name: state[name] for name in trained}
 
 def strip_compile_prefix(state_dict):
-    """Undo torch.compile's key prefix."""
-    # removeprefix, never lstrip: lstrip("_orig_mod.") strips any leading run of those *characters*
-    # and would turn e.g. "mod.weight" into "weight"
-    return {key.removeprefix(COMPILE_PREFIX): value for key, value in state_dict.items()}
+    """Undo the "_orig_mod." that torch.compile's wrapper puts before every key."""
+    # removeprefix, never lstrip: lstrip strips any leading run of those *characters* ("mod.weight" -> "weight")
+    return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
 
 def build_model(checkpoint_dir, step, device, phase, merge=True):
     """(model, tokenizer, meta) of a checkpoint (step None: the last); phase "train" or "eval"."""
@@ -132,8 +129,7 @@ def build_model(checkpoint_dir, step, device, phase, merge=True):
     step = find_last_step(checkpoint_dir) if step is None else step
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
     model_state = strip_compile_prefix(model_state)
-    if "lora" in meta:
-        # adapters only: rebuild the base they adapt (itself maybe an adapter), then apply them
+    if "lora" in meta:  # adapters only: rebuild the base they adapt (itself maybe an adapter), then apply them
         base = meta.get("base")
         if not isinstance(base, dict) or "source" not in base:
             raise ValueError(f"{checkpoint_dir}: adapter step {step} does not say which base model it adapts "
@@ -186,8 +182,7 @@ def add_checkpoint_args(parser, default_source):
     parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """(model, tokenizer, meta) of stage `source` (base, mid, sft, dpo): by default the largest model, its last
-    step; meta["model_tag"] says which tag that was."""
+    """(model, tokenizer, meta) of stage `source`: by default its largest model's last step (meta["model_tag"])."""
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCES)}")
     folder, script = SOURCES[source]

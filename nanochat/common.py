@@ -36,12 +36,10 @@ def format_eta(seconds):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's line breaks and shows every flag's default (stage defaults included)."""
-
     def _get_help_string(self, action):
         # a help that already says what its default means ("default: the latest") is not repeated, and an
         # empty default (None, "", off) says nothing; 0 does say something (0.0 == False, hence `is False`)
-        if "default" in (action.help or "") or action.default is None or action.default is False \
-                or action.default in ("", []):
+        if "default" in (action.help or "") or action.default is False or action.default in (None, "", []):
             return action.help
         return super()._get_help_string(action)
 
@@ -126,8 +124,7 @@ def compute_init(device_type=None, seed=42):
     device_type = device_type or autodetect_device_type()
     if device_type in ("cuda", "mps") and not {"cuda": torch.cuda, "mps": torch.backends.mps}[device_type].is_available():
         raise RuntimeError(f"--device {device_type} was requested but {device_type.upper()} is not available")
-    # the same seed on every rank: identical initial weights without broadcasting them
-    random.seed(seed)
+    random.seed(seed)  # the same seed on every rank: identical initial weights without broadcasting them
     torch.manual_seed(seed)  # the CUDA generators too
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # tf32 for the fp32 matmuls that remain

@@ -126,8 +126,7 @@ def pair_losses(model, batch, beta, loss_type="sigmoid", length_norm=False, sft_
     if sft_weight:  # the chosen answer's NLL: plain DPO may push both answers down, the rejected faster
         losses = losses + sft_weight * (-logps[:n] / counts[:n])
     # accuracies: pairs whose chosen answer gets the higher implicit reward (ties, as at the start, do not count)
-    stats = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-             "rewards/margins": chosen_rewards - rejected_rewards,
-             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-             "logps/chosen": policy_chosen.detach(), "logps/rejected": policy_rejected.detach()}
-    return losses, stats
+    return losses, {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                    "rewards/margins": chosen_rewards - rejected_rewards,
+                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                    "logps/chosen": policy_chosen.detach(), "logps/rejected": policy_rejected.detach()}

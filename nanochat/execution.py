@@ -210,17 +210,14 @@ def execute_code(code, timeout=5.0, max_memory_bytes=256 * 1024 * 1024, max_outp
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5.0)
-        # a grandchild that escaped the kill could hold a pipe open: do not wait on it forever
-        for t in readers:
+        for t in readers:  # a grandchild that escaped the kill could hold a pipe open: do not wait on it forever
             t.join(timeout=2.0)
         for f in (proc.stdout, proc.stderr):
             f.close()
-
     # the code may print any bytes: what is not UTF-8 reads as U+FFFD rather than failing the whole run
     text = {name: out.get("data", b"").decode("utf-8", errors="replace") for name, out in outputs.items()}
-    truncated = outputs["stdout"].get("overflow", False) or outputs["stderr"].get("overflow", False)
-    rc = proc.returncode
-    result = ExecResult(success=rc == 0 and not timed_out, stdout=text["stdout"], stderr=text["stderr"], truncated=truncated)
+    rc, truncated = proc.returncode, any(out.get("overflow", False) for out in outputs.values())
+    result = ExecResult(success=rc == 0 and not timed_out, **text, truncated=truncated)
     last_line = ([""] + outputs["stderr"].get("tail", b"").decode("utf-8", errors="replace").strip().splitlines())[-1]
     if timed_out:
         result.timed_out, result.error = True, f"timed out after {timeout}s"

@@ -22,7 +22,6 @@ class LoRALinear(nn.Linear):
     """An nn.Linear plus a low-rank adapter, on the base layer's own weight Parameter."""
     # no copy of W: the state_dict keeps its ".weight" keys (and gains ".lora_A"/".lora_B"), so
     # a base checkpoint loads into an adapted model and the frozen weight costs no extra memory
-
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a fresh weight
         if rank < 1:
@@ -37,14 +36,12 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
         self.lora_dropout, self.lora_enabled = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()), True
-
     def forward(self, x):
         # two thin matmuls through rank r, never the (out, in) product B @ A: cheaper for r << d
         y = F.linear(x, self.weight, self.bias)
         if self.lora_enabled:
             y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
         return y
-
     @torch.no_grad()
     def merged_linear(self):
         """A plain nn.Linear with weight W + scaling * B @ A, summed in at least fp32."""
@@ -53,7 +50,6 @@ class LoRALinear(nn.Linear):
         delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
         linear.weight, linear.bias = nn.Parameter((self.weight.to(dtype) + delta).to(self.weight.dtype)), self.bias
         return linear
-
     def extra_repr(self):  # nn.Linear's, plus the adapter's
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, dropout={self.dropout_p}"
 
@@ -105,8 +101,7 @@ def load_lora(model, state, config=None):
         if config is None:
             raise ValueError("the model has no LoRA adapters: pass the adapter config to apply them")
         apply_lora(model, config["rank"], config["alpha"], config.get("dropout", 0.0), config["targets"])
-    # every adapter must get a tensor and vice versa, of its shape: a partial load would train or merge
-    # adapters that are still zero
+    # every adapter must get a tensor of its shape and vice versa: a partial load leaves adapters at zero
     expected = lora_state_dict(model)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a compiled model
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -125,8 +120,7 @@ def merge_lora(model):
     """Fold every adapter into its base weight, plain nn.Linear layers back (in place): a GPT that loads anywhere."""
     for name, m in lora_modules(model):
         _replace(model, name, m.merged_linear())
-    # trainable again, like any GPT: a merged model may start another stage of training
-    model.requires_grad_(True)
+    model.requires_grad_(True)  # trainable again, like any GPT: a merged model may start another stage of training
     vars(model).pop("lora_config", None)  # a plain GPT again: nothing for a checkpoint to record
     return model
 
@@ -145,10 +139,9 @@ def disable_lora(model):
 
 def lora_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
     """AdamW over the adapters (sharded under torchrun), with "initial_lr" for the schedule."""
-    # Not Muon, although A and B are matrices: Muon's orthogonalised update has a fixed spectral
-    # size (times sqrt(rows/cols), large for a (d_out, r) B) on a product whose scale LoRA already
-    # sets through alpha / r; LoRA's known-good hyperparameters are Adam's, and Adam's
-    # per-coordinate steps are what the zero-initialised B needs to grow smoothly.
+    # Not Muon, although A and B are matrices: Muon's orthogonalised update has a fixed spectral size (times
+    # sqrt(rows/cols), large for a (d_out, r) B) on a product whose scale LoRA already sets through alpha / r;
+    # LoRA's known-good hyperparameters are Adam's, whose per-coordinate steps let the zero B grow smoothly
     if not (params := lora_parameters(model)):
         raise ValueError("the model has no LoRA adapters (call apply_lora first)")
     return build_optimizer([dict(kind="adamw", params=params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)])

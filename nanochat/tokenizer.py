@@ -20,11 +20,9 @@ ROLES, PART_TYPES = ("system", "user", "assistant"), ("text", "python", "python_
 
 class Tokenizer:
     """A tiktoken Encoding built from trained BPE ranks plus nanochat's special tokens."""
-
     def __init__(self, enc: tiktoken.Encoding, bos_token_id=None):
         self.enc = enc
         self.bos_token_id = self.encode_special("<|bos|>") if bos_token_id is None else bos_token_id
-
     # -- construction / persistence -------------------------------------------------------
     @classmethod
     def from_ranks(cls, mergeable_ranks, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
@@ -34,12 +32,10 @@ class Tokenizer:
             raise ValueError("mergeable ranks must be exactly 0..N-1 with no gaps")
         specials = {name: len(ranks) + i for i, name in enumerate(special_tokens)}
         return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials))
-
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size, pattern=None, buffer_size=8192):
         """Train BPE on an iterator of str. vocab_size includes the special tokens."""
-        # imported here: only tok_train trains, and the compiled extension is otherwise not needed
-        import rustbpe
+        import rustbpe  # imported here: only tok_train trains, and the compiled extension is otherwise not needed
         if (merges_vocab := vocab_size - len(SPECIAL_TOKENS)) < 256:
             raise ValueError(f"vocab_size={vocab_size} is too small: need at least 256 byte tokens + "
                              f"{len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)}")
@@ -47,7 +43,6 @@ class Tokenizer:
         trainer.train_from_iterator(text_iterator, merges_vocab, buffer_size=buffer_size, pattern=pattern)
         ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
         return cls.from_ranks(ranks, pattern=trainer.get_pattern())
-
     @classmethod
     def from_directory(cls, tokenizer_dir):
         """Load what save() wrote: ranks.tiktoken ("base64(bytes) rank" lines) and tokenizer.json."""
@@ -67,14 +62,12 @@ class Tokenizer:
         # the specials in id order, so from_ranks gives them back the same ids
         specials = sorted(config["special_tokens"], key=config["special_tokens"].get)
         return cls.from_ranks(ranks, pattern=config["pattern"], special_tokens=specials)
-
     @classmethod
     def from_pretrained(cls, tiktoken_name):
         """A stock tiktoken encoding ("gpt2", "cl100k_base"), for comparisons only."""
         enc = tiktoken.get_encoding(tiktoken_name)
         # a stock encoding has no <|bos|>: its <|endoftext|> separates documents instead
         return cls(enc, bos_token_id=enc.eot_token)
-
     def save(self, tokenizer_dir):
         """Write ranks.tiktoken and tokenizer.json, each all or nothing."""
         by_rank = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])
@@ -82,29 +75,23 @@ class Tokenizer:
         config = {"pattern": self.enc._pat_str, "special_tokens": self.enc._special_tokens}
         atomic_write(os.path.join(tokenizer_dir, "ranks.tiktoken"), lines)
         atomic_write(os.path.join(tokenizer_dir, "tokenizer.json"), json.dumps(config, indent=2))
-
     # -- vocabulary, encode / decode ------------------------------------------------------
     def get_vocab_size(self):
         return self.enc.n_vocab
-
     def get_special_tokens(self):
         return set(self.enc.special_tokens_set)
-
     def get_bos_token_id(self):
         return self.bos_token_id
-
     def encode_special(self, text):
         try:
             return self.enc._special_tokens[text]
         except KeyError:
             raise ValueError(f"unknown special token {text!r}; known: {sorted(self.enc._special_tokens)}") from None
-
     def token_bytes(self):
         """Number of UTF-8 bytes each id stands for (0 for specials), for bits per byte."""
         # from the raw token bytes, never by decoding: many tokens are partial UTF-8 and decode lossily
         sizes = {rank: len(tok) for tok, rank in self.enc._mergeable_ranks.items()}
         return [sizes.get(i, 0) for i in range(self.get_vocab_size())]
-
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """A str -> list[int]; a list of str -> list[list[int]] (batched on threads)."""
         # prepend/append: a special token's name or an id
@@ -116,21 +103,17 @@ class Tokenizer:
             batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
             return [pre + ids + post for ids in batch] if pre or post else batch
         raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
-
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
-
     # -- conversations --------------------------------------------------------------------
     def render_conversation(self, conversation, max_tokens=2048):
         """Conversation -> (ids, mask), mask 1 where the model is trained to produce the id."""
         # final_role=None: a prompt rendered for completion ends with the user; allow_empty: a chat may
         # hold an empty reply (stopped at once, or the model ended at once), and the next turn must render
         messages = check_messages(conversation.get("messages"), final_role=None, allow_empty=True)
-        # there are no system tokens: the system text opens the first user turn
-        if messages[0]["role"] == "system":
+        if messages[0]["role"] == "system":  # there are no system tokens: the system text opens the first user turn
             messages = [dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
         ids, mask, special = [self.bos_token_id], [0], self.encode_special
-
         def add(token_ids, supervised):
             ids.extend(token_ids)
             mask.extend([int(supervised)] * len(token_ids))
@@ -148,10 +131,8 @@ class Tokenizer:
                     add([special("<|python_start|>")] + self.encode(part["text"]) + [special("<|python_end|>")], 1)
                 else:  # python_output: the tool's result, forced in by the engine, not the model's to predict
                     add([special("<|output_start|>")] + self.encode(part["text"]) + [special("<|output_end|>")], 0)
-            # trained on: without it the model never learns to stop
-            add([special("<|assistant_end|>")], 1)
+            add([special("<|assistant_end|>")], 1)  # trained on: without it the model never learns to stop
         return ids[:max_tokens], mask[:max_tokens]
-
     def render_for_completion(self, conversation):
         """Ids that prime the next assistant reply: the conversation (less a final reply) + <|assistant_start|>."""
         messages = conversation["messages"]
@@ -164,7 +145,6 @@ class Tokenizer:
 # The one conversation validator: of the task records, gen_data's replies, and what is rendered
 class RecordError(DataError):
     """What is wrong with one record; `field` says where inside it, e.g. 'messages[2].role'."""
-
     def __init__(self, field, message):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message

@@ -65,12 +65,10 @@ def main(argv=None):
     print0(f"train: {describe_counts(train_counts)}\nval:   {describe_counts(val_counts)}")
     if not train_pairs:
         raise SystemExit("error: no training pair is left (see the counts above: raise --max-seq-len?)")
-    # the checkpoints record how many pairs were kept, cut and dropped (and why)
-    meta["pairs"] = dict(train_counts)
+    meta["pairs"] = dict(train_counts)  # the checkpoints record how many pairs were kept, cut and dropped (and why)
     # The frozen reference: the starting weights, scored once before training (so only one model
     # is ever in memory; with LoRA it is the very same network with its adapters switched off)
-    pad_id = tokenizer.get_bos_token_id()  # any id: padded positions have target -1
-    t0 = time.time()
+    pad_id, t0 = tokenizer.get_bos_token_id(), time.time()  # pad_id: any id, padded positions have target -1
     with disable_lora(orig_model):  # a no-op without adapters
         ref = reference_logps(orig_model, train_pairs + val_pairs, B, pad_id, device, rank, world_size)
     train_ref, val_ref = ref[:len(train_pairs)], ref[len(train_pairs):]
@@ -85,7 +83,6 @@ def main(argv=None):
            + (f" + {args.sft_weight} × SFT" if args.sft_weight else ""))
     # --resume after the reference pass: the reference is always the starting model, never the resumed one
     step, loader_state, saved = training.resume(args.resume, checkpoint_dir, orig_model, optimizer, meta, device)
-
     def micro_batches(pair_batches):
         for items, state in pair_batches:
             index = [i for i, _ in items]
@@ -99,7 +96,6 @@ def main(argv=None):
                                       seed=args.seed, resume_state=loader_state, what="dpo pairs")
     batches = StepBatches(micro_batches(pair_batches), grad_accum, world_size, device)
     loss_kwargs = dict(beta=args.beta, loss_type=args.loss, length_norm=args.length_norm, sft_weight=args.sft_weight)
-
     @torch.no_grad()
     def evaluate(step):
         # the loss and the reward statistics on the held-out pairs, averaged per pair (over all ranks)
@@ -120,7 +116,6 @@ def main(argv=None):
         print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
         model.train()
         return log.evaluated(step, out)
-
     # -------------------------------------------------------------------------
     # The training loop, after a look at the starting model (on a fresh run)
     log = training.TrainLog("dpo", args, num_steps, orig_model.estimate_flops(), world_size, device.type, saved)
@@ -130,8 +125,7 @@ def main(argv=None):
     step_batches = batches.next_step()
     while step < num_steps:
         lrm = training.set_schedule(optimizer, step, num_steps, args)
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=device)
+        t0, loss_sum = time.time(), torch.zeros((), device=device)
         stat_sums = {name: torch.zeros((), device=device) for name in STAT_NAMES}
         for batch, loader_state in step_batches:
             with autocast_ctx(device.type):
@@ -151,7 +145,6 @@ def main(argv=None):
             last_eval = evaluate(step)
         if training.is_due(step, args.save_every, num_steps):
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log)
-
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min")
     get_report().log(section="Chat DPO", data=[vars(args), {  # (a no-op off rank 0)
         "source": training.describe_lineage(meta["source"]), "training_pairs": len(train_pairs),

@@ -43,7 +43,6 @@ def main(argv=None):
                          "use --examples-per-step")
     if args.eval_tasks is None:  # not given: --data-only means only your data, so no default downloads either
         args.eval_tasks = [] if args.data_only else DEFAULT_EVAL_TASKS
-
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     with exit_on(ValueError, FileNotFoundError, DownloadError):  # read and check all the data before loading a model
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL)
@@ -61,12 +60,10 @@ def main(argv=None):
            f"max {T} tokens per conversation")
     # --resume: the sampler's position too, so the same conversations follow in the same order
     step, loader_state, saved = training.resume(args.resume, checkpoint_dir, orig_model, optimizer, meta, device)
-
     # One conversation per row, padded to the longest of the micro-batch; targets are -1 on the padding and
     # on everything the assistant does not say: its text, tool calls and <|assistant_end|> are what it learns
     pad_id = tokenizer.get_bos_token_id()  # any id: padded positions have target -1
     truncated = dict((saved or {}).get("truncated", {"rows": 0, "truncated": 0}))  # kept across resumes
-
     def render(conversation):
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=10**9)
         truncated["rows"] += 1
@@ -86,7 +83,6 @@ def main(argv=None):
     # the same validation conversations at every evaluation, so that the val_loss curve compares
     val_conversations = [val_task[i] for i in range(min(args.eval_examples, len(val_task)))]
     generate = engine_generate_fn(orig_model, tokenizer, max_new_tokens=args.eval_max_tokens)  # greedy
-
     def evaluate(step):
         """Validation loss per supervised token, and the accuracy on each --eval-tasks task."""
         model.eval()
@@ -106,7 +102,6 @@ def main(argv=None):
                + f" | truncated conversations so far: {truncated['truncated']} of {truncated['rows']}")
         model.train()
         return log.evaluated(step, out)
-
     # -------------------------------------------------------------------------
     # The training loop, after a look at the starting model (on a fresh run)
     log = training.TrainLog("sft", args, num_steps, orig_model.estimate_flops(), world_size, device.type, saved)
@@ -117,8 +112,7 @@ def main(argv=None):
     step_batches = batches.next_step()
     while step < num_steps:
         lrm = training.set_schedule(optimizer, step, num_steps, args)
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=device)
+        t0, loss_sum = time.time(), torch.zeros((), device=device)
         for batch, loader_state in step_batches:
             with autocast_ctx(device.type):
                 loss = scaled_token_loss(model, batch)
@@ -135,7 +129,6 @@ def main(argv=None):
             # the truncation counts go in the meta: a resumed run keeps counting from them
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval, truncated=truncated),
                           loader_state, log)
-
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | "
            + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
     get_report().log(section="Chat SFT", data=[vars(args), {  # (a no-op off rank 0)

@@ -43,7 +43,6 @@ def main(argv=None):
     training.add_finetuning_flags(parser, "base", DEFAULT_MIXTURE, DEFAULT_VAL)
     parser.set_defaults(eval_every=150, persona_examples=1000)
     args = parser.parse_args(argv)
-
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     with exit_on(ValueError, FileNotFoundError, DownloadError):  # read and check all the data before loading a model
         train_task, val_task = build_chat_tasks(args, DEFAULT_VAL)
@@ -51,7 +50,6 @@ def main(argv=None):
     model = training.maybe_compile(orig_model, args, device, dynamic=False)  # packed rows: one static shape
     # validation in bits per byte, as base_train reports it: the two stages' curves compare
     token_bytes = get_token_bytes(device)
-
     # Rows of T+1 tokens, each packed best-fit with whole conversations (see nanochat/chat_data.py)
     T, B = args.max_seq_len or orig_model.config.sequence_len, args.device_batch_size
     grad_accum = training.grad_accum_steps(args.total_batch_size, B * T * world_size,
@@ -64,10 +62,8 @@ def main(argv=None):
         print0(f"training data: {'' if exact else '~'}{tokens:,} tokens per epoch")
     print0(f"steps: {num_steps:,} × {args.total_batch_size:,} tokens | grad accumulation: {grad_accum} | "
            f"loss on {args.loss_on} tokens")
-
     # --resume: the packer's state too (its buffer of conversations), so the rows continue exactly
     step, loader_state, saved = training.resume(args.resume, checkpoint_dir, orig_model, optimizer, meta, device)
-
     def loader(task, resume_state=None, what="mid conversations"):
         return PackedConversations(task, tokenizer, B, T, rank=rank, world_size=world_size, seed=args.seed,
                                    loss_on=args.loss_on, buffer_size=args.buffer_size, resume_state=resume_state,
@@ -78,7 +74,6 @@ def main(argv=None):
     # at most one pass over the validation conversations: more would only repeat them
     val_tokens, _ = estimate_tokens(val_task, tokenizer, T + 1)
     eval_steps = max(1, min(args.eval_tokens, val_tokens) // (B * T * world_size))
-
     def evaluate(step):
         model.eval()
         val = ((b["inputs"], b["targets"]) for b, _ in loader(val_task, what="mid validation"))
@@ -89,7 +84,6 @@ def main(argv=None):
         print0(f"step {step:05d} | val bpb {bpb:.4f} | packing cropped {cropped:.1%} of the tokens read (rank 0)")
         model.train()
         return log.evaluated(step, {"val_bpb": bpb})
-
     # -------------------------------------------------------------------------
     # The training loop: the starting model is evaluated first (on a fresh run), to compare with
     log = training.TrainLog("mid", args, num_steps, orig_model.estimate_flops(), world_size, device.type, saved)
@@ -98,17 +92,14 @@ def main(argv=None):
     step_batches = batches.next_step()
     while step < num_steps:
         lrm = training.set_schedule(optimizer, step, num_steps, args)
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=device)
+        t0, loss_sum = time.time(), torch.zeros((), device=device)
         for batch, loader_state in step_batches:
             with autocast_ctx(device.type):
                 loss = scaled_token_loss(model, batch)  # this micro-batch's share of the step's mean
-            # loss_scale counted grad_accum in: after this division every supervised token of the
-            # step weighs the same, however the tokens fall into micro-batches (chat_data.StepBatches)
+            # loss_scale counted grad_accum in: now every supervised token of the step weighs the same
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
-        # pack the next step's rows while the device still works on this backward: midtraining is
-        # pretraining-sized (hundreds of thousands of tokens a step), so this CPU work is worth hiding
+        # packed while the device still runs this backward: at pretraining-sized steps, CPU work worth hiding
         step_batches = batches.next_step()
         training.optimizer_step(orig_model, optimizer, args.grad_clip)
         step += 1
@@ -118,7 +109,6 @@ def main(argv=None):
         if training.is_due(step, args.save_every, num_steps):
             # loader_state: after this step's last micro-batch, not after the next step's, read ahead
             training.save(checkpoint_dir, step, orig_model, optimizer, dict(meta, **last_eval), loader_state, log)
-
     print0(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min | "
            f"val bpb {last_eval.get('val_bpb', float('nan')):.4f}")
     get_report().log(section="Midtraining", data=[vars(args), {  # (a no-op off rank 0)

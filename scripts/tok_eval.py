@@ -1,5 +1,4 @@
 """How well does our tokenizer compress? Bytes per token on varied texts, beside GPT-2's and GPT-4's.
-
     python -m scripts.tok_eval [--text-file my_domain.txt ...]"""
 import argparse
 import os
@@ -29,7 +28,6 @@ def main(argv=None):
     parser.add_argument("--max-chars", type=int, default=1_000_000, help="read at most this many chars of a --text-file")
     parser.add_argument("--no-stock", action="store_true", help="skip the GPT-2 / GPT-4 comparison columns")
     args = parser.parse_args(argv)
-
     contenders = [("ours", Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer())]
     samples = read_samples()
     for path in args.text_file:
@@ -43,7 +41,6 @@ def main(argv=None):
         except Exception as e:  # whatever tiktoken raises without a network
             print(f"note: {label} ({name}) column skipped: could not load it ({type(e).__name__}); "
                   f"tiktoken downloads it on first use — offline?")
-
     # UTF-8 bytes: the one measure of a text's size that no tokenizer decides
     sizes = {name: len(text.encode("utf-8")) for name, text in samples.items()}
     tokens = {name: [len(enc.encode(text)) for _, enc in contenders] for name, text in samples.items()}

@@ -1,8 +1,5 @@
-"""
-Train the BPE tokenizer on the pretraining corpus and save it to $NANOCHAT_BASE_DIR/tokenizer/.
-
-    python -m scripts.tok_train [--data ~/books/] [--vocab-size 16384]   # default: the downloaded FineWeb-Edu shards
-"""
+"""Train the BPE tokenizer on the pretraining corpus and save it to $NANOCHAT_BASE_DIR/tokenizer/.
+    python -m scripts.tok_train [--data ~/books/] [--vocab-size 16384]   # default: the downloaded FineWeb-Edu shards"""
 import argparse
 import time
 
