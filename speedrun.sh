@@ -18,6 +18,7 @@
 #                       come from their sources, and the chat/eval sets from Hugging Face)
 #   DEPTH, NPROC        GPU preset: model depth (default 24) and GPUs to use (default: all)
 #   RATIO               GPU preset: training tokens per parameter (default 8)
+#   FP8                 GPU preset: base_train's block matmuls in fp8 (default 1 from DEPTH=24, where it pays)
 #   NANOCHAT_CORPUS     GPU preset: the pretraining shards, climbmix (default) or fineweb-edu
 #                       (ClimbMix: reported ~27 % faster to GPT-2 grade by nanochat's record run; not measured here)
 #   SKIP_SETUP=1        do not run dev/setup.sh (keep .venv, and the torch in it, as it is)
@@ -35,7 +36,9 @@ KEEP_LAST="${KEEP_LAST:-2}"
 # -----------------------------------------------------------------------------
 # Setup: uv, the locked dependencies and the rustbpe extension (the README's setup)
 # (SKIP_SETUP=1 keeps .venv as it is: e.g. a torch you installed for an older driver, which uv sync --frozen would replace)
-if [ "${SKIP_SETUP:-0}" = 1 ]; then echo "SKIP_SETUP=1: using .venv as it is"; else bash dev/setup.sh; fi
+# (with a GPU, the gpu extra too: the `kernels` package that fetches Flash Attention 3 for Hopper, nanochat/hopper.py)
+GPU_EXTRA=$(if [ "${PRESET:-auto}" != cpu ] && command -v nvidia-smi >/dev/null 2>&1; then echo "--extra gpu"; fi)
+if [ "${SKIP_SETUP:-0}" = 1 ]; then echo "SKIP_SETUP=1: using .venv as it is"; else bash dev/setup.sh $GPU_EXTRA; fi
 PY=.venv/bin/python
 
 STATE="$NANOCHAT_BASE_DIR/speedrun"
@@ -77,8 +80,8 @@ if [ "$PRESET" = "gpu" ]; then
     # parameters (blocks 12·24·1536² = 680M, lm_head 50M) + 50M embedding (the 12 value-embedding tables, 604M
     # more, are lookups: not counted in the budget or the FLOPs). 8 tokens per parameter = 6.2B tokens of ClimbMix
     # at 5.3 GFLOPs each (6·730M + attention 12·1536·24·2048) = 3.3e19 FLOPs: 2.6 h at an assumed 45 % MFU of
-    # 8×989 TFLOP/s (bf16 SDPA, no FA3 or fp8 yet; not measured on a GPU), 2.1 h at 55 %. nanochat's record,
-    # 1.65 h for ~2.9e19 FLOPs, runs at ~62 % with FA3 + fp8. Smaller budgets: DEPTH=20 (≈1.2e19, ~1 h),
+    # 8×989 TFLOP/s, 2.1 h at 55 % (FA3 and fp8 are in, nanochat/hopper.py; no MFU measured on a GPU yet). nanochat's
+    # record, 1.65 h for ~2.9e19 FLOPs, runs at ~62 % with FA3 + fp8. Smaller budgets: DEPTH=20 (≈1.2e19, ~1 h),
     # DEPTH=12 (≈1e18, ~5 min), each short of GPT-2 grade. Then mid, SFT, DPO and the evals (~30 min).
     DEPTH="${DEPTH:-24}"
     RATIO="${RATIO:-8}"
@@ -108,7 +111,7 @@ if [ "$PRESET" = "gpu" ]; then
     fi
 
     stage base_train $RUN -m scripts.base_train --depth "$DEPTH" --target-param-data-ratio "$RATIO" \
-        --device-batch-size 16 --run "$WANDB_RUN" \
+        --device-batch-size 16 --fp8 "${FP8:-$(( DEPTH >= 24 ))}" --run "$WANDB_RUN" \
         --save-every 1000 --keep-last "$KEEP_LAST" $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
     stage base_loss $RUN -m scripts.base_loss
     stage base_eval $RUN -m scripts.base_eval

@@ -2,7 +2,8 @@
 forward, loss and backward: no graph break, eager's loss and gradients. 3: training-step tok/s, MFU, peak memory at the
 speedrun's d12 and d20 (compiled plain path, real optimizer, device batch 32; eager fused path at d12). 4: the largest
 device batch at d20. 5: SFT and DPO under torch.compile(dynamic=True) over 4 padded lengths compile at most twice.
-6: KV-cache decoding at batch 1 and 8. 7: SDPA kernels vs math; FA3, fp8 (none yet).
+6: KV-cache decoding at batch 1 and 8. 7: SDPA kernels vs math; FA3 (where present) vs masked math; the fp8 matmul
+vs fp32, and its speed against bf16's.
     python -m dev.gpu_check             # CUDA; a python3 with torch, numpy, pyarrow, tiktoken, requests, tqdm will do
     python -m dev.gpu_check --dry-run   # CPU, tiny shapes, the same code: CI runs it so that it cannot rot
 Exit status 1 when a check FAILs ("n/a" is none). Lines start with the seconds so far: 7 inductor compiles take most."""
@@ -20,7 +21,8 @@ from nanochat.chat_data import StepBatches, collate_padded, scaled_token_loss
 from nanochat.common import HelpFormatter, compute_init, get_peak_flops, synchronize
 from nanochat.dpo import collate_pairs, pair_losses, reference_logps
 from nanochat.engine import Engine, SamplingParams
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, attention
+from nanochat.hopper import Fp8Matmul, fa3_attention, flash_attn3, use_fp8
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # The speedrun's shapes (width 64 x depth, heads of 128) and the dry run's: only sizes differ; "small" (depth, width,
@@ -36,13 +38,13 @@ LOSS_TOL, GRAD_TOL, SDPA_ATOL = 1.6e-2, 5e-2, 1e-2
 ROWS, START, SAID = [], time.time(), [time.time()]  # the table (check, result, detail); when we last said a word
 
 def build(s, device, depth, width=None, seq=None, fused=False):
-    """A GPT of the speedrun's proportions on its plain path (the one that runs compiled on CUDA)."""
+    """A GPT of the speedrun's proportions and base_train's switches on its plain path (compiled on CUDA)."""
     torch._dynamo.reset()  # a fresh dynamo for each model: no graphs of the last one, no recompile limit reached
     gc.collect()  # and the memory of the last model back
     heads = (width := width or 64 * depth) // s["head_dim"]
     with torch.device("meta"):  # as base_train: allocated once, on the device
         model = GPT(GPTConfig(sequence_len=seq or s["seq"], vocab_size=s["vocab"], n_layer=depth, n_head=heads,
-                              n_kv_head=heads, n_embd=width))
+                              n_kv_head=heads, n_embd=width, value_embeds=True, layer_lambdas=True))
     model.to_empty(device=device).init_weights()
     model.fused = fused
     return model
@@ -157,6 +159,48 @@ def check_sdpa(device):
     return all(e <= 1 for e in errors.values()), ", ".join(f"{n} {e:.2f}" for n, e in errors.items()) + \
         f" of the tolerance {SDPA_ATOL:g} + {LOSS_TOL:g} |reference| (bf16, causal, T 1024, D 128)"
 
+def timed_ms(fn, device, reps=10):
+    fn()  # warm: lazy allocations, cuBLAS heuristics
+    synchronize(device.type)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    synchronize(device.type)
+    return 1000 * (time.perf_counter() - t0) / reps
+
+def check_fa3(s, device):
+    if (fa3 := flash_attn3()) is None:
+        return "n/a", "no FA3 here (it needs Hopper and the `kernels` package, the gpu extra): attention runs on SDPA"
+    T, errors = s["seq"], {}
+    q, k, v = (torch.randn(2, T, h, 128, device=device).bfloat16().requires_grad_() for h in (16, 8, 8))  # GQA
+    g = torch.randn_like(q)
+    for window in (T // 4, T):  # an S layer's and an L layer's, against our mask in fp32 math (B, H, T, D)
+        pos = torch.arange(T, device=device)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = attention(*(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)
+        got = fa3_attention(fa3, q, k, v, window)
+        grads, ref_grads = (torch.autograd.grad(y, (q, k, v), g.to(y.dtype)) for y in (got, ref))
+        errors[f"out w{window}"] = ((got - ref).abs() / (SDPA_ATOL + LOSS_TOL * ref.abs())).max().item()
+        errors[f"grads w{window}"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)) / GRAD_TOL
+    sdpa = lambda: attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask).sum().backward()  # noqa: E731
+    ms = [timed_ms(f, device) for f in (lambda: fa3_attention(fa3, q, k, v, T // 4).sum().backward(), sdpa)]
+    return all(e <= 1 for e in errors.values()), ", ".join(f"{n} {e:.2f}" for n, e in errors.items()) + \
+        f" of tolerance; fwd+bwd at window {T // 4}: FA3 {ms[0]:.2f} ms, masked SDPA {ms[1]:.2f} ms (B 2, T {T}, GQA 16/8)"
+
+def check_fp8(s, device):
+    M, K, N = (16384, 1536, 6144) if device.type == "cuda" else (256, 128, 512)  # d24's MLP up-projection
+    x, w = torch.randn(M, K, device=device).bfloat16().requires_grad_(), torch.randn(N, K, device=device).requires_grad_()
+    g = torch.randn(M, N, device=device).bfloat16()
+    y = Fp8Matmul.apply(x, w)
+    grads = torch.autograd.grad(y, (x, w), g)
+    exact = [x.float() @ w.T, g.float() @ w, g.float().T @ x.float()]
+    errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y, *grads], exact)]
+    run = lambda f: lambda: torch.autograd.grad(f(x, w), (x, w), g)  # noqa: E731
+    ms = [timed_ms(run(f), device) for f in (Fp8Matmul.apply, lambda x, w: x @ w.bfloat16().T)]
+    return max(errors) < 0.08, (f"relative error vs fp32: out {errors[0]:.3f}, grad x {errors[1]:.3f}, grad w "
+                                f"{errors[2]:.3f} (< 0.08); fwd+bwd {M}x{K}x{N}: fp8 {ms[0]:.2f} ms, bf16 {ms[1]:.2f} ms")
+
 def say(text):
     SAID[0] = time.time()
     print(f"[{SAID[0] - START:4.0f}s] {text}", flush=True)
@@ -196,6 +240,10 @@ def main():
         # dynamic=None: static for the first shape, as base_train's dynamic=False; row 4 needs it for the next ones
         optimizer, forward = model.setup_optimizer(), torch.compile(model, backend=s["backend"])
         check(f"3 train d{depth}, compiled plain", check_training, s, model, forward, optimizer, device, "compiled plain")
+        if depth == s["depths"][-1]:  # the same step with the blocks' matmuls in fp8 (base_train --fp8 1)
+            use_fp8(model)
+            check(f"3 train d{depth}, compiled fp8", check_training, s, model, forward, optimizer, device, "compiled fp8")
+            use_fp8(model, False)
         if depth == s["depths"][0]:
             model.fused = True
             check(f"3 train d{depth}, eager fused", check_training, s, model, model, optimizer, device, "eager fused")
@@ -207,7 +255,8 @@ def main():
     for rows in (1, 8):  # on row 3's last model
         check(f"6 decode, batch {rows}", check_decode, s, model, Tokenizer.from_ranks(ranks), rows)
     check("7 SDPA flash/efficient vs math", check_sdpa, device)
-    ROWS.append(("7 FA3 attention, fp8 matmuls", "n/a", "no FA3 or fp8 path in this code yet (issue 12 adds them)"))
+    check("7 FA3 vs masked math, windows", check_fa3, s, device)
+    check("7 fp8 matmul vs fp32", check_fp8, s, device)
     width = max(len(name) for name, *_ in ROWS)
     print("\n" + "\n".join(f"{a:<{width}} | {b:<6} | {c}" for a, b, c in [("check", "result", "detail")] + ROWS))
     failed = [name for name, result, _ in ROWS if result == "FAIL"]

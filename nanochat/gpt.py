@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.fused import RMSNorm, ReLUSquared, RotaryEmbedding, fused_by_default, linear_softcap_cross_entropy
+from nanochat.hopper import Linear, fa3_attention, flash_attn3
 from nanochat.optim import build_optimizer
 
 LOGIT_SOFTCAP = 15.0
@@ -83,10 +84,10 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx, self.n_head, self.n_kv_head = layer_idx, config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert self.head_dim % 2 == 0, "rotary embeddings need an even head_dim"
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=False)
         self.window = attention_window(config, layer_idx)
         # built only where used: an unused Linear would still draw from the RNG and change every later init
         self.ve_gate = (nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
@@ -101,6 +102,8 @@ class CausalSelfAttention(nn.Module):
             v = v + (gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)).to(v.dtype)
         q, k = ops.norm(ops.rotary(q, *cos_sin)), ops.norm(ops.rotary(k, *cos_sin))
         q, k = q.to(v.dtype), k.to(v.dtype)  # no-op unless an autocast policy ran rms_norm in fp32
+        if kv_cache is None and positions is None and q.is_cuda and q.dtype == torch.bfloat16 and (fa3 := flash_attn3()):
+            return self.c_proj(fa3_attention(fa3, q, k, v, self.window).reshape(B, T, C))  # training on Hopper
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             # stores this chunk's keys/values, returns those of every cached position (the chunk's included)
@@ -125,8 +128,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
     def forward(self, x, ops):
         return self.c_proj(ops.relu_squared(self.c_fc(x)))
 

@@ -15,6 +15,7 @@ from nanochat.common import HelpFormatter, autocast_ctx, compute_init, exit_on, 
 from nanochat.dataloader import data_budget, tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.hopper import use_fp8
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -27,6 +28,8 @@ def model_config_from_args(args, vocab_size):
         raise SystemExit(f"--depth={args.depth} gives width {args.depth} × {args.aspect_ratio} = {model_dim}, which is "
                          f"not a multiple of --head-dim={args.head_dim}: pick a depth that fits, or change "
                          f"--head-dim / --aspect-ratio")
+    if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
+        raise SystemExit(f"--window-pattern must be letters S and L (e.g. SSSL), got {args.window_pattern!r}")
     num_heads = model_dim // args.head_dim
     num_kv_heads = args.num_kv_heads or num_heads
     if num_heads % num_kv_heads != 0:
@@ -53,6 +56,8 @@ def main(argv=None):
     g.add_argument("--layer-lambdas", type=int, default=1, choices=[0, 1], help="learned residual and x0 scalars per layer")
     g.add_argument("--window-pattern", default="L", help="attention windows tiled over the layers, the last always L: "
                    "L = full, S = sequence_len // 4 keys (SSSL saves FLOPs only where a kernel skips the masked keys)")
+    g.add_argument("--fp8", type=int, default=0, choices=[0, 1], help="the blocks' matmuls in fp8 (torch._scaled_mm: "
+                   "Hopper's fast path, emulated slowly elsewhere); the weights and checkpoints stay as they are")
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="your corpus: file, folder or glob of .txt/.jsonl/.parquet "
                                                 "(default: the downloaded FineWeb-Edu shards)")
@@ -82,6 +87,7 @@ def main(argv=None):
     with torch.device("meta"):
         orig_model = GPT(config)
     orig_model.to_empty(device=device).init_weights()
+    use_fp8(orig_model, bool(args.fp8))  # the blocks' linears; lm_head stays bf16: the logits want the precision
     model = training.maybe_compile(orig_model, args, device, dynamic=False)  # optimizer and checkpoints see orig_model
     # the parameters set the token budget below, the FLOPs per token the MFU of the progress line
     # (the value-embedding tables are lookups, no FLOPs: the token budget counts the rest, as before they existed)

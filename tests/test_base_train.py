@@ -167,6 +167,7 @@ def test_bad_input_fails_before_training(base_dir, tmp_path):
         (["--data", str(bad)], "x.jsonl:2"),
         (["--data", str(tmp_path / "nothing_here")], "nothing_here"),
         (["--data", str(base_dir / "corpus"), "--depth", "3", "--head-dim", "64"], "--head-dim"),
+        (["--data", str(base_dir / "corpus"), "--window-pattern", "SXL"], "--window-pattern"),
     ]
     for extra, expected in cases:
         proc = run_script(base_dir, TINY + ["--num-iterations", "2"] + extra, timeout=120)
@@ -175,6 +176,21 @@ def test_bad_input_fails_before_training(base_dir, tmp_path):
         assert expected in out, out[-2000:]
         assert "base step" not in out  # failed before the first step
         assert "Traceback" not in out
+
+def test_fp8_trains_like_bf16_and_saves_the_same_checkpoint(base_dir, monkeypatch):
+    """--fp8 1 on CPU (torch._scaled_mm runs there too): the same losses within fp8's error, a checkpoint like any."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    from scripts import base_train
+    losses = {}
+    for fp8 in ("0", "1"):
+        trainer = base_train.main(TINY + ["--data", str(base_dir / "corpus"), "--num-iterations", "8",
+                                          "--eval-every", "-1", "--model-tag", f"fp8_{fp8}", "--fp8", fp8])
+        losses[fp8] = [loss for _, loss in trainer.history]
+    assert losses["1"][-1] < 0.9 * losses["1"][0]
+    assert all(abs(a - b) < 0.03 * b for a, b in zip(losses["1"], losses["0"])), losses
+    from nanochat.checkpoint_manager import load_model
+    model = load_model("base", "cpu", "eval", model_tag="fp8_1")[0]
+    assert not any(getattr(m, "fp8", False) for m in model.modules())  # a plain model once loaded
 
 def test_default_eval_is_one_pass_over_a_small_validation_split(base_dir, monkeypatch, capsys):
     """With the default --eval-tokens (10.5M), a small corpus's validation split is read once per

@@ -3,6 +3,7 @@ script cannot rot between the rare runs on a GPU; without CUDA and without --dry
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # every row of the table, and what the dry run must report there (the SDPA kernels are CUDA's only)
 EXPECTED = {"1-2 compile, plain path": "PASS", "1-2 compile, fused path": "PASS",
             "3 train d1, compiled plain": "PASS", "3 train d1, eager fused": "PASS", "3 train d2, compiled plain": "PASS",
-            "4 largest batch d2": "PASS", "5 SFT, dynamic shapes": "PASS", "5 DPO, dynamic shapes": "PASS",
-            "6 decode, batch 1": "PASS", "6 decode, batch 8": "PASS", "7 SDPA flash/efficient vs math": "n/a",
-            "7 FA3 attention, fp8 matmuls": "n/a"}
+            "3 train d2, compiled fp8": "PASS", "4 largest batch d2": "PASS", "5 SFT, dynamic shapes": "PASS",
+            "5 DPO, dynamic shapes": "PASS", "6 decode, batch 1": "PASS", "6 decode, batch 8": "PASS",
+            "7 SDPA flash/efficient vs math": "n/a", "7 FA3 vs masked math, windows": "n/a", "7 fp8 matmul vs fp32": "PASS"}
 
 def run_check(*args):
     return subprocess.run([sys.executable, "-m", "dev.gpu_check", *args], cwd=ROOT, capture_output=True, text=True,
@@ -40,3 +41,16 @@ def test_dry_run_passes_every_row():
 def test_without_cuda_it_asks_for_the_dry_run():
     out = run_check()
     assert out.returncode != 0 and "--dry-run" in out.stderr and "no CUDA device" in out.stderr
+
+def test_the_fa3_check_passes_on_fa3s_semantics_and_fails_on_a_wrong_window(monkeypatch):
+    """FA3 runs on Hopper only: here its documented semantics in maths (tests/test_hopper.py) stand in for the
+    kernel, so that the check's own code runs, and a kernel off by one key in the window must FAIL it."""
+    from dev import gpu_check
+    from tests.test_hopper import fa3_math
+    torch.set_num_threads(1)
+    monkeypatch.setattr(gpu_check, "flash_attn3", lambda: SimpleNamespace(flash_attn_func=fa3_math))
+    ok, detail = gpu_check.check_fa3(gpu_check.SHAPES["cpu"], torch.device("cpu"))
+    assert ok is True and "grads w16" in detail, detail
+    wider = lambda q, k, v, causal, window_size: fa3_math(q, k, v, causal, (window_size[0] + 1, 0))  # noqa: E731
+    monkeypatch.setattr(gpu_check, "flash_attn3", lambda: SimpleNamespace(flash_attn_func=wider))
+    assert gpu_check.check_fa3(gpu_check.SHAPES["cpu"], torch.device("cpu"))[0] is False
