@@ -8,6 +8,7 @@ while the books' falls, which makes its "tokens to old" noisy; the books' held-o
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -22,11 +23,12 @@ def run(depth, row, args, base_dir):
     """The (tokens, val bpb) curve and seconds of one base_train run."""
     batch = 16 * args.seq_len
     steps = args.tokens // batch
-    val = f"--val-data {args.data}/pretrain/val" if args.val == "wikitext" else ""
-    cmd = [sys.executable, "-m", "scripts.base_train", *f"--depth {depth} --aspect-ratio 64 --head-dim 64 --max-seq-len "
-           f"{args.seq_len} --device cpu --data {args.data}/pretrain/train {val} --device-batch-size 16 --total-batch-size "
-           f"{batch} --num-iterations {steps} --eval-every {max(1, steps // 8)} --eval-tokens 65536 --warmup-ratio 0.02 "
-           f"--seed {args.seed} --model-tag bench_d{depth} --log-every 50 {ROWS[row]} {args.extra}".split()]
+    val = ["--val-data", f"{args.data}/pretrain/val"] if args.val == "wikitext" else []
+    cmd = [sys.executable, "-m", "scripts.base_train", "--data", f"{args.data}/pretrain/train", *val, *shlex.split(
+           f"--depth {depth} --aspect-ratio 64 --head-dim 64 --max-seq-len {args.seq_len} --device cpu "
+           f"--device-batch-size 16 --total-batch-size {batch} --num-iterations {steps} --eval-every {max(1, steps // 8)} "
+           f"--eval-tokens 65536 --warmup-ratio 0.02 --seed {args.seed} --model-tag bench_d{depth} --log-every 50 "
+           f"{ROWS[row]} {args.extra}")]
     t0 = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, NANOCHAT_BASE_DIR=base_dir))
     if out.returncode != 0:
