@@ -71,6 +71,8 @@ def main():
             print(f"{depth:>5} {row:>9} {at[quarter]:>8.4f} {at[half]:>8.4f} {final:>8.4f} "
                   f"{final - old_final if old_final else float('nan'):>+7.4f} "
                   f"{f'{reach / tokens:.2f}x' if reach else 'never':>13} {seconds:>5.0f}", flush=True)
+            # the whole curve too, so that runs made apart (one row each, in parallel) can be compared afterwards
+            print(f"      curve: {' '.join(f'{t}:{b:.4f}' for t, b in curve)}", flush=True)
 
 if __name__ == "__main__":
     main()
