@@ -2,8 +2,8 @@
 forward, loss and backward: no graph break, eager's loss and gradients. 3: training-step tok/s, MFU, peak memory at the
 speedrun's d12 and d20 (compiled plain path, real optimizer, device batch 32; eager fused path at d12). 4: the largest
 device batch at d20. 5: SFT and DPO under torch.compile(dynamic=True) over 4 padded lengths compile at most twice.
-6: KV-cache decoding at batch 1 and 8. 7: SDPA kernels vs math; FA3 (where present) vs masked math; the fp8 matmul
-vs fp32, and its speed against bf16's.
+6: KV-cache decoding at batch 1 and 8. 7: training's attention kernel (FA3 where present, else SDPA's) vs masked
+math; the fp8 matmul vs fp32, and its speed against bf16's.
     python -m dev.gpu_check             # CUDA; a python3 with torch, numpy, pyarrow, tiktoken, requests, tqdm will do
     python -m dev.gpu_check --dry-run   # CPU, tiny shapes, the same code: CI runs it so that it cannot rot
 Exit status 1 when a check FAILs ("n/a" is none). Lines start with the seconds so far: 7 inductor compiles take most."""
@@ -16,6 +16,7 @@ import traceback
 import torch
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.benchmark import Timer
 
 from nanochat.chat_data import StepBatches, collate_padded, scaled_token_loss
 from nanochat.common import HelpFormatter, compute_init, get_peak_flops, synchronize
@@ -145,59 +146,39 @@ def check_decode(s, model, tokenizer, rows):
     tok_s = generated / (time.perf_counter() - t0)
     return generated > 0, f"{tok_s:,.0f} tok/s ({generated} tokens, greedy, eager, d{model.config.n_layer})"
 
-def check_sdpa(device):
-    if device.type != "cuda":
+def timed_ms(fn):  # torch's Timer warms up and synchronises CUDA around its runs
+    return 1000 * Timer("fn()", globals={"fn": fn}).timeit(10).mean
+
+def check_attention(s, device):
+    """Training's attention kernel, FA3 where present, else SDPA's (flash for L, efficient for S), vs fp32 masked math."""
+    if (fa3 := flash_attn3()) is None and device.type != "cuda":
         return "n/a", "CUDA only"
-    q, k, v = (torch.randn(2, 8, 1024, 128, device=device).bfloat16() for _ in range(3))
-    with sdpa_kernel(SDPBackend.MATH):  # the reference: the math kernel in fp32, on the same bf16 inputs
-        reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-    errors = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        with sdpa_kernel(backend):
-            error = (torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) - reference).abs()
-        errors[backend.name.lower()] = (error / (SDPA_ATOL + LOSS_TOL * reference.abs())).max().item()
-    return all(e <= 1 for e in errors.values()), ", ".join(f"{n} {e:.2f}" for n, e in errors.items()) + \
-        f" of the tolerance {SDPA_ATOL:g} + {LOSS_TOL:g} |reference| (bf16, causal, T 1024, D 128)"
-
-def timed_ms(fn, device, reps=10):
-    fn()  # warm: lazy allocations, cuBLAS heuristics
-    synchronize(device.type)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    synchronize(device.type)
-    return 1000 * (time.perf_counter() - t0) / reps
-
-def check_fa3(s, device):
-    if (fa3 := flash_attn3()) is None:
-        return "n/a", "no FA3 here (it needs Hopper and the `kernels` package, the gpu extra): attention runs on SDPA"
     T, errors = s["seq"], {}
     q, k, v = (torch.randn(2, T, h, 128, device=device).bfloat16().requires_grad_() for h in (16, 8, 8))  # GQA
-    g = torch.randn_like(q)
+    g, pos = torch.randn_like(q), torch.arange(T, device=device)
+    masked = lambda q, k, v, mask: attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)  # noqa: E731
     for window in (T // 4, T):  # an S layer's and an L layer's, against our mask in fp32 math (B, H, T, D)
-        pos = torch.arange(T, device=device)
         mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
         with sdpa_kernel(SDPBackend.MATH):
-            ref = attention(*(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)
-        got = fa3_attention(fa3, q, k, v, window)
+            ref = masked(q.float(), k.float(), v.float(), mask)
+        got = fa3_attention(fa3, q, k, v, window) if fa3 else masked(q, k, v, None if window == T else mask)
         grads, ref_grads = (torch.autograd.grad(y, (q, k, v), g.to(y.dtype)) for y in (got, ref))
         errors[f"out w{window}"] = ((got - ref).abs() / (SDPA_ATOL + LOSS_TOL * ref.abs())).max().item()
         errors[f"grads w{window}"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)) / GRAD_TOL
-    sdpa = lambda: attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask).sum().backward()  # noqa: E731
-    ms = [timed_ms(f, device) for f in (lambda: fa3_attention(fa3, q, k, v, T // 4).sum().backward(), sdpa)]
+    ms = [timed_ms(lambda: f().sum().backward()) for f in (lambda: fa3_attention(fa3, q, k, v, T // 4),
+                                                           lambda: masked(q, k, v, mask))] if fa3 else [0, 0]
     return all(e <= 1 for e in errors.values()), ", ".join(f"{n} {e:.2f}" for n, e in errors.items()) + \
-        f" of tolerance; fwd+bwd at window {T // 4}: FA3 {ms[0]:.2f} ms, masked SDPA {ms[1]:.2f} ms (B 2, T {T}, GQA 16/8)"
+        f" of tolerance ({'FA3' if fa3 else 'SDPA, no FA3 here: it needs Hopper and the gpu extra'}; B 2, T {T}, " \
+        f"GQA 16/8)" + (f"; fwd+bwd at window {T // 4}: FA3 {ms[0]:.2f} ms, masked SDPA {ms[1]:.2f} ms" if fa3 else "")
 
 def check_fp8(s, device):
     M, K, N = (16384, 1536, 6144) if device.type == "cuda" else (256, 128, 512)  # d24's MLP up-projection
     x, w = torch.randn(M, K, device=device).bfloat16().requires_grad_(), torch.randn(N, K, device=device).requires_grad_()
-    g = torch.randn(M, N, device=device).bfloat16()
-    y = Fp8Matmul.apply(x, w)
-    grads = torch.autograd.grad(y, (x, w), g)
+    grads = torch.autograd.grad(y := Fp8Matmul.apply(x, w), (x, w), g := torch.randn(M, N, device=device).bfloat16())
     exact = [x.float() @ w.T, g.float() @ w, g.float().T @ x.float()]
     errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y, *grads], exact)]
     run = lambda f: lambda: torch.autograd.grad(f(x, w), (x, w), g)  # noqa: E731
-    ms = [timed_ms(run(f), device) for f in (Fp8Matmul.apply, lambda x, w: x @ w.bfloat16().T)]
+    ms = [timed_ms(run(f)) for f in (Fp8Matmul.apply, lambda x, w: x @ w.bfloat16().T)]
     return max(errors) < 0.08, (f"relative error vs fp32: out {errors[0]:.3f}, grad x {errors[1]:.3f}, grad w "
                                 f"{errors[2]:.3f} (< 0.08); fwd+bwd {M}x{K}x{N}: fp8 {ms[0]:.2f} ms, bf16 {ms[1]:.2f} ms")
 
@@ -254,8 +235,7 @@ def main():
     ranks = {bytes([i] if i < 256 else [i // 256 - 1, i % 256]): i for i in range(s["vocab"] - len(SPECIAL_TOKENS))}
     for rows in (1, 8):  # on row 3's last model
         check(f"6 decode, batch {rows}", check_decode, s, model, Tokenizer.from_ranks(ranks), rows)
-    check("7 SDPA flash/efficient vs math", check_sdpa, device)
-    check("7 FA3 vs masked math, windows", check_fa3, s, device)
+    check("7 attention kernel vs masked math", check_attention, s, device)
     check("7 fp8 matmul vs fp32", check_fp8, s, device)
     width = max(len(name) for name, *_ in ROWS)
     print("\n" + "\n".join(f"{a:<{width}} | {b:<6} | {c}" for a, b, c in [("check", "result", "detail")] + ROWS))

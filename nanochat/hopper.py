@@ -1,7 +1,6 @@
-"""Fast paths for Hopper GPUs, each beside a stock fallback it must match: Flash Attention 3 for training's causal and
-sliding-window attention (SDPA with a mask leaves its flash kernel, FA3 skips the masked keys), and fp8 matmuls for
-the blocks' linears (torch._scaled_mm: twice bf16's tensor-core rate on H100). tests/test_hopper.py checks both
-against references on CPU; dev/gpu_check checks them on the GPU."""
+"""Hopper's fast paths beside the stock ones they must match (tests/test_hopper.py on CPU, dev/gpu_check on the GPU):
+FA3 for training's causal and windowed attention (masked SDPA leaves its flash kernel, FA3 skips masked keys), and fp8
+matmuls for the blocks' linears (torch._scaled_mm: twice bf16's tensor-core rate on H100)."""
 import functools
 
 import torch
@@ -20,14 +19,10 @@ def flash_attn3():
         print0(f"Flash Attention 3 unavailable, attention runs on SDPA ({type(e).__name__}: {e})")
         return None
 
-def fa3_window(window, seq_len):
-    """Our window (query i sees keys i-window+1 .. i) as FA3's window_size (left, right): keys i-left .. i+right,
-    -1 = unbounded."""
-    return (window - 1 if window < seq_len else -1, 0)
-
 def fa3_attention(fa3, q, k, v, window):
     """Causal attention over (B, T, H, D) q and (B, T, Hkv, D) k, v, the layout and the GQA FA3 take natively."""
-    y = fa3.flash_attn_func(q, k, v, causal=True, window_size=fa3_window(window, q.size(1)))
+    # our window (query i sees keys i-window+1 .. i) as FA3's (left, right): keys i-left .. i+right, -1 unbounded
+    y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window - 1 if window < q.size(1) else -1, 0))
     return y[0] if isinstance(y, tuple) else y  # some builds also return the softmax's log-sum-exp
 
 def to_fp8(t, dtype):
@@ -37,9 +32,8 @@ def to_fp8(t, dtype):
     return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
 class Fp8Matmul(torch.autograd.Function):
-    """x @ w.T with x, w in e4m3 (3 mantissa bits) and the output gradient in e5m2 (2 bits, but the range
-    gradients need), each scaled per tensor from its current amax; products accumulate in fp32 inside _scaled_mm.
-    The fp8 x is what is saved for the backward: half of bf16's activation memory."""
+    """x @ w.T with x, w in e4m3 (3 mantissa bits), the output gradient in e5m2 (2 bits, the range gradients need),
+    each scaled per tensor by its amax; fp32 accumulation in _scaled_mm; the fp8 x saved: half bf16's memory."""
     @staticmethod
     def forward(ctx, x, w):
         x8, x_inv = to_fp8(x.reshape(-1, x.size(-1)), torch.float8_e4m3fn)

@@ -86,8 +86,7 @@ def hf_tokenizer_json(tokenizer):
 # The conversation format of Tokenizer.render_conversation, in Jinja: <|bos|>, a system message
 # folded into the first user turn, user turns, assistant turns (text, or parts with tool calls).
 CHAT_TEMPLATE = (
-    "{{- bos_token -}}{%- set ns = namespace(system='') -%}"
-    "{%- for message in messages -%}"
+    "{{- bos_token -}}{%- set ns = namespace(system='') -%}{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] + '\\n\\n' -%}"
     "{%- elif message['role'] == 'user' -%}"
     "{{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}{%- set ns.system = '' -%}"
@@ -96,10 +95,8 @@ CHAT_TEMPLATE = (
     "{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
     "{%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
-    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}{{- '<|assistant_end|>' -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}{{- '<|assistant_end|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
 )
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ EXPECTED = {"1-2 compile, plain path": "PASS", "1-2 compile, fused path": "PASS"
             "3 train d1, compiled plain": "PASS", "3 train d1, eager fused": "PASS", "3 train d2, compiled plain": "PASS",
             "3 train d2, compiled fp8": "PASS", "4 largest batch d2": "PASS", "5 SFT, dynamic shapes": "PASS",
             "5 DPO, dynamic shapes": "PASS", "6 decode, batch 1": "PASS", "6 decode, batch 8": "PASS",
-            "7 SDPA flash/efficient vs math": "n/a", "7 FA3 vs masked math, windows": "n/a", "7 fp8 matmul vs fp32": "PASS"}
+            "7 attention kernel vs masked math": "n/a", "7 fp8 matmul vs fp32": "PASS"}
 
 def run_check(*args):
     return subprocess.run([sys.executable, "-m", "dev.gpu_check", *args], cwd=ROOT, capture_output=True, text=True,
@@ -49,8 +49,8 @@ def test_the_fa3_check_passes_on_fa3s_semantics_and_fails_on_a_wrong_window(monk
     from tests.test_hopper import fa3_math
     torch.set_num_threads(1)
     monkeypatch.setattr(gpu_check, "flash_attn3", lambda: SimpleNamespace(flash_attn_func=fa3_math))
-    ok, detail = gpu_check.check_fa3(gpu_check.SHAPES["cpu"], torch.device("cpu"))
+    ok, detail = gpu_check.check_attention(gpu_check.SHAPES["cpu"], torch.device("cpu"))
     assert ok is True and "grads w16" in detail, detail
     wider = lambda q, k, v, causal, window_size: fa3_math(q, k, v, causal, (window_size[0] + 1, 0))  # noqa: E731
     monkeypatch.setattr(gpu_check, "flash_attn3", lambda: SimpleNamespace(flash_attn_func=wider))
-    assert gpu_check.check_fa3(gpu_check.SHAPES["cpu"], torch.device("cpu"))[0] is False
+    assert gpu_check.check_attention(gpu_check.SHAPES["cpu"], torch.device("cpu"))[0] is False
