@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.fused import RMSNorm, ReLUSquared, RotaryEmbedding, fused_by_default, linear_softcap_cross_entropy
-from nanochat.hopper import Linear, fa3_attention, flash_attn3
+from nanochat.hopper import FA3, Linear, fa3_attention
 from nanochat.optim import build_optimizer
 
 LOGIT_SOFTCAP = 15.0
@@ -102,7 +102,7 @@ class CausalSelfAttention(nn.Module):
             v = v + (gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)).to(v.dtype)
         q, k = ops.norm(ops.rotary(q, *cos_sin)), ops.norm(ops.rotary(k, *cos_sin))
         q, k = q.to(v.dtype), k.to(v.dtype)  # no-op unless an autocast policy ran rms_norm in fp32
-        if kv_cache is None and positions is None and q.is_cuda and q.dtype == torch.bfloat16 and (fa3 := flash_attn3()):
+        if kv_cache is None and positions is None and q.is_cuda and q.dtype == torch.bfloat16 and (fa3 := FA3):
             return self.c_proj(fa3_attention(fa3, q, k, v, self.window).reshape(B, T, C))  # training on Hopper
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:

@@ -1,13 +1,10 @@
 """Hopper's fast paths beside the stock ones they must match (tests/test_hopper.py on CPU, dev/gpu_check on the GPU):
 FA3 for training's causal and windowed attention (masked SDPA leaves its flash kernel, FA3 skips masked keys), and fp8
 matmuls for the blocks' linears (torch._scaled_mm: twice bf16's tensor-core rate on H100)."""
-import functools
-
 import torch
 
 from nanochat.common import print0
 
-@functools.cache
 def flash_attn3():
     """FA3's interface on a Hopper GPU with the `kernels` package (the `gpu` extra), else None: SDPA serves."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
@@ -18,6 +15,8 @@ def flash_attn3():
     except Exception as e:  # not installed, offline with an empty cache, no build for this torch: say so once
         print0(f"Flash Attention 3 unavailable, attention runs on SDPA ({type(e).__name__}: {e})")
         return None
+
+FA3 = flash_attn3()  # resolved once, at import: torch.compile then sees a constant, never the loading code
 
 def fa3_attention(fa3, q, k, v, window):
     """Causal attention over (B, T, H, D) q and (B, T, Hkv, D) k, v, the layout and the GQA FA3 take natively."""
