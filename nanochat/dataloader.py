@@ -13,7 +13,7 @@ from nanochat.common import DataError, HelpFormatter, exit_on, get_dist_info, pr
 from nanochat.dataset import Corpus
 from nanochat.tokenizer import get_tokenizer
 
-STATE_VERSION = 2  # 2: ranks read stripes of the files (no running document count in the cursor)
+STATE_VERSION = 3  # 2: ranks read stripes of the files; 3: a shuffled corpus interleaves its files
 WARN_CROPPED = 0.25  # data_budget warns if more than this fraction of the tokens read is cropped away
 
 # Every row starts with a whole document (<|bos|> first) and is packed best-fit, without padding.

@@ -5,6 +5,7 @@
 import argparse
 import glob
 import hashlib
+import heapq
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ import random
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from fractions import Fraction
 from typing import NamedTuple
 
 import pyarrow.parquet as pq
@@ -85,6 +87,8 @@ def download_shards(indices, num_workers=4, **kwargs):
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 # ~1k tokens: a .txt book becomes a run of long contiguous passages that fit a training row
 TXT_DOC_CHARS = 4000
+# a shuffled corpus is read this many files at a time, interleaved: few enough open files and decoded row groups
+MIX_FILES = 16
 _SPACES = re.compile(" *")
 
 def _cut_long_line(line, max_chars):
@@ -317,23 +321,40 @@ class Corpus:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
     def iter_documents(self, split, rank=0, world_size=1, start=None, num_epochs=None):
-        """Yield (text, DocPosition) of this rank's `split`, num_epochs times (None: forever), from a resume_point()."""
+        """Yield (text, DocPosition) of this rank's `split`, num_epochs times (None: forever), from a resume_point().
+        An epoch is read file after file, or, for a shuffled train split, MIX_FILES files at a time interleaved at an
+        even pace, so that every stretch of training sees all of them (a folder of books read book after book would
+        end training on the last book, and the model would be that book's)."""
         epoch, order_start, doc_start = (start["epoch"], start["order"], start["doc"]) if start else (0, 0, 0)
         while num_epochs is None or epoch < num_epochs:
             found = doc_start > 0  # a resumed epoch starts right after one of this rank's documents
-            for order, file_index in itertools.islice(enumerate(self.file_order(split, epoch)), order_start, None):
-                first = doc_start if order == order_start else 0
-                # rank r reads only its stripe of each file: the documents (row groups of a .parquet) g with
-                # (g + order) % world_size == r; the offset spreads files with fewer row groups than ranks
-                stripe = ((rank - order) % world_size, world_size)
-                for doc_index, text in read_documents(self.files[file_index].path, self.txt_doc_chars, first, stripe):
+            order = list(enumerate(self.file_order(split, epoch)))
+            group = MIX_FILES if self.shuffle and split == "train" else 1
+            # the cursor: right after document doc_start - 1 of the file at order_start, which has m documents
+            m = max(1, self.files[order[order_start][1]].num_docs)
+            for group_start in range(order_start // group * group, len(order), group):
+                streams = []
+                for o, file_index in order[group_start:group_start + group]:
+                    n = self.files[file_index].num_docs
+                    # resuming, a file of the cursor's group starts at its first document e whose merge key (2e+1)/2n
+                    # is past the cursor's (2d+1)/2m (in integers; ties go to the earlier file), later groups at 0
+                    x, later = (2 * doc_start - 1) * n - m, o > order_start
+                    first = 0 if group_start > order_start else max(0, -(-x // (2 * m)) if later else x // (2 * m) + 1)
+                    # rank r reads only its stripe of each file: the documents (row groups of a .parquet) g with
+                    # (g + order) % world_size == r; the offset spreads files with fewer row groups than ranks
+                    streams.append(self._keyed(o, file_index, n, first, ((rank - o) % world_size, world_size)))
+                for _, o, file_index, doc_index, text in heapq.merge(*streams):
                     if self.in_split(file_index, doc_index, split):
                         found = True
-                        yield text, DocPosition(epoch, order, file_index, doc_index)
+                        yield text, DocPosition(epoch, o, file_index, doc_index)
             if not found:
                 raise DataError(f"the {split} split has no documents" + (f" for rank {rank} of {world_size}: use "
                                 f"fewer ranks or more data" if world_size > 1 else ""))
             epoch, order_start, doc_start = epoch + 1, 0, 0
+    def _keyed(self, o, file_index, n, first, stripe):
+        for d, text in read_documents(self.files[file_index].path, self.txt_doc_chars, first, stripe):
+            # the merge key first: how far through its file a document is (its middle), then the file's order (unique)
+            yield Fraction(2 * d + 1, 2 * n), o, file_index, d, text
     def fetch_documents(self, refs):
         """Texts of documents given as (file_index, doc_index) pairs, in the same order."""
         found = {}

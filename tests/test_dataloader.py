@@ -107,7 +107,7 @@ def test_resume_refuses_different_settings(corpus, tiny_tokenizer):
         next(tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 2, 32, "val", data=corpus, resume_state_dict=state))
     # a state of the version 1 loader (ranks dealt by a running count) cannot resume this one
     old = dict(state, version=1, cursor=dict(state["cursor"], count=7))
-    with pytest.raises(DataError, match=r"different settings, data or format: version=1 \(now 2\)"):
+    with pytest.raises(DataError, match=r"different settings, data or format: version=1 \(now 3\)"):
         next(tokenizing_distributed_data_loader_with_state(tiny_tokenizer, 2, 32, "train", data=corpus, resume_state_dict=old))
 
 def set_rank(monkeypatch, rank, world_size):

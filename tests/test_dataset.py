@@ -345,8 +345,15 @@ def striped_corpus(root):
     (root / "c.txt").write_text("\n\n".join(f"c {i}" for i in range(7)) + "\n")
     return Corpus(str(root), txt_doc_chars=4, val_fraction=0.1)
 
-@pytest.mark.parametrize("make", [lambda root: Corpus(str(numbered_corpus(root)), val_fraction=0.1), striped_corpus],
-                         ids=["jsonl", "parquet+txt"])
+def uneven_corpus(root, val_fraction=0.1):
+    """20 files of 1..39 documents: two groups of interleaved files (MIX_FILES = 16)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for f in range(20):
+        (root / f"part{f:02d}.jsonl").write_text("".join(json.dumps({"text": f"{f} {d}"}) + "\n" for d in range(1 + 2 * f)))
+    return Corpus(str(root), val_fraction=val_fraction)
+
+@pytest.mark.parametrize("make", [lambda root: Corpus(str(numbered_corpus(root)), val_fraction=0.1), striped_corpus,
+                                  uneven_corpus], ids=["jsonl", "parquet+txt", "uneven"])
 def test_resume_from_any_position_is_exact(tmp_path, make):
     corpus = make(tmp_path)
     reference = list(corpus.iter_documents("train", rank=1, world_size=2, num_epochs=3))
@@ -355,6 +362,23 @@ def test_resume_from_any_position_is_exact(tmp_path, make):
         resumed = corpus.iter_documents("train", rank=1, world_size=2, num_epochs=3,
                                         start=json.loads(json.dumps(reference[k][1].resume_point())))
         assert list(resumed) == reference[k + 1:]
+
+def test_a_shuffled_corpus_interleaves_its_files_at_an_even_pace(tmp_path):
+    corpus = uneven_corpus(tmp_path, val_fraction=0)
+    for epoch in range(2):
+        docs = [(p.order, p.file, p.doc) for _, p in corpus.iter_documents("train", start={"epoch": epoch, "order": 0,
+                                                                                           "doc": 0}, num_epochs=epoch + 1)]
+        assert sorted((f, d) for _, f, d in docs) == sorted((i, d) for i, f in enumerate(corpus.files)
+                                                            for d in range(f.num_docs) if corpus.in_split(i, d, "train"))
+        # the first 16 files of this epoch's order come first, mixed: each is a quarter through by a quarter of the way
+        first, second = [x for x in docs if x[0] < 16], [x for x in docs if x[0] >= 16]
+        assert docs == first + second
+        quarter = first[:len(first) // 4]
+        for i in {f for _, f, _ in first}:
+            n = corpus.files[i].num_docs
+            assert abs(sum(f == i for _, f, _ in quarter) - n / 4) <= 1, (i, n)
+    # a new order of the files every epoch
+    assert corpus.file_order("train", 0) != corpus.file_order("train", 1)
 
 def test_a_rank_decodes_only_its_own_row_groups(tmp_path, monkeypatch):
     striped_corpus(tmp_path)
