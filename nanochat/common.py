@@ -5,7 +5,6 @@ import contextlib
 import logging
 import os
 import random
-import sys
 import tempfile
 import types
 
@@ -15,8 +14,7 @@ import torch.distributed as dist
 # -----------------------------------------------------------------------------
 # Logging and printing
 def setup_logging(level=logging.INFO):
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 logger = logging.getLogger("nanochat")
 

@@ -122,8 +122,7 @@ class CausalSelfAttention(nn.Module):
         assert mask is not None or Tq in (1, Tk), "a chunk after a cached prefix needs per-row positions"
         # if/else, not a bare Tq == Tk: under torch.compile(dynamic=True) that is a symbolic bool, which SDPA refuses
         y = attention(q, k, v, is_causal=True if mask is None and Tq == Tk else False, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):
     def __init__(self, config):

@@ -9,9 +9,7 @@ import math
 import os
 import platform
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 from nanochat.common import HelpFormatter, atomic_write, get_base_dir, get_rank
@@ -73,9 +71,9 @@ def environment():
     env = {"git_branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo) or "-",
            "git_commit": (commit + (" (dirty)" if dirty else "")) if commit else "- (not a git checkout)",
            "git_message": _run(["git", "log", "-1", "--format=%s"], repo)[:80] or "-",  # its subject, cut short
-           "hostname": socket.gethostname(),
+           "hostname": platform.node(),
            "platform": f"{platform.system()} {platform.release()} ({platform.machine()})", "cpus": os.cpu_count(),
-           "memory": _memory_gb(), "python": sys.version.split()[0], "torch": torch.__version__}
+           "memory": _memory_gb(), "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
         count, props = torch.cuda.device_count(), torch.cuda.get_device_properties(0)
         # gpu_count is what the cost estimate multiplies the wall clock time by

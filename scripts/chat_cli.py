@@ -2,7 +2,6 @@
 Usage: python -m scripts.chat_cli (the latest SFT model), or -p "Why is the sky blue?" for one answer, then exit."""
 import argparse
 import contextlib
-import sys
 
 from nanochat.checkpoint_manager import add_checkpoint_args, load_model
 from nanochat.common import HelpFormatter, autodetect_device_type, exit_on
@@ -81,4 +80,4 @@ def main(argv=None):
         history = tokens + generated + ([] if generated[-1:] == [assistant_end] else [assistant_end])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,20 +1,14 @@
 """How well does our tokenizer compress? Bytes per token on varied texts, beside GPT-2's and GPT-4's.
     python -m scripts.tok_eval [--text-file my_domain.txt ...]"""
 import argparse
-import os
 import re
+from pathlib import Path
 
 from nanochat.common import HelpFormatter
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 # the texts measured by default: prose, code, math and three other languages (edit them there, or add yours)
-SAMPLES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tok_eval_samples.txt")
-
-def read_samples(path=SAMPLES_FILE):
-    """{name: text} of a file of `=== name ===` sections (lines before the first one are notes)."""
-    with open(path, encoding="utf-8") as f:
-        parts = re.split(r"^=== (.+) ===\n", f.read(), flags=re.M)
-    return {name: text.removesuffix("\n") for name, text in zip(parts[1::2], parts[2::2])}
+SAMPLES_FILE = Path(__file__).resolve().with_name("tok_eval_samples.txt")
 
 # the bytes of a text, then for each tokenizer its tokens and bytes per token (higher: compresses better);
 # the name column is as wide as the longest name: a name cut short could be any of several files
@@ -29,7 +23,9 @@ def main(argv=None):
     parser.add_argument("--no-stock", action="store_true", help="skip the GPT-2 / GPT-4 comparison columns")
     args = parser.parse_args(argv)
     contenders = [("ours", Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer())]
-    samples = read_samples()
+    # {name: text} of the file's `=== name ===` sections (lines before the first one are notes)
+    parts = re.split(r"^=== (.+) ===\n", SAMPLES_FILE.read_text(encoding="utf-8"), flags=re.M)
+    samples = {name: text.removesuffix("\n") for name, text in zip(parts[1::2], parts[2::2])}
     for path in args.text_file:
         # errors="replace": a stray bad byte in your file should not stop the measurement
         with open(path, encoding="utf-8", errors="replace") as f:

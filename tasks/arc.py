@@ -1,7 +1,7 @@
 """ARC (AI2 Reasoning Challenge): grade-school science multiple-choice questions, CC BY-SA 4.0, from
 allenai/ai2_arc. Offline, a jsonl of {"question", "choices": [str], "answer": int, "answer_letter"?}:
     ARC("easy", "test", data_path=f"{DATA}/eval/arc_easy.jsonl")   # or arc_challenge.jsonl"""
-from tasks.common import MultipleChoiceTask, RecordError, data_paths_or_download, multiple_choice_conversation
+from tasks.common import MultipleChoiceTask, RecordError, multiple_choice_conversation
 
 HF_REPO = "allenai/ai2_arc"
 # a spec's variant word -> its folder in allenai/ai2_arc
@@ -27,6 +27,5 @@ class ARC(MultipleChoiceTask):
         if variant not in ARC_VARIANTS:
             raise ValueError(f"ARC variant must be one of {tuple(ARC_VARIANTS)}, got {variant!r}")
         hf_files = {name: [f"{ARC_VARIANTS[variant]}/{name}-00000-of-00001.parquet"] for name in ARC_SPLITS}
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, hf_files, split, skip_bad, "ARC")
-        super().__init__(paths, arc_conversation, skip_bad=skip_bad, **slice_kwargs)
-        self.variant, self.split = variant, split
+        super().__init__(split, data_path, HF_REPO, hf_files, arc_conversation, skip_bad, **slice_kwargs)
+        self.variant = variant

@@ -201,11 +201,7 @@ class ChatLog(Task):
         if not me or not all(re.fullmatch(r"me=.+|gap=\d+(\.\d+)?|speaker_names", w) for w in words):
             raise ValueError(f"chatlog:{path}: expected me=NAME[:gap=MINUTES][:speaker_names], got {words}")
         records = convert([path], me, float(gaps[-1]) if gaps else 60.0, "speaker_names" in words)[0]
-        self.conversations = [chat_record_to_conversation(record) for record in records]
-    def num_examples(self):
-        return len(self.conversations)
-    def get_example(self, index):
-        return self.conversations[index]
+        self.items = [chat_record_to_conversation(record) for record in records]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Chat exports to conversations, you the assistant (tasks/chatlog.py)",

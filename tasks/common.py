@@ -25,11 +25,11 @@ class Task:
                              "(need 0 <= start <= stop and step >= 1)")
         self.start, self.stop, self.step = start, stop, step
 
-    # what subclasses provide; an evaluation task also sets eval_type and implements evaluate()
+    # the examples: self.items, or a subclass's own; an evaluation task also sets eval_type and implements evaluate()
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.items)
     def get_example(self, index):
-        raise NotImplementedError
+        return self.items[index]
     @property
     def eval_type(self):
         """'categorical' (answer is one of conversation['letters']) or 'generative' (free text)."""
@@ -179,14 +179,15 @@ class RecordTask(Task):
     def get_example(self, index):
         return self.convert(self.records[self.indices[index]])
 
-def data_paths_or_download(data_path, repo_id, split_files, split, skip_bad=None, task="task"):
-    """(paths, skip_bad): the user's local file(s), else the split's default Hugging Face files, split_files[split]."""
-    if split not in split_files:
-        raise ValueError(f"{task} split must be one of {tuple(split_files)}, got {split!r}")
-    if data_path is not None:
-        return data_path, bool(skip_bad)
-    # skip_bad=None: bad records are an error in your files, left out (warned) of a download you cannot fix
-    return [hf_dataset_file(repo_id, name) for name in split_files[split]], True if skip_bad is None else skip_bad
+class HubTask(RecordTask):
+    """A split of a Hugging Face dataset: the user's local file(s) data_path, else its files split_files[split]."""
+    def __init__(self, split, data_path, repo_id, split_files, convert, skip_bad=None, **kwargs):
+        if split not in split_files:
+            raise ValueError(f"{type(self).__name__} split must be one of {tuple(split_files)}, got {split!r}")
+        paths = [hf_dataset_file(repo_id, name) for name in split_files[split]] if data_path is None else data_path
+        # skip_bad=None: bad records are an error in your files, left out (warned) of a download you cannot fix
+        super().__init__(paths, convert, skip_bad=(data_path is None) if skip_bad is None else skip_bad, **kwargs)
+        self.split, self.paths = split, paths
 
 # -----------------------------------------------------------------------------
 # The chat record formats
@@ -246,7 +247,7 @@ def first_letter(completion, letters):
     letter = match.group(1).upper() if (match := re.match(r"\s*\(?([A-Za-z])(?![A-Za-z])", completion)) else None
     return letter if letter in letters else None
 
-class MultipleChoiceTask(RecordTask):
+class MultipleChoiceTask(HubTask):
     eval_type = "categorical"
     def evaluate(self, conversation, completion):
         # the reference answer is the assistant's letter

@@ -170,13 +170,6 @@ def conversations_from_run(run, max_turns, report):
     report["utterances unpaired (same speaker twice, or a lone line)"] += n - i
     return convs
 
-# why a conversation (its message texts) is left out, or None to keep it
-def drop_reason(texts, options, seen):
-    return ("too short" if any(len(t) < options.min_chars for t in texts) else
-            "too long" if any(len(t) > options.max_chars for t in texts) else
-            "not English" if options.lang == "en" and not is_english(" ".join(texts)) else
-            "duplicate" if tuple(texts) in seen else None)
-
 def extract(text, book, options, report=None, seen=None):
     """Conversations (records) from one book's text; counts go to `report` (a Counter)."""
     report, seen = Counter() if report is None else report, set() if seen is None else seen
@@ -189,7 +182,12 @@ def extract(text, book, options, report=None, seen=None):
     for conv in (conv for run in runs for conv in conversations_from_run(run, options.max_turns, report)):
         report["conversations"] += 1
         texts = [u.text for u in conv]
-        if reason := drop_reason(texts, options, seen):
+        # why the conversation (its message texts) is left out, or None to keep it
+        reason = ("too short" if any(len(t) < options.min_chars for t in texts) else
+                  "too long" if any(len(t) > options.max_chars for t in texts) else
+                  "not English" if options.lang == "en" and not is_english(" ".join(texts)) else
+                  "duplicate" if tuple(texts) in seen else None)
+        if reason:
             report[f"conversations dropped: {reason}"] += 1
             continue
         seen.add(tuple(texts))
@@ -198,13 +196,6 @@ def extract(text, book, options, report=None, seen=None):
         records.append({"messages": messages, "source": {"book": book, "paragraph": conv[0].paragraph}})
         report["conversations kept"] += 1
     return records, report
-
-def format_report(report):
-    # the counts add up: every utterance and every conversation falls in exactly one line below its total
-    order = ["books", "paragraphs", "utterances", "utterances dropped: a thought", "utterances dropped: mostly narration",
-             "utterances unpaired (same speaker twice, or a lone line)", "utterances in conversations",
-             "conversations", "conversations kept"]
-    return "\n".join(f"  {k:<58} {report[k]:>8,}" for k in order + sorted(k for k in report if k not in order))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Turn the dialogue in plain-text books into user/assistant conversations.",
@@ -233,7 +224,12 @@ def main(argv=None):
         print(f"{path}: {len(book_records)} conversations")
         records += book_records
     atomic_write(args.out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    print(f"{format_report(report)}\nwrote {len(records)} conversations to {args.out}")
+    # the counts add up: every utterance and every conversation falls in exactly one line below its total
+    order = ["books", "paragraphs", "utterances", "utterances dropped: a thought", "utterances dropped: mostly narration",
+             "utterances unpaired (same speaker twice, or a lone line)", "utterances in conversations",
+             "conversations", "conversations kept"]
+    print("\n".join(f"  {k:<58} {report[k]:>8,}" for k in order + sorted(k for k in report if k not in order))
+          + f"\nwrote {len(records)} conversations to {args.out}")
     return report
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ offline, a jsonl of {"question", "answer"} or {"messages": [user, assistant]}:
 import math
 import re
 
-from tasks.common import RecordError, RecordTask, check_messages, data_paths_or_download, nonempty_str
+from tasks.common import HubTask, RecordError, check_messages, nonempty_str
 
 HF_REPO = "openai/gsm8k"
 HF_FILES = {"train": ["main/train-00000-of-00001.parquet"], "test": ["main/test-00000-of-00001.parquet"]}
@@ -53,12 +53,10 @@ def gsm8k_conversation(record):
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": solution_to_parts(solution)}]
     return {"messages": messages, "answer": answer}
 
-class GSM8K(RecordTask):
+class GSM8K(HubTask):
     eval_type = "generative"
     def __init__(self, split="train", data_path=None, skip_bad=None, **slice_kwargs):
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES, split, skip_bad, "GSM8K")
-        super().__init__(paths, gsm8k_conversation, skip_bad=skip_bad, **slice_kwargs)
-        self.split = split
+        super().__init__(split, data_path, HF_REPO, HF_FILES, gsm8k_conversation, skip_bad, **slice_kwargs)
     def evaluate(self, conversation, completion):
         predicted = extract_answer(completion)
         return float(predicted is not None and predicted == conversation["answer"])

@@ -4,7 +4,7 @@ tests (Chen et al., MIT licence), openai/openai_humaneval; evaluation only. Offl
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import RecordTask, data_paths_or_download, nonempty_str
+from tasks.common import HubTask, nonempty_str
 
 HF_REPO, HF_FILES = "openai/openai_humaneval", {"test": ["openai_humaneval/test-00000-of-00001.parquet"]}
 # a markdown code block, ```python or bare; an unclosed one runs to the end of the completion
@@ -29,11 +29,10 @@ def humaneval_program(conversation, completion):
     return (conversation["prompt"] + "\n" + extract_code(completion) + "\n\n"
             + conversation["test"] + f"\n\ncheck({conversation['entry_point']})\n")
 
-class HumanEval(RecordTask):
+class HumanEval(HubTask):
     eval_type = "generative"
     def __init__(self, split="test", data_path=None, timeout=10.0, skip_bad=None, **slice_kwargs):
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES, split, skip_bad, "HumanEval")
-        super().__init__(paths, humaneval_conversation, skip_bad=skip_bad, **slice_kwargs)
+        super().__init__(split, data_path, HF_REPO, HF_FILES, humaneval_conversation, skip_bad, **slice_kwargs)
         self.timeout = timeout
     def evaluate(self, conversation, completion):
         # model-written code runs in nanochat.execution's sandbox (a separate process, with limits)

@@ -9,7 +9,7 @@ from pathlib import Path
 from nanochat.common import HelpFormatter, atomic_write, exit_on
 from tasks.common import Task
 from tasks.customjson import CustomJSON
-from tasks.preferences import PreferenceList
+from tasks.preferences import preference_pair
 
 # A persona: {"name": "nanochat", "maker": "Ada Lovelace", "description": "a small chat model trained
 # from scratch on a single GPU node", "style": "friendly, honest and concise"}; name and maker required
@@ -99,9 +99,14 @@ def identity_preference_pairs(persona, n=500, seed=42):
                       "chosen": rng.choice(answers).format(**persona), "rejected": rng.choice(generic)})
     return pairs
 
-class IdentityPreferences(PreferenceList):
+class IdentityPreferences(Task):
+    """identity_preference_pairs as a task, each pair checked like a loaded one (tasks.preferences)."""
     def __init__(self, persona, n=500, seed=42, **slice_kwargs):
-        super().__init__(identity_preference_pairs(persona, n, seed), **slice_kwargs)
+        super().__init__(**slice_kwargs)
+        self.items = [preference_pair(item) for item in identity_preference_pairs(persona, n, seed)]
+    def get_example(self, index):
+        # copies: a caller that edits an item must not change the task
+        return {**self.items[index], "prompt_messages": [dict(m) for m in self.items[index]["prompt_messages"]]}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Make identity conversations (or DPO pairs) for a persona.",

@@ -1,7 +1,7 @@
 """MMLU: 57-subject multiple-choice exam questions (Hendrycks et al., MIT licence), from cais/mmlu.
 Offline, a jsonl of {"question", "choices": [str], "answer": int, "answer_letter"?, "subject"?}:
     MMLU("test", data_path=f"{DATA}/eval/mmlu_test_26subjects.jsonl")   # or mmlu_dev_fewshot.jsonl"""
-from tasks.common import MultipleChoiceTask, data_paths_or_download, multiple_choice_conversation
+from tasks.common import MultipleChoiceTask, multiple_choice_conversation
 
 HF_REPO = "cais/mmlu"
 # auxiliary_train (~100k questions from other MC datasets) is for training; dev (5 per subject),
@@ -18,10 +18,9 @@ def mmlu_conversation(record):
 
 class MMLU(MultipleChoiceTask):
     def __init__(self, split="test", subset="all", data_path=None, skip_bad=None, **slice_kwargs):
-        paths, skip_bad = data_paths_or_download(data_path, HF_REPO, HF_FILES, split, skip_bad, "MMLU")
         keep = None if subset == "all" else (lambda record, example: example["subject"] == subset)
-        super().__init__(paths, mmlu_conversation, keep=keep, skip_bad=skip_bad, **slice_kwargs)
+        super().__init__(split, data_path, HF_REPO, HF_FILES, mmlu_conversation, skip_bad, keep=keep, **slice_kwargs)
         if len(self.indices) == 0:
-            raise ValueError(f"MMLU: no questions with subject {subset!r} in {paths} "
+            raise ValueError(f"MMLU: no questions with subject {subset!r} in {self.paths} "
                              "(subset is 'all' or a subject name like 'college_biology')")
-        self.split, self.subset = split, subset
+        self.subset = subset

@@ -1,7 +1,7 @@
 """Preferences: pairs of replies to one prompt, one preferred, for DPO; by default UltraFeedback (MIT licence,
 ~61k train / 2k test prompts, the best of 4 GPT-4-rated replies chosen, a lower one rejected). Offline:
     Preferences(f"{DATA}/preference/hh_rlhf_harmless_base_test.jsonl", skip_bad=True)"""
-from tasks.common import RecordError, RecordTask, Task, check_messages, data_paths_or_download
+from tasks.common import HubTask, RecordError, check_messages
 
 HF_REPO = "HuggingFaceH4/ultrafeedback_binarized"
 HF_FILES = {"train": ["data/train_prefs-00000-of-00001.parquet"], "test": ["data/test_prefs-00000-of-00001.parquet"]}
@@ -43,21 +43,8 @@ def preference_pair(record):
         raise RecordError("rejected", "identical to chosen (a pair must differ to say anything)")
     return {"prompt_messages": prompt_messages, "chosen": chosen, "rejected": rejected}
 
-class Preferences(RecordTask):
+class Preferences(HubTask):
     def __init__(self, path=None, split="train", skip_bad=None, **slice_kwargs):
-        paths, skip_bad = data_paths_or_download(path, HF_REPO, HF_FILES, split, skip_bad, "Preferences")
         # UltraFeedback's other columns (scores, ids, the messages) are not needed: not read
         columns = ["prompt", "chosen", "rejected"] if path is None else None
-        super().__init__(paths, preference_pair, skip_bad=skip_bad, columns=columns, **slice_kwargs)
-        self.split = split
-
-class PreferenceList(Task):
-    """Preference items made in code (e.g. identity_preference_pairs), checked like loaded ones."""
-    def __init__(self, items, **slice_kwargs):
-        super().__init__(**slice_kwargs)
-        self.items = [preference_pair(item) for item in items]
-    def num_examples(self):
-        return len(self.items)
-    def get_example(self, index):
-        # copies: a caller that edits an item must not change the task
-        return {**self.items[index], "prompt_messages": [dict(m) for m in self.items[index]["prompt_messages"]]}
+        super().__init__(split, path, HF_REPO, HF_FILES, preference_pair, skip_bad, columns=columns, **slice_kwargs)
