@@ -19,6 +19,8 @@
 #   DEPTH, NPROC        GPU preset: model depth (default 24) and GPUs to use (default: all)
 #   RATIO               GPU preset: training tokens per parameter (default 8)
 #   FP8                 GPU preset: base_train's block matmuls in fp8 (default 1 from DEPTH=24, where it pays)
+#   WINDOWS             GPU preset: attention windows, SSSL or L (default SSSL where Flash Attention 3 loads, else L);
+#                       chosen at the first run and kept in $NANOCHAT_BASE_DIR/speedrun/windows, so a resume keeps it
 #   NANOCHAT_CORPUS     GPU preset: the pretraining shards, climbmix (default) or fineweb-edu
 #                       (ClimbMix: reported ~27 % faster to GPT-2 grade by nanochat's record run; not measured here)
 #   SKIP_SETUP=1        do not run dev/setup.sh (keep .venv, and the torch in it, as it is)
@@ -79,10 +81,13 @@ if [ "$PRESET" = "gpu" ]; then
     # 8xH100, aimed at the "time to GPT-2" yardstick (base CORE > 0.2565). d24: width 1536, 730M matmul
     # parameters (blocks 12·24·1536² = 680M, lm_head 50M) + 50M embedding (the 12 value-embedding tables, 604M
     # more, are lookups: not counted in the budget or the FLOPs). 8 tokens per parameter = 6.2B tokens of ClimbMix
-    # at 5.3 GFLOPs each (6·730M + attention 12·1536·24·2048) = 3.3e19 FLOPs: 2.6 h at an assumed 45 % MFU of
-    # 8×989 TFLOP/s, 2.1 h at 55 % (FA3 and fp8 are in, nanochat/hopper.py; no MFU measured on a GPU yet). nanochat's
-    # record, 1.65 h for ~2.9e19 FLOPs, runs at ~62 % with FA3 + fp8. Smaller budgets: DEPTH=20 (≈1.2e19, ~1 h),
-    # DEPTH=12 (≈1e18, ~5 min), each short of GPT-2 grade. Then mid, SFT, DPO and the evals (~30 min).
+    # at 4.8 GFLOPs each (6·730M + attention 12·1536·(6·2048 + 18·512) keys: the SSSL windows) = 3.0e19 FLOPs, the
+    # record's ~2.9e19. At 8×989 TFLOP/s that is 2.1 h at 50 % MFU (nanochat's bf16 d24 record of Jan 2026: 4.33e19
+    # FLOPs in 10,949 s), 1.9 h at 55 % (with fp8, nanochat/hopper.py; its fp8 d26 ran at ~60 %), 1.7 h at the July
+    # record's ~62 % (its 1.65 h). No MFU has been measured here on a GPU yet. Full attention (WINDOWS=L, where FA3
+    # is missing: SDPA's masked path computes the masked keys) is 3.3e19: 2.1 h at 55 %. Smaller budgets:
+    # DEPTH=20 (1.1e19, ~45 min), DEPTH=12 (8e17, ~5 min), each short of GPT-2 grade. Then mid, SFT, DPO and the
+    # evals (~30 min).
     DEPTH="${DEPTH:-24}"
     RATIO="${RATIO:-8}"
     export NANOCHAT_CORPUS="${NANOCHAT_CORPUS:-climbmix}"
@@ -110,8 +115,15 @@ if [ "$PRESET" = "gpu" ]; then
         $PY -m nanochat.dataset -n "$NUM_SHARDS"
     fi
 
+    # sliding windows on 3 of 4 layers: reported free in quality at GPU scale, and 10 % fewer FLOPs at d24, but only
+    # a kernel that skips the masked keys (FA3) turns that into time (the first FA3 load downloads the kernel)
+    if [ ! -f "$STATE/windows" ]; then
+        HAS_FA3=$($PY -c "from nanochat.hopper import FA3; print(int(FA3 is not None))" | tail -1)
+        echo "${WINDOWS:-$([ "$HAS_FA3" = 1 ] && echo SSSL || echo L)}" > "$STATE/windows"
+    fi
+    echo "attention windows: $(cat "$STATE/windows")"
     stage base_train $RUN -m scripts.base_train --depth "$DEPTH" --target-param-data-ratio "$RATIO" \
-        --device-batch-size 16 --fp8 "${FP8:-$(( DEPTH >= 24 ))}" --run "$WANDB_RUN" \
+        --window-pattern "$(cat "$STATE/windows")" --device-batch-size 16 --fp8 "${FP8:-$(( DEPTH >= 24 ))}" --run "$WANDB_RUN" \
         --save-every 1000 --keep-last "$KEEP_LAST" $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
     stage base_loss $RUN -m scripts.base_loss
     stage base_eval $RUN -m scripts.base_eval

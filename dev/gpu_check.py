@@ -23,13 +23,13 @@ from nanochat.common import HelpFormatter, compute_init, get_peak_flops, synchro
 from nanochat.dpo import collate_pairs, pair_losses, reference_logps
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig, attention
-from nanochat.hopper import Fp8Matmul, fa3_attention, flash_attn3, use_fp8
+from nanochat.hopper import FA3, Fp8Matmul, fa3_attention, flash_attn3, use_fp8
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # The speedrun's shapes (width 64 x depth, heads of 128) and the dry run's: only sizes differ; "small" (depth, width,
 # seq) serves rows 1-2 and 5. The dry run compiles with aot_eager (dynamo and AOT autograd, then eager kernels):
 # inductor's C++ builds take ~30 s a graph on 2 cores
-SHAPES = {"cuda": dict(depths=(12, 20), head_dim=128, seq=2048, vocab=65536, batch=32, small=(2, 512, 512),
+SHAPES = {"cuda": dict(depths=(12, 20), head_dim=128, seq=2048, vocab=32768, batch=32, small=(2, 512, 512),
                        backend="inductor", warmup=2, steps=5, new_tokens=128),
           "cpu": dict(depths=(1, 2), head_dim=32, seq=64, vocab=512, batch=2, small=(1, 128, 64),
                       backend="aot_eager", warmup=1, steps=2, new_tokens=16)}
@@ -39,13 +39,14 @@ LOSS_TOL, GRAD_TOL, SDPA_ATOL = 1.6e-2, 5e-2, 1e-2
 ROWS, START, SAID = [], time.time(), [time.time()]  # the table (check, result, detail); when we last said a word
 
 def build(s, device, depth, width=None, seq=None, fused=False):
-    """A GPT of the speedrun's proportions and base_train's switches on its plain path (compiled on CUDA)."""
+    """A GPT of the speedrun's proportions and its GPU preset's switches on the plain path (compiled on CUDA)."""
     torch._dynamo.reset()  # a fresh dynamo for each model: no graphs of the last one, no recompile limit reached
     gc.collect()  # and the memory of the last model back
     heads = (width := width or 64 * depth) // s["head_dim"]
     with torch.device("meta"):  # as base_train: allocated once, on the device
         model = GPT(GPTConfig(sequence_len=seq or s["seq"], vocab_size=s["vocab"], n_layer=depth, n_head=heads,
-                              n_kv_head=heads, n_embd=width, value_embeds=True, layer_lambdas=True))
+                              n_kv_head=heads, n_embd=width, value_embeds=True, layer_lambdas=True,
+                              window_pattern="SSSL" if FA3 else "L"))  # as speedrun's GPU preset picks them
     model.to_empty(device=device).init_weights()
     model.fused = fused
     return model

@@ -215,8 +215,8 @@ def resume(requested, checkpoint_dir, model, optimizer, meta, device):
     step = steps[-1]
     # each rank its own optimizer shard: a run resumes with the number of ranks it was saved with
     state, optimizer_state, saved = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=get_rank())
-    # refused when it was trained with other LoRA settings or on another base: it would "resume" a different run
-    for key in ("lora", "base"):
+    # refused if trained with other LoRA flags, base or model config (windows, seq len): it would "resume" another run
+    for key in ("lora", "base", "model_config"):
         if saved.get(key) != meta.get(key):
             hint = " (it holds LoRA adapters: resume with the same --lora-* flags)" if saved.get("lora") else ""
             raise SystemExit(f"--resume: {checkpoint_dir} step {step} was trained with {key} {saved.get(key)}, "

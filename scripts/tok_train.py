@@ -21,7 +21,7 @@ def text_iterator(data, chars_left, doc_cap):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, including the special tokens")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size, specials included (the record's)")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
     parser.add_argument("--data", default=None, help="your corpus: file, folder or glob (default: the shards)")

@@ -154,6 +154,11 @@ def test_sigkill_then_resume_continues_exactly(base_dir):
     for step in range(1, 17):
         loss = after.get(step, before.get(step))
         assert loss == pytest.approx(reference[step], abs=1e-6), (step, loss, reference[step])
+    # resuming as another model (other attention windows) is refused before any step, the folder left as it was
+    saved = sorted(p.name for p in ckpt.iterdir())
+    other = run_script(base_dir, args + ["--model-tag", "killed", "--resume", "--window-pattern", "SSSL"])
+    assert other.returncode != 0 and "was trained with model_config" in other.stderr, other.stderr[-2000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == saved
 
 def test_bad_input_fails_before_training(base_dir, tmp_path):
     empty = tmp_path / "empty"
