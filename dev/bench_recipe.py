@@ -14,11 +14,12 @@ import sys
 import tempfile
 import time
 
-OLD = "--value-embeds 0 --layer-lambdas 0 --muon-ns quintic --normuon-beta2 0 --muon-weight-decay 0 --warmdown-ratio 0.2"
+OLD = ("--value-embeds 0 --layer-lambdas 0 --muon-ns quintic --normuon-beta2 0 --muon-weight-decay 0 --warmdown-ratio 0.2 "
+       "--muon-momentum-final 0.95")
 # each row: the flags on top of base_train's defaults (the new recipe)
 ROWS = {"old": OLD, "new": "", "-ve": "--value-embeds 0", "-lambdas": "--layer-lambdas 0", "-polar": "--muon-ns quintic",
         "-normuon": "--normuon-beta2 0", "-wd": "--muon-weight-decay 0", "+sssl": "--window-pattern SSSL",
-        "-warmdown": "--warmdown-ratio 0.2"}
+        "-warmdown": "--warmdown-ratio 0.2", "-momentum": "--muon-momentum-final 0.95"}
 
 def run(depth, row, args, base_dir):
     """The (tokens, val bpb) curve and seconds of one base_train run."""

@@ -40,6 +40,7 @@ def add_training_flags(parser, model_tag_help="checkpoint sub-folder name (defau
     g.add_argument("--muon-ns", default="polar", choices=["polar", "quintic"],
                    help="Newton-Schulz coefficients: Polar Express (per step) or the fixed quintic of the first Muon")
     g.add_argument("--normuon-beta2", type=float, default=0.95, help="NorMuon's per-neuron second moment (0 = off)")
+    g.add_argument("--muon-momentum-final", type=float, default=0.95, help="Muon momentum at the end of the LR warmdown")
     g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR for the residual/x0 lambdas (if the model has them)")
     g.add_argument("--init-lr-frac", type=float, default=1.0, help="scale all LRs (e.g. lower for fine-tuning)")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
@@ -111,9 +112,11 @@ def set_schedule(optimizer, step, num_steps, args):
         if group["kind"] == "muon":
             # the weight decay goes linearly to 0: late in the run it would only undo the last, small updates
             group["weight_decay"] = args.muon_weight_decay * (1 - step / num_steps)
-            # momentum 0.85 -> 0.95 over the first 300 steps: the first, noisy updates stick less
-            frac = min(step / 300, 1.0)
-            group["momentum"] = (1 - frac) * 0.85 + frac * 0.95
+            # momentum 0.85 -> 0.95 over the first 300 steps (the first, noisy updates stick less), then linearly to
+            # --muon-momentum-final over the LR warmdown (base_train's 0.9, as nanochat's: a shorter memory as steps shrink)
+            frac, warmdown = min(step / 300, 1.0), round(args.warmdown_ratio * num_steps)
+            late = min(max(step - (num_steps - warmdown), 0) / max(warmdown, 1), 1.0)  # 0 -> 1 over the warmdown
+            group["momentum"] = (1 - frac) * 0.85 + frac * 0.95 + late * (args.muon_momentum_final - 0.95)
     return lrm
 
 def optimizer_step(model, optimizer, grad_clip):

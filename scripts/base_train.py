@@ -72,7 +72,7 @@ def main(argv=None):
     training.add_training_flags(parser)
     # -1: batch size from the token budget (batch_size_for_budget), the LRs scaled by sqrt(batch / 2^19) with it;
     # half the run in warmdown, as the public GPU-scale recipes do (d6 on CPU: -0.016 val bpb against 0.2)
-    parser.set_defaults(total_batch_size=-1, muon_weight_decay=0.2, warmdown_ratio=0.5)
+    parser.set_defaults(total_batch_size=-1, muon_weight_decay=0.2, warmdown_ratio=0.5, muon_momentum_final=0.9)
     args = parser.parse_args(argv)
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     # the vocabulary size comes from the trained tokenizer (scripts/tok_train.py)

@@ -63,6 +63,25 @@ def test_lr_schedule_ramps_the_right_way():
     assert lrm[70] > lrm[85] > lrm[99] >= 0.1  # warmdown goes down, towards final_lr_frac
     assert abs(lrm[99] - (0.1 + 0.9 / 30)) < 1e-9
 
+def test_muon_momentum_warms_up_then_down_in_the_warmdown():
+    """0.85 -> 0.95 over 300 steps, flat, then linearly to --muon-momentum-final over the LR warmdown (base_train's
+    0.9); the other stages' default keeps 0.95. The weight decay goes linearly to 0 alongside."""
+    from types import SimpleNamespace
+    from nanochat.training import set_schedule
+    group = {"kind": "muon", "initial_lr": 0.02}
+    optimizer = SimpleNamespace(param_groups=[group])
+    def momenta(final, n=1000, steps=(0, 150, 300, 499, 500, 750, 999)):
+        args = SimpleNamespace(warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0, muon_weight_decay=0.2,
+                               muon_momentum_final=final)
+        out = []
+        for step in steps:
+            set_schedule(optimizer, step, n, args)
+            out.append(group["momentum"])
+        return out
+    assert momenta(0.9) == pytest.approx([0.85, 0.90, 0.95, 0.95, 0.95, 0.925, 0.9001])
+    assert momenta(0.95) == pytest.approx([0.85, 0.90, 0.95, 0.95, 0.95, 0.95, 0.95])
+    assert group["weight_decay"] == pytest.approx(0.2 * 1 / 1000)
+
 def test_loss_falls_and_checkpoint_loads(base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
     from scripts import base_train
