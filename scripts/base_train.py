@@ -15,7 +15,7 @@ from nanochat.common import HelpFormatter, autocast_ctx, compute_init, exit_on, 
 from nanochat.dataloader import data_budget, tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import Corpus, DataError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.hopper import use_fp8
+from nanochat.hopper import FA3, use_fp8
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -89,6 +89,8 @@ def main(argv=None):
         orig_model = GPT(config)
     orig_model.to_empty(device=device).init_weights()
     use_fp8(orig_model, bool(args.fp8))  # the blocks' linears; lm_head stays bf16: the logits want the precision
+    if device.type == "cuda" and FA3 is None and "S" in args.window_pattern.upper():
+        print0("warning: windowed layers without FA3: SDPA's masked kernel computes every key (slower than L)")
     model = training.maybe_compile(orig_model, args, device, dynamic=False)  # optimizer and checkpoints see orig_model
     # the parameters set the token budget below, the FLOPs per token the MFU of the progress line
     # (the value-embedding tables are lookups, no FLOPs: the token budget counts the rest, as before they existed)
