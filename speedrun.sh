@@ -162,7 +162,8 @@ else
     # seeds 42/1/2, one thread, books read file after file as before 92cfd17: 4.46/4.31/4.40 here, 4.71/4.65 in 90 steps,
     # the old recipe 4.57/4.42/4.44 in 90; with the files interleaved: 4.23/4.18/4.22), and no Muon weight decay (at d4
     # it cost 0.017 val bpb in dev/bench_recipe.py; the GPU preset keeps 0.2), and the warmdown of 0.2 the card was
-    # measured with (base_train's 0.5 is not measured in 180 steps). base_train evaluates once, at the end, on
+    # measured with (base_train's 0.5 is not measured in 180 steps), so its Muon momentum too (no warmdown to 0.9,
+    # which came later). base_train evaluates once, at the end, on
     # 32k tokens (a quick look); the card's figure is base_loss's, on 65k (the first 32k alone read ~0.25 higher)
     TINY="--depth 4 --aspect-ratio 64 --head-dim 64 --max-seq-len 256 --device cpu --model-tag $TAG"
     if [ -f "$DATA/chat/gsm8k_train_chat.jsonl" ]; then
@@ -187,7 +188,7 @@ else
     stage base_train $PY -m scripts.base_train $TINY --data "$DATA/pretrain/train" \
         --val-data "$DATA/pretrain/val" --device-batch-size 16 --total-batch-size 4096 \
         --num-iterations 180 --eval-every -1 --eval-tokens 32768 --save-every 60 --warmup-ratio 0.02 \
-        --muon-weight-decay 0 --warmdown-ratio 0.2 \
+        --muon-weight-decay 0 --warmdown-ratio 0.2 --muon-momentum-final 0.95 \
         $(resume_if_started "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")
     stage base_loss $PY -m scripts.base_loss --model-tag $TAG --device cpu --split-tokens 65536
     stage base_eval $PY -m scripts.base_eval --model-tag $TAG --device cpu $EVAL --max-per-task 20
