@@ -87,7 +87,8 @@ if [ "$PRESET" = "gpu" ]; then
     # record's ~62 % (its 1.65 h). No MFU has been measured here on a GPU yet. Full attention (WINDOWS=L, where FA3
     # is missing: SDPA's masked path computes the masked keys) is 3.3e19: 2.1 h at 55 %. Smaller budgets:
     # DEPTH=20 (1.1e19, ~45 min), DEPTH=12 (8e17, ~5 min), each short of GPT-2 grade. Then mid, SFT, DPO and the
-    # evals (~30 min).
+    # evals (~30 min). The batch, LRs and weight decay come from the size (base_train's budget_rules, nanochat's
+    # public d12 tuning carried up): at d24 5,952 steps of 2^20 tokens, LRs × 1.41, Muon weight decay 0.069.
     DEPTH="${DEPTH:-24}"
     RATIO="${RATIO:-8}"
     export NANOCHAT_CORPUS="${NANOCHAT_CORPUS:-climbmix}"

@@ -38,11 +38,14 @@ def model_config_from_args(args, vocab_size):
                      n_kv_head=num_kv_heads, n_embd=model_dim, value_embeds=bool(args.value_embeds),
                      layer_lambdas=bool(args.layer_lambdas), window_pattern=args.window_pattern)
 
-def batch_size_for_budget(total_tokens, micro_batch_tokens):
-    """The compute-optimal batch for a run of total_tokens: B ∝ D^0.383 (the Power Lines fit, arXiv 2505.13738),
-    anchored at 2^19 tokens for 10B (about d20's Chinchilla budget), rounded to a power of 2 of micro-batches."""
-    ideal = 2 ** 19 * (total_tokens / 1e10) ** 0.383
-    return micro_batch_tokens * 2 ** max(0, round(math.log2(ideal / micro_batch_tokens)))
+def budget_rules(num_params, ref_params, micro_batch_tokens):
+    """The batch and LR and weight-decay factors for num_params by nanochat's public rules, tuned at d12 (ref_params,
+    a 2^19 batch; both at the same tokens per parameter: D/D_ref = num_params/ref_params): B ∝ D^0.383 (arXiv 2505.13738)
+    in micro-batches, LRs × √(B/2^19), weight decay × √(B/2^19)·D_ref/D to keep T_epoch = B/(η·λ·D) (arXiv 2405.13698)."""
+    size = num_params / ref_params
+    batch = micro_batch_tokens * 2 ** max(0, round(math.log2(2 ** 19 * size ** 0.383 / micro_batch_tokens)))
+    lr_scale = (batch / 2 ** 19) ** 0.5
+    return batch, lr_scale, lr_scale / size
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -70,9 +73,9 @@ def main(argv=None):
     g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (at most one pass over the validation split)")
     g.add_argument("--sample-every", type=int, default=-1, help="print samples every N steps (-1 = at the end only)")
     training.add_training_flags(parser)
-    # -1: batch size from the token budget (batch_size_for_budget), the LRs scaled by sqrt(batch / 2^19) with it;
+    # -1: the batch, LRs and weight decay from the model's size (budget_rules); an explicit batch keeps them as given;
     # half the run in warmdown, as the public GPU-scale recipes do (d6 on CPU: -0.016 val bpb against 0.2)
-    parser.set_defaults(total_batch_size=-1, muon_weight_decay=0.2, warmdown_ratio=0.5, muon_momentum_final=0.9)
+    parser.set_defaults(total_batch_size=-1, muon_weight_decay=0.28, warmdown_ratio=0.5, muon_momentum_final=0.9)
     args = parser.parse_args(argv)
     ddp, rank, _, world_size, device = compute_init(args.device, seed=args.seed)
     # the vocabulary size comes from the trained tokenizer (scripts/tok_train.py)
@@ -101,13 +104,13 @@ def main(argv=None):
     # How long: a token budget of --target-param-data-ratio tokens per parameter, in optimizer steps
     T, B = args.max_seq_len, args.device_batch_size
     if args.total_batch_size <= 0:
-        budget = args.target_param_data_ratio * num_params
-        args.total_batch_size = batch_size_for_budget(budget, B * T * world_size)
-        # Adam-type steps average over the batch: the LR that keeps the update noise constant grows as sqrt(B)
-        lr_scale = (args.total_batch_size / 2 ** 19) ** 0.5
+        # the reference is d12 (12 blocks of 12·dim², dim = 12 × aspect ratio, plus embedding and lm_head)
+        d12_params = 12 * 12 * (12 * args.aspect_ratio) ** 2 + 2 * config.vocab_size * 12 * args.aspect_ratio
+        args.total_batch_size, lr_scale, wd_scale = budget_rules(num_params, d12_params, B * T * world_size)
         for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
             setattr(args, name, getattr(args, name) * lr_scale)
-        print0(f"batch from the budget of {budget:.3g} tokens: {args.total_batch_size:,} tokens, LRs × {lr_scale:.3g}")
+        args.muon_weight_decay *= wd_scale  # 0.28 at d12 (nanochat's tuning), 0.07 at d24
+        print0(f"{num_params / d12_params:.3g}× d12: batch {args.total_batch_size:,}, LRs × {lr_scale:.3g}, Muon wd {args.muon_weight_decay:.3g}")
     optimizer = training.build_optimizer(args, orig_model)
     grad_accum = training.grad_accum_steps(args.total_batch_size, B * T * world_size,
                                            "--total-batch-size (device_batch_size × seq_len × world_size)")

@@ -245,3 +245,21 @@ def test_default_eval_is_one_pass_over_a_small_validation_split(base_dir, monkey
     # a small budget's tokens per parameter keep their digits: "(0.0142 per parameter)", not "(0.0 per parameter)"
     ratio = re.search(r"\(([\d.e-]+) per parameter\)", capsys.readouterr().out).group(1)
     assert float(ratio) > 0 and len(ratio.strip("0.")) >= 2
+
+def test_default_batch_lrs_and_weight_decay_come_from_the_size(base_dir, monkeypatch):
+    """--total-batch-size -1 (the default): budget_rules' batch, LRs and Muon weight decay reach the optimizer;
+    an explicit batch keeps the LRs and weight decay as given."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    from scripts import base_train
+    i = TINY.index("--total-batch-size")
+    common = TINY[:i] + TINY[i + 2:] + ["--data", str(base_dir / "corpus"), "--num-iterations", "1", "--eval-every",
+                                        "-1", "--compile", "0", "--model-tag", "budget", "--device-batch-size", "64"]
+    log = base_train.main(common)
+    d12 = 12 * 12 * (12 * 32) ** 2 + 2 * log.model.config.vocab_size * 12 * 32  # TINY's aspect ratio: 32
+    batch, lr_scale, wd_scale = base_train.budget_rules(log.meta["num_params"], d12, 64 * 64)
+    args = log.meta["user_config"]
+    assert args["total_batch_size"] == batch > 64 * 64  # several micro-batches: the size rule, not the floor
+    assert args["matrix_lr"] == pytest.approx(0.02 * lr_scale) and wd_scale > 1  # a model far below d12: more decay
+    assert args["muon_weight_decay"] == pytest.approx(0.28 * wd_scale)
+    given = base_train.main(common + ["--total-batch-size", "4096"]).meta["user_config"]
+    assert (given["matrix_lr"], given["muon_weight_decay"]) == (0.02, 0.28)

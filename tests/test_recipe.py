@@ -12,7 +12,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import MuonAdamW, newton_schulz
 from nanochat.tokenizer import Tokenizer
-from scripts.base_train import batch_size_for_budget
+from scripts.base_train import budget_rules
 from tests.reference_gpt import reference_loss
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -129,11 +129,21 @@ def test_groups_saved_before_the_upgrades_still_step():
     opt.step()
     assert torch.isfinite(p).all()
 
-def test_batch_size_grows_with_the_budget_as_a_power_of_two_of_micro_batches():
+def test_budget_rules_batch_lr_and_weight_decay_from_the_size():
     micro = 32 * 2048
-    assert batch_size_for_budget(1e10, micro) == 2 ** 19
-    sizes = [batch_size_for_budget(d, micro) for d in (1e8, 1e9, 1e10, 1e11, 1e12)]
-    assert sizes == sorted(sizes) and sizes[0] == micro and sizes[-1] > 2 ** 20
-    assert all(s % micro == 0 and (s // micro) & (s // micro - 1) == 0 for s in sizes)
-    # D^0.383: 100x the tokens is 100^0.383 = 5.8x the batch, rounded to a power of 2 (4x or 8x)
-    assert batch_size_for_budget(1e12, micro) // batch_size_for_budget(1e10, micro) in (4, 8)
+    assert budget_rules(1.0, 1.0, micro) == (2 ** 19, 1.0, 1.0)  # d12 is the reference: as tuned there
+    # d24 at vocab 32768 is 5.8x d12's parameters (base_train's count): 2^19 · 5.8^0.383 = 1.0M, a 2^20 batch;
+    # the LRs × √2, the weight decay × √2 / 5.8 (0.28 → 0.069)
+    d12, d24 = 12 * 12 * 768 ** 2 + 2 * 32768 * 768, 12 * 24 * 1536 ** 2 + 2 * 32768 * 1536
+    batch, lr_scale, wd_scale = budget_rules(d24, d12, micro)
+    assert batch == 2 ** 20 and lr_scale == pytest.approx(2 ** 0.5) and 0.28 * wd_scale == pytest.approx(0.0686, abs=1e-3)
+    sizes = [0.01, 0.1, 0.5, 1, 2, 6, 30, 100]
+    rules = [budget_rules(s, 1.0, micro) for s in sizes]
+    batches = [b for b, _, _ in rules]
+    assert batches == sorted(batches) and batches[0] == micro and batches[-1] > 2 ** 20
+    assert all(b % micro == 0 and (b // micro) & (b // micro - 1) == 0 for b in batches)
+    # D^0.383: 100x the size is 5.8x the batch, rounded to a power of 2 (4x or 8x)
+    assert budget_rules(100, 1, micro)[0] // 2 ** 19 in (4, 8)
+    # the T_epoch rule: B / (η·λ·D) the same at every size, whatever the rounding of B did (η, λ: the factors)
+    t_epochs = [b / (lr * wd * s) for (b, lr, wd), s in zip(rules, sizes)]
+    assert t_epochs == pytest.approx([2 ** 19] * len(sizes))
