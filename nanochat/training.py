@@ -218,12 +218,13 @@ def resume(requested, checkpoint_dir, model, optimizer, meta, device):
     step = steps[-1]
     # each rank its own optimizer shard: a run resumes with the number of ranks it was saved with
     state, optimizer_state, saved = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=get_rank())
-    # refused if trained with other LoRA flags, base or model config (windows, seq len): it would "resume" another run
+    # refused if trained with other LoRA flags, base, model config (windows, seq len) or batch: it would "resume" another run
     for key in ("lora", "base", "model_config"):
         if saved.get(key) != meta.get(key):
             hint = " (it holds LoRA adapters: resume with the same --lora-* flags)" if saved.get("lora") else ""
-            raise SystemExit(f"--resume: {checkpoint_dir} step {step} was trained with {key} {saved.get(key)}, "
-                             f"this run has {meta.get(key)}{hint}")
+            raise SystemExit(f"--resume: {checkpoint_dir} step {step} was trained with {key} {saved.get(key)}, this run has {meta.get(key)}{hint}")
+    if (was := saved.get("user_config", {}).get("total_batch_size")) != (now := meta["user_config"].get("total_batch_size")):
+        raise SystemExit(f"--resume: {checkpoint_dir} step {step} took steps of {was} tokens, this run {now}: another schedule")
     # strict where it matters: a LoRA checkpoint must fill every adapter, a full one every weight
     missing, unexpected = model.load_state_dict(state, strict=False)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}

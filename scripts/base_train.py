@@ -135,8 +135,7 @@ def main(argv=None):
         model.eval()
         # a fresh loader each time: every evaluation reads the very same validation tokens, at most once each
         # (looping over a small split would only repeat them, for minutes)
-        val_loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "val", device=device, data=corpus,
-                                                                   num_epochs=1)
+        val_loader = tokenizing_distributed_data_loader_with_state(tokenizer, B, T, "val", device=device, data=corpus, num_epochs=1)
         with autocast_ctx(device.type):
             bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
         print0(f"step {step:05d} | val bpb {bpb:.4f}")

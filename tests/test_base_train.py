@@ -177,6 +177,9 @@ def test_sigkill_then_resume_continues_exactly(base_dir):
     saved = sorted(p.name for p in ckpt.iterdir())
     other = run_script(base_dir, args + ["--model-tag", "killed", "--resume", "--window-pattern", "SSSL"])
     assert other.returncode != 0 and "was trained with model_config" in other.stderr, other.stderr[-2000:]
+    # and so is another batch (e.g. budget_rules' after a change of the rules): other steps, another schedule
+    other = run_script(base_dir, args + ["--model-tag", "killed", "--resume", "--total-batch-size", "1024"])
+    assert other.returncode != 0 and "took steps of 512 tokens, this run 1024" in other.stderr, other.stderr[-2000:]
     assert sorted(p.name for p in ckpt.iterdir()) == saved
 
 def test_bad_input_fails_before_training(base_dir, tmp_path):
