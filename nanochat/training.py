@@ -223,7 +223,7 @@ def resume(requested, checkpoint_dir, model, optimizer, meta, device):
         if saved.get(key) != meta.get(key):
             hint = " (it holds LoRA adapters: resume with the same --lora-* flags)" if saved.get("lora") else ""
             raise SystemExit(f"--resume: {checkpoint_dir} step {step} was trained with {key} {saved.get(key)}, this run has {meta.get(key)}{hint}")
-    if (was := saved.get("user_config", {}).get("total_batch_size")) != (now := meta["user_config"].get("total_batch_size")):
+    if (was := saved.get("user_config", {}).get("total_batch_size")) != (now := meta.get("user_config", {}).get("total_batch_size")):
         raise SystemExit(f"--resume: {checkpoint_dir} step {step} took steps of {was} tokens, this run {now}: another schedule")
     # strict where it matters: a LoRA checkpoint must fill every adapter, a full one every weight
     missing, unexpected = model.load_state_dict(state, strict=False)
