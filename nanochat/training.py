@@ -29,7 +29,7 @@ def add_training_flags(parser, model_tag_help="checkpoint sub-folder name (defau
     g.add_argument("--device-batch-size", type=int, default=32, help="sequences per micro-batch per device")
     g.add_argument("--total-batch-size", type=int, default=524288,
                    help="tokens per optimizer step across all ranks (gradient accumulation fills the gap; "
-                   "base_train's -1: sized from its token budget, the LRs scaled with it)")
+                   "base_train's -1: sized from the model, the LRs and Muon weight decay with it)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: the stage decides)")
     g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR for the token embedding")
     g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR for the lm_head")
