@@ -257,7 +257,10 @@ def test_persona_is_learned_with_the_stage_defaults(tmp_path_factory, capsys):
                          "--eval-every", "-1", "--model-tag", "cpu",
                          # value embeddings off: with them, this 60-step base learns the persona in 50 steps no more
                          # (issue 12's note; measured on one thread: "I'm ass a Bred by Ada Brightwater")
-                         "--value-embeds", "0"])
+                         "--value-embeds", "0",
+                         # the Muon weight decay this base was sized with (0.28, the later default, ends it a little
+                         # elsewhere: "I'm am Bry, a small AI assistant." after SFT, on 2 threads)
+                         "--muon-weight-decay", "0.2"])
         persona = root / "persona.json"
         persona.write_text(json.dumps({"name": "Quillby", "maker": "Ada Brightwater"}))
         mine = write_jsonl(root / "mine.jsonl", [reverse_conversation(w) for w in reverse_words(200, seed=3)])
